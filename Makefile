@@ -43,7 +43,7 @@ docs-serve: $(STAMP)
 ## bench: benchmarks against the anchor libraries (separate env .venv-bench, see benchmarks/README.md)
 bench:
 	bash benchmarks/setup_bench_env.sh
-	.venv-bench/bin/python benchmarks/run_all.py
+	for f in benchmarks/bench_*.py; do .venv-bench/bin/python $$f || exit 1; done
 
 ci: test lint docs
 
