@@ -1,0 +1,43 @@
+"""Random probe blocks, drawn only from an explicit generator."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def draw_probes(
+    n: int,
+    k: int,
+    *,
+    distribution: str,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """Return an ``(n, k)`` block of Rademacher (±1) or standard Gaussian probes.
+
+    With a generator the numbers are drawn on the generator's device (so a CPU generator
+    gives the same numbers whatever the operator's device) and moved to ``device``; the
+    global RNG is not touched. Without one, the global RNG of ``device`` is used.
+    """
+    draw_device = generator.device if generator is not None else device
+    if distribution == "rademacher":
+        bits = torch.randint(0, 2, (n, k), generator=generator, device=draw_device)
+        out = bits.to(dtype).mul_(2).sub_(1)
+    elif distribution == "gaussian":
+        out = torch.randn(n, k, generator=generator, device=draw_device, dtype=dtype)
+    else:  # validated by the callers
+        raise ValueError(f"unknown distribution {distribution!r}.")
+    return out.to(device)
+
+
+def random_unit_vector(
+    n: int, *, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A Gaussian vector of unit norm."""
+    v = draw_probes(n, 1, distribution="gaussian", generator=generator, dtype=dtype, device=device)
+    v = v.squeeze(1)
+    return v / torch.linalg.vector_norm(v)
