@@ -5,9 +5,13 @@ curvature operators of `sharpgen.curvature`) or a matvec callable.
 """
 
 from sharpgen.linalg._hutchinson import hutchinson_trace
+from sharpgen.linalg._hutchpp import hutchpp_trace
 from sharpgen.linalg._lanczos import lanczos
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
+from sharpgen.linalg._power import power_iteration
 from sharpgen.linalg._results import EigenResult, SpectralDensity, TraceEstimate
+from sharpgen.linalg._slq import stochastic_lanczos_quadrature
+from sharpgen.linalg._xtrace import xtrace
 
 __all__ = [
     # operator protocol
@@ -15,8 +19,13 @@ __all__ = [
     "as_linear_operator",
     # trace estimators
     "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
     # eigenvalues
     "lanczos",
+    "power_iteration",
+    # spectral density
+    "stochastic_lanczos_quadrature",
     # results
     "EigenResult",
     "SpectralDensity",
