@@ -5,6 +5,11 @@ Every model is an ordinary `torch.nn.Module` with stable parameter names (``W1``
 be ``vmap``-ed over the stacked parameters of many runs.
 """
 
+from sharpgen.models._constructions import (
+    flattest_generalizer,
+    flattest_memorizer,
+    xor_realizer_no_bias,
+)
 from sharpgen.models._deep import DeepReLUNet, deep_forward, deep_relu
 from sharpgen.models._two_layer import TwoLayerNet, two_layer_forward, two_layer_relu
 
@@ -17,4 +22,8 @@ __all__ = [
     "DeepReLUNet",
     "deep_relu",
     "deep_forward",
+    # flattest constructions
+    "flattest_memorizer",
+    "flattest_generalizer",
+    "xor_realizer_no_bias",
 ]
