@@ -7,6 +7,15 @@ The public API is re-exported here, grouped by layer; the implementation lives i
 """
 
 from sharpgen._version import __version__
+from sharpgen.curvature import (
+    GGNOperator,
+    HessianOperator,
+    ModelObjective,
+    flatten_params,
+    preserve_model_state,
+    select_params,
+    unflatten_params,
+)
 from sharpgen.linalg import LinearOperator, as_linear_operator
 
 __all__ = [
@@ -14,4 +23,12 @@ __all__ = [
     # linear algebra (sharpgen.linalg)
     "LinearOperator",
     "as_linear_operator",
+    # curvature operators (sharpgen.curvature)
+    "HessianOperator",
+    "GGNOperator",
+    "ModelObjective",
+    "flatten_params",
+    "unflatten_params",
+    "select_params",
+    "preserve_model_state",
 ]

@@ -1,0 +1,34 @@
+"""Curvature operators of ``(model, loss_fn, data)``: Hessian and generalized Gauss-Newton.
+
+Both are `sharpgen.linalg.LinearOperator` subclasses computing exact matrix-free products
+through `torch.func` (with a double-backward fallback), over one batch or a whole
+DataLoader, leaving the caller's model exactly as it was.
+"""
+
+from sharpgen.curvature._data import as_batches, num_samples
+from sharpgen.curvature._flatten import flatten_params, unflatten_params
+from sharpgen.curvature._ggn import GGNOperator
+from sharpgen.curvature._hessian import HessianOperator
+from sharpgen.curvature._objective import ModelObjective, dataset_reduce
+from sharpgen.curvature._params import select_params
+from sharpgen.curvature._state import apply_state_policy, model_state_policy, preserve_model_state
+
+__all__ = [
+    # operators
+    "HessianOperator",
+    "GGNOperator",
+    # the dataset loss as a function of a parameter dict
+    "ModelObjective",
+    "dataset_reduce",
+    # parameters and vectors
+    "select_params",
+    "flatten_params",
+    "unflatten_params",
+    # data
+    "as_batches",
+    "num_samples",
+    # model state
+    "preserve_model_state",
+    "model_state_policy",
+    "apply_state_policy",
+]

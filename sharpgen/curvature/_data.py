@@ -1,0 +1,192 @@
+"""Normalizing the ``data`` argument: one batch or any re-iterable of batches.
+
+A *batch* is a pair ``(inputs, targets)``. ``inputs`` is a tensor (the model is called as
+``model(inputs)``), a tuple or list of tensors (``model(*inputs)``) or a dict of tensors
+(``model(**inputs)``). ``targets`` is handed to ``loss_fn(outputs, targets)`` unchanged.
+The number of samples of a batch is the leading dimension of its (first) input tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["Batches", "as_batches", "call_model", "num_samples"]
+
+
+def _is_inputs(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return True
+    if isinstance(x, Mapping):
+        return len(x) > 0 and all(isinstance(v, Tensor) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return len(x) > 0 and all(isinstance(v, Tensor) for v in x)
+    return False
+
+
+def _is_single_batch(data: Any) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and _is_inputs(data[0])
+        and (isinstance(data[1], Tensor) or data[1] is None)
+    )
+
+
+def num_samples(inputs: Any) -> int:
+    """Number of samples of a batch: the leading dimension of its first input tensor.
+
+    Args:
+        inputs: A tensor, a tuple/list of tensors or a dict of tensors.
+
+    Returns:
+        ``inputs.shape[0]`` for a tensor, else that of the first tensor.
+
+    Raises:
+        ValueError: If the tensor is 0-dimensional.
+        TypeError: If ``inputs`` is none of the accepted kinds.
+
+    Example:
+        >>> import torch
+        >>> num_samples({"x": torch.zeros(5, 3), "mask": torch.ones(5)})
+        5
+    """
+    if isinstance(inputs, Tensor):
+        first = inputs
+    elif isinstance(inputs, Mapping) and len(inputs) > 0:
+        first = next(iter(inputs.values()))
+    elif isinstance(inputs, (tuple, list)) and len(inputs) > 0:
+        first = inputs[0]
+    else:
+        raise TypeError(
+            "inputs must be a tensor, a non-empty tuple of tensors or a non-empty dict of "
+            f"tensors, got {type(inputs).__name__}."
+        )
+    if not isinstance(first, Tensor):
+        raise TypeError(f"the first input must be a tensor, got {type(first).__name__}.")
+    if first.ndim == 0:
+        raise ValueError(
+            "the first input tensor is 0-dimensional, so it has no batch dimension; give "
+            "inputs a leading sample dimension (e.g. x.unsqueeze(0))."
+        )
+    return int(first.shape[0])
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """Call ``model`` on ``inputs``: ``model(x)``, ``model(*xs)`` or ``model(**kw)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _check_batch(batch: Any, index: int) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = (
+            f"a {type(batch).__name__} of length {len(batch)}"
+            if isinstance(batch, (tuple, list))
+            else f"a {type(batch).__name__}"
+        )
+        raise ValueError(
+            f"data batch {index} is {what}, not an (inputs, targets) pair; make every batch a "
+            "pair, e.g. ((x1, x2), y) for a model with two inputs, or wrap the dataset so it "
+            "yields (inputs, targets)."
+        )
+    inputs, targets = batch
+    if not _is_inputs(inputs):
+        raise TypeError(
+            f"the inputs of data batch {index} are a {type(inputs).__name__}; they must be a "
+            "tensor, a tuple of tensors (model(*inputs)) or a dict of tensors "
+            "(model(**inputs))."
+        )
+    return inputs, targets
+
+
+class Batches:
+    """A re-iterable view of ``data`` that yields validated ``(inputs, targets)`` pairs.
+
+    Attributes:
+        single: Whether ``data`` was one batch.
+    """
+
+    def __init__(self, source: Iterable[Any], single: bool) -> None:
+        self._source = source
+        self.single = single
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        empty = True
+        for index, batch in enumerate(self._source):
+            empty = False
+            yield _check_batch(batch, index)
+        if empty:
+            raise ValueError(
+                "data yielded no batches; pass one (inputs, targets) batch or a non-empty "
+                "iterable of batches (check the DataLoader's dataset and drop_last)."
+            )
+
+    def first(self) -> tuple[Any, Any]:
+        """Return the first batch (validated) without a full pass."""
+        for batch in self:
+            return batch
+        raise AssertionError("unreachable: __iter__ raises on empty data")
+
+
+def as_batches(data: Any) -> Batches:
+    """Normalize one batch or an iterable of batches into a re-iterable `Batches`.
+
+    ``data`` counts as ONE batch when it is a pair ``(inputs, targets)`` whose ``inputs``
+    is a tensor, a tuple/list of tensors or a dict of tensors and whose ``targets`` is a
+    tensor or ``None``. Anything else is taken as an iterable of batches (a list, a
+    ``DataLoader``), which must be re-iterable: curvature products pass over the data once
+    per product. A one-shot iterator or generator is consumed into a list (with a
+    ``UserWarning``: its batches are then held in memory); pass a list or a ``DataLoader``
+    to avoid that.
+
+    Args:
+        data: One batch or an iterable of batches.
+
+    Returns:
+        A `Batches` object; iterating it yields ``(inputs, targets)`` pairs and raises
+        ``ValueError`` for a batch that is not a pair or for data without batches.
+
+    Raises:
+        ValueError: If ``data`` is an empty list/tuple or has ``len() == 0``.
+        TypeError: If ``data`` is not iterable.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.zeros(4, 3), torch.zeros(4)
+        >>> len(list(as_batches((x, y))))
+        1
+        >>> len(list(as_batches([(x, y), (x, y)])))
+        2
+    """
+    if isinstance(data, Batches):
+        return data
+    if _is_single_batch(data):
+        return Batches((tuple(data),), single=True)
+    if isinstance(data, (Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be one (inputs, targets) batch or an iterable of such batches "
+            f"(a list or a DataLoader), got {type(data).__name__}."
+        )
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise ValueError(
+            "data is empty; pass one (inputs, targets) batch or a non-empty iterable of batches."
+        )
+    if iter(data) is data:
+        warnings.warn(
+            "data is a one-shot iterator (e.g. a generator); its batches are collected into "
+            "a list held in memory so that they can be visited once per product. Pass a list "
+            "or a DataLoader to avoid this.",
+            UserWarning,
+            stacklevel=3,
+        )
+        data = list(data)
+        if len(data) == 0:
+            raise ValueError("data is an exhausted or empty iterator; it yielded no batches.")
+    return Batches(data, single=False)

@@ -1,0 +1,72 @@
+"""The Hessian of the dataset loss as a matrix-free linear operator."""
+
+from __future__ import annotations
+
+from sharpgen.curvature._base import CurvatureOperator
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator(CurvatureOperator):
+    r"""Hessian $H = \nabla^2_\theta L(\theta)$ of the dataset loss, as a `LinearOperator`.
+
+    $L$ is the dataset loss of `ModelObjective` (sample-weighted mean of batch means for
+    ``reduction="mean"``, sum of batch sums for ``reduction="sum"``). Products are exact
+    (no finite differences):
+
+    * ``backend="func"``: forward-over-reverse,
+      $Hv = \frac{\partial}{\partial t} \nabla L(\theta + t v)\big|_{t=0}$ computed by
+      ``torch.func.jvp`` of ``torch.func.grad`` through ``torch.func.functional_call``;
+      a block ``matmat(V)`` of ``k`` columns is one pass over the data with ``vmap`` over
+      the tangents.
+    * ``backend="autograd"``: double backward (``torch.autograd.grad`` with
+      ``create_graph=True``), for models ``torch.func`` cannot trace (custom autograd
+      Functions without ``setup_context``, data-dependent Python control flow, ...). One
+      pass over the data; per batch one forward/backward plus one backward per column.
+      With ``cache_graph=True`` and one batch the gradient graph is kept between calls
+      (as PyHessian does); it is rebuilt when the model's parameters or buffers change.
+    * ``backend="auto"`` (default): ``"func"``, falling back to ``"autograd"`` with a
+      ``RuntimeWarning`` on the first product if ``torch.func`` fails.
+
+    The vectors are flat: entry order is the order of `params` (see `flatten_params`);
+    use `flatten` / `unflatten` to convert.
+
+    Args:
+        model: Any ``nn.Module``; left exactly as it was (see `preserve_model_state`).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar (batch mean, or batch sum
+            with ``reduction="sum"``).
+        data: One batch ``(inputs, targets)`` or a re-iterable of batches.
+        params: Parameter selection (see `select_params`); default all trainable ones.
+        bn: ``"eval"`` (BatchNorm uses running statistics) or ``"batch"`` (batch
+            statistics; running buffers untouched).
+        dropout: ``False`` (default, dropout off) or ``True`` (dropout active: products
+            are random).
+        reduction: ``"mean"`` or ``"sum"``.
+        backend: ``"auto"``, ``"func"`` or ``"autograd"``.
+        check_deterministic: Evaluate the loss in two passes at construction and raise if
+            they differ (augmentation, dropout, shuffling).
+        cache_graph: Keep the double-backward graph of a single batch between products
+            (``backend="autograd"`` only; memory stays allocated until `clear_cache`).
+        process_group: ``torch.distributed`` group to all-reduce over (default none).
+
+    Raises:
+        ValueError: Unknown ``bn``/``backend``/``reduction``; no parameters selected; empty
+            data; a batch not a pair; data on another device; non-scalar loss; loss not
+            depending on the parameters; non-deterministic loss with
+            ``check_deterministic=True``.
+        FloatingPointError: Non-finite loss; NaN or Inf in a product.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        >>> y = torch.zeros(8, 1, dtype=torch.float64)
+        >>> H = HessianOperator(model, torch.nn.functional.mse_loss, (x, y))
+        >>> H.shape
+        (4, 4)
+        >>> v = torch.ones(4, dtype=torch.float64)
+        >>> bool(torch.allclose(H @ v, H.to_dense() @ v))
+        True
+    """
+
+    _kind = "hvp"
