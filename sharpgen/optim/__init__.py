@@ -1,0 +1,24 @@
+r"""SAM-family optimizers and functional SAM gradients.
+
+`SAM` (with the ASAM, USAM and $\ell_\infty$ variants) and `GSAM` wrap any
+`torch.optim.Optimizer`; `sam_gradient` computes SAM, m-SAM and 1-SAM gradients of a
+functional loss with `torch.func.vmap`; `perturbed` and `disable_running_stats` are the
+building blocks for custom training loops.
+"""
+
+from sharpgen.optim._batchnorm import disable_running_stats
+from sharpgen.optim._functional import perturbed, sam_gradient
+from sharpgen.optim._gsam import GSAM
+from sharpgen.optim._sam import SAM, SAMStepInfo
+
+__all__ = [
+    # optimizers
+    "SAM",
+    "GSAM",
+    "SAMStepInfo",
+    # functional forms
+    "sam_gradient",
+    "perturbed",
+    # training-loop helpers
+    "disable_running_stats",
+]
