@@ -98,7 +98,10 @@ def lanczos(
     $\sqrt{\epsilon}$ times the largest Ritz value in magnitude (about $10^{-8}$ in float64,
     $3\cdot 10^{-4}$ in float32), where relative accuracy is replaced by that floor.
     As for every Krylov method, the guarantee is about *an* eigenvalue: a start vector
-    (almost) orthogonal to an eigenvector, or an exactly repeated eigenvalue, can hide it.
+    (almost) orthogonal to an eigenvector, or a repeated eigenvalue, can hide it. When the
+    Krylov space becomes exactly invariant ($\|w_m\| \approx 0$) the iteration continues
+    with a fresh random vector orthogonal to the basis, and convergence is only accepted
+    after at least one such extension, so double eigenvalues are found.
 
     **Memory.** The basis is one preallocated ``(n, max_basis)`` block in the operator's
     dtype: ``n * max_basis * 4`` bytes in float32 (8 in float64), e.g. 1.6 GB for a
@@ -189,6 +192,7 @@ def lanczos(
     j = 0
     steps = 0
     restarts = 0
+    breakdowns = 0
     converged = False
     eps = torch.finfo(dtype).eps
     while True:
@@ -203,7 +207,10 @@ def lanczos(
         theta, S = torch.linalg.eigh(T[:m, :m])
         resid = beta * S[m - 1, :].abs()
         order = wanted_order(theta, which)
-        if m >= k:
+        invariant = beta <= 100 * eps * max(float(theta.abs().max()), eps) * math.sqrt(n)
+        # an exactly invariant Krylov space sees one copy of each eigenvalue: extend it once
+        # with a fresh random vector before accepting convergence (finds double eigenvalues)
+        if m >= k and (not invariant or breakdowns > 0 or m == n):
             idx = order[:k]
             thresholds = convergence_thresholds(theta, tol, dtype)[idx]
             if bool((resid[idx] <= thresholds).all()):
@@ -213,7 +220,8 @@ def lanczos(
             break
         # the next basis vector: the residual direction, or a fresh random one at an
         # invariant subspace (then the coupling to the old basis is zero)
-        if beta <= 100 * eps * max(float(theta.abs().max()), eps) * math.sqrt(n):
+        if invariant:
+            breakdowns += 1
             r = random_unit_vector(n, generator=generator, dtype=dtype, device=device)
             r, _ = orthogonalize(r, V[:, :m])
             new = r / torch.linalg.vector_norm(r)
