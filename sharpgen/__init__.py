@@ -16,7 +16,37 @@ from sharpgen.curvature import (
     select_params,
     unflatten_params,
 )
+from sharpgen.data import (
+    DataSplit,
+    ball_labels,
+    complete_xor,
+    full_cube,
+    uniform_ball,
+    xor_cube,
+    xor_labels,
+)
 from sharpgen.linalg import LinearOperator, as_linear_operator
+from sharpgen.models import (
+    DeepReLUNet,
+    TwoLayerNet,
+    deep_forward,
+    deep_relu,
+    flattest_generalizer,
+    flattest_memorizer,
+    two_layer_forward,
+    two_layer_relu,
+    xor_realizer_no_bias,
+)
+from sharpgen.theory import (
+    interpolation_trace,
+    memorizer_test_error,
+    no_bias_norm,
+    path_norm,
+    simplified_bn_norm_bound,
+    squared_gradient_norms,
+    trace_lower_bound,
+    zero_one_error,
+)
 
 __all__ = [
     "__version__",
@@ -31,4 +61,31 @@ __all__ = [
     "unflatten_params",
     "select_params",
     "preserve_model_state",
+    # paper models (sharpgen.models)
+    "TwoLayerNet",
+    "two_layer_relu",
+    "two_layer_forward",
+    "DeepReLUNet",
+    "deep_relu",
+    "deep_forward",
+    "flattest_memorizer",
+    "flattest_generalizer",
+    "xor_realizer_no_bias",
+    # paper data (sharpgen.data)
+    "DataSplit",
+    "xor_cube",
+    "complete_xor",
+    "full_cube",
+    "xor_labels",
+    "uniform_ball",
+    "ball_labels",
+    # theory (sharpgen.theory)
+    "interpolation_trace",
+    "squared_gradient_norms",
+    "trace_lower_bound",
+    "simplified_bn_norm_bound",
+    "no_bias_norm",
+    "path_norm",
+    "zero_one_error",
+    "memorizer_test_error",
 ]
