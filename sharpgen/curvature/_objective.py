@@ -326,7 +326,7 @@ class ModelObjective:
             loss = self.batch_loss(p, inputs, targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"the loss on the first batch is {float(loss)}; check the data for NaN/Inf, "
+                    f"the loss on the first batch is {float(loss.detach())}; check the data for NaN/Inf, "
                     "the model for overflow (try float64) and the parameters."
                 )
             if not loss.requires_grad:
