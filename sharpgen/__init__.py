@@ -25,7 +25,19 @@ from sharpgen.data import (
     xor_cube,
     xor_labels,
 )
-from sharpgen.linalg import LinearOperator, as_linear_operator
+from sharpgen.linalg import (
+    EigenResult,
+    LinearOperator,
+    SpectralDensity,
+    TraceEstimate,
+    as_linear_operator,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    power_iteration,
+    stochastic_lanczos_quadrature,
+    xtrace,
+)
 from sharpgen.models import (
     DeepReLUNet,
     TwoLayerNet,
@@ -53,6 +65,15 @@ __all__ = [
     # linear algebra (sharpgen.linalg)
     "LinearOperator",
     "as_linear_operator",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
+    "lanczos",
+    "power_iteration",
+    "stochastic_lanczos_quadrature",
+    "TraceEstimate",
+    "EigenResult",
+    "SpectralDensity",
     # curvature operators (sharpgen.curvature)
     "HessianOperator",
     "GGNOperator",
