@@ -49,6 +49,15 @@ from sharpgen.models import (
     two_layer_relu,
     xor_realizer_no_bias,
 )
+from sharpgen.optim import (
+    GSAM,
+    SAM,
+    SAMStepInfo,
+    disable_running_stats,
+    perturbed,
+    sam_gradient,
+)
+from sharpgen.sharpness import project_perturbation, sam_perturbation
 from sharpgen.theory import (
     interpolation_trace,
     memorizer_test_error,
@@ -82,6 +91,16 @@ __all__ = [
     "unflatten_params",
     "select_params",
     "preserve_model_state",
+    # sharpness measures (sharpgen.sharpness)
+    "sam_perturbation",
+    "project_perturbation",
+    # SAM-family optimizers (sharpgen.optim)
+    "SAM",
+    "GSAM",
+    "SAMStepInfo",
+    "sam_gradient",
+    "perturbed",
+    "disable_running_stats",
     # paper models (sharpgen.models)
     "TwoLayerNet",
     "two_layer_relu",

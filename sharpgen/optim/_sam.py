@@ -72,9 +72,9 @@ class SAM(Optimizer):
     $$
     g = \nabla L(w), \quad
     \varepsilon = \begin{cases}
-      \rho\, T_w^2 g / \|T_w g\|_2 & \text{SAM / ASAM (``norm="l2"``)} \\
-      \rho\, T_w \operatorname{sign}(g) & \text{``norm="linf"``} \\
-      \rho\, T_w^2 g & \text{USAM (``normalize=False``)}
+      \rho\, T_w^2 g / \|T_w g\|_2 & \text{SAM, ASAM} \\
+      \rho\, T_w \operatorname{sign}(g) & \ell_\infty \\
+      \rho\, T_w^2 g & \text{USAM}
     \end{cases}, \quad
     w \leftarrow \operatorname{base\_step}\bigl(w, \nabla L(w + \varepsilon)\bigr).
     $$
