@@ -7,12 +7,17 @@ smallest value each architecture can reach.
 
 from sharpgen.theory._bounds import simplified_bn_norm_bound, trace_lower_bound
 from sharpgen.theory._norms import memorizer_test_error, no_bias_norm, path_norm, zero_one_error
-from sharpgen.theory._trace import interpolation_trace, squared_gradient_norms
+from sharpgen.theory._trace import (
+    interpolation_trace,
+    squared_gradient_norms,
+    two_layer_interpolation_trace,
+)
 
 __all__ = [
     # traces at interpolation
     "interpolation_trace",
     "squared_gradient_norms",
+    "two_layer_interpolation_trace",
     # lower bounds
     "trace_lower_bound",
     "simplified_bn_norm_bound",

@@ -11,11 +11,15 @@ trace) is computed here exactly, with ``vmap`` of ``grad`` over the examples.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["interpolation_trace", "squared_gradient_norms"]
+from sharpgen.models import two_layer_forward
+
+__all__ = ["interpolation_trace", "squared_gradient_norms", "two_layer_interpolation_trace"]
 
 
 def _check_model_inputs(model: nn.Module, X: Tensor) -> dict[str, Tensor]:
@@ -109,3 +113,52 @@ def interpolation_trace(model: nn.Module, X: Tensor) -> Tensor:
     """
     norms = squared_gradient_norms(model, X)
     return 2 * torch.stack(list(norms.values())).sum(0).mean()
+
+
+def two_layer_interpolation_trace(
+    params: Mapping[str, Tensor],
+    X: Tensor,
+    *,
+    arch: str,
+    activation: str = "relu",
+    eps: float = 1e-3,
+    reference: Tensor | None = None,
+) -> Tensor:
+    r"""`interpolation_trace` of a two-layer net given as plain tensors (pure, ``vmap``-able).
+
+    Computes $\frac{2}{n} \sum_i \lVert \nabla_\theta f(x_i) \rVert^2$ over all entries of
+    ``params`` for `sharpgen.models.two_layer_forward`. Being a pure function of
+    ``params`` it can be ``vmap``-ed over the stacked parameters of many runs, e.g.
+    ``vmap(lambda p: two_layer_interpolation_trace(p, X, arch="bias"))(stacked)``.
+    No finiteness check is made (it would not be ``vmap``-able); check the result.
+
+    Args:
+        params: ``W1``, ``W2`` and, depending on ``arch``, ``b1``, ``gamma``.
+        X: Training inputs ``(n, d)``.
+        arch: The architecture (see `sharpgen.models.two_layer_forward`).
+        activation: ``"relu"`` or ``"softplus"``.
+        eps: Simplified-LayerNorm $\varepsilon$.
+        reference: Simplified-BatchNorm reference set (normally ``X``).
+
+    Returns:
+        A 0-dim tensor.
+
+    Example:
+        >>> import torch
+        >>> from sharpgen.data import full_cube
+        >>> from sharpgen.models import flattest_generalizer
+        >>> net = flattest_generalizer(3, "simplified_ln", dtype=torch.float64)
+        >>> params = {k: v.detach() for k, v in net.named_parameters()}
+        >>> X = full_cube(3, dtype=torch.float64)
+        >>> float(two_layer_interpolation_trace(params, X, arch="simplified_ln"))
+        2.0
+    """
+
+    def output(p: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return two_layer_forward(
+            p, x, arch=arch, activation=activation, eps=eps, reference=reference
+        )
+
+    grads = vmap(grad(output), in_dims=(None, 0))(dict(params), X)
+    total = sum(g.reshape(g.shape[0], -1).square().sum(1) for g in grads.values())
+    return 2 * total.mean()

@@ -6,11 +6,15 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, hessian, jacrev, vmap
 
 from sharpgen.data import xor_cube
 from sharpgen.models import deep_relu, two_layer_relu
-from sharpgen.theory import interpolation_trace, squared_gradient_norms
+from sharpgen.theory import (
+    interpolation_trace,
+    squared_gradient_norms,
+    two_layer_interpolation_trace,
+)
 
 F64 = torch.float64
 
@@ -113,3 +117,26 @@ def test_interpolation_trace_bad_input():
         net.W2[0] = math.inf
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
         interpolation_trace(net, torch.ones(2, 4, dtype=F64))
+
+
+@pytest.mark.parametrize("norm", [None, "simplified_bn", "simplified_ln"])
+def test_functional_two_layer_trace_matches_module_and_vmaps_over_runs(norm):
+    X = xor_cube(4, 7, generator=_gen(12), dtype=F64).X
+    ref = X if norm == "simplified_bn" else None
+    nets = [
+        two_layer_relu(4, 5, norm=norm, reference=ref, generator=_gen(s), dtype=F64)
+        for s in range(3)
+    ]
+    kw = {"arch": nets[0].arch, "eps": nets[0].eps, "reference": ref}
+    stacked = {
+        k: torch.stack([dict(n.named_parameters())[k].detach() for n in nets])
+        for k, _ in nets[0].named_parameters()
+    }
+    batched = vmap(lambda p: two_layer_interpolation_trace(p, X, **kw))(stacked)
+    for i, net in enumerate(nets):
+        want = float(interpolation_trace(net, X))
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        assert float(two_layer_interpolation_trace(params, X, **kw)) == pytest.approx(
+            want, rel=1e-13
+        )
+        assert float(batched[i]) == pytest.approx(want, rel=1e-12)
