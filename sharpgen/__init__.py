@@ -66,6 +66,7 @@ from sharpgen.theory import (
     simplified_bn_norm_bound,
     squared_gradient_norms,
     trace_lower_bound,
+    two_layer_interpolation_trace,
     zero_one_error,
 )
 
@@ -122,6 +123,7 @@ __all__ = [
     # theory (sharpgen.theory)
     "interpolation_trace",
     "squared_gradient_norms",
+    "two_layer_interpolation_trace",
     "trace_lower_bound",
     "simplified_bn_norm_bound",
     "no_bias_norm",
