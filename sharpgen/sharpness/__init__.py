@@ -1,13 +1,36 @@
-"""Sharpness measures: the quantities users call on (model, loss, data).
+r"""Sharpness measures: the quantities users call on ``(model, loss_fn, data)``.
 
-Only the pure SAM perturbation and its projections are here so far; the Hessian-based
-measures and the worst-case / average-case sharpness are added by the sharpness layer.
+Hessian-based measures (thin conveniences over `sharpgen.curvature` and `sharpgen.linalg`):
+`hessian_trace`, `top_eigenvalues`, `spectral_density`. Perturbation-based measures:
+`sam_sharpness` (worst case within a $\rho$-neighbourhood, m-sharpness) and
+`average_sharpness` (expected loss increase under random perturbations). `SharpnessTracker`
+computes any of them every N steps of a training loop. The pure SAM perturbation and its
+projections are shared with the optimizers of `sharpgen.optim`.
 """
 
+from sharpgen.sharpness._average import AverageSharpnessResult, average_sharpness
+from sharpgen.sharpness._density import spectral_density
+from sharpgen.sharpness._eigen import ModelEigenResult, top_eigenvalues
 from sharpgen.sharpness._perturbation import project_perturbation, sam_perturbation
+from sharpgen.sharpness._trace import hessian_trace
+from sharpgen.sharpness._tracker import SharpnessTracker
+from sharpgen.sharpness._worst_case import SharpnessResult, sam_sharpness
 
 __all__ = [
+    # Hessian-based measures
+    "hessian_trace",
+    "top_eigenvalues",
+    "spectral_density",
+    # perturbation-based measures
+    "sam_sharpness",
+    "average_sharpness",
     # SAM perturbation (pure functions on parameter dicts)
-    "project_perturbation",
     "sam_perturbation",
+    "project_perturbation",
+    # tracking during training
+    "SharpnessTracker",
+    # results
+    "SharpnessResult",
+    "AverageSharpnessResult",
+    "ModelEigenResult",
 ]

@@ -1,0 +1,181 @@
+"""Shared helpers of the model-level measures: argument checks, operators, progress bars."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sharpgen.curvature import HessianOperator, select_params
+from sharpgen.curvature._params import ParamSelection
+from sharpgen.linalg import LinearOperator
+
+__all__ = [
+    "ProgressOperator",
+    "build_hessian",
+    "check_bool",
+    "check_choice",
+    "check_generator",
+    "check_int",
+    "check_positive",
+    "num_selected",
+    "progress_bar",
+]
+
+
+# -- argument checks ------------------------------------------------------------------------
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool, else raise `TypeError`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}.")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: int = 1, hint: str = "") -> int:
+    """Return ``value`` if it is an int ``>= minimum``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        extra = f" {hint}" if hint else ""
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.{extra}")
+    return int(value)
+
+
+def check_positive(name: str, value: object, *, hint: str = "", allow_zero: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite real ``> 0`` (or ``>= 0``), else raise."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.")
+    out = float(value)
+    bad = out < 0 if allow_zero else out <= 0
+    if not math.isfinite(out) or bad:
+        rel = ">= 0" if allow_zero else "> 0"
+        extra = f" {hint}" if hint else ""
+        raise ValueError(f"{name} must be a finite number {rel}, got {value!r}.{extra}")
+    return out
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise listing the valid ones."""
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"unknown {name} {value!r}; valid choices are {valid}.")
+    return value
+
+
+def check_generator(generator: object) -> torch.Generator | None:
+    """Return ``generator`` if it is a `torch.Generator` or None, else raise."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "create one with torch.Generator().manual_seed(seed)."
+        )
+    return generator
+
+
+def num_selected(model: nn.Module, params: ParamSelection) -> int:
+    """Number of scalar parameters the measure is taken over (no forward pass)."""
+    return sum(t.numel() for t in select_params(model, params).values())
+
+
+# -- random numbers ---------------------------------------------------------------------------
+def draw(
+    kind: str,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """Standard Gaussian (``"gaussian"``) or uniform on ``[-1, 1]`` (``"uniform"``) numbers.
+
+    With a generator the numbers are drawn on the generator's device and moved to
+    ``device`` (a CPU generator gives the same numbers on every device); the global RNG
+    is not touched.
+    """
+    where = generator.device if generator is not None else device
+    if kind == "gaussian":
+        out = torch.randn(shape, generator=generator, dtype=dtype, device=where)
+    else:
+        out = torch.rand(shape, generator=generator, dtype=dtype, device=where).mul_(2).sub_(1)
+    return out.to(device)
+
+
+# -- operators and progress -------------------------------------------------------------------
+def build_hessian(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    params: ParamSelection,
+    *,
+    bn: str,
+    dropout: bool,
+    reduction: str,
+    backend: str,
+    process_group: Any,
+) -> HessianOperator:
+    """The `HessianOperator` every Hessian-based measure works on."""
+    return HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params,
+        bn=bn,
+        dropout=dropout,
+        reduction=reduction,
+        backend=backend,
+        process_group=process_group,
+    )
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def set_postfix_str(self, s: str) -> None:
+        return None
+
+
+@contextmanager
+def progress_bar(enabled: bool, *, total: int | None, desc: str, unit: str) -> Iterator[Any]:
+    """A tqdm bar when ``enabled`` (tqdm imported only then), else a no-op object.
+
+    Raises:
+        ImportError: ``enabled`` and tqdm is not installed.
+    """
+    check_bool("progress", enabled)
+    if not enabled:
+        yield _NoBar()
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:  # tqdm is an optional dependency
+        raise ImportError(
+            "progress=True needs tqdm, which is not installed; install it with "
+            "`pip install tqdm` (or `pip install sharpgen[examples]`), or pass progress=False."
+        ) from exc
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class ProgressOperator(LinearOperator):
+    """Wrap an operator so that every block product advances a progress bar."""
+
+    def __init__(self, inner: LinearOperator, bar: Any) -> None:
+        super().__init__(inner.shape[0], inner.dtype, inner.device)
+        self.inner = inner
+        self.bar = bar
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = self.inner.matmat(V)
+        self.bar.update(V.shape[1])
+        return out

@@ -1,0 +1,206 @@
+r"""The trace of the loss Hessian of a model, exactly or by randomized estimators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sharpgen.curvature._params import ParamSelection
+from sharpgen.linalg import TraceEstimate, hutchinson_trace, hutchpp_trace, xtrace
+from sharpgen.sharpness._common import (
+    ProgressOperator,
+    build_hessian,
+    check_choice,
+    check_generator,
+    check_int,
+    check_positive,
+    num_selected,
+    progress_bar,
+)
+
+__all__ = ["TRACE_METHODS", "hessian_trace"]
+
+TRACE_METHODS = ("auto", "exact", "hutchinson", "hutchpp", "xtrace")
+_MIN_MATVECS = {"hutchinson": 1, "hutchpp": 3, "xtrace": 4}
+_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutchpp": hutchpp_trace, "xtrace": xtrace}
+DEFAULT_RTOL = 0.01
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    method: str = "auto",
+    num_matvecs: int | None = None,
+    rtol: float | None = None,
+    max_matvecs: int = 1000,
+    params: ParamSelection = None,
+    bn: str = "eval",
+    dropout: bool = False,
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    block_size: int = 64,
+    exact_threshold: int = 2000,
+    backend: str = "auto",
+    process_group: Any = None,
+) -> TraceEstimate:
+    r"""Trace of the Hessian of the dataset loss, $\operatorname{tr} \nabla^2_\theta L(\theta)$.
+
+    $L$ is the dataset loss of `sharpgen.curvature.ModelObjective` (sample-weighted mean of
+    batch means, or the sum with ``reduction="sum"``) and the Hessian is taken with respect
+    to the selected parameters (default: every trainable one). The trace is the sharpness
+    measure of Wen, Li & Ma (2023); for the MSE loss at an interpolating point it equals
+    $\frac{2}{n}\sum_i \|\nabla_\theta f(x_i)\|^2$ (their Lemma 4.1).
+
+    Methods (cost in Hessian-vector products, "matvecs"; one matvec costs about two
+    gradient evaluations):
+
+    * ``"exact"``: $\sum_i e_i^\top H e_i$ with the $p$ basis vectors, ``block_size`` at a
+      time (each block is one pass over the data with the tangents batched by
+      `torch.func.vmap`). Exactly $p$ matvecs; ``stderr`` is 0.
+    * ``"hutchinson"``: $\frac1m\sum_j z_j^\top H z_j$ with Rademacher probes.
+    * ``"hutchpp"``: Hutch++ (Meyer et al. 2021), a low-rank sketch plus Hutchinson on the
+      remainder.
+    * ``"xtrace"``: XTrace (Epperly et al. 2024), the exchangeable version of Hutch++; the
+      most accurate at equal budget on spectra with decaying eigenvalues (what Hessians of
+      trained networks have), see the `sharpgen.linalg` tests.
+    * ``"auto"`` (default): ``"exact"`` when $p \le$ ``exact_threshold`` and the budget
+      allows $p$ products (``num_matvecs >= p``, or ``max_matvecs >= p`` with ``rtol``),
+      else ``"xtrace"``.
+
+    The stochastic methods run a fixed budget of ``num_matvecs`` products, or add products
+    until the relative standard error is below ``rtol`` (capped by ``max_matvecs``;
+    ``converged=False`` in the result when the cap was hit). With neither given,
+    ``rtol=0.01`` is used.
+
+    Args:
+        model: Any ``nn.Module``; it is left exactly as it was.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        data: One batch ``(inputs, targets)`` or an iterable of batches.
+        method: One of ``"auto"``, ``"exact"``, ``"hutchinson"``, ``"hutchpp"``,
+            ``"xtrace"``.
+        num_matvecs: Fixed budget of products (stochastic methods; at least 1 for
+            Hutchinson, 3 for Hutch++, 4 for XTrace).
+        rtol: Target relative standard error (stochastic methods), instead of
+            ``num_matvecs``.
+        max_matvecs: Cap on the products when ``rtol`` is used.
+        params: Parameter selection (see `sharpgen.curvature.select_params`).
+        bn: ``"eval"`` (BatchNorm uses running statistics) or ``"batch"``.
+        dropout: Keep dropout active (then every product is random, drawn from the global
+            RNG); default off.
+        reduction: ``"mean"`` or ``"sum"`` (see `sharpgen.curvature.ModelObjective`).
+        generator: Source of the probes; the global RNG is untouched when given.
+        progress: Show a tqdm progress bar over the products.
+        block_size: Basis vectors per product block of ``"exact"`` (memory grows with it).
+        exact_threshold: Largest parameter count for which ``"auto"`` computes the trace
+            exactly.
+        backend: Backend of the `sharpgen.curvature.HessianOperator`.
+        process_group: ``torch.distributed`` group to all-reduce over (default none).
+
+    Returns:
+        A `sharpgen.linalg.TraceEstimate` (``method`` is the method actually used;
+        ``float(result)`` is the value).
+
+    Raises:
+        ValueError: Unknown ``method`` (the valid ones are listed), a budget below the
+            method's minimum or, for ``"exact"``, below $p$; non-positive ``rtol``,
+            ``block_size`` or ``exact_threshold``; invalid model/data arguments.
+        TypeError: Wrongly typed arguments.
+        FloatingPointError: A non-finite loss or product.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> loss = torch.nn.functional.mse_loss
+        >>> est = hessian_trace(model, loss, (x, torch.zeros(16, 1, dtype=torch.float64)))
+        >>> est.method, est.num_matvecs, est.stderr  # 4 parameters: exact
+        ('exact', 4, 0.0)
+        >>> round(est.value, 10) == round(float(2 * (x**2).sum(1).mean() + 2), 10)
+        True
+
+    References:
+        M. Hutchinson (1989). R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++:
+        Optimal stochastic trace estimation", SOSA 2021. E. N. Epperly, J. A. Tropp,
+        R. J. Webber, "XTrace", SIAM J. Matrix Anal. Appl. 2024. K. Wen, Z. Li, T. Ma,
+        "Sharpness minimization algorithms do not only minimize sharpness to achieve
+        better generalization", NeurIPS 2023.
+    """
+    method = check_choice("method", method, TRACE_METHODS)
+    if num_matvecs is not None and rtol is not None:
+        raise ValueError(
+            f"pass at most one of num_matvecs (a fixed budget) and rtol (a target relative "
+            f"standard error); got num_matvecs={num_matvecs!r} and rtol={rtol!r}."
+        )
+    if num_matvecs is not None:
+        minimum = _MIN_MATVECS.get(method, 1)
+        num_matvecs = check_int(
+            "num_matvecs",
+            num_matvecs,
+            minimum=minimum,
+            hint=f"method={method!r} needs at least {minimum} Hessian-vector products.",
+        )
+    if rtol is not None:
+        rtol = check_positive("rtol", rtol, hint="pass a relative standard error such as 0.01.")
+    max_matvecs = check_int("max_matvecs", max_matvecs)
+    block_size = check_int("block_size", block_size)
+    exact_threshold = check_int("exact_threshold", exact_threshold, minimum=0)
+    generator = check_generator(generator)
+    p = num_selected(model, params)
+    if method == "auto":
+        budget = num_matvecs if num_matvecs is not None else max_matvecs
+        method = "exact" if p <= min(exact_threshold, budget) else "xtrace"
+        if method == "xtrace" and num_matvecs is not None and num_matvecs < 4:
+            raise ValueError(
+                f"num_matvecs must be >= 4 for method='auto' on {p} parameters (it uses "
+                f"XTrace, which needs at least 4 Hessian-vector products), got {num_matvecs}."
+            )
+    if method == "exact" and num_matvecs is not None and num_matvecs < p:
+        raise ValueError(
+            f"num_matvecs={num_matvecs} is too small for method='exact', which needs one "
+            f"product per parameter ({p}); raise num_matvecs or use method='xtrace'."
+        )
+    if method == "xtrace" and num_matvecs is not None and num_matvecs // 2 > p:
+        raise ValueError(
+            f"num_matvecs={num_matvecs} is too large for XTrace on {p} parameters (it uses "
+            f"num_matvecs // 2 probes, at most {p}); use method='exact' ({p} products)."
+        )
+    H = build_hessian(
+        model, loss_fn, data, params, bn=bn, dropout=dropout, reduction=reduction,
+        backend=backend, process_group=process_group,
+    )  # fmt: skip
+    if method == "exact":
+        with progress_bar(progress, total=p, desc="hessian_trace (exact)", unit="matvec") as bar:
+            return _exact_trace(ProgressOperator(H, bar), block_size)
+    if num_matvecs is None and rtol is None:
+        rtol = DEFAULT_RTOL
+    total = num_matvecs if num_matvecs is not None else max_matvecs
+    desc = f"hessian_trace ({method})"
+    with progress_bar(progress, total=total, desc=desc, unit="matvec") as bar:
+        op = ProgressOperator(H, bar)
+        kwargs: dict[str, Any] = {"generator": generator}
+        if num_matvecs is not None:
+            kwargs["num_matvecs"] = num_matvecs
+        else:
+            kwargs["rtol"] = rtol
+            kwargs["max_matvecs"] = max_matvecs
+        return _ESTIMATORS[method](op, **kwargs)
+
+
+def _exact_trace(op: ProgressOperator, block_size: int) -> TraceEstimate:
+    """Sum of the diagonal from products with blocks of basis vectors."""
+    n = op.shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, n, block_size):
+        stop = min(n, start + block_size)
+        E = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
+        idx = torch.arange(stop - start, device=op.device)
+        E[start + idx, idx] = 1
+        HE = op.matmat(E)
+        total = total + HE[start + idx, idx].sum().to(device="cpu", dtype=torch.float64)
+    return TraceEstimate(value=float(total), stderr=0.0, num_matvecs=n, method="exact")

@@ -1,0 +1,311 @@
+"""A small helper that measures sharpness every N steps of any training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sharpgen.curvature import ModelObjective, as_batches, preserve_model_state
+from sharpgen.curvature._params import ParamSelection
+from sharpgen.sharpness._average import average_sharpness
+from sharpgen.sharpness._common import check_generator, check_int
+from sharpgen.sharpness._eigen import top_eigenvalues
+from sharpgen.sharpness._trace import hessian_trace
+from sharpgen.sharpness._worst_case import sam_sharpness
+
+__all__ = ["BUILTIN_MEASURES", "SharpnessTracker"]
+
+BUILTIN_MEASURES = ("loss", "trace", "top_eigenvalue", "sam", "average")
+_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "loss": {},
+    "trace": {},
+    "top_eigenvalue": {"tol": 1e-3},
+    "sam": {"rho": 0.05},
+    "average": {"rho": 0.01, "num_samples": 16},
+}
+_COST_KEYS = ("matvecs", "gradient_evals", "loss_evals")
+
+
+class SharpnessTracker:
+    r"""Compute sharpness measures every ``every`` steps on a fixed evaluation batch.
+
+    Call `step` (or the tracker itself) once per training step; on steps that are
+    multiples of ``every`` it computes the chosen measures of the model *as it is now* on
+    ``eval_batch``, appends a record to `history` and returns it (otherwise it returns
+    None and costs nothing). The model is never altered: every measure runs through
+    `sharpgen.curvature.ModelObjective` or inside
+    `sharpgen.curvature.preserve_model_state`, so parameters, buffers, ``training``
+    flags, ``requires_grad`` and ``.grad`` are exactly as before (also when a measure
+    raises), and the optimizer's state is untouched.
+
+    Built-in measures (record keys in parentheses) and their default options:
+
+    * ``"loss"``: $L(\theta)$ on the evaluation batch (``loss``); 1 loss evaluation.
+    * ``"trace"``: `hessian_trace` (``trace``, ``trace_stderr``); exact for at most 2000
+      parameters, XTrace to 1% otherwise.
+    * ``"top_eigenvalue"``: `top_eigenvalues` with ``k=1, tol=1e-3``
+      (``top_eigenvalue``, ``top_eigenvalue_converged``).
+    * ``"sam"``: `sam_sharpness` with ``rho=0.05``, one SAM step (``sam``).
+    * ``"average"``: `average_sharpness` with ``rho=0.01, num_samples=16`` (``average``,
+      ``average_stderr``).
+
+    Every record also holds ``step`` and its cost: ``matvecs`` (Hessian-vector products),
+    ``gradient_evals`` and ``loss_evals``; the running totals are `total_cost`.
+
+    Args:
+        model: The model being trained.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        eval_batch: A fixed batch ``(inputs, targets)`` (or a list of batches) to measure on;
+            keep it small, every measure passes over it several times.
+        every: Measure when ``step_index % every == 0``.
+        measures: Names of built-in measures, or a dict name -> built-in name or callable
+            ``fn(model, loss_fn, eval_batch) -> float`` (a result object with ``float()``
+            and optionally ``num_matvecs`` is accepted).
+        options: Dict built-in name -> keyword arguments for its function (merged with the
+            defaults above), e.g. ``{"trace": {"num_matvecs": 20}, "sam": {"rho": 0.1}}``.
+        generator: Source of randomness of the stochastic measures (advanced at each
+            measurement); the global RNG is untouched when given.
+        params: Parameter selection for all built-in measures.
+        bn: BatchNorm policy for all built-in measures (``"eval"`` or ``"batch"``).
+        reduction: ``"mean"`` or ``"sum"`` for all built-in measures.
+
+    Raises:
+        ValueError: ``every < 1``, an unknown measure name (the valid ones are listed),
+            options for a measure that is not tracked, empty data.
+        TypeError: Wrongly typed arguments.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        >>> batch = (x, torch.zeros(8, 1, dtype=torch.float64))
+        >>> tracker = SharpnessTracker(model, torch.nn.functional.mse_loss, batch, every=2,
+        ...                            measures=("loss", "trace"))
+        >>> for step in range(4):
+        ...     _ = tracker.step(step)  # the training step would go here
+        >>> [r["step"] for r in tracker.history], tracker.total_cost["matvecs"]
+        ([0, 2], 8)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        eval_batch: Any,
+        *,
+        every: int = 100,
+        measures: Sequence[str] | Mapping[str, str | Callable[..., Any]] = (
+            "trace",
+            "top_eigenvalue",
+            "sam",
+        ),
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        generator: torch.Generator | None = None,
+        params: ParamSelection = None,
+        bn: str = "eval",
+        reduction: str = "mean",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+        self.every = check_int("every", every, hint="measure every N steps, e.g. every=100.")
+        self.generator = check_generator(generator)
+        as_batches(eval_batch)  # validate the kind of data early
+        self.model = model
+        self.loss_fn = loss_fn
+        self.eval_batch = eval_batch
+        self.params = params
+        self.bn = bn
+        self.reduction = reduction
+        self.measures = self._resolve_measures(measures)
+        self.options = self._resolve_options(options)
+        self._history: list[dict[str, Any]] = []
+        self._totals = dict.fromkeys(_COST_KEYS, 0)
+        self._counter = 0
+
+    # -- configuration ---------------------------------------------------------------------
+    @staticmethod
+    def _resolve_measures(
+        measures: Sequence[str] | Mapping[str, str | Callable[..., Any]],
+    ) -> dict[str, str | Callable[..., Any]]:
+        valid = ", ".join(repr(m) for m in BUILTIN_MEASURES)
+        if isinstance(measures, str):
+            measures = (measures,)
+        if isinstance(measures, Mapping):
+            items = list(measures.items())
+        elif isinstance(measures, Sequence):
+            items = [(m, m) for m in measures]
+        else:
+            raise TypeError(
+                f"measures must be a sequence of names or a dict name -> callable, got "
+                f"{type(measures).__name__}."
+            )
+        if not items:
+            raise ValueError(f"measures is empty; choose some of {valid} or pass callables.")
+        out: dict[str, str | Callable[..., Any]] = {}
+        for name, what in items:
+            if not isinstance(name, str):
+                raise TypeError(f"measure names must be str, got {name!r}.")
+            if isinstance(what, str):
+                if what not in BUILTIN_MEASURES:
+                    raise ValueError(f"unknown measure {what!r}; valid choices are {valid}.")
+            elif not callable(what):
+                raise TypeError(
+                    f"measure {name!r} must be a built-in name or a callable "
+                    f"fn(model, loss_fn, eval_batch), got {type(what).__name__}."
+                )
+            if name in ("step", *_COST_KEYS):
+                raise ValueError(f"measure name {name!r} is reserved; choose another name.")
+            out[name] = what
+        return out
+
+    def _resolve_options(
+        self, options: Mapping[str, Mapping[str, Any]] | None
+    ) -> dict[str, dict[str, Any]]:
+        options = {} if options is None else options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"options must be a dict name -> dict, got {type(options).__name__}.")
+        used = {w for w in self.measures.values() if isinstance(w, str)}
+        for key, value in options.items():
+            if key not in used:
+                raise ValueError(
+                    f"options given for {key!r}, which is not a tracked built-in measure "
+                    f"(tracked: {sorted(used)})."
+                )
+            if not isinstance(value, Mapping):
+                raise TypeError(f"options[{key!r}] must be a dict of keyword arguments.")
+        return {b: {**_DEFAULT_OPTIONS[b], **options.get(b, {})} for b in used}
+
+    # -- measuring -------------------------------------------------------------------------
+    def step(self, step_index: int | None = None) -> dict[str, Any] | None:
+        """Measure if ``step_index`` is a multiple of ``every``; return the record or None.
+
+        Args:
+            step_index: The training step; None uses an internal counter (0, 1, 2, ...
+                over the calls that pass None).
+        """
+        if step_index is None:
+            step_index = self._counter
+            self._counter += 1
+        step_index = check_int("step_index", step_index, minimum=0)
+        if step_index % self.every:
+            return None
+        return self.measure(step_index)
+
+    __call__ = step
+
+    def measure(self, step_index: int) -> dict[str, Any]:
+        """Compute every measure now (whatever ``every`` says) and record it."""
+        record: dict[str, Any] = {"step": int(step_index)}
+        cost = dict.fromkeys(_COST_KEYS, 0)
+        for name, what in self.measures.items():
+            if isinstance(what, str):
+                self._builtin(name, what, record, cost)
+            else:
+                with preserve_model_state(self.model):
+                    out = what(self.model, self.loss_fn, self.eval_batch)
+                record[name] = float(out)
+                cost["matvecs"] += int(getattr(out, "num_matvecs", 0))
+        record.update(cost)
+        for k in _COST_KEYS:
+            self._totals[k] += cost[k]
+        self._history.append(record)
+        return dict(record)
+
+    def _common(self) -> dict[str, Any]:
+        return {"params": self.params, "bn": self.bn, "reduction": self.reduction}
+
+    def _builtin(self, name: str, kind: str, record: dict[str, Any], cost: dict[str, int]) -> None:
+        opts = self.options[kind]
+        args = (self.model, self.loss_fn, self.eval_batch)
+        if kind == "loss":
+            obj = ModelObjective(*args, self.params, bn=self.bn, reduction=self.reduction, **opts)
+            record[name] = float(obj.loss())
+            cost["loss_evals"] += 1
+        elif kind == "trace":
+            est = hessian_trace(*args, generator=self.generator, **self._common(), **opts)
+            record[name], record[f"{name}_stderr"] = est.value, est.stderr
+            cost["matvecs"] += est.num_matvecs
+        elif kind == "top_eigenvalue":
+            res = top_eigenvalues(*args, 1, generator=self.generator, **self._common(), **opts)
+            record[name] = float(res.eigenvalues[0])
+            record[f"{name}_converged"] = bool(res.converged)
+            cost["matvecs"] += res.num_matvecs
+        elif kind == "sam":
+            sam = sam_sharpness(*args, generator=self.generator, **self._common(), **opts)
+            record[name] = sam.value
+            cost["gradient_evals"] += sam.num_gradient_evals
+            cost["loss_evals"] += sam.num_loss_evals
+        else:
+            avg = average_sharpness(*args, generator=self.generator, **self._common(), **opts)
+            record[name], record[f"{name}_stderr"] = avg.value, avg.stderr
+            cost["loss_evals"] += avg.num_loss_evals
+
+    # -- results ---------------------------------------------------------------------------
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The records so far (copies), oldest first."""
+        return [dict(r) for r in self._history]
+
+    @property
+    def total_cost(self) -> dict[str, int]:
+        """Cumulative ``matvecs``, ``gradient_evals`` and ``loss_evals`` of all records."""
+        return dict(self._totals)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """The history as columns: key -> list over records (None where a key is missing)."""
+        keys: list[str] = []
+        for r in self._history:
+            keys.extend(k for k in r if k not in keys)
+        return {k: [r.get(k) for r in self._history] for k in keys}
+
+    def plot(self, keys: Sequence[str] | None = None, *, axes: Any = None) -> Any:
+        """Plot each measure against the step (matplotlib, imported only here).
+
+        Args:
+            keys: Record keys to plot; default every tracked measure.
+            axes: A sequence of matplotlib ``Axes``, one per key; new ones when None.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as exc:  # matplotlib is an optional dependency
+            raise ImportError(
+                "SharpnessTracker.plot needs matplotlib; install it with `pip install matplotlib`."
+            ) from exc
+        if not self._history:
+            raise ValueError("nothing to plot yet: the history is empty (call step() first).")
+        keys = list(self.measures) if keys is None else list(keys)
+        columns = self.to_dict()
+        for key in keys:
+            if key not in columns:
+                raise ValueError(f"unknown key {key!r}; recorded keys are {list(columns)}.")
+        if axes is None:
+            fig, axes = plt.subplots(
+                len(keys), 1, figsize=(5, 2.2 * len(keys)), sharex=True, squeeze=False
+            )
+            axes = list(axes[:, 0])
+        else:
+            axes = list(axes)
+            if len(axes) != len(keys):
+                raise ValueError(f"axes has {len(axes)} entries for {len(keys)} keys.")
+            fig = axes[0].figure
+        for ax, key in zip(axes, keys, strict=True):
+            column = zip(columns["step"], columns[key], strict=True)
+            pairs = [(s, v) for s, v in column if v is not None]
+            ax.plot([s for s, _ in pairs], [float(v) for _, v in pairs], marker=".")
+            ax.set_ylabel(key)
+        axes[-1].set_xlabel("step")
+        return fig
+
+    def __repr__(self) -> str:
+        return (
+            f"SharpnessTracker(every={self.every}, measures={list(self.measures)}, "
+            f"records={len(self._history)}, total_cost={self._totals})"
+        )
