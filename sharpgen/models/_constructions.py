@@ -27,6 +27,7 @@ from sharpgen.models._checks import (
     check_positive_float,
     check_unique_rows,
 )
+from sharpgen.models._deep import DeepReLUNet
 from sharpgen.models._two_layer import TwoLayerNet
 
 __all__ = [
@@ -61,6 +62,28 @@ def _padded(rows: Tensor, width: int) -> Tensor:
     return torch.cat([rows, pad]).to(rows.device)
 
 
+def _check_depth(depth: int, arch: str) -> int:
+    depth = check_int("depth", depth, minimum=2)
+    if depth > 2 and arch != "bias":
+        raise ValueError(
+            f"depth={depth} is only available for arch='bias' (deep nets with bias in the first "
+            f"layer only), not arch={arch!r}."
+        )
+    return depth
+
+
+def _deep_net(
+    W1: Tensor, b1: Tensor, c: Tensor, WD: Tensor, depth: int, width: int, dtype, device
+) -> DeepReLUNet:
+    """First layer (W1, b1), depth - 2 diagonal layers diag(c), output WD; zero padded."""
+    kwargs = {"dtype": dtype, "device": device}
+    middle = torch.diag(_padded(c, width)).to(**kwargs)
+    weights = [_padded(W1, width).to(**kwargs)]
+    weights += [middle.clone() for _ in range(depth - 2)]
+    weights.append(_padded(WD, width).to(**kwargs))
+    return DeepReLUNet(weights, _padded(b1, width).to(**kwargs))
+
+
 def _xor_first_layer(d: int, scale: float, dtype: torch.dtype) -> Tensor:
     W1 = torch.zeros(4, d, dtype=dtype)
     W1[:, :2] = scale * torch.tensor(_SIGNS, dtype=dtype)
@@ -80,9 +103,10 @@ def flattest_memorizer(
     width: int | None = None,
     eps: float | None = None,
     delta: float | None = None,
+    depth: int = 2,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> TwoLayerNet:
+) -> TwoLayerNet | DeepReLUNet:
     r"""A flattest interpolator that memorizes: one neuron per training point.
 
     **``arch="bias"`` (Theorem 4.1).** With $r_i = \sqrt{\lVert x_i\rVert^2 + 1}$ and the
@@ -112,6 +136,14 @@ def flattest_memorizer(
     invariant to the scale of $(W_{1,i}, b_{1,i})$ (zero gradient there) and
     $\lVert \nabla f(x_i) \rVert^2 = \lVert e_i \rVert^2 = 1$: the trace is 2, the minimum.
 
+    **``depth=D > 2``** (``arch="bias"``; a `DeepReLUNet` with bias in the first layer
+    only): the same first-layer neurons with value $a_i$ at $x_i$, then diagonal layers
+    $W_k = \mathrm{diag}(c_i)$ and output weights $W_{D,i}$, balanced so that every layer
+    contributes equally: with $t_i = (r_i / |y_i|)^{1/D}$, $a_i = r_i / t_i$, $c_i = 1/t_i$,
+    $W_{D,i} = \operatorname{sign}(y_i)/t_i$. Then
+    $\lVert\nabla f(x_i)\rVert^2 = D\, r_i^{2/D} |y_i|^{2 - 2/D}$, the depth-$D$ lower bound
+    (`sharpgen.theory.trace_lower_bound` with ``depth``; $2D(d+1)^{1/D}$ on xor data).
+
     Args:
         X: Training inputs ``(n, d)``, distinct rows.
         y: Training labels ``(n,)``.
@@ -121,11 +153,13 @@ def flattest_memorizer(
         eps: ``"bias"``: the activation margin $\varepsilon \in (0, \mu)$;
             ``"simplified_ln"``: the LayerNorm $\varepsilon > 0$ (stored in the net).
         delta: ``"simplified_ln"`` only: $\delta \in (0, 2)$.
+        depth: Number of layers $D \ge 2$; ``D > 2`` only for ``arch="bias"``.
         dtype: Floating dtype (default ``X.dtype``).
         device: Device (default ``X.device``).
 
     Returns:
-        A `TwoLayerNet` with neuron ``i`` memorizing training point ``i``.
+        A `TwoLayerNet` (a `DeepReLUNet` when ``depth > 2``) with neuron ``i`` memorizing
+        training point ``i``.
 
     Raises:
         ValueError: For duplicate training points, a zero input (``"bias"``), a point not
@@ -152,6 +186,7 @@ def flattest_memorizer(
             f"generalize (Theorem {theorem}); valid archs here are 'bias' and 'simplified_ln'."
         )
     X, y = check_dataset(X, y)
+    depth = _check_depth(depth, arch)
     dtype = X.dtype if dtype is None else _check_dtype(dtype)
     device = X.device if device is None else torch.device(device)
     X = X.detach().to(device="cpu", dtype=torch.float64)
@@ -188,6 +223,15 @@ def flattest_memorizer(
                 "2/sqrt(d) on the cube) so that each neuron fires on its own point only."
             )
         r = torch.sqrt(norms.square() + 1)
+        if depth > 2:
+            alive = y != 0
+            t = torch.where(alive, (r / y.abs().clamp(min=1e-300)) ** (1 / depth), 1.0)
+            amp = torch.where(alive, r / t, 0.0)
+            c = torch.where(alive, 1 / t, 0.0)
+            W1 = amp.unsqueeze(1) * w / eps
+            b1 = amp * (eps - (w * X).sum(1)) / eps
+            WD = torch.sign(y) / t
+            return _deep_net(W1, b1, c, WD, depth, width, dtype, device)
         amp = torch.sqrt(r * y.abs())
         W1 = amp.unsqueeze(1) * w / eps
         b1 = amp * (eps - (w * X).sum(1)) / eps
@@ -285,9 +329,10 @@ def flattest_generalizer(
     eps: float | None = None,
     rho: float | None = None,
     reference: Tensor | None = None,
+    depth: int = 2,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> TwoLayerNet:
+) -> TwoLayerNet | DeepReLUNet:
     r"""A flattest interpolator of xor data that computes $x_1 x_2$ on the whole cube.
 
     Four neurons, one per sign pair $(s_1, s_2)$ in the order $(+,+), (+,-), (-,+), (-,-)$;
@@ -308,6 +353,10 @@ def flattest_generalizer(
       $4 \sum_k \sqrt{q_k} + \frac{2}{\rho^2} \sum_k q_k V_k$, $V_k$ the mean squared
       distance of the quadrant's points to their mean: it decreases to
       $4 \sum_k \sqrt{q_k}$ ($= 8$ on balanced sets) as $\rho \to \infty$.
+    * ``"bias"`` with ``depth=D > 2`` (a `DeepReLUNet`): first layer as Eq. 5 with
+      $\rho = r^{1 - 1/D}$, $r = \sqrt{d+1}$, then $D-2$ layers $r^{-1/D} I$ and output
+      weights $s_1 s_2 r^{-1/D}$; every layer contributes equally and the trace is
+      $2D(d+1)^{1/D}$, the depth-$D$ minimum.
 
     Args:
         d: Input dimension, at least 2.
@@ -316,11 +365,12 @@ def flattest_generalizer(
         eps: LayerNorm $\varepsilon > 0$ for ``"simplified_ln"`` (default $10^{-3}$).
         rho: First-layer scale $\rho > 0$ for ``"simplified_bn"``.
         reference: Reference set ``(N, d)`` for ``"simplified_bn"`` (required there).
+        depth: Number of layers $D \ge 2$; ``D > 2`` only for ``arch="bias"``.
         dtype: Floating dtype (default ``torch.get_default_dtype()``).
         device: Device.
 
     Returns:
-        A `TwoLayerNet`.
+        A `TwoLayerNet` (a `DeepReLUNet` when ``depth > 2``).
 
     Raises:
         ValueError: For an unknown ``arch``, ``width < 4``, a non-positive ``eps``/``rho``,
@@ -339,6 +389,7 @@ def flattest_generalizer(
     """
     arch = check_arch(arch)
     d = check_int("d", d, minimum=2)
+    depth = _check_depth(depth, arch)
     width = _check_width(width, 4, "the xor generalizer")
     dtype = _check_dtype(dtype)
     if eps is not None and arch != "simplified_ln":
@@ -351,6 +402,12 @@ def flattest_generalizer(
     signs = _xor_signs(f64)
     gamma = None
     net_eps = 1e-3
+    if arch == "bias" and depth > 2:
+        r = math.sqrt(d + 1)
+        rho_ = r ** (1 - 1 / depth)
+        c = torch.full((4,), r ** (-1 / depth), dtype=f64)
+        W1, b1 = _xor_first_layer(d, rho_, f64), torch.full((4,), -rho_, dtype=f64)
+        return _deep_net(W1, b1, c, signs * r ** (-1 / depth), depth, width, dtype, device)
     if arch == "bias":
         rho_ = (d + 1) ** 0.25
         W1, b1, W2 = (

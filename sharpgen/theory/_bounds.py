@@ -11,19 +11,23 @@ import torch
 from torch import Tensor
 
 from sharpgen.models import TwoLayerNet
-from sharpgen.models._checks import check_arch, check_dataset, check_positive_float
+from sharpgen.models._checks import check_arch, check_dataset, check_int, check_positive_float
 from sharpgen.models._two_layer import _activate
 
 __all__ = ["simplified_bn_norm_bound", "trace_lower_bound"]
 
 
-def trace_lower_bound(X: Tensor, y: Tensor, arch: str, *, eps: float | None = None) -> float:
+def trace_lower_bound(
+    X: Tensor, y: Tensor, arch: str, *, eps: float | None = None, depth: int = 2
+) -> float:
     r"""The smallest Hessian trace an interpolating net of ``arch`` can have (a lower bound).
 
     With $r_i = \sqrt{\lVert x_i \rVert^2 + 1}$ (the norm of $x_i' = [x_i; 1]$):
 
     * ``"no_bias"``: $\frac4n \sum_i \lVert x_i \rVert |y_i|$ ($= 4\sqrt d$ on xor data).
-    * ``"bias"``: $\frac4n \sum_i r_i |y_i|$ ($= 4\sqrt{d+1}$ on xor data).
+    * ``"bias"``: $\frac4n \sum_i r_i |y_i|$ ($= 4\sqrt{d+1}$ on xor data); for a depth-$D$
+      net with bias in the first layer only (``depth=D``):
+      $\frac{2D}{n} \sum_i r_i^{2/D} |y_i|^{2-2/D}$ ($= 2D (d+1)^{1/D}$ on xor data).
     * ``"simplified_ln"``: $\frac2n \sum_i \min(1, 2 r_i |y_i| / \varepsilon)$ ($= 2$ on xor
       data whenever $\varepsilon \le 2\sqrt{d+1}$).
     * ``"simplified_bn"`` (reference set = training set): $\frac4n \sum_i |y_i|$ ($= 4$ on
@@ -35,6 +39,15 @@ def trace_lower_bound(X: Tensor, y: Tensor, arch: str, *, eps: float | None = No
     |W_{2,j}| h_j \ge 2 \lVert x' \rVert |f(x)|$ (AM-GM), with $x' = x$ without bias.
     Equality needs $h_j = |W_{2,j}| \lVert x' \rVert$ on every active neuron and all
     active $W_{2,j}$ of one sign: the constructions of `sharpgen.models` attain it.
+
+    *Deep, bias in the first layer only:* with $h_0 = x'$, $z_k = W_k h_{k-1}$,
+    $h_k = \mathrm{relu}(z_k)$ and $g_k = \partial f / \partial z_k$ ($g_D = 1$),
+    $\lVert \nabla_{W_k} f \rVert = \lVert g_k \rVert \lVert h_{k-1} \rVert$ and, by
+    positive homogeneity, $f = g_k^\top z_k = g_k^\top h_k$, so
+    $\lVert g_k\rVert \lVert h_k\rVert \ge |f|$. AM-GM over the $D$ layers gives
+    $\lVert\nabla f\rVert^2 \ge D \big(\prod_k \lVert g_k\rVert \lVert h_{k-1}\rVert
+    \big)^{2/D} \ge D\, \lVert x'\rVert^{2/D} |f|^{2 - 2/D}$; for $D = 2$ this is the
+    two-layer bound.
 
     *Simplified LayerNorm:* $f = W_2^\top u$, $u = h / \max(\lVert h\rVert, \varepsilon)$. If
     $\lVert h(x)\rVert \ge \varepsilon$, $u$ is a unit vector and already
@@ -67,6 +80,8 @@ def trace_lower_bound(X: Tensor, y: Tensor, arch: str, *, eps: float | None = No
         y: Training labels ``(n,)`` (any reals).
         arch: ``"no_bias"``, ``"bias"``, ``"simplified_bn"`` or ``"simplified_ln"``.
         eps: The LayerNorm $\varepsilon$ (``"simplified_ln"`` only; default $10^{-3}$).
+        depth: Number of layers $D \ge 2$ (``"bias"`` only; deep nets with bias in the
+            first layer only).
 
     Returns:
         The bound as a Python float.
@@ -89,13 +104,17 @@ def trace_lower_bound(X: Tensor, y: Tensor, arch: str, *, eps: float | None = No
     X, y = check_dataset(X, y)
     if eps is not None and arch != "simplified_ln":
         raise ValueError(f"eps is only used by arch='simplified_ln', not arch={arch!r}.")
+    depth = check_int("depth", depth, minimum=2)
+    if depth > 2 and arch != "bias":
+        raise ValueError(f"depth={depth} is only available for arch='bias', not arch={arch!r}.")
     X = X.detach().to(torch.float64)
     y = y.detach().to(torch.float64).abs()
     sq = X.square().sum(1)
     if arch == "no_bias":
         value = 4 * (sq.sqrt() * y).mean()
     elif arch == "bias":
-        value = 4 * ((sq + 1).sqrt() * y).mean()
+        r = (sq + 1).sqrt()
+        value = 2 * depth * (r.pow(2 / depth) * y.pow(2 - 2 / depth)).mean()
     elif arch == "simplified_bn":
         value = 4 * y.mean()
     else:

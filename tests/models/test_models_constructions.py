@@ -178,3 +178,37 @@ def test_constructions_bad_input():
         flattest_generalizer(4, "simplified_bn", reference=X[X[:, 0] > 0])
     with pytest.raises(ValueError, match="d must be an int >= 2"):
         flattest_generalizer(1, "bias")
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_deep_constructions_attain_the_depth_bound(depth):
+    d = 5
+    data = _xor_train(d, 8, seed=20 + depth)
+    closed = 2 * depth * (d + 1) ** (1 / depth)
+    cube = full_cube(d, dtype=F64)
+    mem = flattest_memorizer(data.X, data.y, "bias", depth=depth, width=10)
+    gen = flattest_generalizer(d, "bias", depth=depth, width=6, dtype=F64)
+    assert [k for k, _ in mem.named_parameters()][-1] == f"W{depth}"
+    for net in (mem, gen):
+        torch.testing.assert_close(net(data.X).detach(), data.y, rtol=0, atol=1e-13)
+        dense = dense_loss_hessian_trace(net, data.X, data.y)
+        assert dense == pytest.approx(closed, rel=1e-12)
+        assert float(interpolation_trace(net, data.X)) == pytest.approx(dense, rel=1e-12)
+    assert zero_one_error(gen, cube, xor_labels(cube)) == 0.0
+    assert zero_one_error(mem, cube, xor_labels(cube)) == pytest.approx(1 - 8 / 2**d)
+    # real-valued labels: the bound (2D/n) sum r^(2/D) |y|^(2 - 2/D) is attained as well
+    y = torch.randn(8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    net = flattest_memorizer(data.X, y, "bias", depth=depth)
+    r = math.sqrt(d + 1)
+    want = 2 * depth * float((r ** (2 / depth) * y.abs() ** (2 - 2 / depth)).mean())
+    assert dense_loss_hessian_trace(net, data.X, y) == pytest.approx(want, rel=1e-10)
+
+
+def test_depth_only_for_bias_nets():
+    X = full_cube(3, dtype=F64)
+    with pytest.raises(ValueError, match="depth=3 is only available for arch='bias'"):
+        flattest_memorizer(X, xor_labels(X), "simplified_ln", depth=3)
+    with pytest.raises(ValueError, match="depth=3 is only available for arch='bias'"):
+        flattest_generalizer(3, "simplified_ln", depth=3)
+    with pytest.raises(ValueError, match="depth must be an int >= 2, got 1"):
+        flattest_generalizer(3, "bias", depth=1)

@@ -11,6 +11,7 @@ from torch.func import functional_call, hessian
 from sharpgen.data import complete_xor, full_cube, xor_cube, xor_labels
 from sharpgen.models import (
     TwoLayerNet,
+    deep_relu,
     flattest_generalizer,
     two_layer_relu,
     xor_realizer_no_bias,
@@ -85,6 +86,23 @@ def test_bound_holds_for_random_nets_with_their_own_outputs_as_labels(arch, kwar
                 X[i : i + 1], out[i : i + 1], arch, **({"eps": eps} if eps else {})
             )
             assert float(per[i]) >= b_i / 2 * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_deep_bias_bound_holds_for_random_and_trained_deep_nets(depth):
+    X = torch.randn(10, 4, generator=_gen(21), dtype=F64)
+    for seed in range(10):
+        net = deep_relu(4, [5] * (depth - 1), generator=_gen(seed), dtype=F64)
+        bound = trace_lower_bound(X, net(X).detach(), "bias", depth=depth)
+        assert float(interpolation_trace(net, X)) >= bound * (1 - 1e-12)
+    data = xor_cube(4, 6, generator=_gen(30 + depth), unique=True, dtype=F64)
+    net = deep_relu(4, [16] * (depth - 1), generator=_gen(0), dtype=F64)
+    loss = _gd(net, data.X, data.y, lr=0.05, steps=800)
+    assert loss < 1e-4
+    bound = trace_lower_bound(data.X, net(data.X).detach(), "bias", depth=depth)
+    assert float(interpolation_trace(net, data.X)) >= bound * (1 - 1e-12)
+    with pytest.raises(ValueError, match="depth=3 is only available for arch='bias'"):
+        trace_lower_bound(X, X[:, 0], "no_bias", depth=3)
 
 
 def test_small_eps_regime_of_the_simplified_ln_bound_is_exercised():
