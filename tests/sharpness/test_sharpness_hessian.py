@@ -1,0 +1,153 @@
+"""hessian_trace, top_eigenvalues and spectral_density against dense float64 Hessians."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sharpgen.data import full_cube, xor_labels
+from sharpgen.models import flattest_generalizer
+from sharpgen.sharpness import hessian_trace, spectral_density, top_eigenvalues
+from sharpgen.theory import interpolation_trace
+
+
+@pytest.fixture(scope="module")
+def problem(h):
+    model = h.make_mlp(0)
+    x, y = h.regression_data(12)
+    H = h.dense_hessian(model, h.mse, x, y)
+    return model, (x, y), H
+
+
+# -- trace -------------------------------------------------------------------------------------
+def test_exact_trace_equals_dense_trace(h, problem):
+    model, data, H = problem
+    p = H.shape[0]
+    for block_size in (1, 7, 64):
+        est = hessian_trace(model, h.mse, data, method="exact", block_size=block_size)
+        assert est.method == "exact" and est.stderr == 0.0 and est.num_matvecs == p
+        assert est.value == pytest.approx(float(H.trace()), rel=1e-12)
+
+
+def test_auto_is_exact_for_small_models_and_xtrace_above_the_threshold(h, problem):
+    model, data, H = problem
+    p = H.shape[0]
+    assert hessian_trace(model, h.mse, data).method == "exact"
+    # a budget below p forces a stochastic estimator even under the threshold
+    est = hessian_trace(model, h.mse, data, num_matvecs=10, generator=h.g(0))
+    assert est.method == "xtrace" and est.num_matvecs == 10
+    est = hessian_trace(model, h.mse, data, exact_threshold=p - 1, rtol=0.05, generator=h.g(0))
+    assert est.method == "xtrace"
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp", "xtrace"])
+def test_stochastic_trace_within_its_standard_error(h, problem, method):
+    model, data, H = problem
+    truth = float(H.trace())
+    budget = 40
+    est = hessian_trace(model, h.mse, data, method=method, num_matvecs=budget, generator=h.g(3))
+    assert est.method == method and est.num_matvecs <= budget
+    assert math.isfinite(est.stderr) and est.stderr > 0
+    assert abs(est.value - truth) <= 4 * est.stderr
+
+
+def test_hutchinson_stderr_matches_the_exact_variance(h, problem):
+    # Rademacher Hutchinson: Var(z^T H z) = 2 (||H||_F^2 - sum_i H_ii^2)
+    model, data, H = problem
+    m = 60
+    est = hessian_trace(model, h.mse, data, method="hutchinson", num_matvecs=m, generator=h.g(1))
+    sd = math.sqrt(2 * float((H**2).sum() - (H.diagonal() ** 2).sum()) / m)
+    assert abs(est.value - float(H.trace())) <= 4 * sd
+    assert 0.6 * sd <= est.stderr <= 1.5 * sd  # 60 samples: stderr within ~20% of sd
+
+
+def test_rtol_budget_stops_at_the_target(h, problem):
+    model, data, _ = problem
+    est = hessian_trace(model, h.mse, data, method="hutchinson", rtol=0.05, generator=h.g(2))
+    assert est.converged and est.relative_stderr <= 0.05
+
+
+def test_lemma_4_1_trace_at_interpolation(h):
+    # two-layer ReLU net with bias interpolating xor data: Tr H = (2/n) sum ||grad f(x_i)||^2
+    d = 4
+    X = full_cube(d, dtype=h.DT)
+    y = xor_labels(X)
+    net = flattest_generalizer(d, "bias", width=6, dtype=h.DT)
+    assert torch.allclose(net(X), y)
+    est = hessian_trace(net, torch.nn.functional.mse_loss, (X, y), method="exact")
+    assert est.value == pytest.approx(float(interpolation_trace(net, X)), rel=1e-10)
+    assert est.value == pytest.approx(4 * math.sqrt(d + 1), rel=1e-10)  # the closed form
+    # the dataset may come in uneven batches: the same trace
+    batches = [(X[:5], y[:5]), (X[5:], y[5:])]
+    assert hessian_trace(net, torch.nn.functional.mse_loss, batches).value == pytest.approx(
+        est.value, rel=1e-10
+    )
+
+
+# -- eigenvalues -------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_eigenvalues_match_eigh(h, problem, k):
+    model, data, H = problem
+    evals = torch.linalg.eigvalsh(H).flip(0)
+    tol = 1e-6
+    res = top_eigenvalues(model, h.mse, data, k=k, tol=tol, generator=h.g(0))
+    assert res.converged
+    assert res.eigenvalues.shape == (k,) and res.eigenvectors.shape == (H.shape[0], k)
+    torch.testing.assert_close(res.eigenvalues, evals[:k], rtol=tol, atol=0)
+    # residuals are honest: ||H v - lambda v|| against the dense matrix
+    resid = torch.linalg.vector_norm(
+        H @ res.eigenvectors - res.eigenvectors * res.eigenvalues, dim=0
+    )
+    assert torch.all(resid <= res.residuals * 1.01 + 1e-12)
+
+
+def test_smallest_and_both_ends(h, problem):
+    model, data, H = problem
+    evals = torch.linalg.eigvalsh(H)
+    assert evals[0] < 0  # a random point of a tanh net: the Hessian is indefinite
+    res = top_eigenvalues(model, h.mse, data, k=2, which="smallest", tol=1e-6, generator=h.g(0))
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, evals[:2], rtol=1e-6, atol=1e-9)
+    res = top_eigenvalues(model, h.mse, data, k=2, which="both_ends", tol=1e-6, generator=h.g(0))
+    torch.testing.assert_close(
+        res.eigenvalues, torch.stack([evals[-1], evals[0]]), rtol=1e-6, atol=1e-9
+    )
+
+
+def test_eigenvectors_unflatten_to_parameter_dicts(h, problem):
+    model, data, H = problem
+    res = top_eigenvalues(model, h.mse, data, k=2, tol=1e-8, generator=h.g(0))
+    dicts = res.eigenvector_dicts()
+    assert len(dicts) == 2
+    for i, d in enumerate(dicts):
+        assert list(d) == [n for n, _ in model.named_parameters()]
+        for name, p in model.named_parameters():
+            assert d[name].shape == p.shape
+        flat = torch.cat([t.reshape(-1) for t in d.values()])
+        assert torch.equal(flat, res.eigenvectors[:, i])
+    assert torch.equal(res.eigenvector_dict(-1)["0.weight"], dicts[1]["0.weight"])
+    with pytest.raises(IndexError, match="i must be an int"):
+        res.eigenvector_dict(2)
+
+
+# -- spectral density --------------------------------------------------------------------------
+def test_spectral_density_moments_and_support(h, problem):
+    model, data, H = problem
+    p = H.shape[0]
+    evals = torch.linalg.eigvalsh(H)
+    P = 40
+    dens = spectral_density(model, h.mse, data, num_probes=P, num_steps=8, generator=h.g(5))
+    assert dens.num_matvecs <= P * 8
+    torch.testing.assert_close(dens.weights.sum(1), torch.ones(P, dtype=h.DT))
+    support = dens.nodes[dens.weights > 1e-12]
+    assert support.min() >= evals[0] - 1e-8 and support.max() <= evals[-1] + 1e-8
+    # with 8 steps the quadrature is exact for degree <= 15: moment j = Hutchinson on H^j / p
+    for j in (1, 2):
+        B = torch.linalg.matrix_power(H, j)
+        truth = float(B.trace()) / p
+        sd = math.sqrt(2 * float((B**2).sum() - (B.diagonal() ** 2).sum())) / p / math.sqrt(P)
+        assert abs(dens.moment(j) - truth) <= 4 * sd + 1e-12
+    # the extreme nodes find the extreme eigenvalues
+    assert float(dens.nodes.max()) == pytest.approx(float(evals[-1]), rel=1e-3)
