@@ -9,7 +9,7 @@ from torch import Tensor
 __all__ = ["DataSplit"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DataSplit:
     """A training set and an optional test set, as returned by every generator here.
 
