@@ -1,0 +1,232 @@
+"""Argument parsing and the ``reproduce`` / ``measure`` sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+_DESCRIPTION = """\
+sharpgen: measure and minimize sharpness, and reproduce Wen, Li & Ma (2023),
+"Sharpness Minimization Algorithms Do Not Only Minimize Sharpness To Achieve Better
+Generalization" (NeurIPS 2023).
+
+Start with:   sharpgen reproduce            (the quick preset: Table 1 in a few CPU minutes)
+"""
+
+_REPRODUCE_HELP = """\
+Train the paper's two-layer ReLU nets with 1-SAM (and the GD + weight-decay baseline) on
+the xor data set and print the measured Table 1 next to the paper's: does 1-SAM generalize,
+and how close is its Hessian trace to the known lower bound?
+
+Writes into --out: results.json (all metric histories), table1.png (test accuracy and trace
+against epoch), report.md (the tables), and checkpoints/ (for --resume).
+
+Presets: 'quick' (default; all four rows of Table 1, a few minutes on a 2-core CPU, with
+documented deviations from the paper), 'paper' (every run of the paper's Table 2 at full
+scale: days of CPU time, use a GPU), or single experiments such as 'paper-fig1b'.
+Run 'sharpgen reproduce --list' to see them all.
+"""
+
+_EXAMPLES = """\
+examples:
+  sharpgen reproduce                              # quick preset, 3 seeds, into results/quick
+  sharpgen reproduce --seeds 5 --out results/q5
+  sharpgen reproduce --preset paper-fig1b paper-fig4b --device cuda --out results/paper
+  sharpgen reproduce --preset paper --resume --out results/paper   # continue after a crash
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sharpgen`` argument parser (sub-commands ``reproduce`` and ``measure``)."""
+    parser = argparse.ArgumentParser(
+        prog="sharpgen",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from sharpgen._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"sharpgen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    rep = sub.add_parser(
+        "reproduce",
+        help="train the paper's experiments and report the measured Table 1",
+        description=_REPRODUCE_HELP,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rep.add_argument(
+        "--preset",
+        nargs="+",
+        default=["quick"],
+        metavar="NAME",
+        help="preset(s) or group(s) to run (default: quick); see --list",
+    )
+    rep.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="runs per experiment, seeds 0..N-1 (default: 3)",
+    )
+    rep.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)"
+    )
+    rep.add_argument(
+        "--out",
+        default="results/quick",
+        metavar="DIR",
+        help="output directory (default: results/quick)",
+    )
+    rep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue every experiment from its checkpoint in DIR/checkpoints if present",
+    )
+    rep.add_argument("--list", action="store_true", help="list the presets and exit")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rep.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="torch CPU threads (default: torch's choice)",
+    )
+    mea = sub.add_parser(
+        "measure",
+        help="traces and test errors of the paper's flattest constructions",
+        description="The flattest-minimizer side of Table 1: the closed-form constructions "
+        "of the paper (memorizers and generalizers), their exact Hessian traces against the "
+        "lower bounds, and their test errors.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mea.add_argument("--d", type=int, default=30, help="input dimension (default 30)")
+    mea.add_argument("--n", type=int, default=100, help="training points (default 100)")
+    mea.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    mea.add_argument("--test-size", type=int, default=2000, help="test points (default 2000)")
+    return parser
+
+
+def _list_presets() -> str:
+    from sharpgen.experiments import PRESET_GROUPS, PRESETS
+
+    lines = ["groups:"]
+    for name, members in PRESET_GROUPS.items():
+        lines.append(f"  {name:22s} {', '.join(members)}")
+    lines.append("experiments:")
+    for name, spec in PRESETS.items():
+        sched = " + ".join(f"{p.epochs} ep (lr {p.lr:g}, rho {p.rho:g})" for p in spec.phases)
+        lines.append(
+            f"  {name:22s} {spec.paper:8s} {spec.arch:14s} {spec.method:15s} d={spec.d} "
+            f"n={spec.n} m={spec.width} {sched}"
+        )
+    return "\n".join(lines)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    import torch
+
+    from sharpgen.experiments import (
+        get_preset,
+        markdown_report,
+        plot_results,
+        save_results,
+        train,
+    )
+
+    if args.list:
+        print(_list_presets())
+        return 0
+    try:
+        specs = get_preset(*args.preset)
+    except ValueError as exc:
+        print(f"sharpgen reproduce: error: {exc}", file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print(f"sharpgen reproduce: error: --seeds {args.seeds} must be >= 1", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "sharpgen reproduce: error: --device cuda but torch.cuda.is_available() is False; "
+            "use --device cpu or install a CUDA build of torch",
+            file=sys.stderr,
+        )
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds))
+    progress_cls = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress_cls = tqdm
+    results = []
+    start = time.perf_counter()
+    for spec in specs:
+        bar = None
+        if progress_cls is not None:
+            bar = progress_cls(total=spec.epochs, desc=spec.name, unit="ep", leave=True)
+        try:
+            res = train(
+                spec,
+                seeds,
+                device=args.device,
+                checkpoint=out / "checkpoints" / f"{spec.name}.pt",
+                resume=args.resume,
+                progress=bar.update if bar is not None else None,
+            )
+        except FloatingPointError as exc:
+            print(f"sharpgen reproduce: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            if bar is not None:
+                bar.close()
+        results.append(res)
+        save_results(results, out / "results.json")
+    plot_results(results, out / "table1.png")
+    report = markdown_report(results, title=f"sharpgen reproduce --preset {' '.join(args.preset)}")
+    report += (
+        f"\nTotal wall time: {time.perf_counter() - start:.1f} s on {args.device} "
+        f"({torch.get_num_threads()} threads), {len(seeds)} seeds.\n\n![plots](table1.png)\n"
+    )
+    (out / "report.md").write_text(report)
+    print(report)
+    print(f"wrote {out / 'results.json'}, {out / 'table1.png'}, {out / 'report.md'}")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    try:
+        from sharpgen.experiments._measure import measure_constructions
+    except ImportError as exc:  # the constructions live in sharpgen.models / sharpgen.theory
+        print(f"sharpgen measure: not available yet ({exc})", file=sys.stderr)
+        return 1
+    print(measure_constructions(d=args.d, n=args.n, seed=args.seed, test_size=args.test_size))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sharpgen`` command line; returns the exit status.
+
+    Args:
+        argv: Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 1 on a failed run, 2 on a usage error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(args)
+    if args.command == "measure":
+        return _measure(args)
+    parser.print_help()
+    print("\n" + textwrap.dedent(_EXAMPLES))
+    return 0

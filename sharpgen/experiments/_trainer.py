@@ -1,0 +1,414 @@
+r"""The batched trainer: many independent runs of one `ExperimentSpec` advance together.
+
+Every run (one per seed) owns a ``torch.Generator`` seeded with its seed, used in this order:
+training set, test set, initialization (`sharpgen.models.two_layer_relu`, so a run starts from
+exactly the `TwoLayerNet` the same generator would build), then the example indices, drawn at
+the start of every epoch (``n`` uniform indices with replacement, or one permutation). A run
+therefore does not depend on which other runs share its batch, and a run done alone with
+plain autograd on the `TwoLayerNet` takes the same steps (tested to float tolerance).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sharpgen.experiments._batched import (
+    forward,
+    loss_and_grad,
+    sam1_relu_step,
+    trace_terms,
+    trainable_names,
+)
+from sharpgen.experiments._checkpoint import load_checkpoint, save_checkpoint
+from sharpgen.experiments._spec import ExperimentSpec
+
+__all__ = ["RunResult", "train", "make_runs", "lower_bound"]
+
+METRICS = (
+    "train_loss",
+    "test_accuracy",
+    "test_mse",
+    "trace",
+    "trace_gn",
+    "trace_ratio",
+    "norm_W1",
+    "norm_b1",
+    "norm_gamma",
+    "norm_W2",
+)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Metric histories of the runs of one `ExperimentSpec` (one row per seed).
+
+    Attributes:
+        spec: The experiment.
+        seeds: One seed per run.
+        epochs: The epochs at which metrics were recorded.
+        metrics: Metric name -> list (one per seed) of lists (one per recorded epoch). Names:
+            ``train_loss``, ``test_accuracy`` (zero-one, sign(f) against y; f = 0 is wrong),
+            ``test_mse``, ``trace`` (exact Hessian trace of the training loss, closed form),
+            ``trace_gn`` (its Gauss-Newton part, equal to the trace at interpolation),
+            ``trace_ratio`` (trace / `lower_bound`, NaN where no bound is known),
+            ``norm_W1``, ``norm_b1``, ``norm_gamma``, ``norm_W2`` (Frobenius norms).
+        lower_bound: Known lower bound of the trace over interpolators, per seed (NaN if none).
+        wall_time_s: Seconds spent training (summed over resumed segments).
+        steps: Optimizer steps taken by every run.
+        params: Final parameters, stacked over runs (``W1 (R, m, d)``, ``b1``, ``gamma``,
+            ``W2 (R, m)``); not part of `to_dict`.
+    """
+
+    spec: ExperimentSpec
+    seeds: tuple[int, ...]
+    epochs: tuple[int, ...]
+    metrics: dict[str, list[list[float]]]
+    lower_bound: tuple[float, ...]
+    wall_time_s: float
+    steps: int
+    params: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)
+
+    def final(self, name: str) -> list[float]:
+        """The last recorded value of a metric, per seed."""
+        return [row[-1] for row in self.metrics[name]]
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict (``from_dict`` inverts it)."""
+        return {
+            "spec": self.spec.to_dict(),
+            "seeds": list(self.seeds),
+            "epochs": list(self.epochs),
+            "metrics": self.metrics,
+            "lower_bound": list(self.lower_bound),
+            "wall_time_s": self.wall_time_s,
+            "steps": self.steps,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunResult:
+        """Inverse of `to_dict`."""
+        return cls(
+            spec=ExperimentSpec.from_dict(data["spec"]),
+            seeds=tuple(data["seeds"]),
+            epochs=tuple(data["epochs"]),
+            metrics=data["metrics"],
+            lower_bound=tuple(data["lower_bound"]),
+            wall_time_s=data["wall_time_s"],
+            steps=data["steps"],
+        )
+
+
+def _sample_inputs(spec: ExperimentSpec, count: int, g: torch.Generator, dtype) -> Tensor:
+    if spec.data == "xor_cube":
+        return torch.randint(0, 2, (count, spec.d), generator=g).to(dtype) * 2 - 1
+    direction = torch.randn(count, spec.d, generator=g, dtype=dtype)
+    direction = direction / direction.norm(dim=1, keepdim=True)
+    radius = math.sqrt(spec.d) * torch.rand(count, 1, generator=g, dtype=dtype) ** (1 / spec.d)
+    return direction * radius
+
+
+def _labels(spec: ExperimentSpec, X: Tensor) -> Tensor:
+    if spec.data == "xor_cube":
+        return X[:, 0] * X[:, 1]
+    return X[:, 0].abs() - X[:, 1].abs()
+
+
+def lower_bound(spec: ExperimentSpec, X: Tensor, Y: Tensor) -> float:
+    r"""The known lower bound of the Hessian trace over interpolators of one training set.
+
+    * ``bias`` (MSE): $\frac4n \sum_i \sqrt{\lVert x_i\rVert^2 + 1}\,|y_i|$
+      ($4\sqrt{d+1}$ on the cube) — Wen, Li & Ma (2023), Section 4.
+    * ``simplified_ln`` (MSE): $\frac2n \sum_i y_i^2$ (2 on the cube, for
+      $\varepsilon < \sqrt{d+1}$) — Theorem 5.1.
+    * otherwise NaN (no closed-form bound is used).
+    """
+    if spec.loss != "mse":
+        return math.nan
+    if spec.arch == "bias":
+        return float(4 * ((X.square().sum(1) + 1).sqrt() * Y.abs()).mean())
+    if spec.arch == "simplified_ln":
+        return float(2 * Y.square().mean())
+    return math.nan
+
+
+def make_runs(spec: ExperimentSpec, seeds: Sequence[int], device: str | torch.device = "cpu"):
+    """Data, initial parameters and generators of the runs (one per seed).
+
+    Returns:
+        ``(data, params, generators)``: ``data = (X, Y, X_test, Y_test)`` stacked over runs,
+        ``params`` the stacked parameter dict ``W1 (R, m, d)``, ``b1``, ``gamma``, ``W2``
+        ``(R, m)``, and the per-run generators (on the CPU) positioned after initialization.
+    """
+    from sharpgen.models import two_layer_relu
+
+    dtype = getattr(torch, spec.dtype)
+    data, params, gens = [], [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        X = _sample_inputs(spec, spec.n, g, dtype)
+        Xt = _sample_inputs(spec, spec.test_size, g, dtype)
+        data.append((X, _labels(spec, X), Xt, _labels(spec, Xt)))
+        net = two_layer_relu(
+            spec.d,
+            spec.width,
+            bias=spec.arch != "no_bias",
+            norm=spec.arch if spec.arch.startswith("simplified") else None,
+            init_scale=spec.init_scale,
+            first_layer_init_scale=spec.first_layer_init_scale,
+            eps=spec.eps,
+            generator=g,
+            dtype=dtype,
+        )
+        p = {k: v.detach().clone() for k, v in net.named_parameters()}
+        p.setdefault("b1", torch.zeros(spec.width, dtype=dtype))
+        p["gamma"] = torch.full((spec.width,), float(spec.gamma_init), dtype=dtype)
+        params.append(p)
+        gens.append(g)
+    stacked = tuple(torch.stack([run[i] for run in data]).to(device) for i in range(4))
+    P = {k: torch.stack([p[k] for p in params]).to(device) for k in ("W1", "b1", "gamma", "W2")}
+    return stacked, P, gens
+
+
+def _epoch_indices(spec: ExperimentSpec, gens: list[torch.Generator]) -> Tensor:
+    """Example indices of one epoch for every run, shape ``(R, steps, batch)``."""
+    n, B, S = spec.n, spec.batch_size, spec.steps_per_epoch
+    rows = []
+    for g in gens:
+        if spec.batch_size == n:
+            idx = torch.arange(n)
+        elif spec.sampling == "uniform":
+            idx = torch.randint(0, n, (S * B,), generator=g)
+        else:
+            idx = torch.randperm(n, generator=g)
+        rows.append(idx.reshape(S, B))
+    return torch.stack(rows)
+
+
+def _phase_at(spec: ExperimentSpec, epoch: int):
+    start = 0
+    for phase in spec.phases:
+        if epoch < start + phase.epochs:
+            return phase
+        start += phase.epochs
+    return spec.phases[-1]
+
+
+def _record(spec, P, data, bounds, history) -> None:
+    X, Y, Xt, Yt = data
+    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
+    idx = torch.arange(spec.n, device=X.device).expand(X.shape[0], -1)
+    train_loss, _ = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
+    ft = forward(P, spec.arch, Xt, train_X=X, eps=spec.eps)
+    acc = (torch.sign(ft) == Yt.sign()).to(X.dtype).mean(1)
+    if spec.data != "xor_cube":
+        acc = torch.full_like(acc, math.nan)
+    mse = (ft - Yt).square().mean(1)
+    trace, gn = trace_terms(P, spec.arch, X, Y, **kw)
+    names = trainable_names(spec.arch)
+    values = {
+        "train_loss": train_loss,
+        "test_accuracy": acc,
+        "test_mse": mse,
+        "trace": trace,
+        "trace_gn": gn,
+        "trace_ratio": trace / bounds,
+    }
+    for k in ("W1", "b1", "gamma", "W2"):
+        norm = P[k].flatten(1).norm(dim=1)
+        values[f"norm_{k}"] = norm if k in names else torch.full_like(norm, math.nan)
+    for k in history:
+        history[k].append(values[k].double().cpu().tolist())
+
+
+def _sam_step(spec, P, X, Y, idx, lr: float, rho: float, names) -> None:
+    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
+    if spec.method == "sgd" or rho == 0:
+        _, g = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
+    else:
+        _, g = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
+        sq = sum(g[k].flatten(1).square().sum(1) for k in names)
+        norm = sq.sqrt()
+        scale = torch.where(norm > 0, rho / torch.where(norm > 0, norm, 1.0), 0.0)
+        Q = dict(P)
+        for k in names:
+            Q[k] = P[k] + scale.view(-1, *([1] * (P[k].ndim - 1))) * g[k]
+        _, g = loss_and_grad(Q, spec.arch, X, Y, idx, **kw)
+    wd = spec.weight_decay if spec.method == "sgd" else 0.0
+    for k in names:
+        if wd:
+            P[k].sub_(lr * (g[k] + wd * P[k]))
+        else:
+            P[k].sub_(lr * g[k])
+    if spec.method == "projected_sam1":
+        _project(spec, P)
+
+
+def _fast_path(spec: ExperimentSpec) -> bool:
+    return spec.method != "sgd" and spec.batch_size == 1 and spec.arch != "simplified_bn"
+
+
+def _fast_epoch(spec, P, X, Y, indices, lr: float, rho: float) -> None:
+    """One epoch of batch-1 (projected) 1-SAM with the rank-one closed form."""
+    rows = torch.arange(X.shape[0], device=X.device)[:, None]
+    idx = indices[:, :, 0]
+    Xe, Ye = X[rows, idx], Y[rows, idx]
+    xx = Xe.square().sum(-1) + (0.0 if spec.arch == "no_bias" else 1.0)
+    W1, b1, W2 = P["W1"], P["b1"], P["W2"]
+    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
+    project = spec.method == "projected_sam1"
+    for t in range(idx.shape[1]):
+        sam1_relu_step(
+            W1, b1, W2, Xe[:, t], Ye[:, t], xx[:, t], arch=spec.arch, lr=lr, rho=rho, **kw
+        )
+        if project:
+            _project(spec, P)
+
+
+def _project(spec, P) -> None:
+    norm = (P["W1"].flatten(1).square().sum(1) + P["b1"].square().sum(1)).sqrt()
+    factor = torch.clamp(spec.projection_radius / norm.clamp_min(1e-300), max=1.0)
+    P["W1"].mul_(factor.view(-1, 1, 1))
+    P["b1"].mul_(factor.view(-1, 1))
+
+
+def train(
+    spec: ExperimentSpec,
+    seeds: Sequence[int],
+    *,
+    device: str | torch.device = "cpu",
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every_s: float = 30.0,
+    progress: Callable[[int], None] | None = None,
+    stop_after_epochs: int | None = None,
+) -> RunResult:
+    r"""Train every seed's run of ``spec`` together, batched along a leading run dimension.
+
+    Args:
+        spec: The experiment.
+        seeds: One run per seed (distinct integers).
+        device: Where to train (``"cpu"`` or ``"cuda"``).
+        checkpoint: File to write checkpoints to (atomically, at epoch boundaries, at most
+            every ``checkpoint_every_s`` seconds and at the end).
+        resume: Continue from ``checkpoint`` if it exists; the result is then bitwise
+            identical to an uninterrupted run.
+        checkpoint_every_s: Minimum seconds between checkpoints.
+        progress: Called with the number of epochs just completed (e.g. ``tqdm.update``).
+        stop_after_epochs: Stop (after checkpointing) once this many epochs are done in
+            total; for tests and time-sliced jobs.
+
+    Returns:
+        A `RunResult`.
+
+    Raises:
+        ValueError: For empty or repeated seeds, or a checkpoint of a different experiment.
+        FloatingPointError: If a run's parameters become non-finite (divergence).
+
+    Example:
+        >>> from sharpgen.experiments import ExperimentSpec, Phase, train
+        >>> spec = ExperimentSpec("tiny", "no_bias", "sam1", (Phase(2, 0.05, 0.05),),
+        ...                       d=4, n=8, width=16, test_size=16, eval_every=1)
+        >>> result = train(spec, seeds=[0, 1])
+        >>> result.epochs, len(result.metrics["trace"])
+        ((0, 1, 2), 2)
+    """
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds!r} must be a non-empty sequence of distinct integers")
+    names = trainable_names(spec.arch)
+    state = None
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint)
+        if state["spec"] != spec.to_dict() or tuple(state["seeds"]) != seeds:
+            raise ValueError(
+                f"checkpoint {checkpoint} belongs to a different experiment or seeds; "
+                "delete it or run without resume"
+            )
+    if state is None:
+        data, P, gens = make_runs(spec, seeds, device)
+        X, Y = data[0], data[1]
+        bounds_list = [lower_bound(spec, X[r].cpu(), Y[r].cpu()) for r in range(len(seeds))]
+        history = {k: [] for k in METRICS}
+        epochs: list[int] = []
+        epoch, wall = 0, 0.0
+        bounds = torch.tensor(bounds_list, dtype=X.dtype, device=device)
+        _record(spec, P, data, bounds, history)
+        epochs.append(0)
+    else:
+        data = tuple(t.to(device) for t in state["data"])
+        P = {k: v.to(device) for k, v in state["params"].items()}
+        gens = []
+        for s in state["generators"]:
+            g = torch.Generator()
+            g.set_state(s)
+            gens.append(g)
+        history, epochs = state["history"], state["epochs"]
+        epoch, wall = state["epoch"], state["wall_time_s"]
+        bounds_list = state["lower_bound"]
+        bounds = torch.tensor(bounds_list, dtype=data[0].dtype, device=device)
+    X, Y = data[0], data[1]
+
+    def snapshot():
+        return {
+            "spec": spec.to_dict(),
+            "seeds": list(seeds),
+            "epoch": epoch,
+            "params": {k: v.cpu() for k, v in P.items()},
+            "generators": [g.get_state() for g in gens],
+            "data": [t.cpu() for t in data],
+            "history": history,
+            "epochs": epochs,
+            "lower_bound": bounds_list,
+            "wall_time_s": wall,
+        }
+
+    last_save = time.monotonic()
+    total = spec.epochs if stop_after_epochs is None else min(spec.epochs, stop_after_epochs)
+    started = time.perf_counter()
+    with torch.no_grad():
+        while epoch < total:
+            phase = _phase_at(spec, epoch)
+            lr, rho = float(phase.lr), float(phase.rho)
+            indices = _epoch_indices(spec, gens).to(device)
+            if _fast_path(spec):
+                _fast_epoch(spec, P, X, Y, indices, lr, rho)
+            else:
+                for t in range(indices.shape[1]):
+                    _sam_step(spec, P, X, Y, indices[:, t], lr, rho, names)
+            epoch += 1
+            if epoch % spec.eval_every == 0 or epoch == spec.epochs:
+                if not all(bool(torch.isfinite(v).all()) for v in P.values()):
+                    raise FloatingPointError(
+                        f"{spec.name}: parameters became non-finite by epoch {epoch} "
+                        f"(lr={lr}, rho={rho}); the run diverged, lower the learning rate"
+                    )
+                _record(spec, P, data, bounds, history)
+                epochs.append(epoch)
+            if progress is not None:
+                progress(1)
+            if checkpoint is not None and (
+                time.monotonic() - last_save >= checkpoint_every_s or epoch == total
+            ):
+                wall_now = wall + time.perf_counter() - started
+                state_now = snapshot()
+                state_now["wall_time_s"] = wall_now
+                save_checkpoint(state_now, checkpoint)
+                last_save = time.monotonic()
+    wall += time.perf_counter() - started
+    return RunResult(
+        spec=spec,
+        seeds=seeds,
+        epochs=tuple(epochs),
+        metrics={k: [list(row) for row in zip(*v, strict=False)] for k, v in history.items()},
+        lower_bound=tuple(bounds_list),
+        wall_time_s=wall,
+        steps=epoch * spec.steps_per_epoch,
+        params={k: v.detach().cpu() for k, v in P.items()},
+    )
