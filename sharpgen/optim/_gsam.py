@@ -190,11 +190,15 @@ class GSAM(SAM):
                         g = torch.zeros_like(gp)
                     entries.append((p, group["alpha"], g, gp))
         device = entries[0][3].device
-        inner = torch.stack([torch.sum(g * gp).to(device) for _, _, g, gp in entries]).sum()
-        gp_sq = torch.stack([torch.sum(gp * gp).to(device) for _, _, _, gp in entries]).sum()
+        inner = torch.stack(
+            [torch.dot(g.reshape(-1), gp.reshape(-1)).to(device) for _, _, g, gp in entries]
+        ).sum()
+        gp_sq = torch.stack(
+            [torch.dot(gp.reshape(-1), gp.reshape(-1)).to(device) for _, _, _, gp in entries]
+        ).sum()
         coef = torch.where(gp_sq > 0, inner / gp_sq, torch.zeros_like(inner))
         for p, alpha, g, gp in entries:
-            # g_p - alpha * (g - coef * g_p)
-            g_perp = g - coef.to(gp.device) * gp
-            p.grad = gp - alpha * g_perp
+            # g_p - alpha * (g - coef * g_p) = (1 + alpha * coef) * g_p - alpha * g, in place
+            gp.mul_(1.0 + alpha * coef.to(gp.device)).add_(g, alpha=-alpha)
+            g0.pop(p, None)
         self._g0 = {}
