@@ -73,9 +73,9 @@ class EigenResult:
 
     Attributes:
         eigenvalues: Ritz values, shape ``(k,)``, ordered by ``which`` (see `lanczos`).
-        eigenvectors: Ritz vectors as unit-norm columns, shape ``(n, k)``. A column can be
-            turned back into a parameter dict with ``torch.func``-style unflattening
-            (the curvature operators provide it).
+        eigenvectors: Ritz vectors as unit-norm columns, shape ``(n, k)``. For a
+            curvature operator ``H``, ``H.unflatten(result.eigenvectors[:, i])`` turns a
+            column back into a parameter dict (`sharpgen.unflatten_params` does the same).
         residuals: Residual norms $\|A x_i - \theta_i x_i\|$, shape ``(k,)``. For
             symmetric $A$ each $\theta_i$ is within ``residuals[i]`` of an eigenvalue
             of $A$.
