@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import time
@@ -88,15 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue every experiment from its checkpoint in DIR/checkpoints if present",
     )
-    rep.add_argument("--list", action="store_true", help="list the presets and exit")
-    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep.add_argument(
-        "--threads",
+        "--jobs",
         type=int,
         default=None,
-        metavar="T",
-        help="torch CPU threads (default: torch's choice)",
+        metavar="J",
+        help="experiments trained at once in separate processes on the CPU "
+        "(default: min(2, number of CPUs))",
     )
+    rep.add_argument("--list", action="store_true", help="list the presets and exit")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     mea = sub.add_parser(
         "measure",
         help="traces and test errors of the paper's flattest constructions",
@@ -135,8 +137,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         get_preset,
         markdown_report,
         plot_results,
+        run_experiments,
         save_results,
-        train,
     )
 
     if args.list:
@@ -157,44 +159,37 @@ def _reproduce(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
-    progress_cls = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        progress_cls = tqdm
-    results = []
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     start = time.perf_counter()
-    for spec in specs:
-        bar = None
-        if progress_cls is not None:
-            bar = progress_cls(total=spec.epochs, desc=spec.name, unit="ep", leave=True)
-        try:
-            res = train(
-                spec,
-                seeds,
-                device=args.device,
-                checkpoint=out / "checkpoints" / f"{spec.name}.pt",
-                resume=args.resume,
-                progress=bar.update if bar is not None else None,
-            )
-        except FloatingPointError as exc:
-            print(f"sharpgen reproduce: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            if bar is not None:
-                bar.close()
-        results.append(res)
-        save_results(results, out / "results.json")
+    done = []
+
+    def keep(res):
+        done.append(res)
+        save_results(done, out / "results.json")
+
+    try:
+        results = run_experiments(
+            specs,
+            seeds,
+            device=args.device,
+            checkpoint_dir=out / "checkpoints",
+            resume=args.resume,
+            jobs=jobs,
+            progress=not args.no_progress,
+            on_result=keep,
+        )
+    except FloatingPointError as exc:
+        print(f"sharpgen reproduce: {exc}", file=sys.stderr)
+        return 1
+    save_results(results, out / "results.json")
     plot_results(results, out / "table1.png")
     report = markdown_report(results, title=f"sharpgen reproduce --preset {' '.join(args.preset)}")
     report += (
         f"\nTotal wall time: {time.perf_counter() - start:.1f} s on {args.device} "
-        f"({torch.get_num_threads()} threads), {len(seeds)} seeds.\n\n![plots](table1.png)\n"
+        f"({jobs} parallel job(s)), {len(seeds)} seeds.\n\n![plots](table1.png)\n"
     )
     (out / "report.md").write_text(report)
     print(report)

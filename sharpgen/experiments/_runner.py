@@ -1,0 +1,137 @@
+"""Run several experiments, in parallel worker processes, with progress bars and checkpoints."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from sharpgen.experiments._spec import ExperimentSpec
+from sharpgen.experiments._trainer import RunResult, train
+
+__all__ = ["run_experiments"]
+
+
+def _worker(spec_dict, seeds, device, checkpoint, resume, threads, progress_queue):
+    torch.set_num_threads(threads)
+    spec = ExperimentSpec.from_dict(spec_dict)
+
+    def progress(k: int) -> None:
+        progress_queue.put((spec.name, k))
+
+    result = train(
+        spec, seeds, device=device, checkpoint=checkpoint, resume=resume, progress=progress
+    )
+    return result.to_dict()
+
+
+def run_experiments(
+    specs: Sequence[ExperimentSpec],
+    seeds: Sequence[int],
+    *,
+    device: str = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    jobs: int = 1,
+    progress: bool = True,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
+    """Train every experiment (each with all seeds batched) and return results in order.
+
+    Args:
+        specs: The experiments.
+        seeds: Seeds, one run per seed in every experiment.
+        device: ``"cpu"`` or ``"cuda"``.
+        checkpoint_dir: Directory for one checkpoint per experiment (``<name>.pt``).
+        resume: Continue from existing checkpoints.
+        jobs: Experiments trained at the same time in separate processes (CPU only; each
+            gets ``max(1, cpu_count // jobs)`` threads). ``jobs=1`` trains in this process.
+        progress: Show tqdm progress bars (one per experiment, in epochs).
+        on_result: Called with each result as soon as it is complete.
+
+    Returns:
+        One `RunResult` per experiment, in the order of ``specs``.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be >= 1")
+    bars = {}
+    if progress:
+        from tqdm.auto import tqdm
+
+        for i, spec in enumerate(specs):
+            bars[spec.name] = tqdm(
+                total=spec.epochs, desc=spec.name, unit="ep", position=i, leave=True
+            )
+
+    def ckpt(spec):
+        return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{spec.name}.pt"
+
+    results: dict[str, RunResult] = {}
+    try:
+        if jobs == 1 or device != "cpu" or len(specs) == 1:
+            for spec in specs:
+                bar = bars.get(spec.name)
+                res = train(
+                    spec,
+                    seeds,
+                    device=device,
+                    checkpoint=ckpt(spec),
+                    resume=resume,
+                    progress=bar.update if bar is not None else None,
+                )
+                results[spec.name] = res
+                if on_result is not None:
+                    on_result(res)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            ctx = multiprocessing.get_context("spawn")
+            manager = ctx.Manager()
+            q = manager.Queue()
+            # the longest experiments first, so the pool ends together
+            order = sorted(specs, key=lambda s: -s.epochs * s.steps_per_epoch * _cost(s))
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                futures = {
+                    pool.submit(
+                        _worker, s.to_dict(), list(seeds), device, ckpt(s), resume, threads, q
+                    ): s
+                    for s in order
+                }
+                pending = set(futures)
+                while pending:
+                    try:
+                        name, k = q.get(timeout=0.2)
+                        if name in bars:
+                            bars[name].update(k)
+                    except queue.Empty:
+                        pass
+                    for fut in [f for f in pending if f.done()]:
+                        pending.discard(fut)
+                        res = RunResult.from_dict(fut.result())
+                        results[res.spec.name] = res
+                        if on_result is not None:
+                            on_result(res)
+                while True:  # drain the last progress messages
+                    try:
+                        name, k = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if name in bars:
+                        bars[name].update(k)
+            manager.shutdown()
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return [results[s.name] for s in specs]
+
+
+def _cost(spec: ExperimentSpec) -> float:
+    """Rough relative cost of one step (Sim-BN touches the whole training set)."""
+    per = spec.width * spec.d * spec.batch_size
+    if spec.arch == "simplified_bn":
+        per = spec.width * spec.d * spec.n * 4
+    return float(per + 20_000)
