@@ -48,12 +48,18 @@ def _mse(out, y):
 
 MEASURES = {
     "trace_exact": lambda m, f, d, g: hessian_trace(m, f, d, method="exact", generator=g),
-    "trace_xtrace": lambda m, f, d, g: hessian_trace(m, f, d, method="xtrace", num_matvecs=8, generator=g),
-    "trace_hutchpp": lambda m, f, d, g: hessian_trace(m, f, d, method="hutchpp", num_matvecs=9, generator=g),
+    "trace_xtrace": lambda m, f, d, g: hessian_trace(
+        m, f, d, method="xtrace", num_matvecs=8, generator=g
+    ),
+    "trace_hutchpp": lambda m, f, d, g: hessian_trace(
+        m, f, d, method="hutchpp", num_matvecs=9, generator=g
+    ),
     "eigen": lambda m, f, d, g: top_eigenvalues(m, f, d, k=2, generator=g),
     "density": lambda m, f, d, g: spectral_density(m, f, d, num_probes=3, num_steps=5, generator=g),
     "sam": lambda m, f, d, g: sam_sharpness(m, f, d, 0.1, steps=3, restarts=2, generator=g),
-    "sam_m": lambda m, f, d, g: sam_sharpness(m, f, d, 0.1, steps=2, m=5, restarts=1, norm="linf", generator=g),
+    "sam_m": lambda m, f, d, g: sam_sharpness(
+        m, f, d, 0.1, steps=2, m=5, restarts=1, norm="linf", generator=g
+    ),
     "average": lambda m, f, d, g: average_sharpness(m, f, d, 0.1, num_samples=4, generator=g),
 }  # fmt: skip
 
