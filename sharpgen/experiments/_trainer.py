@@ -358,6 +358,7 @@ def train(
     last_save = time.monotonic()
     total = spec.epochs if stop_after_epochs is None else min(spec.epochs, stop_after_epochs)
     started = time.perf_counter()
+    first_epoch, final_wall = epoch, None
     with torch.no_grad():
         while epoch < total:
             phase = _phase_at(spec, epoch)
@@ -387,7 +388,12 @@ def train(
                 state_now["wall_time_s"] = wall_now
                 save_checkpoint(state_now, checkpoint)
                 last_save = time.monotonic()
-    wall += time.perf_counter() - started
+                if epoch == total:
+                    final_wall = wall_now
+    if final_wall is not None:
+        wall = final_wall
+    elif epoch > first_epoch:
+        wall += time.perf_counter() - started
     return RunResult(
         spec=spec,
         seeds=seeds,

@@ -1,0 +1,105 @@
+"""The `sharpgen` command line on the few-second `tiny` presets."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sharpgen.cli import main
+from sharpgen.experiments import get_preset, load_results, preset_names, run_experiments
+
+FAST = ["tiny-no-bias-sam1", "tiny-bias-sam1", "tiny-bias-sgd"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    yield
+
+
+def test_reproduce_writes_results_plots_and_a_report_that_matches_them(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["reproduce", "--preset", *FAST, "--seeds", "2", "--out", str(out), "--no-progress"]
+    assert main([*args, "--jobs", "1"]) == 0
+    printed = capsys.readouterr().out
+    results = load_results(out / "results.json")
+    assert [r.spec.name for r in results] == FAST
+    assert all(r.seeds == (0, 1) for r in results)
+    assert (out / "table1.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert report in printed
+    # the Table 1 cell of the no-bias net is the mean over seeds of the final accuracy
+    nb = results[0]
+    mean = statistics.fmean(nb.final("test_accuracy"))
+    row = next(line for line in report.splitlines() if line.startswith("| 2-layer, no bias"))
+    assert f"{mean:.3f} ±" in row
+    # bias row compares with the no-bias run and with the GD + wd baseline trace
+    bias_row = next(line for line in report.splitlines() if line.startswith("| 2-layer, bias"))
+    assert "below the no-bias net" in bias_row and "GD + wd baseline" in bias_row
+    # --resume from the finished checkpoints reproduces the results exactly, without training
+    before = json.loads((out / "results.json").read_text())
+    assert main([*args, "--jobs", "1", "--resume"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    for a, b in zip(before, after, strict=True):
+        assert json.dumps(a["metrics"]) == json.dumps(b["metrics"])
+        assert b["wall_time_s"] == a["wall_time_s"]  # nothing was trained again
+
+
+def test_unknown_preset_lists_the_valid_ones(tmp_path, capsys):
+    assert main(["reproduce", "--preset", "paper-fig99", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'paper-fig99'" in err
+    for name in ("quick", "paper", "paper-fig1b", "paper-fig4b", "quick-sim-bn-sam"):
+        assert name in err
+
+
+def test_bad_seeds_and_missing_cuda_are_usage_errors(tmp_path, capsys):
+    assert main(["reproduce", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "--seeds 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["reproduce", "--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "--device cpu" in capsys.readouterr().err
+
+
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for phrase in ("--preset", "--seeds", "--device", "--out", "--resume", "quick", "Table 1"):
+        assert phrase in text
+    assert main([]) == 0
+    top = capsys.readouterr().out
+    assert "reproduce" in top and "measure" in top and "examples:" in top
+
+
+def test_list_shows_every_preset(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    text = capsys.readouterr().out
+    for name in preset_names():
+        assert name in text
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sharpgen", "reproduce", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "paper-fig1b" in proc.stdout
+
+
+def test_parallel_jobs_give_the_same_results_as_one_process():
+    specs = get_preset("tiny-bias-sam1", "tiny-no-bias-sam1")
+    serial = run_experiments(specs, [0], jobs=1, progress=False)
+    parallel = run_experiments(specs, [0], jobs=2, progress=False)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.spec == b.spec
+        assert json.dumps(a.metrics) == json.dumps(b.metrics)
