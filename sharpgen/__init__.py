@@ -57,7 +57,19 @@ from sharpgen.optim import (
     perturbed,
     sam_gradient,
 )
-from sharpgen.sharpness import project_perturbation, sam_perturbation
+from sharpgen.sharpness import (
+    AverageSharpnessResult,
+    ModelEigenResult,
+    SharpnessResult,
+    SharpnessTracker,
+    average_sharpness,
+    hessian_trace,
+    project_perturbation,
+    sam_perturbation,
+    sam_sharpness,
+    spectral_density,
+    top_eigenvalues,
+)
 from sharpgen.theory import (
     interpolation_trace,
     memorizer_test_error,
@@ -93,6 +105,15 @@ __all__ = [
     "select_params",
     "preserve_model_state",
     # sharpness measures (sharpgen.sharpness)
+    "hessian_trace",
+    "top_eigenvalues",
+    "spectral_density",
+    "sam_sharpness",
+    "average_sharpness",
+    "SharpnessTracker",
+    "SharpnessResult",
+    "AverageSharpnessResult",
+    "ModelEigenResult",
     "sam_perturbation",
     "project_perturbation",
     # SAM-family optimizers (sharpgen.optim)
