@@ -151,3 +151,89 @@ def test_spectral_density_moments_and_support(h, problem):
         assert abs(dens.moment(j) - truth) <= 4 * sd + 1e-12
     # the extreme nodes find the extreme eigenvalues
     assert float(dens.nodes.max()) == pytest.approx(float(evals[-1]), rel=1e-3)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+class _NoForward(torch.nn.Module):
+    """Fails if evaluated: argument errors must come before any work."""
+
+    def __init__(self, p: int = 6):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(p, dtype=torch.float64))
+
+    def forward(self, x):
+        raise AssertionError("the model was evaluated before the arguments were checked")
+
+
+_DATA = (torch.zeros(4, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"method": "lanczos"}, ValueError,
+         r"unknown method 'lanczos'; valid choices are 'auto', 'exact', 'hutchinson', 'hutchpp', "
+         r"'xtrace'"),
+        ({"method": "hutchpp", "num_matvecs": 2}, ValueError,
+         r"num_matvecs must be an int >= 3, got 2. method='hutchpp' needs at least 3"),
+        ({"method": "xtrace", "num_matvecs": 3}, ValueError, r"num_matvecs must be an int >= 4"),
+        ({"method": "hutchinson", "num_matvecs": 0}, ValueError,
+         r"num_matvecs must be an int >= 1"),
+        ({"method": "exact", "num_matvecs": 5}, ValueError,
+         r"num_matvecs=5 is too small for method='exact', which needs one product per "
+         r"parameter \(6\)"),
+        ({"exact_threshold": 2, "num_matvecs": 3}, ValueError,
+         r"num_matvecs must be >= 4 for method='auto' on 6 parameters"),
+        ({"method": "xtrace", "num_matvecs": 14}, ValueError,
+         r"num_matvecs=14 is too large for XTrace"),
+        ({"num_matvecs": 10, "rtol": 0.1}, ValueError, r"pass at most one of num_matvecs"),
+        ({"rtol": 0.0}, ValueError, r"rtol must be a finite number > 0, got 0.0"),
+        ({"block_size": 0}, ValueError, r"block_size must be an int >= 1"),
+        ({"num_matvecs": 2.5}, TypeError, r"num_matvecs must be an int"),
+        ({"generator": 3}, TypeError, r"generator must be a torch.Generator"),
+    ],
+)  # fmt: skip
+def test_trace_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        hessian_trace(_NoForward(), lambda o, t: o.mean(), _DATA, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"k": 0}, ValueError, r"k must be an int >= 1, got 0"),
+        ({"k": -2}, ValueError, r"k must be an int >= 1"),
+        ({"k": 6}, ValueError,
+         r"k must be smaller than the number of selected parameters p=6, got k=6"),
+        ({"k": 1.0}, TypeError, r"k must be an int"),
+        ({"tol": 0.0}, ValueError, r"tol must be a finite number > 0, got 0.0"),
+        ({"tol": -1e-3}, ValueError, r"tol must be a finite number > 0"),
+        ({"which": "top"}, ValueError,
+         r"unknown which 'top'; valid choices are 'largest', 'smallest', 'both_ends', 'magnitude'"),
+        ({"max_iter": 0}, ValueError, r"max_iter must be an int >= 1"),
+    ],
+)  # fmt: skip
+def test_eigen_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        top_eigenvalues(_NoForward(), lambda o, t: o.mean(), _DATA, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"num_probes": 0}, ValueError, r"num_probes must be an int >= 1, got 0"),
+        ({"num_steps": 0}, ValueError, r"num_steps must be an int >= 1"),
+        ({"distribution": "normal"}, ValueError,
+         r"unknown distribution 'normal'; valid choices are 'rademacher', 'gaussian'"),
+    ],
+)  # fmt: skip
+def test_density_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        spectral_density(_NoForward(), lambda o, t: o.mean(), _DATA, **kwargs)
+
+
+def test_bad_model_and_data_come_from_the_curvature_layer(h):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        hessian_trace("net", h.mse, _DATA)
+    with pytest.raises(ValueError, match="unknown bn|bn must be one of"):
+        hessian_trace(h.make_mlp(0), h.mse, h.regression_data(4), bn="train")
