@@ -23,10 +23,14 @@ class HessianOperator(CurvatureOperator):
       ``create_graph=True``), for models ``torch.func`` cannot trace (custom autograd
       Functions without ``setup_context``, data-dependent Python control flow, ...). One
       pass over the data; per batch one forward/backward plus one backward per column.
-      With ``cache_graph=True`` and one batch the gradient graph is kept between calls
-      (as PyHessian does); it is rebuilt when the model's parameters or buffers change.
     * ``backend="auto"`` (default): ``"func"``, falling back to ``"autograd"`` with a
       ``RuntimeWarning`` on the first product if ``torch.func`` fails.
+
+    With ``cache_graph=True`` and one batch, either backend keeps the gradient graph between
+    calls (as PyHessian does) and each product is one more backward pass
+    (reverse-over-reverse; for ``"func"`` through ``torch.func.vjp`` of ``torch.func.grad``,
+    with ``vmap`` over a block). It is rebuilt when the model's non-selected parameters or
+    buffers change in place, and holds the activations' memory until `clear_cache`.
 
     The vectors are flat: entry order is the order of `params` (see `flatten_params`);
     use `flatten` / `unflatten` to convert.
@@ -45,8 +49,8 @@ class HessianOperator(CurvatureOperator):
         backend: ``"auto"``, ``"func"`` or ``"autograd"``.
         check_deterministic: Evaluate the loss in two passes at construction and raise if
             they differ (augmentation, dropout, shuffling).
-        cache_graph: Keep the double-backward graph of a single batch between products
-            (``backend="autograd"`` only; memory stays allocated until `clear_cache`).
+        cache_graph: Keep the gradient graph of a single batch between products (see
+            above; memory stays allocated until `clear_cache`).
         process_group: ``torch.distributed`` group to all-reduce over (default none).
 
     Raises:

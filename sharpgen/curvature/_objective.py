@@ -326,8 +326,8 @@ class ModelObjective:
             loss = self.batch_loss(p, inputs, targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"the loss on the first batch is {float(loss.detach())}; check the data for NaN/Inf, "
-                    "the model for overflow (try float64) and the parameters."
+                    f"the loss on the first batch is {float(loss.detach())}; check the data for "
+                    "NaN/Inf, the model for overflow (try float64) and the parameters."
                 )
             if not loss.requires_grad:
                 raise ValueError(
@@ -449,8 +449,11 @@ class ModelObjective:
                 ``torch.func.grad``, ``vmap`` over the ``k`` tangents; one pass over the
                 data) or ``"autograd"`` (double backward, one pass over the data, ``k``
                 backward passes per batch).
-            cache: Only for ``backend="autograd"``, one batch and ``params=None``: keep the
-                gradient graph between calls (rebuilt if the model's tensors change).
+            cache: Only for one batch and ``params=None``: keep the gradient graph between
+                calls, so that each product is one more backward pass (reverse-over-reverse;
+                with ``backend="func"`` through ``torch.func.vjp`` of ``torch.func.grad``).
+                The graph is rebuilt when the model's non-selected parameters or buffers
+                change, and holds the activations' memory until `clear_cache`.
 
         Returns:
             Name -> tensor of shape ``(k, *shape)``.
@@ -488,15 +491,15 @@ class ModelObjective:
         V = {n: V[n] for n in p}
         acc = _zeros_like_dict(p, k)
         count = 0
-        use_cache = cache and backend == "autograd" and params is None and self.single_batch
+        use_cache = cache and params is None and self.single_batch
         with self._state():
             others = self._others()
             for inputs, targets in self._iter():
                 n = num_samples(inputs)
-                if backend == "func":
+                if use_cache:
+                    out = self._cached(kind, backend, others, p, V, inputs, targets)
+                elif backend == "func":
                     out = self._func_batch(kind, others, p, V, inputs, targets)
-                elif use_cache:
-                    out = self._cached_autograd(kind, others, p, V, inputs, targets)
                 else:
                     fn = _autograd_hvp if kind == "hvp" else _autograd_ggn
                     out = fn(self, others, p, V, inputs, targets, None)
@@ -531,26 +534,35 @@ class ModelObjective:
         self._func_mode = "rev"
         return out
 
-    def _cached_autograd(
+    def _cached(
         self,
         kind: str,
+        backend: str,
         others: dict[str, Tensor],
         p: dict[str, Tensor],
-        V: Any,
+        V: dict[str, Tensor],
         inputs: Any,
         targets: Any,
     ) -> dict[str, Tensor]:
+        """Products on one batch from a kept gradient graph (rebuilt when the model changes)."""
         tensors = [*others.values(), *self.model.buffers()]
-        key = (kind, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
+        key = (kind, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
         cached = self._graph_cache
-        if cached is None or cached[0] != key:
-            self._graph_cache = None
+        if cached is not None and cached[0] == key:
+            return cached[1](V)
+        self._graph_cache = None
+        if backend == "autograd":
             graph = _build_graph(self, kind, others, p, inputs, targets)
-            self._graph_cache = (key, graph)
+            fn = _autograd_hvp if kind == "hvp" else _autograd_ggn
+
+            def apply(W: dict[str, Tensor]) -> dict[str, Tensor]:
+                return fn(self, others, p, W, inputs, targets, graph)
+
         else:
-            graph = cached[1]
-        fn = _autograd_hvp if kind == "hvp" else _autograd_ggn
-        return fn(self, others, p, V, inputs, targets, graph)
+            apply = _func_cached(self, kind, others, p, inputs, targets)
+        out = apply(V)
+        self._graph_cache = (key, apply)
+        return out
 
     def clear_cache(self) -> None:
         """Drop a cached gradient graph (see ``cache`` in `hvp`)."""
@@ -618,6 +630,39 @@ def _func_ggn(
         return vjp_fn(h_loss(jv))[0]
 
     return _apply_block(one, V)
+
+
+def _func_cached(
+    obj: ModelObjective,
+    kind: str,
+    others: dict[str, Tensor],
+    p: dict[str, Tensor],
+    inputs: Any,
+    targets: Any,
+) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """Reverse-over-reverse through torch.func with the gradient graph kept in a closure."""
+    if kind == "hvp":
+
+        def f(q: dict[str, Tensor]) -> Tensor:
+            return obj.batch_loss(q, inputs, targets, others=others)
+
+        hv = _second_order(f, p, "rev")
+        return lambda V: _apply_block(hv, V)
+
+    def out_fn(q: dict[str, Tensor]) -> Any:
+        return obj._forward(others, q, inputs)
+
+    def loss_of_out(o: Any) -> Tensor:
+        return obj._apply_loss(o, targets)
+
+    outputs, vjp_fn = torch.func.vjp(out_fn, p)
+    h_loss = _second_order(loss_of_out, outputs, "rev")
+
+    def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        _, jv = torch.func.jvp(out_fn, (p,), (v,))
+        return vjp_fn(h_loss(jv))[0]
+
+    return lambda V: _apply_block(one, V)
 
 
 def _build_graph(

@@ -120,3 +120,13 @@ def test_block_matmat_equals_columns(cv):
     V = torch.randn(26, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
     cols = torch.stack([G.matvec(V[:, j]) for j in range(3)], 1)
     _close(G.matmat(V), cols, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_graph(cv, backend):
+    model = cv.make_mlp()
+    x, y = cv.regression_data()
+    G = GGNOperator(model, F.mse_loss, (x, y), backend=backend, cache_graph=True)
+    truth = dense_ggn(model, F.mse_loss, [(x, y)])
+    _close(G.to_dense(), truth)
+    _close(G.to_dense(), truth)

@@ -129,14 +129,16 @@ def test_block_matmat_equals_columns_and_counts(cv):
     assert H.num_matvecs == 10
 
 
-def test_autograd_cache_graph_matches_and_follows_model_changes(cv, state_check):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_graph_matches_and_follows_model_changes(cv, state_check, backend):
     model = cv.make_mlp()
     x, y = cv.regression_data()
     truth = cv.dense_hessian(model, F.mse_loss, [(x, y)], names=["2.weight", "2.bias"])
     H = HessianOperator(
-        model, F.mse_loss, (x, y), ["2.weight", "2.bias"], backend="autograd", cache_graph=True
+        model, F.mse_loss, (x, y), ["2.weight", "2.bias"], backend=backend, cache_graph=True
     )
     _close(H.to_dense(), truth)
+    assert H.objective._graph_cache is not None
     _close(H.to_dense(), truth)  # second use of the cached graph
     with torch.no_grad():  # the non-selected first layer changes: the graph must be rebuilt
         model[0].weight.mul_(2.0)
