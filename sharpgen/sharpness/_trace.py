@@ -153,7 +153,10 @@ def hessian_trace(
     generator = check_generator(generator)
     p = num_selected(model, params)
     if method == "auto":
-        budget = num_matvecs if num_matvecs is not None else max_matvecs
+        if num_matvecs is not None:
+            budget = num_matvecs
+        else:
+            budget = max_matvecs if rtol is not None else p
         method = "exact" if p <= min(exact_threshold, budget) else "xtrace"
         if method == "xtrace" and num_matvecs is not None and num_matvecs < 4:
             raise ValueError(

@@ -40,6 +40,10 @@ def test_auto_is_exact_for_small_models_and_xtrace_above_the_threshold(h, proble
     assert est.method == "xtrace" and est.num_matvecs == 10
     est = hessian_trace(model, h.mse, data, exact_threshold=p - 1, rtol=0.05, generator=h.g(0))
     assert est.method == "xtrace"
+    # without a budget, max_matvecs only caps the rtol loop: still exact
+    assert hessian_trace(model, h.mse, data, max_matvecs=p - 1).method == "exact"
+    est = hessian_trace(model, h.mse, data, rtol=0.05, max_matvecs=p - 1, generator=h.g(0))
+    assert est.method == "xtrace" and est.num_matvecs <= p - 1
 
 
 @pytest.mark.parametrize("method", ["hutchinson", "hutchpp", "xtrace"])
