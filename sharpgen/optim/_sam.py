@@ -532,7 +532,12 @@ class SAM(Optimizer):
             if chosen:
                 per_group.append((group, rho, chosen))
         if not per_group:
-            reason = "rho = 0" if with_grad else "no perturbed parameter has a gradient"
+            if not with_grad:
+                reason = "no parameter has a gradient"
+            elif all(self._group_rho(g) == 0 for g in self.param_groups):
+                reason = "rho = 0"
+            else:
+                reason = "no perturbed parameter has a gradient"
             self._pending = {"grad_norm": None, "reason": reason}
             self._phase = _UNPERTURBED
             return False

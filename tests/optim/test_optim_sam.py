@@ -509,3 +509,33 @@ def test_add_param_group_reaches_the_base_optimizer():
     assert opt.param_groups[1]["rho"] == 0.3 and opt.param_groups[1]["lr"] == 0.1
     with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(1))], "rho": -2.0})
+
+
+def test_reasons_when_nothing_can_be_perturbed():
+    model = make_mlp()
+    x, y = make_data()
+    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.1, lr=0.1,
+              perturb=lambda name, p: name == "2.bias")  # fmt: skip
+    assert not opt.first_step()  # no gradient at all
+    opt.second_step()
+    assert opt.last_step_info.reason == "no parameter has a gradient"
+    model[2].bias.requires_grad_(False)
+    mse(model, x, y).backward()
+    assert not opt.first_step()
+    opt.second_step()
+    assert opt.last_step_info.reason == "no perturbed parameter has a gradient"
+    assert opt.last_step_info.stepped
+
+
+def test_load_a_plain_base_optimizer_state_dict():
+    model = make_mlp()
+    x, y = make_data()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    base.zero_grad()
+    mse(model, x, y).backward()
+    base.step()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.5, momentum=0.9)
+    opt.load_state_dict(base.state_dict())
+    assert opt.param_groups[0]["rho"] == 0.2 and opt.param_groups[0]["lr"] == 0.1
+    assert all("momentum_buffer" in s for s in opt.state.values())
+    assert opt.state is opt.base_optimizer.state
