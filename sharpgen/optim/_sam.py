@@ -479,6 +479,14 @@ class SAM(Optimizer):
         self._reset()
         self._build_selection()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups; keep everything (the base
+        # optimizer shares param_groups and state with this object)
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={self.param_groups[0].get(k)!r}" for k in self._sam_defaults)
         return (

@@ -539,3 +539,22 @@ def test_load_a_plain_base_optimizer_state_dict():
     assert opt.param_groups[0]["rho"] == 0.2 and opt.param_groups[0]["lr"] == 0.1
     assert all("momentum_buffer" in s for s in opt.state.values())
     assert opt.state is opt.base_optimizer.state
+
+
+def test_deepcopy_and_pickle_keep_a_working_optimizer():
+    import pickle
+
+    model = make_mlp()
+    x, y = make_data()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    opt.step(make_closure(model, opt, x, y))
+    model2, opt2 = copy.deepcopy((model, opt))
+    model3, opt3 = pickle.loads(pickle.dumps((model, opt)))
+    for m, o in ((model2, opt2), (model3, opt3)):
+        assert o.param_groups is o.base_optimizer.param_groups and o.state is o.base_optimizer.state
+        assert o.param_groups[0]["params"][0] is m[0].weight
+    opt.step(make_closure(model, opt, x, y))
+    opt2.step(make_closure(model2, opt2, x, y))
+    opt3.step(make_closure(model3, opt3, x, y))
+    for p, q, r in zip(model.parameters(), model2.parameters(), model3.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
