@@ -198,12 +198,22 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace) -> int:
+    from sharpgen.experiments import constructions_table, measure_constructions
+
     try:
-        from sharpgen.experiments._measure import measure_constructions
-    except ImportError as exc:  # the constructions live in sharpgen.models / sharpgen.theory
-        print(f"sharpgen measure: not available yet ({exc})", file=sys.stderr)
-        return 1
-    print(measure_constructions(d=args.d, n=args.n, seed=args.seed, test_size=args.test_size))
+        rows = measure_constructions(d=args.d, n=args.n, seed=args.seed, test_size=args.test_size)
+    except ValueError as exc:
+        print(f"sharpgen measure: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"Flattest interpolators of the paper on xor data (d={args.d}, n={args.n} distinct "
+        f"training points, {args.test_size} fresh test points, seed {args.seed}), float64:\n"
+    )
+    print(constructions_table(rows))
+    print(
+        "\nEqual minimal traces, opposite test errors: with a bias (and with simplified "
+        "LayerNorm) flatness does not decide generalization (Table 1, first column)."
+    )
     return 0
 
 

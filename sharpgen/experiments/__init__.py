@@ -5,6 +5,11 @@ Achieve Better Generalization", arXiv:2307.11007.
 """
 
 from sharpgen.experiments._checkpoint import load_checkpoint, save_checkpoint
+from sharpgen.experiments._measure import (
+    ConstructionRow,
+    constructions_table,
+    measure_constructions,
+)
 from sharpgen.experiments._presets import PRESET_GROUPS, PRESETS, get_preset, preset_names
 from sharpgen.experiments._report import (
     Table1Row,
@@ -40,6 +45,10 @@ __all__ = [
     "plot_results",
     "save_results",
     "load_results",
+    # flattest constructions (sharpgen measure)
+    "measure_constructions",
+    "constructions_table",
+    "ConstructionRow",
     # checkpoints
     "save_checkpoint",
     "load_checkpoint",

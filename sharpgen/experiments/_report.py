@@ -146,7 +146,7 @@ def markdown_report(results: Sequence[RunResult], *, title: str = "sharpgen repr
         if row.sam is None:
             ratio = "–"
         elif math.isnan(row.sam.lower_bound[0]):
-            ratio = f"{_fmt(row.sam.final('trace_gn'), 2)} (no closed-form bound)"
+            ratio = f"{_fmt(row.sam.final('trace_gn'), 2)} (no bound for this loss)"
         else:
             ratio = (
                 f"{_fmt(row.sam.final('trace_gn'), 2)} / {_stats(row.sam.lower_bound)[0]:.2f} = "
@@ -165,9 +165,10 @@ def markdown_report(results: Sequence[RunResult], *, title: str = "sharpgen repr
         "$(1/n)\\sum_i \\ell''(f_i)\\lVert\\nabla_\\theta f(x_i)\\rVert^2$ (the Gauss-Newton "
         "part, Lemma 4.1; for the two ReLU nets without normalization it is the exact trace "
         "everywhere; the exact trace including the residual term is in `results.json` as "
-        "`trace`). Lower bounds: $4\\sqrt{d+1}$-type bound "
-        "$\\frac4n\\sum_i\\sqrt{\\lVert x_i\\rVert^2+1}|y_i|$ for the bias net, 2 for "
-        "simplified LayerNorm. Test accuracy: zero-one, sign(f) against y (f = 0 counts wrong).",
+        "`trace`). Lower bounds (`sharpgen.theory.trace_lower_bound`, on each run's "
+        "training set): $4\\sqrt d$ (no bias), $4\\sqrt{d+1}$ (bias), 4 (simplified "
+        "BatchNorm; an infimum, not attained), 2 (simplified LayerNorm). Test accuracy: "
+        "zero-one, sign(f) against y (f = 0 counts wrong).",
         "",
         "## Experiments",
         "",

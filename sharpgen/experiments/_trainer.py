@@ -31,6 +31,7 @@ from sharpgen.experiments._batched import (
 from sharpgen.experiments._checkpoint import load_checkpoint, save_checkpoint
 from sharpgen.experiments._spec import ExperimentSpec
 from sharpgen.models import two_layer_relu
+from sharpgen.theory import trace_lower_bound
 
 __all__ = ["RunResult", "train", "make_runs", "lower_bound"]
 
@@ -111,19 +112,14 @@ class RunResult:
 def lower_bound(spec: ExperimentSpec, X: Tensor, Y: Tensor) -> float:
     r"""The known lower bound of the Hessian trace over interpolators of one training set.
 
-    * ``bias`` (MSE): $\frac4n \sum_i \sqrt{\lVert x_i\rVert^2 + 1}\,|y_i|$
-      ($4\sqrt{d+1}$ on the cube) — Wen, Li & Ma (2023), Section 4.
-    * ``simplified_ln`` (MSE): $\frac2n \sum_i y_i^2$ (2 on the cube, for
-      $\varepsilon < \sqrt{d+1}$) — Theorem 5.1.
-    * otherwise NaN (no closed-form bound is used).
+    `sharpgen.theory.trace_lower_bound` for the MSE loss (Wen, Li & Ma 2023): on xor data
+    $4\sqrt d$ (no bias), $4\sqrt{d+1}$ (bias), 4 (simplified BatchNorm, an infimum that is
+    not attained) and 2 (simplified LayerNorm); NaN for the logistic loss.
     """
     if spec.loss != "mse":
         return math.nan
-    if spec.arch == "bias":
-        return float(4 * ((X.square().sum(1) + 1).sqrt() * Y.abs()).mean())
-    if spec.arch == "simplified_ln":
-        return float(2 * Y.square().mean())
-    return math.nan
+    eps = spec.eps if spec.arch == "simplified_ln" else None
+    return float(trace_lower_bound(X, Y, spec.arch, eps=eps))
 
 
 def make_runs(spec: ExperimentSpec, seeds: Sequence[int], device: str | torch.device = "cpu"):

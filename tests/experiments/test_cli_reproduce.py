@@ -103,3 +103,24 @@ def test_parallel_jobs_give_the_same_results_as_one_process():
     for a, b in zip(serial, parallel, strict=True):
         assert a.spec == b.spec
         assert json.dumps(a.metrics) == json.dumps(b.metrics)
+
+
+def test_measure_prints_the_constructions_at_their_lower_bounds(capsys):
+    assert main(["measure", "--d", "8", "--n", "20", "--test-size", "300"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 7  # header + six constructions
+    by_kind = {tuple(c.strip() for c in r.split("|")[1:3]): r.split("|") for r in rows[1:]}
+    # bias: memorizer and generalizer both attain 4 sqrt(d + 1), with opposite test errors
+    for kind in ("memorizer", "generalizer"):
+        cells = by_kind[("bias", kind)]
+        assert float(cells[3]) == pytest.approx(4 * 9**0.5, rel=1e-12)
+        assert float(cells[5]) == pytest.approx(1.0, abs=1e-12)
+    assert float(by_kind[("bias", "memorizer")][7]) > 0.8  # unseen points: output 0
+    assert float(by_kind[("bias", "generalizer")][7]) == 0.0
+    assert float(by_kind[("simplified_ln", "memorizer")][3]) == pytest.approx(2.0, abs=1e-12)
+
+
+def test_measure_bad_input_is_a_usage_error(capsys):
+    assert main(["measure", "--n", "0"]) == 2
+    assert "n" in capsys.readouterr().err
