@@ -1,0 +1,211 @@
+"""Worker processes of the distributed tests (launched like torchrun: RANK, WORLD_SIZE, ...).
+
+``python _distributed_worker.py JOB OUTDIR`` with the environment variables ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set. Each rank writes its results to
+``OUTDIR/JOB_w{WORLD_SIZE}_r{RANK}.pt``; the test process compares them with single-process
+values. The problem builders are shared with the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+N_SAMPLES = 11  # not divisible by 2 or 3: uneven shards and DistributedSampler padding
+SAM_BATCH = 8  # global batch of the SAM runs (4 per rank on 2 ranks)
+SAM_STEPS = 20
+
+
+def build_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def build_data(n: int = N_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).sum(dim=1).mean()
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 3) -> list:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def measures(model: nn.Module, data, **kw) -> dict:
+    """The measures compared between the distributed and the single-process runs."""
+    import sharpgen.sharpness as S
+    from sharpgen.curvature import GGNOperator
+
+    out = {}
+    out["trace_exact"] = S.hessian_trace(model, loss_fn, data, method="exact", **kw).value
+    out["trace_hutchinson"] = S.hessian_trace(
+        model, loss_fn, data, method="hutchinson", num_matvecs=8, generator=gen(1), **kw
+    ).value
+    eig = S.top_eigenvalues(model, loss_fn, data, k=1, tol=1e-10, generator=gen(2), **kw)
+    out["lambda_max"] = float(eig.eigenvalues[0])
+    sam = S.sam_sharpness(model, loss_fn, data, rho=0.05, steps=3, **kw)
+    out["sam_sharpness"], out["sam_loss"] = sam.value, sam.loss
+    out["average_sharpness"] = S.average_sharpness(
+        model, loss_fn, data, rho=0.01, num_samples=4, generator=gen(3), **kw
+    ).value
+    G = GGNOperator(model, loss_fn, data, **kw)
+    out["ggn_matvec"] = G.matvec(torch.ones(G.shape[0], dtype=torch.float64))
+    return out
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+def job_measures(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from sharpgen._distributed import shard_indices
+    from sharpgen.curvature import HessianOperator
+    from sharpgen.sharpness import hessian_trace
+
+    x, y = build_data()
+    idx = list(shard_indices(N_SAMPLES))
+    local = batches(x[idx], y[idx])
+    model = build_model()
+    res = {"shard_size": len(idx)}
+    res.update(measures(model, local))  # process_group="auto": the default group
+    # DistributedDataParallel model and a padding DistributedSampler (shuffled)
+    ddp = DistributedDataParallel(build_model())
+    sampler = DistributedSampler(TensorDataset(x, y), shuffle=True, seed=5)
+    loader = DataLoader(TensorDataset(x, y), batch_size=2, sampler=sampler)
+    res["padded_local_samples"] = len(sampler)
+    res["trace_ddp_sampler"] = hessian_trace(ddp, loss_fn, loader, method="exact").value
+    # communication per block product: wrap dist.all_reduce
+    H = HessianOperator(model, loss_fn, local, process_group=dist.group.WORLD)
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        H.matmat(torch.ones(H.shape[0], 4, dtype=torch.float64))
+    finally:
+        dist.all_reduce = original
+    res["allreduce_bytes_per_block"] = calls
+    res["numel"] = H.shape[0]
+    return res
+
+
+def run_sam(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sharpgen._distributed import shard_indices
+    from sharpgen.optim._ddp import ddp_sam_step
+
+    x, y = build_data(SAM_BATCH)
+    idx = list(shard_indices(SAM_BATCH))
+    xr, yr = x[idx], y[idx]
+    out = {}
+    for name, steps in (
+        ("sam_synchronized", SAM_STEPS),
+        ("sam_per_rank", 5),
+        ("gsam_per_rank", 5),
+        ("gsam_synchronized", 5),
+    ):
+        ddp = DistributedDataParallel(build_model())
+        opt = make_optimizer(name, ddp.parameters())
+
+        def closure(ddp=ddp, opt=opt):
+            opt.zero_grad()
+            loss = loss_fn(ddp(xr), yr)
+            loss.backward()
+            return loss
+
+        kind = "synchronized" if name.endswith("synchronized") else "per_rank"
+        for _ in range(steps):
+            ddp_sam_step(ddp, opt, closure, perturbation=kind, check=True)
+        out[name] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    return out
+
+
+def make_optimizer(name: str, params):
+    from sharpgen.optim import GSAM, SAM
+
+    if name.startswith("gsam"):
+        return GSAM(params, torch.optim.SGD, rho_max=0.1, alpha=0.3, lr=0.1, momentum=0.9)
+    return SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+
+
+def run_failures(rank: int, world: int) -> dict:
+    """A rank that stalls (timeout) and a rank that raises (crash) on the others."""
+    import torch.distributed as dist
+
+    from sharpgen.sharpness import hessian_trace
+
+    x, y = build_data()
+    model = build_model()
+    out = {}
+    short = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(5)  # alive but not calling: the others must time out, not hang
+    else:
+        t0 = time.perf_counter()
+        try:
+            hessian_trace(model, loss_fn, (x, y), method="exact", process_group=short)
+            out["timeout_error"] = None
+        except OSError as exc:
+            out["timeout_error"] = f"{type(exc).__name__}: {exc}"
+        out["timeout_seconds"] = time.perf_counter() - t0
+    dist.barrier()
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    t0 = time.perf_counter()
+    try:
+        hessian_trace(model, loss_fn, (x, y), method="exact")
+        out["crash_error"] = None
+    except OSError as exc:
+        out["crash_error"] = f"{type(exc).__name__}: {exc}"
+    out["crash_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    job, outdir = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    path = outdir / f"{job}_w{world}_r{rank}.pt"
+    result: dict = {}
+    try:
+        result["measures"] = job_measures(rank, world)
+        if job == "full":
+            result["sam"] = run_sam(rank, world)
+            torch.save(result, path)  # before the failure scenarios, which break the group
+            result["failures"] = run_failures(rank, world)
+    except BaseException:
+        result["error"] = traceback.format_exc()
+        torch.save(result, path)
+        raise
+    torch.save(result, path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Curvature, sharpness measures and SAM on real torch.distributed processes (gloo, CPU).
+
+Two jobs are launched at once, like ``torchrun`` (environment variables, one OS process per
+rank): 2 ranks (measures, 20 SAM steps and the GSAM variants, then a rank that stalls and a
+rank that raises) and 3 ranks (measures). Every rank writes its results to ``tmp_path``; the
+assertions compare them here with the single-process values on the full data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+_spec = importlib.util.spec_from_file_location(
+    "_distributed_worker", HERE / "_distributed_worker.py"
+)
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+TOL = 1e-6
+LAUNCH_TIMEOUT = 150  # seconds for all processes together; nothing may hang past it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(job: str, world: int, outdir: Path) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE / "_distributed_worker.py"), job, str(outdir)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("distributed")
+    jobs = {
+        ("full", 2): _launch("full", 2, outdir),
+        ("measures", 3): _launch("measures", 3, outdir),
+    }
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    logs, codes = {}, {}
+    for key, procs in jobs.items():
+        for rank, p in enumerate(procs):
+            try:
+                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, _ = p.communicate()
+            logs[(*key, rank)] = out
+            codes[(*key, rank)] = p.returncode
+    results = {}
+    for (job, world, rank), log in logs.items():
+        path = outdir / f"{job}_w{world}_r{rank}.pt"
+        assert path.exists(), f"{job} rank {rank}/{world} wrote nothing:\n{log[-3000:]}"
+        results[(job, world, rank)] = torch.load(path, weights_only=False)
+    return {"results": results, "codes": codes, "logs": logs}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process values on the full dataset (one batch and uneven batches)."""
+    x, y = W.build_data()
+    model = W.build_model()
+    ref = W.measures(model, (x, y), process_group=None)
+    ref_batched = W.measures(model, W.batches(x, y, 4), process_group=None)
+    return ref, ref_batched
+
+
+def _ranks(runs, job, world):
+    return [runs["results"][(job, world, r)] for r in range(world)]
+
+
+@pytest.mark.parametrize(("job", "world"), [("full", 2), ("measures", 3)])
+def test_measures_equal_single_process(runs, reference, job, world):
+    ref, ref_batched = reference
+    per_rank = [r["measures"] for r in _ranks(runs, job, world)]
+    assert sum(m["shard_size"] for m in per_rank) == W.N_SAMPLES
+    assert len({m["shard_size"] for m in per_rank}) == 2  # uneven shards
+    for name in ("trace_exact", "trace_hutchinson", "lambda_max", "sam_sharpness", "sam_loss",
+                 "average_sharpness"):  # fmt: skip
+        # the single-process value does not depend on the batching (sanity of the reference)
+        assert ref[name] == pytest.approx(ref_batched[name], rel=1e-10, abs=1e-12), name
+        for rank, m in enumerate(per_rank):
+            assert m[name] == pytest.approx(ref[name], rel=TOL, abs=TOL), (name, rank)
+            assert m[name] == per_rank[0][name], f"{name} differs between ranks"
+    for m in per_rank:
+        torch.testing.assert_close(m["ggn_matvec"], ref["ggn_matvec"], rtol=TOL, atol=TOL)
+        assert torch.equal(m["ggn_matvec"], per_rank[0]["ggn_matvec"])
+
+
+@pytest.mark.parametrize(("job", "world"), [("full", 2), ("measures", 3)])
+def test_ddp_model_and_padding_distributed_sampler(runs, reference, job, world):
+    ref, _ = reference
+    per_rank = [r["measures"] for r in _ranks(runs, job, world)]
+    # DistributedSampler pads 11 samples to a multiple of the world size (repeats samples) ...
+    assert sum(m["padded_local_samples"] for m in per_rank) > W.N_SAMPLES
+    # ... and the measure counts every sample once: the single-process value
+    for m in per_rank:
+        assert m["trace_ddp_sampler"] == pytest.approx(ref["trace_exact"], rel=TOL, abs=TOL)
+
+
+@pytest.mark.parametrize(("job", "world"), [("full", 2), ("measures", 3)])
+def test_one_allreduce_per_block_product(runs, job, world):
+    for m in (r["measures"] for r in _ranks(runs, job, world)):
+        # one parameter-sized vector per column (k = 4) plus the sample count, float64
+        assert m["allreduce_bytes_per_block"] == [(m["numel"] * 4 + 1) * 8]
+
+
+def _reference_sam(name: str, steps: int) -> dict:
+    """Single-process runs the distributed SAM variants must reproduce."""
+    x, y = W.build_data(W.SAM_BATCH)
+    half = W.SAM_BATCH // 2
+    shards = [(x[:half], y[:half]), (x[half:], y[half:])]
+    model = W.build_model()
+    opt = W.make_optimizer(name, model.parameters())
+    for _ in range(steps):
+        if name.endswith("synchronized"):  # SAM / GSAM on the global batch
+
+            def closure():
+                opt.zero_grad()
+                loss = W.loss_fn(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        else:  # m-SAM with m = per-rank batch: the mean of per-shard (G)SAM gradients
+            for xs, ys in shards:
+
+                def micro(xs=xs, ys=ys):
+                    opt.zero_grad()
+                    loss = W.loss_fn(model(xs), ys) / len(shards)
+                    loss.backward()
+                    return loss
+
+                opt.accumulate(micro)
+            opt.step()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("name", "steps"),
+    [
+        ("sam_synchronized", W.SAM_STEPS),
+        ("sam_per_rank", 5),
+        ("gsam_per_rank", 5),
+        ("gsam_synchronized", 5),
+    ],
+)
+def test_ddp_sam_step_equals_single_process(runs, name, steps):
+    expected = _reference_sam(name, steps)
+    initial = dict(W.build_model().named_parameters())
+    ranks = [r["sam"][name] for r in _ranks(runs, "full", 2)]
+    for params in ranks:
+        for n, p in params.items():
+            torch.testing.assert_close(p, expected[n], rtol=TOL, atol=TOL)
+            assert torch.equal(p, ranks[0][n]), f"{n} differs between ranks"
+            assert not torch.allclose(p, initial[n].detach())  # the runs did move
+
+
+def test_stalled_rank_times_out_with_a_clear_error(runs):
+    out = runs["results"][("full", 2, 0)]["failures"]
+    assert out["timeout_error"] is not None
+    assert out["timeout_error"].startswith("TimeoutError: sharpgen: the collective")
+    assert out["timeout_seconds"] < 15  # the group's 2 s timeout, not a hang
+
+
+def test_raising_rank_makes_the_others_fail_fast(runs):
+    rank1 = runs["results"][("full", 2, 1)]
+    assert "rank 1 fails on purpose" in rank1["error"]
+    assert runs["codes"][("full", 2, 1)] != 0
+    out = runs["results"][("full", 2, 0)]["failures"]
+    assert out["crash_error"] is not None
+    assert out["crash_error"].startswith("ConnectionError: sharpgen: the collective")
+    assert "Another process of the group probably raised" in out["crash_error"]
+    assert out["crash_seconds"] < 15
+    assert runs["codes"][("full", 2, 0)] == 0
+    assert runs["codes"][("measures", 3, 0)] == 0
