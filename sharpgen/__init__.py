@@ -25,6 +25,14 @@ from sharpgen.data import (
     xor_cube,
     xor_labels,
 )
+from sharpgen.experiments import (
+    ExperimentSpec,
+    Phase,
+    RunResult,
+    get_preset,
+    run_experiments,
+    train,
+)
 from sharpgen.linalg import (
     EigenResult,
     LinearOperator,
@@ -151,4 +159,11 @@ __all__ = [
     "path_norm",
     "zero_one_error",
     "memorizer_test_error",
+    # experiments (sharpgen.experiments)
+    "ExperimentSpec",
+    "Phase",
+    "train",
+    "run_experiments",
+    "get_preset",
+    "RunResult",
 ]
