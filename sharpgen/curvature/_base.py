@@ -124,11 +124,12 @@ class CurvatureOperator(LinearOperator):
                 self._backend = "func"
         else:
             out = self._product(block, self._backend)
-        return flatten_params(out, batched=True)
+        return out
 
-    def _product(self, block: dict[str, Tensor], backend: str) -> dict[str, Tensor]:
-        method = self.objective.hvp if self._kind == "hvp" else self.objective.ggn_vp
-        return method(block, backend=backend, cache=self.cache_graph)
+    def _product(self, block: dict[str, Tensor], backend: str) -> Tensor:
+        return self.objective._product(
+            self._kind, block, None, backend, self.cache_graph, flat=True
+        )
 
     def clear_cache(self) -> None:
         """Drop the gradient graph kept by ``cache_graph=True``."""

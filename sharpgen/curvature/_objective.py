@@ -37,7 +37,8 @@ def dataset_reduce(
 ) -> tuple[list[Tensor], int]:
     r"""Turn per-process partial sums into the dataset quantity (the one reduction point).
 
-    Every dataset quantity of `ModelObjective` goes through this function.
+    Every dataset quantity of `ModelObjective` goes through this function. The partial sums
+    are the caller's accumulators and are reduced and divided in place.
 
     Args:
         partials: Per-process sums: $\sum_b n_b q_b$ for ``reduction="mean"``, $\sum_b q_b$
@@ -68,12 +69,23 @@ def dataset_reduce(
             offset += p.numel()
         partials = out
     if reduction == "mean":
-        return [p / count for p in partials], count
+        return [p.div_(count) for p in partials], count
     return list(partials), count
 
 
 def _device_of(partials: list[Tensor]) -> torch.device:
     return partials[0].device if partials else torch.device("cpu")
+
+
+def _block_views(buf: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Views ``(k, *shape)`` into the rows of an ``(n, k)`` buffer, one per entry of like."""
+    k = buf.shape[1]
+    out, offset = {}, 0
+    for name, t in like.items():
+        size = t.numel()
+        out[name] = buf[offset : offset + size].T.view(k, *t.shape)
+        offset += size
+    return out
 
 
 def _zeros_like_dict(d: Mapping[str, Tensor], k: int | None = None) -> dict[str, Tensor]:
@@ -483,13 +495,20 @@ class ModelObjective:
         params: Mapping[str, Tensor] | None,
         backend: str,
         cache: bool,
-    ) -> dict[str, Tensor]:
+        *,
+        flat: bool = False,
+    ) -> Any:
+        """Accumulate per-batch products into one ``(n, k)`` buffer (no extra copies).
+
+        Returns the buffer if ``flat`` else a dict of ``(k, *shape)`` views of it.
+        """
         if backend not in _VALID_BACKENDS:
             raise ValueError(f"backend must be one of {_VALID_BACKENDS}, got {backend!r}.")
         p = self.resolve(params)
         k = self._check_block(V)
         V = {n: V[n] for n in p}
-        acc = _zeros_like_dict(p, k)
+        buf = torch.empty((self.numel, k), dtype=self.dtype, device=self.device)
+        acc = _block_views(buf, p)
         count = 0
         use_cache = cache and params is None and self.single_batch
         with self._state():
@@ -504,12 +523,16 @@ class ModelObjective:
                     fn = _autograd_hvp if kind == "hvp" else _autograd_ggn
                     out = fn(self, others, p, V, inputs, targets, None)
                 w = self._weight(n)
-                for name, t in out.items():
-                    acc[name].add_(t, alpha=w)
+                for name in acc:
+                    if count == 0:
+                        torch.mul(out[name], w, out=acc[name])
+                    else:
+                        acc[name].add_(out[name], alpha=w)
+                del out
                 count += n
         what = "Hessian-vector product" if kind == "hvp" else "GGN-vector product"
-        red = self._finish(list(acc.values()), count, what)
-        return dict(zip(acc, red, strict=True))
+        (buf,) = self._finish([buf], count, what)
+        return buf if flat else _block_views(buf, p)
 
     def _func_batch(
         self,
