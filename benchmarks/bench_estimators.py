@@ -292,6 +292,66 @@ def trace_part(model, X, y, truth, seeds, budgets):
     return rows
 
 
+class Quadratic(nn.Module):
+    """theta -> theta^T A theta / 2: a "model" whose Hessian is exactly A (for PyHessian)."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(A.shape[0]))
+        self.register_buffer("A", A)
+
+    def forward(self, x):
+        return 0.5 * self.theta @ (self.A @ self.theta) + 0.0 * x.sum()
+
+
+def synthetic_trace_part(n, seeds, budgets):
+    """Trace RMSE on dense matrices with decaying spectra; PyHessian runs on a quadratic."""
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    rows = []
+    for label, lam in [("100/i^2", 100 / i**2), ("100/i", 100 / i)]:
+        A = (Q * lam) @ Q.T
+        A = (A + A.T) / 2
+        truth = float(lam.sum())
+        model = Quadratic(A)
+        x, y = torch.zeros(1), torch.zeros(1)
+        for b in budgets:
+            for name, fn in [
+                ("sharpgen hutchinson_trace", hutchinson_trace),
+                ("sharpgen hutchpp_trace", hutchpp_trace),
+                ("sharpgen xtrace", xtrace),
+            ]:
+                vals, times, spent = [], [], []
+                for seed in range(seeds):
+                    r, t = timed(
+                        lambda fn=fn, seed=seed: fn(
+                            A, num_matvecs=b, generator=torch.Generator().manual_seed(seed)
+                        )
+                    )
+                    vals.append(r.value)
+                    times.append(t)
+                    spent.append(r.num_matvecs)
+                rows.append({"spectrum": label, **_trace_row(name, b, vals, times, spent, truth)})
+            from pyhessian import hessian
+
+            ph = hessian(model, lambda out, tgt: out, data=(x, y), cuda=False)
+            vals, times, spent = [], [], []
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                samples, t = timed(lambda: ph.trace(maxIter=b, tol=-1.0))
+                vals.append(float(np.mean(samples)))
+                times.append(t)
+                spent.append(len(samples))
+            rows.append(
+                {
+                    "spectrum": label,
+                    **_trace_row("PyHessian trace (fixed budget)", b, vals, times, spent, truth),
+                }
+            )
+    return rows
+
+
 def _trace_row(name, budget, vals, times, spent, truth):
     v = np.asarray(vals)
     return {
@@ -312,41 +372,59 @@ def main():
     ap.add_argument("--budgets", default="30,99")
     ap.add_argument("--reps", type=int, default=5, help="repetitions per product timing")
     ap.add_argument("--cnn-trace", action="store_true")
+    ap.add_argument(
+        "--parts", default="times,eigen,trace,synthetic", help="comma-separated subset to run"
+    )
+    ap.add_argument("--synthetic-n", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)  # PyHessian draws its probes in the default dtype
     torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
+    parts = set(args.parts.split(","))
     results = {}
-    for name in args.models.split(","):
+    if "synthetic" in parts:
+        rows = synthetic_trace_part(args.synthetic_n, args.trace_seeds, budgets)
+        print(f"\n## synthetic decaying spectra, n = {args.synthetic_n}")
+        for row in rows:
+            print(row, flush=True)
+        results["synthetic"] = rows
+    models = [m for m in args.models.split(",") if m]
+    if not parts & {"times", "eigen", "trace"}:
+        models = []
+    for name in models:
         gen = torch.Generator().manual_seed(0)
         model, X, y = (make_mlp if name == "mlp" else make_cnn)(gen)
         model = train_briefly(model, X, y, 200 if name == "mlp" else 100)
         n = sum(p.numel() for p in model.parameters())
         print(f"\n## {name}: {n} parameters", flush=True)
         H = HessianOperator(model, F.cross_entropy, (X, y))
-        if name == "mlp":
+        if name == "mlp" and parts & {"eigen", "trace"}:
             (D, t) = timed(H.to_dense)
             lam = torch.linalg.eigvalsh((D + D.T) / 2).flip(0)
             trace = float(D.diagonal().sum())
             print(f"dense truth in {t:.0f}s; lambda_1..5 = {lam[:5].tolist()}; trace = {trace}")
+        elif name == "mlp":
+            lam, trace = torch.zeros(5), None
         else:
             r = lanczos(H, 8, tol=1e-10, max_basis=80, generator=torch.Generator().manual_seed(99))
             lam = r.eigenvalues
             trace = None
-            if args.cnn_trace:
+            if args.cnn_trace and "trace" in parts:
                 ref = xtrace(H, num_matvecs=2000, generator=torch.Generator().manual_seed(99))
                 trace = ref.value
                 print(f"CNN trace reference (xtrace, 2000 products): {ref}")
             print(f"lanczos truth converged={r.converged}; lambda_1..5 = {lam[:5].tolist()}")
         res = {"n": n, "lambda": lam[:5].tolist(), "trace": trace}
-        res["per_product_s"] = per_product_times(model, X, y, args.reps)
-        print(json.dumps(res["per_product_s"], indent=1), flush=True)
-        res["eigen"] = eigen_part(model, X, y, lam, args.seeds, [1, 5])
-        for row in res["eigen"]:
-            print(row, flush=True)
-        if trace is not None:
+        if "times" in parts:
+            res["per_product_s"] = per_product_times(model, X, y, args.reps)
+            print(json.dumps(res["per_product_s"], indent=1), flush=True)
+        if "eigen" in parts:
+            res["eigen"] = eigen_part(model, X, y, lam, args.seeds, [1, 5])
+            for row in res["eigen"]:
+                print(row, flush=True)
+        if trace is not None and "trace" in parts:
             res["trace_rows"] = trace_part(model, X, y, trace, args.trace_seeds, budgets)
             for row in res["trace_rows"]:
                 print(row, flush=True)
