@@ -106,8 +106,9 @@ class SAM(Optimizer):
       options); nothing transient is saved, and a resumed run equals an uninterrupted one.
 
     Memory: one copy of the perturbed parameters while perturbed (plus one of the gradients
-    for `GSAM`, and one accumulation buffer for `accumulate`). One device synchronization per
-    step (the gradient norm is checked on the host).
+    for `GSAM`, and one accumulation buffer for `accumulate`). Two device synchronizations
+    per step: the gradient norm at $w$ and the finiteness of the final gradient are checked on
+    the host (that is what makes the skips possible).
 
     Args:
         params: Parameters, named parameters (``model.named_parameters()``, needed by a
@@ -558,7 +559,7 @@ class SAM(Optimizer):
                 norms += list(torch._foreach_norm([p.grad for p in ps]))
         device = norms[0].device
         total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-        total_f = float(total)  # the one host synchronization of the step
+        total_f = float(total)  # host synchronization: decides whether to perturb
         if grad_scale is not None:
             total_f /= grad_scale
         self._pending = {"grad_norm": total_f, "reason": None}
