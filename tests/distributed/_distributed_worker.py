@@ -1,9 +1,11 @@
 """Worker processes of the distributed tests (launched like torchrun: RANK, WORLD_SIZE, ...).
 
-``python _distributed_worker.py JOB OUTDIR`` with the environment variables ``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set. Each rank writes its results to
-``OUTDIR/JOB_w{WORLD_SIZE}_r{RANK}.pt``; the test process compares them with single-process
-values. The problem builders are shared with the tests.
+``python _distributed_worker.py OUTDIR`` with the environment variables ``RANK``,
+``WORLD_SIZE=3``, ``MASTER_ADDR`` and ``MASTER_PORT`` set. All ranks run the measures over the
+default group (3 processes, ``process_group="auto"``); ranks 0 and 1 then run them again over a
+2-process group, train with the SAM variants over it, and finally act out the failure
+scenarios. Each rank writes its results to ``OUTDIR/rank{RANK}.pt``; the test process compares
+them with single-process values. The problem builders are shared with the tests.
 """
 
 from __future__ import annotations
@@ -70,30 +72,36 @@ def measures(model: nn.Module, data, **kw) -> dict:
 
 
 # -- jobs ------------------------------------------------------------------------------------------
-def job_measures(rank: int, world: int) -> dict:
+def job_measures(rank: int, world: int, group) -> dict:
+    """The measures on this rank's shard, over ``group`` (None: the default group, "auto")."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
-    from sharpgen._distributed import shard_indices
+    from sharpgen import shard_indices
     from sharpgen.curvature import HessianOperator
     from sharpgen.sharpness import hessian_trace
 
     x, y = build_data()
-    idx = list(shard_indices(N_SAMPLES))
+    idx = list(shard_indices(N_SAMPLES, rank, world))
     local = batches(x[idx], y[idx])
     model = build_model()
+    kw = {} if group is None else {"process_group": group}
     res = {"shard_size": len(idx)}
-    res.update(measures(model, local))  # process_group="auto": the default group
-    # DistributedDataParallel model and a padding DistributedSampler (shuffled)
-    ddp = DistributedDataParallel(build_model())
-    sampler = DistributedSampler(TensorDataset(x, y), shuffle=True, seed=5)
-    loader = DataLoader(TensorDataset(x, y), batch_size=2, sampler=sampler)
+    res.update(measures(model, local, **kw))
+    # DistributedDataParallel model ("auto" takes its group) and a padding DistributedSampler
+    ddp = DistributedDataParallel(build_model(), process_group=group)
+    dataset = TensorDataset(x, y)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=5)
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler)
     res["padded_local_samples"] = len(sampler)
     res["trace_ddp_sampler"] = hessian_trace(ddp, loss_fn, loader, method="exact").value
     # communication per block product: wrap dist.all_reduce
-    H = HessianOperator(model, loss_fn, local, process_group=dist.group.WORLD)
+    H = HessianOperator(
+        model, loss_fn, local, process_group=group if group is not None else dist.group.WORLD
+    )
+    H.matvec(torch.ones(H.shape[0], dtype=torch.float64))  # the first product checks the probes
     calls = []
     original = dist.all_reduce
 
@@ -111,14 +119,15 @@ def job_measures(rank: int, world: int) -> dict:
     return res
 
 
-def run_sam(rank: int, world: int) -> dict:
+def run_sam(rank: int, pair) -> dict:
+    """The SAM variants on the 2-rank group (DDP over it; "auto" takes the DDP group)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from sharpgen._distributed import shard_indices
-    from sharpgen.optim._ddp import ddp_sam_step
+    from sharpgen import shard_indices
+    from sharpgen.optim import ddp_sam_step
 
     x, y = build_data(SAM_BATCH)
-    idx = list(shard_indices(SAM_BATCH))
+    idx = list(shard_indices(SAM_BATCH, rank, 2))
     xr, yr = x[idx], y[idx]
     out = {}
     for name, steps in (
@@ -127,7 +136,7 @@ def run_sam(rank: int, world: int) -> dict:
         ("gsam_per_rank", 5),
         ("gsam_synchronized", 5),
     ):
-        ddp = DistributedDataParallel(build_model())
+        ddp = DistributedDataParallel(build_model(), process_group=pair)
         opt = make_optimizer(name, ddp.parameters())
 
         def closure(ddp=ddp, opt=opt):
@@ -151,8 +160,8 @@ def make_optimizer(name: str, params):
     return SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
 
 
-def run_failures(rank: int, world: int) -> dict:
-    """A rank that stalls (timeout) and a rank that raises (crash) on the others."""
+def run_failures(rank: int, pair) -> dict:
+    """Rank 1 first does not call (rank 0 times out), then raises (rank 0 fails fast)."""
     import torch.distributed as dist
 
     from sharpgen.sharpness import hessian_trace
@@ -160,10 +169,8 @@ def run_failures(rank: int, world: int) -> dict:
     x, y = build_data()
     model = build_model()
     out = {}
-    short = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
-    if rank == 1:
-        time.sleep(5)  # alive but not calling: the others must time out, not hang
-    else:
+    short = dist.new_group([0, 1], backend="gloo", timeout=timedelta(seconds=2))
+    if rank == 0:  # rank 1 is alive (waiting in the barrier below) but does not call
         t0 = time.perf_counter()
         try:
             hessian_trace(model, loss_fn, (x, y), method="exact", process_group=short)
@@ -174,37 +181,40 @@ def run_failures(rank: int, world: int) -> dict:
     dist.barrier()
     if rank == 1:
         raise ValueError("rank 1 fails on purpose")
-    t0 = time.perf_counter()
-    try:
-        hessian_trace(model, loss_fn, (x, y), method="exact")
-        out["crash_error"] = None
-    except OSError as exc:
-        out["crash_error"] = f"{type(exc).__name__}: {exc}"
-    out["crash_seconds"] = time.perf_counter() - t0
+    if rank == 0:
+        t0 = time.perf_counter()
+        try:
+            hessian_trace(model, loss_fn, (x, y), method="exact", process_group=pair)
+            out["crash_error"] = None
+        except OSError as exc:
+            out["crash_error"] = f"{type(exc).__name__}: {exc}"
+        out["crash_seconds"] = time.perf_counter() - t0
     return out
 
 
 def main() -> None:
-    job, outdir = sys.argv[1], Path(sys.argv[2])
+    outdir = Path(sys.argv[1])
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    path = outdir / f"{job}_w{world}_r{rank}.pt"
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    path = outdir / f"rank{rank}.pt"
     result: dict = {}
     try:
-        result["measures"] = job_measures(rank, world)
-        if job == "full":
-            result["sam"] = run_sam(rank, world)
-            torch.save(result, path)  # before the failure scenarios, which break the group
-            result["failures"] = run_failures(rank, world)
+        result["world"] = job_measures(rank, world, None)  # all ranks, process_group="auto"
+        pair = dist.new_group([0, 1])  # a 2-process group (rank 2 waits)
+        if rank < 2:
+            result["pair"] = job_measures(rank, 2, pair)
+            result["sam"] = run_sam(rank, pair)
+        dist.barrier()
+        torch.save(result, path)  # before the failure scenarios, which break the group
+        result["failures"] = run_failures(rank, pair)
     except BaseException:
         result["error"] = traceback.format_exc()
         torch.save(result, path)
         raise
     torch.save(result, path)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
