@@ -558,3 +558,38 @@ def test_deepcopy_and_pickle_keep_a_working_optimizer():
     opt3.step(make_closure(model3, opt3, x, y))
     for p, q, r in zip(model.parameters(), model2.parameters(), model3.parameters(), strict=True):
         assert torch.equal(p, q) and torch.equal(p, r)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_first_step_matches_sam_perturbation_with_per_group_options(seed):
+    from sharpgen.sharpness import sam_perturbation
+
+    g = torch.Generator().manual_seed(seed)
+    model = make_mlp(seed)
+    x, y = make_data(seed + 10)
+    rho, eta = 0.05 + torch.rand(1, generator=g).item(), 0.1 * torch.rand(1, generator=g).item()
+    norm = ["l2", "linf"][seed % 2]
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = SAM(
+        [{"params": first}, {"params": second, "adaptive": True, "eta": eta}],
+        torch.optim.SGD, rho=rho, lr=0.1, norm=norm,
+    )  # fmt: skip
+    mse(model, x, y).backward()
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # the pure function with the per-group scaling: T = 1 for group 0, |w| + eta for group 1
+    t = {n: (w[n].abs() + eta if n.startswith("2.") else torch.ones_like(w[n])) for n in w}
+    if norm == "l2":
+        tg = torch.cat([(t[n] * grads[n]).reshape(-1) for n in w])
+        expected = {n: rho * t[n] ** 2 * grads[n] / tg.norm() for n in w}
+    else:
+        expected = {n: rho * t[n] * grads[n].sign() for n in w}
+    names0 = ["0.weight", "0.bias"]
+    single = sam_perturbation({n: grads[n] for n in names0}, w, rho, norm=norm)
+    opt.first_step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - w[n], expected[n], rtol=1e-12, atol=1e-15)
+    if norm == "linf":  # group 0 is plain l-inf SAM, the same as the pure function
+        for n in names0:
+            torch.testing.assert_close(expected[n], single[n], rtol=0, atol=0)
+    opt.second_step()
