@@ -7,6 +7,7 @@ building blocks for custom training loops.
 """
 
 from sharpgen.optim._batchnorm import disable_running_stats
+from sharpgen.optim._ddp import ddp_sam_step
 from sharpgen.optim._functional import perturbed, sam_gradient
 from sharpgen.optim._gsam import GSAM
 from sharpgen.optim._sam import SAM, SAMStepInfo
@@ -21,4 +22,6 @@ __all__ = [
     "perturbed",
     # training-loop helpers
     "disable_running_stats",
+    # distributed (DistributedDataParallel / process groups)
+    "ddp_sam_step",
 ]
