@@ -188,3 +188,28 @@ def test_dataset_reduce_weights():
     assert count == 3 and parts[0].item() == 2.0 and parts[1].tolist() == [1.0, 1.0]
     parts, _ = dataset_reduce([torch.tensor(6.0)], 3, "sum")
     assert parts[0].item() == 6.0
+
+
+def test_process_group_hook_single_process(cv, tmp_path):
+    """The all-reduce path with a one-process gloo group equals the local result."""
+    import torch.distributed as dist
+
+    model = cv.make_mlp()
+    x, y = cv.regression_data(n=10)
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    local = ModelObjective(model, F.mse_loss, data)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        group = dist.group.WORLD
+        dist_obj = ModelObjective(model, F.mse_loss, data, process_group=group)
+        assert dist_obj.num_samples == 10
+        assert torch.allclose(dist_obj.loss(), local.loss(), rtol=1e-14)
+        g1, g2 = dist_obj.gradient(), local.gradient()
+        assert all(torch.allclose(g1[n], g2[n], rtol=1e-13) for n in g1)
+        V = {n: torch.ones(2, *p.shape, dtype=DT) for n, p in local.params.items()}
+        h1, h2 = dist_obj.hvp(V), local.hvp(V)
+        assert all(torch.allclose(h1[n], h2[n], rtol=1e-13) for n in h1)
+    finally:
+        dist.destroy_process_group()
