@@ -37,6 +37,7 @@ class CurvatureOperator(LinearOperator):
         backend: str = "auto",
         check_deterministic: bool = False,
         cache_graph: bool = False,
+        max_block: int | None = 16,
         process_group: Any = None,
     ) -> None:
         if backend not in VALID_OPERATOR_BACKENDS:
@@ -47,6 +48,10 @@ class CurvatureOperator(LinearOperator):
             )
         if not isinstance(check_deterministic, bool):
             raise TypeError(f"check_deterministic must be a bool, got {check_deterministic!r}.")
+        if max_block is not None and (not isinstance(max_block, int) or max_block < 1):
+            raise ValueError(
+                f"max_block must be a positive int or None (no limit), got {max_block!r}."
+            )
         if not isinstance(cache_graph, bool):
             raise TypeError(f"cache_graph must be a bool, got {cache_graph!r}.")
         self.objective = ModelObjective(
@@ -63,6 +68,7 @@ class CurvatureOperator(LinearOperator):
         self._requested_backend = backend
         self._backend = backend
         self.cache_graph = cache_graph
+        self.max_block = max_block
         if check_deterministic:
             self.objective.check_deterministic()
 
@@ -103,6 +109,13 @@ class CurvatureOperator(LinearOperator):
 
     # -- products ----------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        step = k if self.max_block is None else self.max_block
+        if k > step:
+            return torch.cat([self._matmat_chunk(V[:, i : i + step]) for i in range(0, k, step)], 1)
+        return self._matmat_chunk(V)
+
+    def _matmat_chunk(self, V: Tensor) -> Tensor:
         block = unflatten_params(V, self.params)
         if self._backend == "auto":
             try:

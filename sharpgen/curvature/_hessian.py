@@ -51,6 +51,9 @@ class HessianOperator(CurvatureOperator):
             they differ (augmentation, dropout, shuffling).
         cache_graph: Keep the gradient graph of a single batch between products (see
             above; memory stays allocated until `clear_cache`).
+        max_block: At most this many columns of a block go through ``vmap`` in one pass
+            over the data (memory grows with it); wider blocks are split. ``None``: no
+            limit.
         process_group: ``torch.distributed`` group to all-reduce over (default none).
 
     Raises:

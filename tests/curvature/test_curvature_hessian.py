@@ -127,6 +127,8 @@ def test_block_matmat_equals_columns_and_counts(cv):
     cols = torch.stack([H.matvec(V[:, j]) for j in range(5)], 1)
     _close(block, cols, rtol=1e-12)
     assert H.num_matvecs == 10
+    chunked = HessianOperator(model, F.cross_entropy, (x, y.softmax(1)), max_block=2)
+    _close(chunked.matmat(V), cols, rtol=1e-12)  # 5 columns in passes of 2, 2, 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
