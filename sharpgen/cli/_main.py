@@ -123,9 +123,16 @@ def _list_presets() -> str:
     lines.append("experiments:")
     for name, spec in PRESETS.items():
         sched = " + ".join(f"{p.epochs} ep (lr {p.lr:g}, rho {p.rho:g})" for p in spec.phases)
+        extra = "".join(
+            [
+                f" depth={spec.depth}" if spec.depth > 2 else "",
+                f" {spec.activation}" if spec.activation != "relu" else "",
+                f" {spec.data}" if spec.data != "xor_cube" else "",
+            ]
+        )
         lines.append(
             f"  {name:22s} {spec.paper:8s} {spec.arch:14s} {spec.method:15s} d={spec.d} "
-            f"n={spec.n} m={spec.width} {sched}"
+            f"n={spec.n} m={spec.width}{extra} {sched}"
         )
     return "\n".join(lines)
 

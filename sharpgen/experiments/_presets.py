@@ -86,6 +86,29 @@ PAPER = (
         for rho in (0.1, 0.5, 1.0)
     ),
     ExperimentSpec(
+        "paper-fig5a",
+        "bias",
+        "sgd",
+        (Phase(_E5, 0.001),),
+        activation="softplus",
+        weight_decay=0.05,
+        eval_every=1000,
+        paper="Fig. 5a",
+        notes=_PAPER_NOTE + " Softplus activation, SGD with batch size 1 and weight decay; "
+        "trained with the autograd backend (slow).",
+    ),
+    ExperimentSpec(
+        "paper-fig5b",
+        "bias",
+        "sam1",
+        (Phase(_E5, 0.001, 0.1),),
+        activation="softplus",
+        eval_every=1000,
+        paper="Fig. 5b",
+        notes=_PAPER_NOTE + " Softplus activation. The paper sweeps lr 0.0005-0.005 and rho "
+        "0.05-1; this preset is one point of that sweep (lr 0.001, rho 0.1). Autograd backend.",
+    ),
+    ExperimentSpec(
         "paper-fig7a",
         "no_bias",
         "sam1",
@@ -106,6 +129,33 @@ PAPER = (
         eval_every=1000,
         paper="Fig. 7b",
         notes=_PAPER_NOTE,
+    ),
+)
+
+PAPER = (
+    *PAPER,
+    ExperimentSpec(
+        "paper-fig11a",
+        "bias",
+        "sgd",
+        (Phase(_E5, 0.01),),
+        depth=3,
+        weight_decay=0.05,
+        eval_every=1000,
+        paper="Fig. 11a",
+        notes=_PAPER_NOTE + " 3 layers (500, 500), bias in the first layer only, SGD with "
+        "batch size 1 and weight decay; autograd backend (slow).",
+    ),
+    ExperimentSpec(
+        "paper-fig11b",
+        "bias",
+        "sam1",
+        (Phase(_E5, 0.01, 0.05),),
+        depth=3,
+        eval_every=1000,
+        paper="Fig. 11b",
+        notes=_PAPER_NOTE + " 3 layers (500, 500), bias in the first layer only; autograd "
+        "backend (slow).",
     ),
 )
 

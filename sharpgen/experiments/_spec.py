@@ -69,6 +69,11 @@ class ExperimentSpec:
         first_layer_init_scale: Multiplies the initial ``W1`` and ``b1`` (0.01 = "init / 100").
         gamma_init: Initial value of the Sim-BN scale $\gamma$.
         eps: The $\varepsilon$ of Sim-LN, $h / \max(\lVert h\rVert, \varepsilon)$.
+        activation: ``"relu"`` or ``"softplus"`` (the paper's Fig. 5 variant).
+        depth: Number of layers; ``depth > 2`` is the deep net with bias in the first layer
+            only (``arch="bias"``, every hidden layer of size ``width``; the paper's Fig. 11).
+            Softplus and deep nets train with the autograd backend (``torch.func.vmap``),
+            slower than the closed form of the two-layer ReLU nets.
         test_size: Fresh test points per run.
         eval_every: Metrics are recorded every this many epochs (and at the start and end).
         dtype: ``"float32"`` or ``"float64"``.
@@ -94,6 +99,8 @@ class ExperimentSpec:
     first_layer_init_scale: float = 1.0
     gamma_init: float = 1.0
     eps: float = 1e-3
+    activation: str = "relu"
+    depth: int = 2
     test_size: int = 2000
     eval_every: int = 10
     dtype: str = "float32"
@@ -137,6 +144,17 @@ class ExperimentSpec:
             raise ValueError(
                 f"weight_decay={self.weight_decay} is only used by method='sgd'; set it to 0"
             )
+        if self.activation not in ("relu", "softplus"):
+            raise ValueError(f"activation={self.activation!r} is not 'relu' or 'softplus'")
+        if not isinstance(self.depth, int) or self.depth < 2:
+            raise ValueError(f"depth={self.depth!r} must be an integer >= 2")
+        if self.depth > 2 and self.arch != "bias":
+            raise ValueError(
+                f"depth={self.depth} nets have a bias in the first layer only: use arch='bias', "
+                f"not {self.arch!r}"
+            )
+        if self.activation != "relu" and self.arch == "simplified_bn":
+            raise ValueError("activation='softplus' is not supported with arch='simplified_bn'")
         if self.eps <= 0:
             raise ValueError(f"eps={self.eps!r} must be > 0")
 

@@ -29,8 +29,14 @@ from sharpgen.experiments._batched import (
     trainable_names,
 )
 from sharpgen.experiments._checkpoint import load_checkpoint, save_checkpoint
+from sharpgen.experiments._generic import (
+    generic_forward,
+    generic_loss_and_grad,
+    generic_trace_gn,
+    is_generic,
+)
 from sharpgen.experiments._spec import ExperimentSpec
-from sharpgen.models import two_layer_relu
+from sharpgen.models import deep_relu, two_layer_relu
 from sharpgen.theory import trace_lower_bound
 
 __all__ = ["RunResult", "train", "make_runs", "lower_bound"]
@@ -114,12 +120,13 @@ def lower_bound(spec: ExperimentSpec, X: Tensor, Y: Tensor) -> float:
 
     `sharpgen.theory.trace_lower_bound` for the MSE loss (Wen, Li & Ma 2023): on xor data
     $4\sqrt d$ (no bias), $4\sqrt{d+1}$ (bias), 4 (simplified BatchNorm, an infimum that is
-    not attained) and 2 (simplified LayerNorm); NaN for the logistic loss.
+    not attained) and 2 (simplified LayerNorm); $2D(d+1)^{1/D}$ for depth-$D$ nets with bias
+    in the first layer; NaN for the logistic loss and the softplus activation.
     """
-    if spec.loss != "mse":
+    if spec.loss != "mse" or spec.activation != "relu":
         return math.nan
     eps = spec.eps if spec.arch == "simplified_ln" else None
-    return float(trace_lower_bound(X, Y, spec.arch, eps=eps))
+    return float(trace_lower_bound(X, Y, spec.arch, eps=eps, depth=spec.depth))
 
 
 def make_runs(spec: ExperimentSpec, seeds: Sequence[int], device: str | torch.device = "cpu"):
@@ -137,24 +144,32 @@ def make_runs(spec: ExperimentSpec, seeds: Sequence[int], device: str | torch.de
         make_data = xor_cube if spec.data == "xor_cube" else uniform_ball
         split = make_data(spec.d, spec.n, generator=g, test_size=spec.test_size, dtype=dtype)
         data.append((split.X, split.y, split.X_test, split.y_test))
-        net = two_layer_relu(
-            spec.d,
-            spec.width,
-            bias=spec.arch != "no_bias",
-            norm=spec.arch if spec.arch.startswith("simplified") else None,
-            init_scale=spec.init_scale,
-            first_layer_init_scale=spec.first_layer_init_scale,
-            eps=spec.eps,
-            generator=g,
-            dtype=dtype,
-        )
+        scales = {
+            "init_scale": spec.init_scale,
+            "first_layer_init_scale": spec.first_layer_init_scale,
+            "activation": spec.activation,
+            "generator": g,
+            "dtype": dtype,
+        }
+        if spec.depth > 2:
+            net = deep_relu(spec.d, [spec.width] * (spec.depth - 1), **scales)
+        else:
+            net = two_layer_relu(
+                spec.d,
+                spec.width,
+                bias=spec.arch != "no_bias",
+                norm=spec.arch if spec.arch.startswith("simplified") else None,
+                eps=spec.eps,
+                **scales,
+            )
         p = {k: v.detach().clone() for k, v in net.named_parameters()}
-        p.setdefault("b1", torch.zeros(spec.width, dtype=dtype))
-        p["gamma"] = torch.full((spec.width,), float(spec.gamma_init), dtype=dtype)
+        if not is_generic(spec):
+            p.setdefault("b1", torch.zeros(spec.width, dtype=dtype))
+            p["gamma"] = torch.full((spec.width,), float(spec.gamma_init), dtype=dtype)
         params.append(p)
         gens.append(g)
     stacked = tuple(torch.stack([run[i] for run in data]).to(device) for i in range(4))
-    P = {k: torch.stack([p[k] for p in params]).to(device) for k in ("W1", "b1", "gamma", "W2")}
+    P = {k: torch.stack([p[k] for p in params]).to(device) for k in params[0]}
     return stacked, P, gens
 
 
@@ -186,14 +201,23 @@ def _record(spec, P, data, bounds, history) -> None:
     X, Y, Xt, Yt = data
     kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
     idx = torch.arange(spec.n, device=X.device).expand(X.shape[0], -1)
-    train_loss, _ = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
-    ft = forward(P, spec.arch, Xt, train_X=X, eps=spec.eps)
+    if is_generic(spec):
+        train_loss, _ = generic_loss_and_grad(spec, P, X, Y, idx)
+        ft = generic_forward(spec, P, Xt)
+    else:
+        train_loss, _ = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
+        ft = forward(P, spec.arch, Xt, train_X=X, eps=spec.eps)
     acc = (torch.sign(ft) == Yt.sign()).to(X.dtype).mean(1)
     if spec.data != "xor_cube":
         acc = torch.full_like(acc, math.nan)
     mse = (ft - Yt).square().mean(1)
-    trace, gn = trace_terms(P, spec.arch, X, Y, **kw)
-    names = trainable_names(spec.arch)
+    if is_generic(spec):
+        gn = generic_trace_gn(spec, P, X, Y)
+        # deep ReLU nets: f is linear in each layer, the diagonal of its Hessian vanishes
+        trace = gn if spec.activation == "relu" else torch.full_like(gn, math.nan)
+    else:
+        trace, gn = trace_terms(P, spec.arch, X, Y, **kw)
+    names = _names(spec, P)
     values = {
         "train_loss": train_loss,
         "test_accuracy": acc,
@@ -203,25 +227,40 @@ def _record(spec, P, data, bounds, history) -> None:
         "trace_ratio": gn / bounds,
     }
     for k in ("W1", "b1", "gamma", "W2"):
-        norm = P[k].flatten(1).norm(dim=1)
-        values[f"norm_{k}"] = norm if k in names else torch.full_like(norm, math.nan)
+        if k in names:
+            values[f"norm_{k}"] = P[k].flatten(1).norm(dim=1)
+        else:
+            values[f"norm_{k}"] = torch.full_like(train_loss, math.nan)
     for k in history:
         history[k].append(values[k].double().cpu().tolist())
 
 
+def _names(spec: ExperimentSpec, P) -> tuple[str, ...]:
+    return tuple(P) if is_generic(spec) else trainable_names(spec.arch)
+
+
 def _sam_step(spec, P, X, Y, idx, lr: float, rho: float, names) -> None:
     kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
-    if spec.method == "sgd" or rho == 0:
-        _, g = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
+    if is_generic(spec):
+
+        def grad_fn(params):
+            return generic_loss_and_grad(spec, params, X, Y, idx)
     else:
-        _, g = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
+
+        def grad_fn(params):
+            return loss_and_grad(params, spec.arch, X, Y, idx, **kw)
+
+    if spec.method == "sgd" or rho == 0:
+        _, g = grad_fn(P)
+    else:
+        _, g = grad_fn(P)
         sq = sum(g[k].flatten(1).square().sum(1) for k in names)
         norm = sq.sqrt()
         scale = torch.where(norm > 0, rho / torch.where(norm > 0, norm, 1.0), 0.0)
         Q = dict(P)
         for k in names:
             Q[k] = P[k] + scale.view(-1, *([1] * (P[k].ndim - 1))) * g[k]
-        _, g = loss_and_grad(Q, spec.arch, X, Y, idx, **kw)
+        _, g = grad_fn(Q)
     wd = spec.weight_decay if spec.method == "sgd" else 0.0
     for k in names:
         if wd:
@@ -233,7 +272,12 @@ def _sam_step(spec, P, X, Y, idx, lr: float, rho: float, names) -> None:
 
 
 def _fast_path(spec: ExperimentSpec) -> bool:
-    return spec.method != "sgd" and spec.batch_size == 1 and spec.arch != "simplified_bn"
+    return (
+        spec.method != "sgd"
+        and spec.batch_size == 1
+        and spec.arch != "simplified_bn"
+        and not is_generic(spec)
+    )
 
 
 def _fast_epoch(spec, P, X, Y, indices, lr: float, rho: float) -> None:
@@ -304,7 +348,6 @@ def train(
     seeds = tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds!r} must be a non-empty sequence of distinct integers")
-    names = trainable_names(spec.arch)
     state = None
     if checkpoint is not None and resume and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
@@ -336,6 +379,7 @@ def train(
         bounds_list = state["lower_bound"]
         bounds = torch.tensor(bounds_list, dtype=data[0].dtype, device=device)
     X, Y = data[0], data[1]
+    names = _names(spec, P)
 
     def snapshot():
         return {

@@ -9,7 +9,7 @@ import torch
 
 from sharpgen.experiments import ExperimentSpec, Phase, make_runs, train
 from sharpgen.experiments._batched import forward, loss_and_grad, trace_terms, trainable_names
-from sharpgen.models import two_layer_relu
+from sharpgen.models import deep_relu, two_layer_relu
 
 ARCHS = ["no_bias", "bias", "simplified_bn", "simplified_ln"]
 
@@ -22,16 +22,24 @@ def _one_thread():
     yield
 
 
-def _module(arch, params, r, X):
-    """The run's TwoLayerNet built from the batched trainer's initial parameters."""
-    net = two_layer_relu(
-        params["W1"].shape[2],
-        params["W1"].shape[1],
-        bias=arch != "no_bias",
-        norm=arch if arch.startswith("simplified") else None,
-        dtype=torch.float64,
-        generator=torch.Generator().manual_seed(123),
-    )
+def _module(arch, params, r, X, *, depth=2, activation="relu"):
+    """The run's TwoLayerNet (or DeepReLUNet) holding the trainer's initial parameters."""
+    d, m = params["W1"].shape[2], params["W1"].shape[1]
+    g = torch.Generator().manual_seed(123)
+    if depth > 2:
+        net = deep_relu(
+            d, [m] * (depth - 1), activation=activation, dtype=torch.float64, generator=g
+        )
+    else:
+        net = two_layer_relu(
+            d,
+            m,
+            bias=arch != "no_bias",
+            norm=arch if arch.startswith("simplified") else None,
+            activation=activation,
+            dtype=torch.float64,
+            generator=g,
+        )
     with torch.no_grad():
         for name, p in net.named_parameters():
             p.copy_(params[name][r])
@@ -51,7 +59,7 @@ def _loss(spec, out, y):
 def _reference_run(spec, seed):
     """One run alone: per-step autograd on the nn.Module, exactly the paper's update rule."""
     (X, Y, _, _), params, gens = make_runs(spec, [seed])
-    net = _module(spec.arch, params, 0, X[0])
+    net = _module(spec.arch, params, 0, X[0], depth=spec.depth, activation=spec.activation)
     X, Y, g = X[0], Y[0], gens[0]
     plist = list(net.parameters())
     opt = None
@@ -266,3 +274,30 @@ def test_bad_spec_arguments_are_named():
         Phase(0, 0.1)
     with pytest.raises(ValueError, match="seeds"):
         train(_tiny("bias"), [1, 1])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(depth=3), dict(activation="softplus"), dict(depth=3, method="sgd", weight_decay=0.05)],
+    ids=["deep-sam", "softplus-sam", "deep-sgd"],
+)
+def test_autograd_backend_equals_autograd_loop(kw):
+    spec = _tiny("bias", width=8, phases=(Phase(5, 0.05, 0.1),), **kw)
+    got = train(spec, [7, 8]).params
+    ref = _reference_run(spec, 8)
+    assert set(got) == set(ref)
+    for name, p in ref.items():
+        torch.testing.assert_close(got[name][1], p.detach(), rtol=1e-9, atol=1e-10)
+
+
+def test_autograd_backend_trace_is_the_interpolation_trace_of_theory():
+    from sharpgen.theory import interpolation_trace
+
+    spec = _tiny("bias", width=8, depth=3, phases=(Phase(2, 0.05, 0.1),))
+    res = train(spec, [0])
+    (X, _, _, _), _, _ = make_runs(spec, [0])
+    net = _module("bias", res.params, 0, X[0], depth=3)
+    expected = float(interpolation_trace(net, X[0]))
+    assert res.final("trace_gn")[0] == pytest.approx(expected, rel=1e-12)
+    assert res.final("trace")[0] == res.final("trace_gn")[0]  # deep ReLU: diagonal of f'' is 0
+    assert res.lower_bound[0] == pytest.approx(2 * 3 * (spec.d + 1) ** (1 / 3), rel=1e-12)
