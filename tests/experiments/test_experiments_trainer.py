@@ -301,3 +301,29 @@ def test_autograd_backend_trace_is_the_interpolation_trace_of_theory():
     assert res.final("trace_gn")[0] == pytest.approx(expected, rel=1e-12)
     assert res.final("trace")[0] == res.final("trace_gn")[0]  # deep ReLU: diagonal of f'' is 0
     assert res.lower_bound[0] == pytest.approx(2 * 3 * (spec.d + 1) ** (1 / 3), rel=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["bias", "simplified_bn"])
+def test_batched_1sam_equals_sharpgen_optim_sam(arch):
+    """Cross-check against the library's own SAM optimizer (batch size 1 = 1-SAM)."""
+    from sharpgen.optim import SAM
+
+    spec = _tiny(arch, phases=(Phase(10, 0.02, 0.1),))
+    got = train(spec, [5]).params
+    (X, Y, _, _), params, gens = make_runs(spec, [5])
+    net = _module(arch, params, 0, X[0])
+    X, Y, g = X[0], Y[0], gens[0]
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.02)
+    for _ in range(spec.epochs):
+        for k in torch.randint(0, spec.n, (spec.n,), generator=g):
+            idx = k.reshape(1)
+
+            def closure(idx=idx):
+                opt.zero_grad()
+                loss = (net(X[idx]) - Y[idx]).square().mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(got[name][0], p.detach(), rtol=1e-9, atol=1e-10)
