@@ -131,7 +131,7 @@ class LinearOperator:
             >>> from scipy.sparse.linalg import eigsh
             >>> from sharpgen.linalg import as_linear_operator
             >>> A = as_linear_operator(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64)))
-            >>> float(eigsh(A.to_scipy(), k=1, which="LA")[0][0])
+            >>> round(float(eigsh(A.to_scipy(), k=1, which="LA")[0][0]), 8)
             5.0
         """
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
