@@ -327,3 +327,24 @@ def test_batched_1sam_equals_sharpgen_optim_sam(arch):
             opt.step(closure)
     for name, p in net.named_parameters():
         torch.testing.assert_close(got[name][0], p.detach(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logged_trace_equals_sharpgen_hessian_trace_exact(arch):
+    """The trainer's closed-form trace is the library's exact model-level measure."""
+    import sharpgen
+
+    spec = _tiny(arch, width=6, phases=(Phase(3, 0.02, 0.1),))
+    res = train(spec, [2])
+    (X, Y, _, _), _, _ = make_runs(spec, [2])
+    net = _module(arch, res.params, 0, X[0])
+    if arch == "simplified_bn":
+        with torch.no_grad():
+            net.gamma.copy_(res.params["gamma"][0])
+    est = sharpgen.hessian_trace(
+        net,
+        lambda out, y: (out - y).square().mean(),
+        (X[0], Y[0]),
+        method="exact",
+    )
+    assert res.final("trace")[0] == pytest.approx(float(est.value), rel=1e-9, abs=1e-9)
