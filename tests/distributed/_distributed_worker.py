@@ -66,8 +66,38 @@ def measures(model: nn.Module, data, **kw) -> dict:
     out["average_sharpness"] = S.average_sharpness(
         model, loss_fn, data, rho=0.01, num_samples=4, generator=gen(3), **kw
     ).value
+    out["m_sharpness"] = S.sam_sharpness(model, loss_fn, data, rho=0.05, m=1, **kw).value
+    slq = S.spectral_density(
+        model, loss_fn, data, num_probes=2, num_steps=6, generator=gen(4), **kw
+    )
+    out["slq_nodes"] = slq.nodes
     G = GGNOperator(model, loss_fn, data, **kw)
     out["ggn_matvec"] = G.matvec(torch.ones(G.shape[0], dtype=torch.float64))
+    return out
+
+
+def disagreements(rank: int, model: nn.Module, data) -> dict:
+    """Ranks that pass different seeds or parameter selections: a ValueError on every rank."""
+    from sharpgen.sharpness import average_sharpness, hessian_trace
+
+    cases = {
+        "probe_seed": lambda: hessian_trace(
+            model, loss_fn, data, method="hutchinson", num_matvecs=2, generator=gen(10 + rank)
+        ),
+        "generator_state": lambda: average_sharpness(
+            model, loss_fn, data, rho=0.01, num_samples=2, generator=gen(10 + rank)
+        ),
+        "parameters": lambda: hessian_trace(
+            model, loss_fn, data, method="exact", params=["0.weight"] if rank == 0 else None
+        ),
+    }
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
     return out
 
 
@@ -116,6 +146,8 @@ def job_measures(rank: int, world: int, group) -> dict:
         dist.all_reduce = original
     res["allreduce_bytes_per_block"] = calls
     res["numel"] = H.shape[0]
+    if group is None:
+        res["disagreements"] = disagreements(rank, model, local)
     return res
 
 

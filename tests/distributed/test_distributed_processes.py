@@ -111,15 +111,32 @@ def test_measures_equal_single_process(runs, reference, key, world):
     assert sum(m["shard_size"] for m in per_rank) == W.N_SAMPLES
     assert len({m["shard_size"] for m in per_rank}) == 2  # uneven shards
     for name in ("trace_exact", "trace_hutchinson", "lambda_max", "sam_sharpness", "sam_loss",
-                 "average_sharpness"):  # fmt: skip
+                 "average_sharpness", "m_sharpness"):  # fmt: skip
         # the single-process value does not depend on the batching (sanity of the reference)
         assert ref[name] == pytest.approx(ref_batched[name], rel=1e-10, abs=1e-12), name
         for rank, m in enumerate(per_rank):
             assert m[name] == pytest.approx(ref[name], rel=TOL, abs=TOL), (name, rank)
             assert m[name] == per_rank[0][name], f"{name} differs between ranks"
-    for m in per_rank:
-        torch.testing.assert_close(m["ggn_matvec"], ref["ggn_matvec"], rtol=TOL, atol=TOL)
-        assert torch.equal(m["ggn_matvec"], per_rank[0]["ggn_matvec"])
+    for key in ("ggn_matvec", "slq_nodes"):
+        for m in per_rank:
+            torch.testing.assert_close(m[key], ref[key], rtol=TOL, atol=TOL)
+            assert torch.equal(m[key], per_rank[0][key]), f"{key} differs between ranks"
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("probe_seed", "disagree on the first block of vectors"),
+        ("generator_state", "disagree on the generator"),
+        ("parameters", "disagree on the number of selected parameters"),
+    ],
+)
+def test_ranks_that_disagree_all_raise(runs, case, match):
+    for rank, m in enumerate(_ranks(runs, "world", 3)):
+        message = m["disagreements"][case]
+        assert message is not None, f"rank {rank} did not raise for {case}"
+        assert match in message, message
+        assert "per rank:" in message
 
 
 @pytest.mark.parametrize(("key", "world"), GROUPS)
