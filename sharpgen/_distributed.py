@@ -519,7 +519,7 @@ class UnpaddedLoader:
         return max(0, -(-(n - r) // w))
 
     def __len__(self) -> int:
-        return max(1, len(self.loader))
+        return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
         from sharpgen.curvature._data import num_samples
