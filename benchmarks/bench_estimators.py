@@ -376,6 +376,12 @@ def main():
         "--parts", default="times,eigen,trace,synthetic", help="comma-separated subset to run"
     )
     ap.add_argument("--synthetic-n", type=int, default=2000)
+    ap.add_argument(
+        "--cnn-truth",
+        default=None,
+        help="comma-separated top eigenvalues of the CNN from an earlier lanczos(tol=1e-10) "
+        "run, to skip recomputing them",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -407,6 +413,10 @@ def main():
             print(f"dense truth in {t:.0f}s; lambda_1..5 = {lam[:5].tolist()}; trace = {trace}")
         elif name == "mlp":
             lam, trace = torch.zeros(5), None
+        elif args.cnn_truth:
+            lam = torch.tensor([float(v) for v in args.cnn_truth.split(",")])
+            trace = None
+            print(f"CNN truth given: lambda_1..5 = {lam[:5].tolist()}")
         else:
             r = lanczos(H, 8, tol=1e-10, max_basis=80, generator=torch.Generator().manual_seed(99))
             lam = r.eigenvalues
