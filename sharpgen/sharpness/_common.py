@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen.curvature import HessianOperator, select_params
+from sharpgen.curvature import HessianOperator, as_batches, select_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.linalg import LinearOperator
 
@@ -119,8 +119,16 @@ def build_hessian(
     reduction: str,
     backend: str,
     process_group: Any,
+    single_vectors: bool = False,
 ) -> HessianOperator:
-    """The `HessianOperator` every Hessian-based measure works on."""
+    """The `HessianOperator` every Hessian-based measure works on.
+
+    With ``single_vectors`` (an algorithm that multiplies one vector at a time, such as
+    Lanczos), ``backend="auto"`` and one batch of data, the double-backward graph is built
+    once and kept between products (``backend="autograd", cache_graph=True``, as PyHessian
+    does): each product is then one backward pass through the kept graph.
+    """
+    cache = single_vectors and backend == "auto" and as_batches(data).single
     return HessianOperator(
         model,
         loss_fn,
@@ -129,7 +137,8 @@ def build_hessian(
         bn=bn,
         dropout=dropout,
         reduction=reduction,
-        backend=backend,
+        backend="autograd" if cache else backend,
+        cache_graph=cache,
         process_group=process_group,
     )
 

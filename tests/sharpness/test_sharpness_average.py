@@ -34,6 +34,7 @@ def test_quadratic_expectation_with_the_reported_stderr(h, distribution, factor)
         assert 0.8 * sd <= res.stderr <= 1.25 * sd
     assert res.num_samples == N and res.num_loss_evals == 1 + 2 * N
     assert res.samples.shape == (N,) and res.samples.dtype == torch.float64
+    assert float(res) == res.value and "AverageSharpnessResult(value=" in repr(res)
 
 
 def test_antithetic_pairs_cancel_the_gradient_term(h):

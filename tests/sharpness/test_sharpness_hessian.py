@@ -107,6 +107,20 @@ def test_top_eigenvalues_match_eigh(h, problem, k):
     assert torch.all(resid <= res.residuals * 1.01 + 1e-12)
 
 
+@pytest.mark.parametrize("backend", ["func", "autograd", "auto-batches"])
+def test_top_eigenvalue_with_every_backend(h, problem, backend):
+    # default ("auto", one batch) keeps the double-backward graph; these are the others
+    model, (x, y), H = problem
+    top = torch.linalg.eigvalsh(H)[-1]
+    if backend == "auto-batches":
+        data, kw = [(x[:5], y[:5]), (x[5:], y[5:])], {}
+    else:
+        data, kw = (x, y), {"backend": backend}
+    res = top_eigenvalues(h.make_mlp(0), h.mse, data, tol=1e-7, generator=h.g(1), **kw)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues[0], top, rtol=1e-7, atol=0)
+
+
 def test_smallest_and_both_ends(h, problem):
     model, data, H = problem
     evals = torch.linalg.eigvalsh(H)

@@ -43,6 +43,7 @@ def test_one_step_is_exactly_the_sam_loss_increase(h):
             assert torch.equal(res.perturbation[name], eps[name])
         assert res.num_gradient_evals == 1 and res.num_loss_evals == 1
         assert res.chunk_values.shape == (1,) and res.m is None
+        assert float(res) == res.value and f"norm={norm!r}" in repr(res)
 
 
 @FAST
