@@ -23,6 +23,7 @@ is the one of the process group (``init_process_group(timeout=...)`` /
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -248,13 +249,13 @@ def reduce_partials(
 ) -> tuple[list[Tensor], int]:
     r"""Sum per-process partial sums and the sample count over ``group`` in ONE all-reduce.
 
-    The partial sums are flattened into one buffer (in their dtype) and the count is appended
-    to it: as one number in float64, as three base-2048 limbs in float32 (exact for fewer
-    than 8192 processes and $8.6 \cdot 10^9$ samples). Other dtypes (half precision) use a
-    second, integer all-reduce for the count.
+    The partial sums are flattened into one buffer (in their promoted dtype) and the count is
+    appended to it: as one number in float64, as three base-2048 limbs in float32 (exact for
+    fewer than 8192 processes and $8.6 \cdot 10^9$ samples). In half precision the count goes
+    through a second, integer all-reduce.
 
     Args:
-        partials: Tensors of one dtype and device (may be empty).
+        partials: Tensors on one device (may be empty).
         count: Number of samples this process visited.
         group: The process group.
         what: What is being reduced, for error messages.
@@ -263,22 +264,22 @@ def reduce_partials(
         The summed tensors (same shapes) and the total count.
     """
     if partials:
-        dtype, device = partials[0].dtype, partials[0].device
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in partials])
+        device = partials[0].device
     else:
         dtype, device = torch.float64, collective_device(group)
-    parts = _count_parts(count, dtype) if all(p.dtype == dtype for p in partials) else None
-    if parts is None:  # mixed or low-precision dtypes: count separately, exactly
+    parts = _count_parts(count, dtype)
+    if parts is None:  # low precision: an exact integer all-reduce for the count
         counts = torch.tensor([count], dtype=torch.int64, device=collective_device(group, device))
         all_reduce_(counts, group, what=f"the sample count of {what}")
-        total = int(counts.item())
         out = []
         if partials:
-            flat = torch.cat([p.reshape(-1).to(partials[0].dtype) for p in partials])
+            flat = torch.cat([p.reshape(-1).to(dtype) for p in partials])
             all_reduce_(flat, group, what=what)
             out = _split(flat, partials)
-        return out, total
+        return out, int(counts.item())
     tail = torch.tensor(parts, dtype=dtype, device=device)
-    flat = torch.cat([*(p.reshape(-1) for p in partials), tail])
+    flat = torch.cat([*(p.reshape(-1).to(dtype) for p in partials), tail])
     all_reduce_(flat, group, what=what)
     n = flat.numel() - tail.numel()
     return _split(flat[:n], partials), _join_count(flat[n:])

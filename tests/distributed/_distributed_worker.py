@@ -148,7 +148,28 @@ def job_measures(rank: int, world: int, group) -> dict:
     res["numel"] = H.shape[0]
     if group is None:
         res["disagreements"] = disagreements(rank, model, local)
+        res["reduce_partials"] = reduce_checks(rank)
     return res
+
+
+def reduce_checks(rank: int) -> dict:
+    """reduce_partials in float32 (count in limbs), bfloat16 (separate count), mixed dtypes."""
+    import torch.distributed as dist
+
+    from sharpgen._distributed import reduce_partials
+
+    group = dist.group.WORLD
+    count = 3_000_000_000 + rank  # beyond float32's exact integers
+    out = {}
+    for name, dtypes in (
+        ("float32", [torch.float32]),
+        ("bfloat16", [torch.bfloat16]),
+        ("mixed", [torch.float32, torch.float64]),
+    ):
+        parts = [torch.full((2,), float(rank + 1), dtype=d) for d in dtypes]
+        sums, total = reduce_partials(parts, count, group)
+        out[name] = ([s.tolist() for s in sums], [s.dtype for s in sums], total)
+    return out
 
 
 def run_sam(rank: int, pair) -> dict:

@@ -123,6 +123,16 @@ def test_measures_equal_single_process(runs, reference, key, world):
             assert torch.equal(m[key], per_rank[0][key]), f"{key} differs between ranks"
 
 
+def test_reduce_partials_counts_exactly_in_every_dtype(runs):
+    expected_count = 3 * 3_000_000_000 + 0 + 1 + 2
+    for m in _ranks(runs, "world", 3):
+        checks = m["reduce_partials"]
+        assert checks["float32"] == ([[6.0, 6.0]], [torch.float32], expected_count)
+        assert checks["bfloat16"] == ([[6.0, 6.0]], [torch.bfloat16], expected_count)
+        assert checks["mixed"] == ([[6.0, 6.0], [6.0, 6.0]], [torch.float32, torch.float64],
+                                   expected_count)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("case", "match"),
     [
