@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=50)
     parser.add_argument("--truth-cache", default=None, help="json file to keep the dense truth")
+    parser.add_argument("--parts", default="eig,trace,perturb", help="comma-separated parts")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, X, y = make_mlp()
@@ -141,12 +142,23 @@ def main() -> None:
         if cache is not None:
             cache.write_text(json.dumps({"top5": truth_vals.tolist(), "trace": truth_tr}))
 
+    parts = set(args.parts.split(","))
     # -- eigenvalues ---------------------------------------------------------------------
+    if "eig" in parts:
+        eigen_part(model, X, y, truth_vals, args.seeds)
+    if "trace" in parts:
+        trace_part(model, X, y, truth_tr, args.seeds, args.budget)
+    if "perturb" in parts:
+        perturbation_part(model, X, y)
+
+
+def eigen_part(model, X, y, truth_vals, seeds):
+    loss, data = F.cross_entropy, (X, y)
     print("| top-k | library | products | wall (s) | true rel. error | time sharpgen/PyHessian |")
     print("|---|---|---|---|---|---|")
     for k in (1, 5):
         sg, ph = [], []
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             res, t = timed(
                 lambda: top_eigenvalues(
                     model, loss, data, k=k, tol=1e-3, generator=torch.Generator().manual_seed(seed)
@@ -169,11 +181,10 @@ def main() -> None:
             )
     print()
 
-    # -- trace ---------------------------------------------------------------------------
-    B = args.budget
-    print(
-        f"| trace | products (median) | wall (s, median) | relative RMSE over {args.seeds} seeds |"
-    )
+
+def trace_part(model, X, y, truth_tr, seeds, B):
+    loss, data = F.cross_entropy, (X, y)
+    print(f"| trace | products (median) | wall (s, median) | relative RMSE over {seeds} seeds |")
     print("|---|---|---|---|")
 
     def report(name, runs):
@@ -184,7 +195,7 @@ def main() -> None:
 
     rm = {}
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(seeds):
         est, t = timed(
             lambda: hessian_trace(model, loss, data, generator=torch.Generator().manual_seed(seed))
         )
@@ -192,7 +203,7 @@ def main() -> None:
     rm["default"] = report("sharpgen hessian_trace() default (XTrace, rtol=0.01)", runs)
     for method in ("hutchinson", "hutchpp", "xtrace"):
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             est, t = timed(
                 lambda: hessian_trace(
                     model,
@@ -210,7 +221,7 @@ def main() -> None:
         (f"budget {B}", {"maxIter": B, "tol": 0.0}),
     ):
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             torch.manual_seed(seed)
             counter = PyHessianCounter()
             try:
@@ -225,7 +236,9 @@ def main() -> None:
         f"{rm['hutchpp'] / rm[f'ph budget {B}']:.3f}\n"
     )
 
-    # -- perturbation measures -------------------------------------------------------------
+
+def perturbation_part(model, X, y):
+    loss, data = F.cross_entropy, (X, y)
     m = copy.deepcopy(model)
 
     def grad_once():
