@@ -263,6 +263,29 @@ class SharpnessTracker:
             keys.extend(k for k in r if k not in keys)
         return {k: [r.get(k) for r in self._history] for k in keys}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The history, the cost totals and the step counter (for checkpoints).
+
+        The generator is not included: save and restore it yourself
+        (``generator.get_state()``) to resume a stochastic series exactly.
+        """
+        return {
+            "history": self.history,
+            "totals": dict(self._totals),
+            "counter": self._counter,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (the measures and options are not changed)."""
+        if not isinstance(state, Mapping) or set(state) != {"history", "totals", "counter"}:
+            raise ValueError(
+                "state must be a dict from SharpnessTracker.state_dict() with the keys "
+                "'history', 'totals' and 'counter'."
+            )
+        self._history = [dict(r) for r in state["history"]]
+        self._totals = {k: int(state["totals"][k]) for k in _COST_KEYS}
+        self._counter = int(state["counter"])
+
     def plot(self, keys: Sequence[str] | None = None, *, axes: Any = None) -> Any:
         """Plot each measure against the step (matplotlib, imported only here).
 

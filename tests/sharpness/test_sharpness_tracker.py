@@ -109,3 +109,19 @@ def test_plot_before_any_record(h):
         tracker.plot()
     with pytest.raises(ValueError, match="step_index must be an int >= 0"):
         tracker.step(-1)
+
+
+def test_state_dict_round_trip(h):
+    model = h.make_mlp(2)
+    batch = h.regression_data(6)
+    a = SharpnessTracker(model, h.mse, batch, every=1, measures=("loss", "trace"))
+    a()
+    a()
+    state = a.state_dict()
+    b = SharpnessTracker(model, h.mse, batch, every=1, measures=("loss", "trace"))
+    b.load_state_dict(state)
+    assert b.history == a.history and b.total_cost == a.total_cost
+    assert a() == b()  # both continue at step 2
+    assert b.history[-1]["step"] == 2
+    with pytest.raises(ValueError, match="state must be a dict from SharpnessTracker.state_dict"):
+        b.load_state_dict({"history": []})
