@@ -237,6 +237,8 @@ class ModelObjective:
             yield inputs, targets
 
     def _weight(self, n: int) -> float:
+        if self.single_batch and self.process_group is None:
+            return 1.0  # see _finish
         return float(n) if self.reduction == "mean" else 1.0
 
     def resolve(self, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
@@ -368,10 +370,15 @@ class ModelObjective:
 
     # -- dataset quantities ------------------------------------------------------------
     def _finish(self, partials: list[Tensor], count: int, what: str) -> list[Tensor]:
-        out, total = dataset_reduce(partials, count, self.reduction, self.process_group)
+        if self.single_batch and self.process_group is None:
+            # one local batch: the accumulators hold the batch quantity itself (weight 1)
+            out, total = partials, count
+        else:
+            out, total = dataset_reduce(partials, count, self.reduction, self.process_group)
         self._num_samples = total
         for t in out:
-            if not torch.isfinite(t).all():
+            lo, hi = torch.aminmax(t.reshape(-1))  # NaN propagates; cheaper than isfinite
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
                 raise FloatingPointError(
                     f"the {what} is not finite (NaN or Inf); check the data for NaN/Inf, the "
                     "model for overflow (try float64) and the parameters."
@@ -524,7 +531,9 @@ class ModelObjective:
                     out = fn(self, others, p, V, inputs, targets, None)
                 w = self._weight(n)
                 for name in acc:
-                    if count == 0:
+                    if count == 0 and w == 1.0:
+                        acc[name].copy_(out[name])
+                    elif count == 0:
                         torch.mul(out[name], w, out=acc[name])
                     else:
                         acc[name].add_(out[name], alpha=w)
@@ -740,22 +749,28 @@ def _autograd_hvp(
     names = list(preq)
     params = list(preq.values())
     k = next(iter(V.values())).shape[0]
-    out = _zeros_like_dict(p, k)
     if not live:
-        return out
+        return _zeros_like_dict(p, k)
+    columns = []
     with torch.enable_grad():
         for j in range(k):
-            hv = torch.autograd.grad(
-                [g for _, g in live],
-                params,
-                [V[names[i]][j] for i, _ in live],
-                retain_graph=keep or j < k - 1,
-                allow_unused=True,
+            columns.append(
+                torch.autograd.grad(
+                    [g for _, g in live],
+                    params,
+                    [V[names[i]][j] for i, _ in live],
+                    retain_graph=keep or j < k - 1,
+                    materialize_grads=True,
+                )
             )
-            for name, h in zip(names, hv, strict=True):
-                if h is not None:
-                    out[name][j] = h
-    return out
+    return _stack_columns(names, columns)
+
+
+def _stack_columns(names: list[str], columns: list[tuple[Tensor, ...]]) -> dict[str, Tensor]:
+    """``k`` tuples of per-parameter results -> dict of ``(k, *shape)`` tensors."""
+    if len(columns) == 1:
+        return {n: t.unsqueeze(0) for n, t in zip(names, columns[0], strict=True)}
+    return {n: torch.stack([c[i] for c in columns]) for i, n in enumerate(names)}
 
 
 def _autograd_ggn(
@@ -773,9 +788,9 @@ def _autograd_ggn(
     names = list(preq)
     params = list(preq.values())
     k = next(iter(V.values())).shape[0]
-    out = _zeros_like_dict(p, k)
     if not live:
-        return out
+        return _zeros_like_dict(p, k)
+    columns = []
     with torch.enable_grad():
         for j in range(k):
             (jv,) = torch.autograd.grad(
@@ -785,10 +800,9 @@ def _autograd_ggn(
                 retain_graph=True,
             )
             (hjv,) = torch.autograd.grad(graph["gl"], graph["o"], jv, retain_graph=True)
-            jthjv = torch.autograd.grad(
-                graph["outputs"], params, hjv, retain_graph=True, allow_unused=True
+            columns.append(
+                torch.autograd.grad(
+                    graph["outputs"], params, hjv, retain_graph=True, materialize_grads=True
+                )
             )
-            for name, h in zip(names, jthjv, strict=True):
-                if h is not None:
-                    out[name][j] = h
-    return out
+    return _stack_columns(names, columns)
