@@ -21,7 +21,7 @@ FAST = settings(
 def _constraint(eps: dict, params: dict, norm: str, adaptive: bool, eta: float) -> float:
     """||T^{-1} eps||_p (coordinates with t = 0 must have eps = 0)."""
     e = flatten_params(eps)
-    w = flatten_params(params)
+    w = flatten_params(params).detach()
     t = (w.abs() + eta) if adaptive else torch.ones_like(w)
     assert torch.all(e[t == 0] == 0)
     u = e[t > 0] / t[t > 0]
