@@ -180,3 +180,15 @@ def test_missing_tqdm_gives_a_clear_error(monkeypatch):
         hessian_trace(model, _mse, _data(), progress=True)
     with pytest.raises(TypeError, match="progress must be a bool"):
         sam_sharpness(model, _mse, _data(), 0.1, progress="yes")
+
+
+@pytest.mark.parametrize("name", list(MEASURES))
+def test_non_finite_loss_raises_floating_point_error(state_check, name):
+    model = _bn_model()
+    x, y = _data()
+    y = y.clone()
+    y[3, 0] = float("inf")
+    check = state_check(model)
+    with pytest.raises(FloatingPointError):
+        MEASURES[name](model, _mse, (x, y), torch.Generator().manual_seed(0))
+    check()
