@@ -108,7 +108,11 @@ def ddp_sam_step(
             disagree.
         TypeError: ``optimizer`` is not a `SAM`/`GSAM`, ``closure`` not callable, ``model``
             not a module.
-        RuntimeError: A collective failed (another process raised or timed out).
+        RuntimeError: Called while the optimizer's weights are perturbed (a two-call step
+            in progress).
+        ConnectionError: A collective of this function failed (another process raised or
+            exited); `TimeoutError` when it timed out. DDP's own all-reduce raises its own
+            errors.
 
     Example:
         >>> import torch
