@@ -101,6 +101,8 @@ class PyHessianCounter:
     """Count PyHessian's HVPs by wrapping its module-level hessian_vector_product."""
 
     def __init__(self):
+        import pyhessian.hessian  # noqa: F401  (registers the module)
+
         self.mod = sys.modules["pyhessian.hessian"]
         self.orig = self.mod.hessian_vector_product
         self.count = 0
