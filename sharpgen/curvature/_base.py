@@ -38,6 +38,7 @@ class CurvatureOperator(LinearOperator):
         check_deterministic: bool = False,
         cache_graph: bool = False,
         max_block: int | None = 16,
+        func_mode: str = "reverse",
         process_group: Any = None,
     ) -> None:
         if backend not in VALID_OPERATOR_BACKENDS:
@@ -63,6 +64,7 @@ class CurvatureOperator(LinearOperator):
             dropout=dropout,
             reduction=reduction,
             process_group=process_group,
+            func_mode=func_mode,
         )
         super().__init__(self.objective.numel, self.objective.dtype, self.objective.device)
         self._requested_backend = backend

@@ -14,11 +14,14 @@ class HessianOperator(CurvatureOperator):
     ``reduction="mean"``, sum of batch sums for ``reduction="sum"``). Products are exact
     (no finite differences):
 
-    * ``backend="func"``: forward-over-reverse,
-      $Hv = \frac{\partial}{\partial t} \nabla L(\theta + t v)\big|_{t=0}$ computed by
-      ``torch.func.jvp`` of ``torch.func.grad`` through ``torch.func.functional_call``;
-      a block ``matmat(V)`` of ``k`` columns is one pass over the data with ``vmap`` over
-      the tangents.
+    * ``backend="func"``: ``torch.func`` through ``torch.func.functional_call``. With
+      ``func_mode="reverse"`` (default) $Hv$ is the vjp of ``torch.func.grad``
+      (reverse-over-reverse, exact because $H$ is symmetric); with ``func_mode="forward"``
+      it is $\frac{\partial}{\partial t} \nabla L(\theta + t v)\big|_{t=0}$, the jvp of
+      ``torch.func.grad`` (forward-over-reverse). A block ``matmat(V)`` of ``k`` columns is
+      one pass over the data with ``vmap`` over the tangents. On the CPU benchmark
+      (`benchmarks/bench_curvature.py`) reverse-over-reverse was as fast or faster and
+      needed less memory, hence the default.
     * ``backend="autograd"``: double backward (``torch.autograd.grad`` with
       ``create_graph=True``), for models ``torch.func`` cannot trace (custom autograd
       Functions without ``setup_context``, data-dependent Python control flow, ...). One
@@ -51,6 +54,7 @@ class HessianOperator(CurvatureOperator):
             they differ (augmentation, dropout, shuffling).
         cache_graph: Keep the gradient graph of a single batch between products (see
             above; memory stays allocated until `clear_cache`).
+        func_mode: ``"reverse"`` or ``"forward"``, see above.
         max_block: At most this many columns of a block go through ``vmap`` in one pass
             over the data (memory grows with it); wider blocks are split. ``None``: no
             limit.

@@ -29,6 +29,7 @@ from sharpgen.curvature._state import check_policy, model_state_policy
 __all__ = ["VALID_REDUCTIONS", "ModelObjective", "dataset_reduce"]
 
 VALID_REDUCTIONS = ("mean", "sum")
+VALID_FUNC_MODES = ("reverse", "forward")
 _VALID_BACKENDS = ("func", "autograd")
 
 
@@ -139,6 +140,11 @@ class ModelObjective:
         reduction: ``"mean"`` or ``"sum"``, see above.
         process_group: ``None`` (no communication) or a ``torch.distributed`` process
             group over which per-process sums are all-reduced (see `dataset_reduce`).
+        func_mode: How ``backend="func"`` takes the second derivative: ``"reverse"``
+            (default; ``torch.func.vjp`` of ``torch.func.grad``, which by symmetry of the
+            Hessian gives $Hv$) or ``"forward"`` (``torch.func.jvp`` of
+            ``torch.func.grad``, forward-over-reverse). If ``"forward"`` fails on an op
+            without a forward-mode derivative of its backward, ``"reverse"`` is used.
 
     Attributes:
         params: Detached copies of the selected parameters at construction time (the base
@@ -174,6 +180,7 @@ class ModelObjective:
         dropout: bool = False,
         reduction: str = "mean",
         process_group: Any = None,
+        func_mode: str = "reverse",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -189,6 +196,11 @@ class ModelObjective:
                 f"means, the dataset loss is the sample-weighted mean; 'sum': loss_fn returns "
                 f"batch sums, the dataset loss is their sum), got {reduction!r}."
             )
+        if func_mode not in VALID_FUNC_MODES:
+            raise ValueError(
+                f"func_mode must be one of {VALID_FUNC_MODES} ('reverse': vjp of grad; "
+                f"'forward': jvp of grad), got {func_mode!r}."
+            )
         selected = select_params(model, params)
         self.model = model
         self.loss_fn = loss_fn
@@ -203,7 +215,7 @@ class ModelObjective:
         self.numel: int = sum(t.numel() for t in self.params.values())
         self._batches = as_batches(data)
         self._num_samples: int | None = None
-        self._func_mode = "fwd"
+        self._func_mode = "rev" if func_mode == "reverse" else "fwd"
         self._graph_cache: Any = None
         self._validate()
 
@@ -464,8 +476,8 @@ class ModelObjective:
         Args:
             V: Name -> tensor of shape ``(k, *shape)``: ``k`` tangent directions.
             params: Point $\theta$ (default: the base point).
-            backend: ``"func"`` (forward-over-reverse, ``torch.func.jvp`` of
-                ``torch.func.grad``, ``vmap`` over the ``k`` tangents; one pass over the
+            backend: ``"func"`` (``torch.func``: ``vjp`` or ``jvp`` of ``grad``, see
+                ``func_mode``, with ``vmap`` over the ``k`` tangents; one pass over the
                 data) or ``"autograd"`` (double backward, one pass over the data, ``k``
                 backward passes per batch).
             cache: Only for one batch and ``params=None``: keep the gradient graph between

@@ -155,6 +155,8 @@ def test_unknown_option_values(problem):
         HessianOperator(model, F.mse_loss, (x, y), backend="jax")
     with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum'\).*'none'"):
         GGNOperator(model, F.mse_loss, (x, y), reduction="none")
+    with pytest.raises(ValueError, match=r"func_mode must be one of \('reverse', 'forward'\)"):
+        HessianOperator(model, F.mse_loss, (x, y), func_mode="fwd")
     with pytest.raises(ValueError, match="max_block must be a positive int or None"):
         HessianOperator(model, F.mse_loss, (x, y), max_block=0)
     with pytest.raises(TypeError, match="dropout must be a bool"):

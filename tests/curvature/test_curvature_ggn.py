@@ -71,14 +71,16 @@ def test_mlp_mse_uneven_loader(cv, state_check, backend, reduction):
     check()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "func-forward"])
 def test_classifier_cross_entropy_is_psd(cv, state_check, backend):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     model = model.to(DT)
     x, y = cv.classification_data()
     check = state_check(model)
-    G = GGNOperator(model, F.cross_entropy, (x, y), backend=backend).to_dense()
+    mode = "forward" if backend == "func-forward" else "reverse"
+    backend = backend.removesuffix("-forward")
+    G = GGNOperator(model, F.cross_entropy, (x, y), backend=backend, func_mode=mode).to_dense()
     _close(G, dense_ggn(model, F.cross_entropy, [(x, y)]))
     assert torch.linalg.eigvalsh(G).min() > -1e-12 * G.abs().max()
     H = HessianOperator(model, F.cross_entropy, (x, y), backend=backend).to_dense()

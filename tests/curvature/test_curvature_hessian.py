@@ -225,3 +225,22 @@ def test_dropout_is_off_by_default(cv, state_check):
     H = HessianOperator(model, F.mse_loss, (x, y), check_deterministic=True)
     _close(H.to_dense(), cv.dense_hessian(model, F.mse_loss, [(x, y)]))
     check()
+
+
+@pytest.mark.parametrize("case", ["mlp-mse", "ce", "convbn-eval", "convbn-batch"])
+def test_forward_over_reverse_mode(cv, state_check, case):
+    """func_mode="forward" (jvp of grad); F.mse_loss falls back to reverse mode per op."""
+    bn = "batch" if case.endswith("batch") else "eval"
+    if case.startswith("convbn"):
+        model, (x, y), loss_fn = cv.make_convbn(), cv.image_data(), F.cross_entropy
+    elif case == "ce":
+        model, (x, y), loss_fn = cv.make_mlp(), cv.regression_data(), F.cross_entropy
+        y = y.softmax(1)
+    else:
+        model, (x, y), loss_fn = cv.make_mlp(), cv.regression_data(), F.mse_loss
+    check = state_check(model)
+    H = HessianOperator(model, loss_fn, (x, y), bn=bn, backend="func", func_mode="forward")
+    _close(H.to_dense(), cv.dense_hessian(model, loss_fn, [(x, y)], bn=bn))
+    expected = "rev" if case == "mlp-mse" else "fwd"
+    assert H.objective._func_mode == expected
+    check()
