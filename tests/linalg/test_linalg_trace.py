@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sharpgen.linalg import as_linear_operator, hutchinson_trace, hutchpp_trace, xtrace
 
 N = 150
-SEEDS = 200
+SEEDS = 400
 ESTIMATORS = [hutchinson_trace, hutchpp_trace, xtrace]
 
 
