@@ -39,6 +39,7 @@ class CurvatureOperator(LinearOperator):
         cache_graph: bool = False,
         max_block: int | None = 16,
         func_mode: str = "reverse",
+        vectorize: bool | None = None,
         process_group: Any = None,
     ) -> None:
         if backend not in VALID_OPERATOR_BACKENDS:
@@ -65,6 +66,7 @@ class CurvatureOperator(LinearOperator):
             reduction=reduction,
             process_group=process_group,
             func_mode=func_mode,
+            vectorize=vectorize,
         )
         super().__init__(self.objective.numel, self.objective.dtype, self.objective.device)
         self._requested_backend = backend

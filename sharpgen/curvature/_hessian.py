@@ -19,7 +19,9 @@ class HessianOperator(CurvatureOperator):
       (reverse-over-reverse, exact because $H$ is symmetric); with ``func_mode="forward"``
       it is $\frac{\partial}{\partial t} \nabla L(\theta + t v)\big|_{t=0}$, the jvp of
       ``torch.func.grad`` (forward-over-reverse). A block ``matmat(V)`` of ``k`` columns is
-      one pass over the data with ``vmap`` over the tangents. On the CPU benchmark
+      one pass over the data, with ``vmap`` over the tangents (``vectorize=True``, the
+      default off the CPU) or column by column reusing each batch's gradient graph
+      (``vectorize=False``, the default on the CPU). On the CPU benchmark
       (`benchmarks/bench_curvature.py`) reverse-over-reverse was as fast or faster and
       needed less memory, hence the default.
     * ``backend="autograd"``: double backward (``torch.autograd.grad`` with
@@ -55,6 +57,8 @@ class HessianOperator(CurvatureOperator):
         cache_graph: Keep the gradient graph of a single batch between products (see
             above; memory stays allocated until `clear_cache`).
         func_mode: ``"reverse"`` or ``"forward"``, see above.
+        vectorize: ``vmap`` over a block's columns (``True``), a loop (``False``) or
+            ``None``: ``vmap`` except on the CPU.
         max_block: At most this many columns of a block go through ``vmap`` in one pass
             over the data (memory grows with it); wider blocks are split. ``None``: no
             limit.

@@ -244,3 +244,26 @@ def test_forward_over_reverse_mode(cv, state_check, case):
     expected = "rev" if case == "mlp-mse" else "fwd"
     assert H.objective._func_mode == expected
     check()
+
+
+@pytest.mark.parametrize("func_mode", ["reverse", "forward"])
+@pytest.mark.parametrize("case", ["mlp-ce", "convbn-eval", "convbn-batch"])
+def test_vmap_blocks(cv, state_check, case, func_mode):
+    """vectorize=True (vmap over the columns, the default off the CPU) against the truth."""
+    from sharpgen.curvature import GGNOperator
+
+    bn = "batch" if case.endswith("batch") else "eval"
+    if case.startswith("convbn"):
+        model, (x, y) = cv.make_convbn(), cv.image_data()
+    else:
+        model, (x, y) = cv.make_mlp(), cv.regression_data()
+        y = y.softmax(1)
+    check = state_check(model)
+    kw = dict(bn=bn, backend="func", func_mode=func_mode, vectorize=True, max_block=None)
+    H = HessianOperator(model, F.cross_entropy, (x, y), **kw)
+    assert H.objective.vectorize
+    _close(H.to_dense(), cv.dense_hessian(model, F.cross_entropy, [(x, y)], bn=bn))
+    G = GGNOperator(model, F.cross_entropy, (x, y), **kw).to_dense()
+    kw["vectorize"] = False
+    _close(G, GGNOperator(model, F.cross_entropy, (x, y), **kw).to_dense(), rtol=1e-12)
+    check()
