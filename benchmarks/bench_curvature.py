@@ -22,6 +22,8 @@ Run with the benchmark environment, which has PyHessian::
 
     .venv-bench/bin/python benchmarks/bench_curvature.py            # full
     .venv-bench/bin/python benchmarks/bench_curvature.py --quick    # smaller batches
+
+``--threads`` sets torch's thread count (default 1).
 """
 
 from __future__ import annotations
@@ -115,14 +117,15 @@ def build(method: str, model: nn.Module, x, y):
 
         return run
     if method.startswith("hvp_") or method.startswith("block8_"):
-        backend = method.split("_", 1)[1]
-        cache = backend.endswith("-cached")
+        backend, *flags = method.split("_", 1)[1].split("-")
         H = HessianOperator(
             model,
             F.cross_entropy,
             (x, y),
-            backend=backend.removesuffix("-cached"),
-            cache_graph=cache,
+            backend=backend,
+            func_mode="forward" if "fwd" in flags else "reverse",
+            cache_graph="cached" in flags,
+            vectorize="vmap" in flags,
         )
         k = 8 if method.startswith("block8_") else 1
         V = torch.randn(n, k, generator=gen)
@@ -208,7 +211,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, multi-threaded small kernels "
+        "stall on descheduled threads and the timings become meaningless)",
+    )
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
@@ -225,10 +234,13 @@ def main() -> None:
         methods = [
             "grad",
             "hvp_func",
+            "hvp_func-fwd",
             "hvp_autograd",
             "hvp_func-cached",
             "hvp_autograd-cached",
             "block8_func",
+            "block8_func-vmap",
+            "block8_func-fwd-vmap",
             "block8_func-cached",
         ]
         if ph:
@@ -236,7 +248,15 @@ def main() -> None:
         t = time_ops({m: build(m, model, x, y) for m in methods}, repeats)
         for m in methods:
             print(f"[{name}] {m}: {t[m] * 1e3:.1f} ms", file=sys.stderr)
-        mem_methods = ["grad", "hvp_func", "hvp_autograd", "block8_func", "hvp_func-cached"]
+        mem_methods = [
+            "grad",
+            "hvp_func",
+            "hvp_func-fwd",
+            "hvp_autograd",
+            "block8_func",
+            "block8_func-vmap",
+            "hvp_func-cached",
+        ]
         if ph:
             mem_methods.append("pyhessian_setup")
         mem = {m: measure_memory(name, m, batches[name], args.threads) for m in mem_methods}
@@ -245,14 +265,27 @@ def main() -> None:
         col = {
             "parameters / batch size": f"{nparams:,} / {batches[name]}",
             "one gradient (reference)": f"{g * 1e3:.1f} ms, {mem['grad']:.1f} MiB",
-            "HVP, func (forward-over-reverse): time": f"{t['hvp_func'] / g:.2f}x",
-            "HVP, func: peak memory": f"{mem['hvp_func'] / mg:.2f}x",
+            "HVP, func, reverse-over-reverse (default): time": f"{t['hvp_func'] / g:.2f}x",
+            "HVP, func, reverse-over-reverse: peak memory": f"{mem['hvp_func'] / mg:.2f}x",
+            "HVP, func, forward-over-reverse: time": f"{t['hvp_func-fwd'] / g:.2f}x",
+            "HVP, func, forward-over-reverse: peak memory": f"{mem['hvp_func-fwd'] / mg:.2f}x",
             "HVP, autograd (double backward): time": f"{t['hvp_autograd'] / g:.2f}x",
             "HVP, autograd: peak memory": f"{mem['hvp_autograd'] / mg:.2f}x",
-            "k=8 block, func: time per product": f"{t['block8_func'] / 8 / g:.2f}x",
-            "k=8 block, func: peak memory (whole block)": f"{mem['block8_func'] / mg:.2f}x",
-            "k=8 block speed-up over 8 single func HVPs": (
+            "k=8 block, func (loop over columns): time per product": (
+                f"{t['block8_func'] / 8 / g:.2f}x"
+            ),
+            "k=8 block, func (loop): peak memory (whole block)": f"{mem['block8_func'] / mg:.2f}x",
+            "k=8 block (loop) speed-up over 8 single func HVPs": (
                 f"{8 * t['hvp_func'] / t['block8_func']:.2f}x"
+            ),
+            "k=8 block, func with vmap: time per product": (
+                f"{t['block8_func-vmap'] / 8 / g:.2f}x"
+            ),
+            "k=8 block, func with vmap: peak memory (whole block)": (
+                f"{mem['block8_func-vmap'] / mg:.2f}x"
+            ),
+            "k=8 block, func with vmap, forward-over-reverse: time per product": (
+                f"{t['block8_func-fwd-vmap'] / 8 / g:.2f}x"
             ),
             "HVP, func, cache_graph=True: time per product": f"{t['hvp_func-cached'] / g:.2f}x",
             "HVP, func, cache_graph=True: peak memory (first call)": (
@@ -261,17 +294,17 @@ def main() -> None:
             "HVP, autograd, cache_graph=True: time per product": (
                 f"{t['hvp_autograd-cached'] / g:.2f}x"
             ),
-            "k=8 block, func, cache_graph=True: time per product": (
+            "k=8 block (loop), func, cache_graph=True: time per product": (
                 f"{t['block8_func-cached'] / 8 / g:.2f}x"
             ),
         }
         if ph:
             ours = {
                 "single func HVP": t["hvp_func"],
-                "k=8 block func": t["block8_func"] / 8,
+                "k=8 block func (loop)": t["block8_func"] / 8,
                 "func cache_graph": t["hvp_func-cached"],
                 "autograd cache_graph": t["hvp_autograd-cached"],
-                "k=8 block func cache_graph": t["block8_func-cached"] / 8,
+                "k=8 block func (loop) cache_graph": t["block8_func-cached"] / 8,
             }
             col["PyHessian product (graph kept): time"] = f"{t['pyhessian'] / g:.2f}x"
             col["PyHessian set-up (graph building): time, peak memory"] = (
