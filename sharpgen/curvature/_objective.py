@@ -549,14 +549,7 @@ class ModelObjective:
                 else:
                     fn = _autograd_hvp if kind == "hvp" else _autograd_ggn
                     out = fn(self, others, p, V, inputs, targets, None)
-                w = self._weight(n)
-                for name in acc:
-                    if count == 0 and w == 1.0:
-                        acc[name].copy_(out[name])
-                    elif count == 0:
-                        torch.mul(out[name], w, out=acc[name])
-                    else:
-                        acc[name].add_(out[name], alpha=w)
+                _accumulate(acc, out, self._weight(n), count == 0)
                 del out
                 count += n
         what = "Hessian-vector product" if kind == "hvp" else "GGN-vector product"
@@ -641,15 +634,33 @@ def _apply_block(
 ) -> Any:
     """Apply ``one`` to the ``k`` tangents of ``V`` (``vmap``, or a loop over columns).
 
-    The loop reuses whatever ``one`` closes over, such as a gradient graph.
+    Returns a dict of ``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column dicts
+    (loop; it reuses whatever ``one`` closes over, such as a gradient graph).
     """
     k = next(iter(V.values())).shape[0]
     if k == 1 or not vectorize:
-        cols = [one({n: t[j] for n, t in V.items()}) for j in range(k)]
-        if k == 1:
-            return {n: t.unsqueeze(0) for n, t in cols[0].items()}
-        return {n: torch.stack([c[n] for c in cols]) for n in cols[0]}
+        return [one({n: t[j].contiguous() for n, t in V.items()}) for j in range(k)]
     return torch.func.vmap(one, randomness="same")(V)
+
+
+def _accumulate(acc: dict[str, Tensor], out: Any, w: float, first: bool) -> None:
+    """``acc (+)= w * out`` for a dict of blocks or a list of per-column dicts."""
+
+    def put(dst: Tensor, src: Tensor) -> None:
+        if first and w == 1.0:
+            dst.copy_(src)
+        elif first:
+            torch.mul(src, w, out=dst)
+        else:
+            dst.add_(src, alpha=w)
+
+    if isinstance(out, list):
+        for j, col in enumerate(out):
+            for name, a in acc.items():
+                put(a[j], col[name])
+    else:
+        for name, a in acc.items():
+            put(a, out[name])
 
 
 def _func_hvp(
@@ -786,7 +797,7 @@ def _autograd_hvp(
                 torch.autograd.grad(
                     [g for _, g in live],
                     params,
-                    [V[names[i]][j] for i, _ in live],
+                    [V[names[i]][j].contiguous() for i, _ in live],
                     retain_graph=keep or j < k - 1,
                     materialize_grads=True,
                 )
@@ -794,11 +805,9 @@ def _autograd_hvp(
     return _stack_columns(names, columns)
 
 
-def _stack_columns(names: list[str], columns: list[tuple[Tensor, ...]]) -> dict[str, Tensor]:
-    """``k`` tuples of per-parameter results -> dict of ``(k, *shape)`` tensors."""
-    if len(columns) == 1:
-        return {n: t.unsqueeze(0) for n, t in zip(names, columns[0], strict=True)}
-    return {n: torch.stack([c[i] for c in columns]) for i, n in enumerate(names)}
+def _stack_columns(names: list[str], columns: list[tuple[Tensor, ...]]) -> list[dict[str, Tensor]]:
+    """``k`` tuples of per-parameter results -> ``k`` per-column dicts."""
+    return [dict(zip(names, c, strict=True)) for c in columns]
 
 
 def _autograd_ggn(
@@ -824,7 +833,7 @@ def _autograd_ggn(
             (jv,) = torch.autograd.grad(
                 [g for _, g in live],
                 graph["u"],
-                [V[names[i]][j] for i, _ in live],
+                [V[names[i]][j].contiguous() for i, _ in live],
                 retain_graph=True,
             )
             (hjv,) = torch.autograd.grad(graph["gl"], graph["o"], jv, retain_graph=True)
