@@ -14,7 +14,9 @@ from sharpgen.curvature import (
     flatten_params,
     preserve_model_state,
     select_params,
+    shard_indices,
     unflatten_params,
+    without_sampler_padding,
 )
 from sharpgen.data import (
     DataSplit,
@@ -61,6 +63,7 @@ from sharpgen.optim import (
     GSAM,
     SAM,
     SAMStepInfo,
+    ddp_sam_step,
     disable_running_stats,
     perturbed,
     sam_gradient,
@@ -131,6 +134,10 @@ __all__ = [
     "sam_gradient",
     "perturbed",
     "disable_running_stats",
+    # distributed (torch.distributed helpers)
+    "ddp_sam_step",
+    "shard_indices",
+    "without_sampler_padding",
     # paper models (sharpgen.models)
     "TwoLayerNet",
     "two_layer_relu",

@@ -5,6 +5,7 @@ through `torch.func` (with a double-backward fallback), over one batch or a whol
 DataLoader, leaving the caller's model exactly as it was.
 """
 
+from sharpgen._distributed import shard_indices, without_sampler_padding
 from sharpgen.curvature._data import as_batches, num_samples
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
 from sharpgen.curvature._ggn import GGNOperator
@@ -27,6 +28,9 @@ __all__ = [
     # data
     "as_batches",
     "num_samples",
+    # distributed data (torch.distributed)
+    "shard_indices",
+    "without_sampler_padding",
     # model state
     "preserve_model_state",
     "model_state_policy",

@@ -40,7 +40,7 @@ class CurvatureOperator(LinearOperator):
         max_block: int | None = 16,
         func_mode: str = "reverse",
         vectorize: bool | None = None,
-        process_group: Any = None,
+        process_group: Any = "auto",
     ) -> None:
         if backend not in VALID_OPERATOR_BACKENDS:
             raise ValueError(

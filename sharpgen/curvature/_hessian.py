@@ -62,7 +62,9 @@ class HessianOperator(CurvatureOperator):
         max_block: At most this many columns of a block go through ``vmap`` in one pass
             over the data (memory grows with it); wider blocks are split. ``None``: no
             limit.
-        process_group: ``torch.distributed`` group to all-reduce over (default none).
+        process_group: ``"auto"`` (default: the initialized default group, or the DDP
+            model's, if any), ``None`` (no communication) or a ``torch.distributed``
+            group; see the Distributed guide.
 
     Raises:
         ValueError: Unknown ``bn``/``backend``/``reduction``; no parameters selected; empty

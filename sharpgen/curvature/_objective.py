@@ -22,6 +22,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sharpgen._distributed import (
+    AUTO,
+    check_ranks_agree,
+    reduce_partials,
+    resolve_process_group,
+    unwrap_model,
+    without_sampler_padding,
+)
 from sharpgen.curvature._data import as_batches, num_samples
 from sharpgen.curvature._params import ParamSelection, select_params
 from sharpgen.curvature._state import check_policy, model_state_policy
@@ -48,27 +56,16 @@ def dataset_reduce(
         reduction: ``"mean"`` (divide by the total count) or ``"sum"``.
         process_group: ``None``: no communication (the data seen by this process is the
             dataset). Otherwise a ``torch.distributed`` process group (for example
-            ``torch.distributed.group.WORLD``) over which partial sums and counts are
-            all-reduced before dividing.
+            ``torch.distributed.group.WORLD``; ``"auto"``: the default group if
+            initialized) over which partial sums and the count are summed in ONE
+            all-reduce before dividing.
 
     Returns:
         The dataset quantities (same shapes as ``partials``) and the total count.
     """
-    if process_group is not None:
-        import torch.distributed as dist
-
-        counts = torch.tensor([count], dtype=torch.int64, device=_device_of(partials))
-        dist.all_reduce(counts, group=process_group)
-        count = int(counts.item())
-        if not partials:
-            return [], count
-        flat = torch.cat([p.reshape(-1) for p in partials])
-        dist.all_reduce(flat, group=process_group)
-        out, offset = [], 0
-        for p in partials:
-            out.append(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        partials = out
+    group = resolve_process_group(process_group)
+    if group is not None:  # sharpgen._distributed: one all-reduce, count included
+        partials, count = reduce_partials(list(partials), count, group)
     if reduction == "mean":
         return [p.div_(count) for p in partials], count
     return list(partials), count
@@ -138,8 +135,13 @@ class ModelObjective:
         bn: ``"eval"`` or ``"batch"``.
         dropout: Keep dropout active (``True``) or not (``False``, default).
         reduction: ``"mean"`` or ``"sum"``, see above.
-        process_group: ``None`` (no communication) or a ``torch.distributed`` process
-            group over which per-process sums are all-reduced (see `dataset_reduce`).
+        process_group: ``"auto"`` (default: the DDP model's group or the initialized
+            default group, if any), ``None`` (no communication) or a
+            ``torch.distributed`` process group over which per-process sums are
+            all-reduced (see `dataset_reduce` and the Distributed guide). With a
+            group, every process passes its shard of the data; a
+            `DistributedDataParallel` model is unwrapped and the samples a
+            `DistributedSampler` repeats for padding are dropped.
         func_mode: How ``backend="func"`` takes the second derivative: ``"reverse"``
             (default; ``torch.func.vjp`` of ``torch.func.grad``, which by symmetry of the
             Hessian gives $Hv$) or ``"forward"`` (``torch.func.jvp`` of
@@ -183,7 +185,7 @@ class ModelObjective:
         bn: str = "eval",
         dropout: bool = False,
         reduction: str = "mean",
-        process_group: Any = None,
+        process_group: Any = AUTO,
         func_mode: str = "reverse",
         vectorize: bool | None = None,
     ) -> None:
@@ -206,26 +208,39 @@ class ModelObjective:
                 f"func_mode must be one of {VALID_FUNC_MODES} ('reverse': vjp of grad; "
                 f"'forward': jvp of grad), got {func_mode!r}."
             )
+        group = resolve_process_group(process_group, model)
+        model = unwrap_model(model)  # functional calls go to the DDP-wrapped module
         selected = select_params(model, params)
         self.model = model
         self.loss_fn = loss_fn
         self.bn = bn
         self.dropout = dropout
         self.reduction = reduction
-        self.process_group = process_group
+        self.process_group = group
         self.params: dict[str, Tensor] = {n: t.detach().clone() for n, t in selected.items()}
         first = next(iter(self.params.values()))
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.numel: int = sum(t.numel() for t in self.params.values())
-        self._batches = as_batches(data)
+        self._batches = as_batches(without_sampler_padding(data))
         self._num_samples: int | None = None
         self._func_mode = "rev" if func_mode == "reverse" else "fwd"
         if vectorize is not None and not isinstance(vectorize, bool):
             raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}.")
         self.vectorize: bool = self.device.type != "cpu" if vectorize is None else vectorize
         self._graph_cache: Any = None
+        self._tangents_checked = False
         self._validate()
+        if group is not None:
+            shapes = [(n, tuple(t.shape)) for n, t in self.params.items()]
+            agree = {
+                "the number of selected parameters": self.numel,
+                "the parameter names and shapes": shapes,
+                "the dtype": str(self.dtype),
+                "reduction": reduction,
+                "bn": bn,
+            }
+            check_ranks_agree(group, agree, where="ModelObjective")
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -533,6 +548,11 @@ class ModelObjective:
             raise ValueError(f"backend must be one of {_VALID_BACKENDS}, got {backend!r}.")
         p = self.resolve(params)
         k = self._check_block(V)
+        if self.process_group is not None and not self._tangents_checked:
+            block = torch.cat([V[n].reshape(-1) for n in p])
+            what = {"the first block of vectors (same probes/seed?)": block}
+            check_ranks_agree(self.process_group, what, where=f"ModelObjective.{kind}")
+            self._tangents_checked = True
         V = {n: V[n] for n in p}
         buf = torch.empty((self.numel, k), dtype=self.dtype, device=self.device)
         acc = _block_views(buf, p)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpgen._distributed import check_generator_agrees
 from sharpgen.curvature import ModelObjective, flatten_params, unflatten_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.sharpness._common import (
@@ -90,6 +91,7 @@ def average_sharpness(
     dropout: bool = False,
     reduction: str = "mean",
     progress: bool = False,
+    process_group: Any = "auto",
 ) -> AverageSharpnessResult:
     r"""Average-case sharpness $\mathbb{E}_{\varepsilon}\, L(\theta+\varepsilon) - L(\theta)$.
 
@@ -141,6 +143,10 @@ def average_sharpness(
         dropout: Keep dropout active (adds its own noise); default off.
         reduction: ``"mean"`` or ``"sum"``.
         progress: Show a tqdm progress bar over the draws.
+        process_group: ``"auto"`` (default), ``None`` or a ``torch.distributed``
+            group over which every loss evaluation is all-reduced (each process
+            passes its shard; the same ``generator`` seed on every process, which is
+            checked); see the Distributed guide.
 
     Returns:
         An `AverageSharpnessResult`.
@@ -175,7 +181,11 @@ def average_sharpness(
     antithetic = check_bool("antithetic", antithetic)
     generator = check_generator(generator)
     check_bool("progress", progress)
-    obj = ModelObjective(model, loss_fn, data, params, bn=bn, dropout=dropout, reduction=reduction)
+    obj = ModelObjective(model, loss_fn, data, params, bn=bn, dropout=dropout,
+                         reduction=reduction, process_group=process_group)  # fmt: skip
+    if obj.process_group is not None:
+        check_generator_agrees(generator, obj.process_group, obj.device,
+                               where="average_sharpness")  # fmt: skip
     theta = obj.params
     flat = flatten_params(theta)
     scale = (flat.abs() + eta) * rho if adaptive else None

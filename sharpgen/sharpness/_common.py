@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpgen._distributed import unwrap_model
 from sharpgen.curvature import HessianOperator, as_batches, select_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.linalg import LinearOperator
@@ -81,7 +82,7 @@ def check_generator(generator: object) -> torch.Generator | None:
 
 def num_selected(model: nn.Module, params: ParamSelection) -> int:
     """Number of scalar parameters the measure is taken over (no forward pass)."""
-    return sum(t.numel() for t in select_params(model, params).values())
+    return sum(t.numel() for t in select_params(unwrap_model(model), params).values())
 
 
 # -- random numbers ---------------------------------------------------------------------------

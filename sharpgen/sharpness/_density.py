@@ -42,7 +42,7 @@ def spectral_density(
     reduction: str = "mean",
     progress: bool = False,
     backend: str = "auto",
-    process_group: Any = None,
+    process_group: Any = "auto",
 ) -> SpectralDensity:
     r"""Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature (SLQ).
 
@@ -77,7 +77,9 @@ def spectral_density(
         reduction: ``"mean"`` or ``"sum"``.
         progress: Show a tqdm progress bar over the products.
         backend: Backend of the `sharpgen.curvature.HessianOperator`.
-        process_group: ``torch.distributed`` group to all-reduce over (default none).
+        process_group: ``"auto"`` (default: the initialized default group, or the DDP
+            model's, if any), ``None`` (no communication) or a ``torch.distributed``
+            group; see the Distributed guide.
 
     Returns:
         A `sharpgen.linalg.SpectralDensity` (``nodes``, ``weights``, ``grid``,

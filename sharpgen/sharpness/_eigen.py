@@ -82,7 +82,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     progress: bool = False,
     backend: str = "auto",
-    process_group: Any = None,
+    process_group: Any = "auto",
 ) -> ModelEigenResult:
     r"""The ``k`` extreme eigenvalues of the loss Hessian $\nabla^2_\theta L(\theta)$ by Lanczos.
 
@@ -120,7 +120,9 @@ def top_eigenvalues(
             PyHessian does), which made one product 2 to 5 times cheaper than
             forward-over-reverse in our CPU measurements; with several batches it is the
             operator's ``"auto"``. ``"func"`` or ``"autograd"`` force a backend.
-        process_group: ``torch.distributed`` group to all-reduce over (default none).
+        process_group: ``"auto"`` (default: the initialized default group, or the DDP
+            model's, if any), ``None`` (no communication) or a ``torch.distributed``
+            group; see the Distributed guide.
 
     Returns:
         A `ModelEigenResult`: eigenvalues (descending, ascending for ``"smallest"``),

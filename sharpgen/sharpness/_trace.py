@@ -47,7 +47,7 @@ def hessian_trace(
     block_size: int = 64,
     exact_threshold: int = 2000,
     backend: str = "auto",
-    process_group: Any = None,
+    process_group: Any = "auto",
 ) -> TraceEstimate:
     r"""Trace of the Hessian of the dataset loss, $\operatorname{tr} \nabla^2_\theta L(\theta)$.
 
@@ -100,7 +100,9 @@ def hessian_trace(
         exact_threshold: Largest parameter count for which ``"auto"`` computes the trace
             exactly.
         backend: Backend of the `sharpgen.curvature.HessianOperator`.
-        process_group: ``torch.distributed`` group to all-reduce over (default none).
+        process_group: ``"auto"`` (default: the initialized default group, or the DDP
+            model's, if any), ``None`` (no communication) or a ``torch.distributed``
+            group; see the Distributed guide.
 
     Returns:
         A `sharpgen.linalg.TraceEstimate` (``method`` is the method actually used;

@@ -10,6 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpgen._distributed import (
+    check_generator_agrees,
+    global_means,
+    resolve_process_group,
+    without_sampler_padding,
+)
 from sharpgen.curvature import (
     ModelObjective,
     as_batches,
@@ -115,6 +121,7 @@ def sam_sharpness(
     reduction: str = "mean",
     return_perturbation: bool = True,
     progress: bool = False,
+    process_group: Any = "auto",
 ) -> SharpnessResult:
     r"""Worst-case sharpness $\max_{\varepsilon \in C} L(\theta+\varepsilon) - L(\theta)$.
 
@@ -176,6 +183,12 @@ def sam_sharpness(
         return_perturbation: Keep the best perturbation(s) in the result (set False to
             save memory with many chunks).
         progress: Show a tqdm progress bar over the evaluations.
+        process_group: ``"auto"`` (default), ``None`` or a ``torch.distributed``
+            group (see the Distributed guide): the loss and gradient are all-reduced,
+            so the attack is on the global loss. With ``m`` every process cuts its
+            own shard into chunks (``m`` must divide it), the values are means over
+            the chunks of all processes (one all-reduce) and ``chunk_values`` holds
+            this process's chunks.
 
     Returns:
         A `SharpnessResult`.
@@ -216,11 +229,15 @@ def sam_sharpness(
     generator = check_generator(generator)
     return_perturbation = check_bool("return_perturbation", return_perturbation)
     check_bool("progress", progress)
+    group = resolve_process_group(process_group, model)
+    if group is not None and restarts > 0:
+        device = next(iter(model.parameters())).device
+        check_generator_agrees(generator, group, device, where="sam_sharpness")
     if step_size is None:
         step_size = rho if norm == "l2" else 2.5 * rho / steps
     if m is not None:
         m = check_int("m", m, hint="m is the number of samples per chunk.")
-        batch = concatenate_batches(data)
+        batch = concatenate_batches(without_sampler_padding(data))
         n = num_samples(batch[0])
         if m > n:
             raise ValueError(
@@ -244,8 +261,9 @@ def sam_sharpness(
     with progress_bar(progress, total=total, desc="sam_sharpness", unit="eval") as bar:
         for chunk in chunks:
             obj = ModelObjective(
-                model, loss_fn, chunk, params, bn=bn, dropout=dropout, reduction=reduction
-            )
+                model, loss_fn, chunk, params, bn=bn, dropout=dropout, reduction=reduction,
+                process_group=group if m is None else None,
+            )  # fmt: skip
             loss0, loss1, eps = _attack(
                 obj, steps, step_size, restarts, generator, options, counts, bar
             )
@@ -258,11 +276,17 @@ def sam_sharpness(
     perturbation: Any = None
     if return_perturbation:
         perturbation = best_eps if m is not None else best_eps[0]
+    stats = [chunk_values, torch.stack(losses).double().cpu(),
+             torch.stack(perturbed).double().cpu()]  # fmt: skip
+    if m is not None and group is not None:  # mean over the chunks of all processes
+        means = global_means(stats, group, what="the m-sharpness chunk values")
+    else:
+        means = [float(s.mean()) for s in stats]
     return SharpnessResult(
-        value=float(chunk_values.mean()),
+        value=means[0],
         chunk_values=chunk_values,
-        loss=float(torch.stack(losses).double().mean()),
-        perturbed_loss=float(torch.stack(perturbed).double().mean()),
+        loss=means[1],
+        perturbed_loss=means[2],
         perturbation=perturbation,
         rho=rho,
         norm=norm,
