@@ -8,7 +8,8 @@ Measures, for a ~1M-parameter conv net and an MLP (float32, CPU, cross-entropy, 
   which is how PyHessian's eigenvalue/trace loops use it) on the same model and data;
 * the peak-memory increase of one HVP relative to one gradient.
 
-Timing: median of ``--repeats`` runs after one warm-up run, ``time.perf_counter``.
+Timing: median of ``--repeats`` interleaved rounds (every operation once per round) after one
+warm-up run, ``time.perf_counter``.
 
 Memory: every memory cell runs in a fresh subprocess. It first runs the operation once on a
 tiny model (to load lazily imported code), then builds the model, data and operator, reads
@@ -318,7 +319,8 @@ def main() -> None:
     names = {"conv": "conv net", "mlp": "MLP 784-512-512-10"}
     print(
         f"\nfloat32, CPU, {args.threads} threads, torch {torch.__version__}, "
-        f"median of {repeats}; times relative to one gradient unless stated.\n"
+        f"median of {repeats} interleaved rounds; time and peak-memory increase relative to "
+        "one gradient unless stated.\n"
     )
     print("| quantity | " + " | ".join(names[n] for n in rows) + " |")
     print("|---|" + "---|" * len(rows))
