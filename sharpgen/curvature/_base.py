@@ -127,6 +127,9 @@ class CurvatureOperator(LinearOperator):
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, NotImplementedError) as exc:
+                # An error of the user's model or loss fails under autograd too: then that
+                # error is raised as it is, without claiming a torch.func limitation.
+                out = self._product(block, "autograd")
                 warnings.warn(
                     f"{type(self).__name__}: torch.func could not trace the model "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); falling back "
@@ -136,7 +139,6 @@ class CurvatureOperator(LinearOperator):
                     stacklevel=3,
                 )
                 self._backend = "autograd"
-                out = self._product(block, "autograd")
             else:
                 self._backend = "func"
         else:

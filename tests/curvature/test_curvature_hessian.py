@@ -267,3 +267,27 @@ def test_vmap_blocks(cv, state_check, case, func_mode):
     kw["vectorize"] = False
     _close(G, GGNOperator(model, F.cross_entropy, (x, y), **kw).to_dense(), rtol=1e-12)
     check()
+
+
+def test_auto_backend_does_not_blame_torch_func_for_a_user_error(cv, state_check):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model = model.to(DT)
+    x, y = cv.regression_data()
+    calls = {"n": 0}
+
+    def flaky_loss(out, target):
+        calls["n"] += 1
+        if calls["n"] > 1:  # construction evaluates the loss once; products fail
+            raise RuntimeError("user bug in the loss")
+        return F.mse_loss(out, target)
+
+    check = state_check(model)
+    H = HessianOperator(model, flaky_loss, (x, y))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no misleading fallback warning
+        with pytest.raises(RuntimeError, match="user bug in the loss"):
+            H.matvec(torch.ones(H.shape[0], dtype=DT))
+    check()
