@@ -100,7 +100,9 @@ class LinearOperator:
             raise ValueError(f"V must be 2-D of shape (n, k), got shape {tuple(V.shape)}.")
         out = self._matmat(V)
         self.num_matvecs += V.shape[1]
-        if not torch.isfinite(out).all():
+        # One reduction is much cheaper than an elementwise check; a non-finite sum is
+        # confirmed elementwise (a finite product can overflow its sum).
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise FloatingPointError(
                 "the operator product contains NaN or Inf; check the model, the loss and "
                 "the data for non-finite values (or use float64)."
