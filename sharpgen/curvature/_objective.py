@@ -567,8 +567,7 @@ class ModelObjective:
                 elif backend == "func":
                     out = self._func_batch(kind, others, p, V, inputs, targets)
                 else:
-                    fn = _autograd_hvp if kind == "hvp" else _autograd_ggn
-                    out = fn(self, others, p, V, inputs, targets, None)
+                    out = _autograd_product(self, kind, others, p, V, inputs, targets, None)
                 _accumulate(acc, out, self._weight(n), count == 0)
                 del out
                 count += n
@@ -584,10 +583,9 @@ class ModelObjective:
         V: dict[str, Tensor],
         inputs: Any,
         targets: Any,
-    ) -> dict[str, Tensor]:
-        fn = _func_hvp if kind == "hvp" else _func_ggn
+    ) -> Any:
         try:
-            return fn(self, others, p, V, inputs, targets, self._func_mode)
+            return _func_product(self, kind, others, p, V, inputs, targets, self._func_mode)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
@@ -595,7 +593,7 @@ class ModelObjective:
                 raise
         # Some ops have no forward-mode formula for their backward (in torch 2.13 e.g.
         # F.mse_loss with reduction="mean"); reverse-over-reverse works for them.
-        out = fn(self, others, p, V, inputs, targets, "rev")
+        out = _func_product(self, kind, others, p, V, inputs, targets, "rev")
         self._func_mode = "rev"
         return out
 
@@ -608,7 +606,7 @@ class ModelObjective:
         V: dict[str, Tensor],
         inputs: Any,
         targets: Any,
-    ) -> dict[str, Tensor]:
+    ) -> Any:
         """Products on one batch from a kept gradient graph (rebuilt when the model changes)."""
         tensors = [*others.values(), *self.model.buffers()]
         key = (kind, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
@@ -618,10 +616,9 @@ class ModelObjective:
         self._graph_cache = None
         if backend == "autograd":
             graph = _build_graph(self, kind, others, p, inputs, targets)
-            fn = _autograd_hvp if kind == "hvp" else _autograd_ggn
 
-            def apply(W: dict[str, Tensor]) -> dict[str, Tensor]:
-                return fn(self, others, p, W, inputs, targets, graph)
+            def apply(W: dict[str, Tensor]) -> Any:
+                return _autograd_product(self, kind, others, p, W, inputs, targets, graph)
 
         else:
             apply = _func_cached(self, kind, others, p, inputs, targets)
@@ -683,30 +680,27 @@ def _accumulate(acc: dict[str, Tensor], out: Any, w: float, first: bool) -> None
             put(a, out[name])
 
 
-def _func_hvp(
+def _func_column(
     obj: ModelObjective,
+    kind: str,
     others: dict[str, Tensor],
     p: dict[str, Tensor],
-    V: dict[str, Tensor],
     inputs: Any,
     targets: Any,
     mode: str,
-) -> dict[str, Tensor]:
-    def f(q: dict[str, Tensor]) -> Tensor:
-        return obj.batch_loss(q, inputs, targets, others=others)
+) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """Return ``v -> H v`` (``kind="hvp"``) or ``v -> J^T H_loss J v`` (``"ggn"``) on one batch.
 
-    return _apply_block(_second_order(f, p, mode), V, obj.vectorize)
+    Built with torch.func; whatever the returned function closes over (the ``vjp`` of the
+    gradient with ``mode="rev"``, the model's ``vjp``) is reused for every column.
+    """
+    if kind == "hvp":
 
+        def f(q: dict[str, Tensor]) -> Tensor:
+            return obj.batch_loss(q, inputs, targets, others=others)
 
-def _func_ggn(
-    obj: ModelObjective,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    V: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    mode: str,
-) -> dict[str, Tensor]:
+        return _second_order(f, p, mode)
+
     def out_fn(q: dict[str, Tensor]) -> Any:
         return obj._forward(others, q, inputs)
 
@@ -720,6 +714,21 @@ def _func_ggn(
         _, jv = torch.func.jvp(out_fn, (p,), (v,))
         return vjp_fn(h_loss(jv))[0]
 
+    return one
+
+
+def _func_product(
+    obj: ModelObjective,
+    kind: str,
+    others: dict[str, Tensor],
+    p: dict[str, Tensor],
+    V: dict[str, Tensor],
+    inputs: Any,
+    targets: Any,
+    mode: str,
+) -> Any:
+    """One batch's product with the ``k`` tangents of ``V`` (see `_apply_block`)."""
+    one = _func_column(obj, kind, others, p, inputs, targets, mode)
     return _apply_block(one, V, obj.vectorize)
 
 
@@ -730,29 +739,9 @@ def _func_cached(
     p: dict[str, Tensor],
     inputs: Any,
     targets: Any,
-) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+) -> Callable[[dict[str, Tensor]], Any]:
     """Reverse-over-reverse through torch.func with the gradient graph kept in a closure."""
-    if kind == "hvp":
-
-        def f(q: dict[str, Tensor]) -> Tensor:
-            return obj.batch_loss(q, inputs, targets, others=others)
-
-        hv = _second_order(f, p, "rev")
-        return lambda V: _apply_block(hv, V, obj.vectorize)
-
-    def out_fn(q: dict[str, Tensor]) -> Any:
-        return obj._forward(others, q, inputs)
-
-    def loss_of_out(o: Any) -> Tensor:
-        return obj._apply_loss(o, targets)
-
-    outputs, vjp_fn = torch.func.vjp(out_fn, p)
-    h_loss = _second_order(loss_of_out, outputs, "rev")
-
-    def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        _, jv = torch.func.jvp(out_fn, (p,), (v,))
-        return vjp_fn(h_loss(jv))[0]
-
+    one = _func_column(obj, kind, others, p, inputs, targets, "rev")
     return lambda V: _apply_block(one, V, obj.vectorize)
 
 
@@ -792,74 +781,45 @@ def _build_graph(
         return {"preq": preq, "outputs": outputs, "o": o, "gl": gl, "u": u, "live": live}
 
 
-def _autograd_hvp(
+def _autograd_product(
     obj: ModelObjective,
+    kind: str,
     others: dict[str, Tensor],
     p: dict[str, Tensor],
     V: dict[str, Tensor],
     inputs: Any,
     targets: Any,
     graph: dict[str, Any] | None,
-) -> dict[str, Tensor]:
+) -> Any:
+    """One batch's product by double backward, column by column.
+
+    ``graph`` is a kept graph of `_build_graph` (``None``: built here and freed after the
+    last column of a Hessian product). Returns a list of ``k`` per-column dicts, or a dict
+    of ``(k, *shape)`` zeros when no selected parameter enters the product.
+    """
     keep = graph is not None
     if graph is None:
-        graph = _build_graph(obj, "hvp", others, p, inputs, targets)
+        graph = _build_graph(obj, kind, others, p, inputs, targets)
     preq, live = graph["preq"], graph["live"]
     names = list(preq)
     params = list(preq.values())
     k = next(iter(V.values())).shape[0]
     if not live:
         return _zeros_like_dict(p, k)
+    live_grads = [g for _, g in live]
     columns = []
     with torch.enable_grad():
         for j in range(k):
-            columns.append(
-                torch.autograd.grad(
-                    [g for _, g in live],
-                    params,
-                    [V[names[i]][j].contiguous() for i, _ in live],
-                    retain_graph=keep or j < k - 1,
-                    materialize_grads=True,
+            v = [V[names[i]][j].contiguous() for i, _ in live]
+            if kind == "hvp":
+                col = torch.autograd.grad(
+                    live_grads, params, v, retain_graph=keep or j < k - 1, materialize_grads=True
                 )
-            )
-    return _stack_columns(names, columns)
-
-
-def _stack_columns(names: list[str], columns: list[tuple[Tensor, ...]]) -> list[dict[str, Tensor]]:
-    """``k`` tuples of per-parameter results -> ``k`` per-column dicts."""
-    return [dict(zip(names, c, strict=True)) for c in columns]
-
-
-def _autograd_ggn(
-    obj: ModelObjective,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    V: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    graph: dict[str, Any] | None,
-) -> dict[str, Tensor]:
-    if graph is None:
-        graph = _build_graph(obj, "ggn", others, p, inputs, targets)
-    preq, live = graph["preq"], graph["live"]
-    names = list(preq)
-    params = list(preq.values())
-    k = next(iter(V.values())).shape[0]
-    if not live:
-        return _zeros_like_dict(p, k)
-    columns = []
-    with torch.enable_grad():
-        for j in range(k):
-            (jv,) = torch.autograd.grad(
-                [g for _, g in live],
-                graph["u"],
-                [V[names[i]][j].contiguous() for i, _ in live],
-                retain_graph=True,
-            )
-            (hjv,) = torch.autograd.grad(graph["gl"], graph["o"], jv, retain_graph=True)
-            columns.append(
-                torch.autograd.grad(
+            else:
+                (jv,) = torch.autograd.grad(live_grads, graph["u"], v, retain_graph=True)
+                (hjv,) = torch.autograd.grad(graph["gl"], graph["o"], jv, retain_graph=True)
+                col = torch.autograd.grad(
                     graph["outputs"], params, hjv, retain_graph=True, materialize_grads=True
                 )
-            )
-    return _stack_columns(names, columns)
+            columns.append(col)
+    return [dict(zip(names, c, strict=True)) for c in columns]
