@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -286,15 +287,53 @@ class SharpnessTracker:
         self._totals = {k: int(state["totals"][k]) for k in _COST_KEYS}
         self._counter = int(state["counter"])
 
-    def plot(self, keys: Sequence[str] | None = None, *, axes: Any = None) -> Any:
-        """Plot each measure against the step (matplotlib, imported only here).
+    def plot(
+        self,
+        keys: str | Sequence[str] | None = None,
+        *,
+        axes: Any = None,
+        label: str | None = None,
+        **plot_kwargs: Any,
+    ) -> Any:
+        r"""Plot each measure against the step (matplotlib, imported only here).
+
+        One panel per key. Where the history has a ``<key>_stderr`` entry (``trace``,
+        ``average``) a band $\text{value} \pm 2\,\text{stderr}$ is drawn around the line in
+        its colour (points with a missing or infinite stderr are left out of the band).
+        Pass the ``axes`` of an earlier call to overlay several runs on the same panels.
 
         Args:
-            keys: Record keys to plot; default every tracked measure.
-            axes: A sequence of matplotlib ``Axes``, one per key; new ones when None.
+            keys: Record key(s) to plot; default every tracked measure.
+            axes: Where to draw: one matplotlib ``Axes`` (for one key) or a sequence of
+                ``Axes``, one per key; new ones (a new figure) when None.
+            label: Legend label of this run's lines; a legend is drawn when given.
+            **plot_kwargs: Passed on to ``Axes.plot`` (default ``marker="."``).
 
         Returns:
-            The matplotlib ``Figure``.
+            The matplotlib ``Figure`` holding the axes (the one of ``axes`` when given).
+
+        Raises:
+            ValueError: Empty history, an unrecorded key, or a number of axes different
+                from the number of keys.
+            ImportError: matplotlib is not installed.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1).double()
+            >>> x = torch.ones(4, 2, dtype=torch.float64)
+            >>> batch = (x, torch.zeros(4, 1, dtype=torch.float64))
+            >>> a = SharpnessTracker(model, torch.nn.functional.mse_loss, batch, every=1,
+            ...                      measures=("loss",))
+            >>> b = SharpnessTracker(model, torch.nn.functional.mse_loss, batch, every=1,
+            ...                      measures=("loss",))
+            >>> _, _ = a.step(0), b.step(0)
+            >>> fig = a.plot(label="a")
+            >>> fig is b.plot(axes=fig.axes, label="b")  # both runs on one panel
+            True
+            >>> len(fig.axes[0].lines)
+            2
+            >>> import matplotlib.pyplot as plt
+            >>> plt.close(fig)
         """
         try:
             import matplotlib.pyplot as plt
@@ -304,26 +343,41 @@ class SharpnessTracker:
             ) from exc
         if not self._history:
             raise ValueError("nothing to plot yet: the history is empty (call step() first).")
-        keys = list(self.measures) if keys is None else list(keys)
+        if keys is None:
+            keys = list(self.measures)
+        keys = [keys] if isinstance(keys, str) else list(keys)
         columns = self.to_dict()
         for key in keys:
             if key not in columns:
                 raise ValueError(f"unknown key {key!r}; recorded keys are {list(columns)}.")
         if axes is None:
-            fig, axes = plt.subplots(
+            fig, grid = plt.subplots(
                 len(keys), 1, figsize=(5, 2.2 * len(keys)), sharex=True, squeeze=False
             )
-            axes = list(axes[:, 0])
+            axes = list(grid[:, 0])
         else:
-            axes = list(axes)
+            axes = _as_axes_list(axes)
             if len(axes) != len(keys):
-                raise ValueError(f"axes has {len(axes)} entries for {len(keys)} keys.")
+                raise ValueError(
+                    f"axes has {len(axes)} entries for {len(keys)} keys {keys}; pass one Axes "
+                    "per key (e.g. fig.axes of an earlier plot with the same keys)."
+                )
             fig = axes[0].figure
+        plot_kwargs = {"marker": ".", **plot_kwargs}
+        steps = columns["step"]
         for ax, key in zip(axes, keys, strict=True):
-            column = zip(columns["step"], columns[key], strict=True)
-            pairs = [(s, v) for s, v in column if v is not None]
-            ax.plot([s for s, _ in pairs], [float(v) for _, v in pairs], marker=".")
+            rows = [
+                (s, float(v)) for s, v in zip(steps, columns[key], strict=True) if v is not None
+            ]
+            (line,) = ax.plot(
+                [s for s, _ in rows], [v for _, v in rows], label=label, **plot_kwargs
+            )
+            stderr = columns.get(f"{key}_stderr")
+            if stderr is not None:
+                _stderr_band(ax, steps, columns[key], stderr, line.get_color())
             ax.set_ylabel(key)
+            if label is not None:
+                ax.legend()
         axes[-1].set_xlabel("step")
         return fig
 
@@ -332,3 +386,33 @@ class SharpnessTracker:
             f"SharpnessTracker(every={self.every}, measures={list(self.measures)}, "
             f"records={len(self._history)}, total_cost={self._totals})"
         )
+
+
+def _as_axes_list(axes: Any) -> list[Any]:
+    """One ``Axes``, a sequence of them or a numpy array of them -> a flat list."""
+    if hasattr(axes, "plot"):
+        return [axes]
+    if hasattr(axes, "ravel"):  # the array plt.subplots returns
+        return list(axes.ravel())
+    return list(axes)
+
+
+def _stderr_band(
+    ax: Any, steps: list[Any], values: list[Any], stderr: list[Any], color: Any
+) -> None:
+    """Fill ``value +- 2 stderr`` over the points where both are recorded and finite."""
+    rows = [
+        (s, float(v), 2.0 * float(e))
+        for s, v, e in zip(steps, values, stderr, strict=True)
+        if v is not None and e is not None and math.isfinite(float(e))
+    ]
+    if not rows:
+        return
+    ax.fill_between(
+        [s for s, _, _ in rows],
+        [v - w for _, v, w in rows],
+        [v + w for _, v, w in rows],
+        color=color,
+        alpha=0.2,
+        linewidth=0,
+    )

@@ -125,3 +125,50 @@ def test_state_dict_round_trip(h):
     assert b.history[-1]["step"] == 2
     with pytest.raises(ValueError, match="state must be a dict from SharpnessTracker.state_dict"):
         b.load_state_dict({"history": []})
+
+
+def test_plot_overlays_two_runs_with_stderr_bands(h):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = h.regression_data(6)
+    options = {"trace": {"method": "hutchinson", "num_matvecs": 4}}
+    runs = []
+    for seed in (0, 1):
+        tracker = SharpnessTracker(
+            h.make_mlp(seed), h.mse, batch, every=1, measures=("loss", "trace"),
+            options=options, generator=h.g(seed),
+        )  # fmt: skip
+        for _ in range(3):
+            tracker()
+        runs.append(tracker)
+    fig = runs[0].plot(label="run 0")
+    assert runs[1].plot(axes=fig.axes, label="run 1", linestyle="--") is fig
+    loss_ax, trace_ax = fig.axes
+    assert len(fig.axes) == 2
+    assert len(loss_ax.lines) == 2 and len(trace_ax.lines) == 2
+    assert len(loss_ax.collections) == 0  # no loss_stderr: no band
+    assert len(trace_ax.collections) == 2  # one +-2 stderr band per run
+    assert trace_ax.lines[1].get_linestyle() == "--"
+    assert [t.get_text() for t in trace_ax.get_legend().get_texts()] == ["run 0", "run 1"]
+    # the band of run 1 spans value +- 2 * stderr, in its line's colour
+    cols = runs[1].to_dict()
+    assert min(cols["trace_stderr"]) > 0
+    ys = trace_ax.collections[1].get_paths()[0].vertices[:, 1]
+    lows = [v - 2 * e for v, e in zip(cols["trace"], cols["trace_stderr"], strict=True)]
+    highs = [v + 2 * e for v, e in zip(cols["trace"], cols["trace_stderr"], strict=True)]
+    assert ys.min() == pytest.approx(min(lows), rel=1e-12)
+    assert ys.max() == pytest.approx(max(highs), rel=1e-12)
+    band_rgba = trace_ax.collections[1].get_facecolor()[0][:3]
+    line_rgb = matplotlib.colors.to_rgb(trace_ax.lines[1].get_color())
+    assert tuple(band_rgba) == pytest.approx(line_rgb)
+    plt.close(fig)
+    # one key into one given Axes; a wrong number of axes is refused before drawing
+    fig2, ax = plt.subplots()
+    assert runs[0].plot("trace", axes=ax) is fig2
+    assert len(ax.lines) == 1 and len(ax.collections) == 1
+    with pytest.raises(ValueError, match=r"axes has 1 entries for 2 keys"):
+        runs[0].plot(axes=[ax])
+    plt.close(fig2)
