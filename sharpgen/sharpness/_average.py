@@ -14,6 +14,7 @@ from sharpgen._distributed import check_generator_agrees
 from sharpgen.curvature import ModelObjective, flatten_params, unflatten_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.sharpness._common import (
+    check_adaptive,
     check_bool,
     check_choice,
     check_generator,
@@ -176,8 +177,7 @@ def average_sharpness(
     rho = check_positive("rho", rho, hint="the per-coordinate scale, e.g. rho=0.01.")
     num_samples = check_int("num_samples", num_samples)
     distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
-    adaptive = check_bool("adaptive", adaptive)
-    eta = check_positive("eta", eta, allow_zero=True)
+    adaptive, eta = check_adaptive(adaptive, eta)
     antithetic = check_bool("antithetic", antithetic)
     generator = check_generator(generator)
     check_bool("progress", progress)

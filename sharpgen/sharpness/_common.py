@@ -19,6 +19,7 @@ from sharpgen.linalg import LinearOperator
 __all__ = [
     "ProgressOperator",
     "build_hessian",
+    "check_adaptive",
     "check_bool",
     "check_choice",
     "check_generator",
@@ -68,6 +69,15 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
         valid = ", ".join(repr(c) for c in choices)
         raise ValueError(f"unknown {name} {value!r}; valid choices are {valid}.")
     return value
+
+
+def check_adaptive(adaptive: object, eta: object) -> tuple[bool, float]:
+    r"""Check the adaptive (ASAM) scaling options of a perturbation measure.
+
+    Returns ``(adaptive, eta)``: a bool, and the offset $\eta$ of the scale
+    $|\theta| + \eta$ as a finite float ``>= 0``.
+    """
+    return check_bool("adaptive", adaptive), check_positive("eta", eta, allow_zero=True)
 
 
 def check_generator(generator: object) -> torch.Generator | None:

@@ -26,6 +26,7 @@ from sharpgen.curvature import (
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.sharpness._chunks import concatenate_batches, split_chunks
 from sharpgen.sharpness._common import (
+    check_adaptive,
     check_bool,
     check_choice,
     check_generator,
@@ -223,8 +224,7 @@ def sam_sharpness(
     if step_size is not None:
         step_size = check_positive("step_size", step_size, hint="or None for the default.")
     norm = check_choice("norm", norm, NORMS)
-    adaptive = check_bool("adaptive", adaptive)
-    eta = check_positive("eta", eta, allow_zero=True)
+    adaptive, eta = check_adaptive(adaptive, eta)
     restarts = check_int("restarts", restarts, minimum=0)
     generator = check_generator(generator)
     return_perturbation = check_bool("return_perturbation", return_perturbation)
