@@ -232,6 +232,7 @@ def plot_results(results: Sequence[RunResult], path: str | Path) -> Path:
         axes[1][col].set_yscale("log")
         for ax in axes[:, col]:
             ax.set_xscale("symlog", linthresh=10)
+            ax.set_xlim(left=0)  # epochs are >= 0; symlog margins would show negative ticks
             ax.set_xlabel("epoch (linear to 10, then log)")
             ax.legend(fontsize=7)
     fig.tight_layout()
