@@ -111,7 +111,7 @@ class EigenResult:
         vals = ", ".join(f"{v:.6g}" for v in self.eigenvalues.tolist())
         res = max(self.residuals.tolist()) if self.residuals.numel() else 0.0
         return (
-            f"EigenResult(eigenvalues=[{vals}], which={self.which!r}, "
+            f"{type(self).__name__}(eigenvalues=[{vals}], which={self.which!r}, "
             f"converged={self.converged}, max_residual={res:.2g}, "
             f"num_matvecs={self.num_matvecs}, method={self.method!r})"
         )

@@ -209,3 +209,23 @@ def test_property_converged_means_close_to_an_eigenvalue(n, seed, k, which):
         if res.converged:
             assert dist <= tol * max(abs(theta), math.sqrt(2.2e-16) * scale) + 1e-12
     assert res.eigenvalues.numel() == k
+
+
+def test_eigen_result_repr_names_the_subclass():
+    from sharpgen.linalg import EigenResult
+
+    class MyEigenResult(EigenResult):
+        pass
+
+    fields = dict(
+        eigenvalues=torch.tensor([2.0, 1.0]),
+        eigenvectors=torch.eye(2),
+        residuals=torch.tensor([1e-9, 3e-9]),
+        converged=True,
+        num_matvecs=4,
+        num_iterations=2,
+    )
+    assert repr(EigenResult(**fields)).startswith("EigenResult(eigenvalues=[2, 1], ")
+    text = repr(MyEigenResult(**fields))
+    assert text.startswith("MyEigenResult(eigenvalues=[2, 1], which='largest'")
+    assert "max_residual=3e-09" in text
