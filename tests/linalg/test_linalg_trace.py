@@ -55,17 +55,18 @@ def test_unbiased_and_stderr_covers_the_truth(estimator, spectrum):
     # unbiased: the mean over seeds is within 4 standard errors of the mean
     se_of_mean = float(values.std()) / math.sqrt(SEEDS)
     assert abs(float(values.mean()) - truth) <= 4 * se_of_mean
-    # the reported stderr matches the spread over seeds (within 30%)
+    # the 95% interval covers the truth in >= 90% of seeds: at a true coverage of 95% the
+    # observed rate over 400 seeds has a standard error of 1.1%, so 0.90 is 4.6 of them away
     rms_stderr = float(stderrs.pow(2).mean().sqrt())
     covered = float(((values - truth).abs() <= 1.96 * stderrs).double().mean())
+    assert covered >= 0.90
     if estimator is xtrace:
-        # XTrace's leave-one-out error estimate (Epperly et al.) is optimistic: the t_i
-        # are positively correlated. Measured coverage of the nominal 95% interval is
-        # about 0.80-0.90; we test that it stays in a sane range and document it.
-        assert 0.75 <= covered
-        assert 0.4 * float(values.std()) <= rms_stderr <= 1.3 * float(values.std())
+        # the delete-a-group jackknife is conservative (Efron-Stein; XTrace has strong
+        # interactions between probes): measured rms stderr / RMSE 2.0 (power_1) and 1.7
+        # (indefinite) here; the paper's leave-one-out estimate gave 0.67-0.71
+        assert 1.0 * float(values.std()) <= rms_stderr <= 3.0 * float(values.std())
     else:
-        assert covered >= 0.90
+        # the reported stderr matches the spread over seeds (within 30%)
         assert 0.7 * float(values.std()) <= rms_stderr <= 1.3 * float(values.std())
 
 
@@ -176,3 +177,61 @@ def test_property_sketching_estimators_are_exact_below_the_sketch_rank(n, rank, 
         truth, abs=1e-9 * scale
     )
     assert xtrace(A, num_matvecs=12, generator=g).value == pytest.approx(truth, abs=1e-9 * scale)
+
+
+def xtrace_from_scratch(A, Omega, normalize=True):
+    """The XTrace estimate of the probes ``Omega``, sketch and products recomputed with A."""
+    from sharpgen.linalg._xtrace import sketch_coordinates, xtrace_samples
+
+    Y = A @ Omega
+    Q, _ = torch.linalg.qr(Y)
+    coords = sketch_coordinates(Omega, Y, Q, A @ Q)
+    return float(xtrace_samples(*coords, A.shape[0], normalize, 2.2e-16).mean())
+
+
+@pytest.mark.parametrize("m", [6, 45])
+def test_jackknife_stderr_equals_recomputing_xtrace_without_each_group(m):
+    # the stderr reuses the stored products; here every left-out estimate is recomputed from
+    # scratch with new products A @ Omega_{-j}, A @ Q_{-j}, and the jackknife formula applied
+    from sharpgen.linalg._xtrace import MAX_JACKKNIFE_GROUPS
+
+    A = with_spectrum(SPECTRA["power_1"], seed=8)
+    gen = torch.Generator().manual_seed(3)
+    res = xtrace(A, num_matvecs=2 * m, generator=gen)
+    Omega = torch.randn(N, m, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert res.value == pytest.approx(xtrace_from_scratch(A, Omega), rel=1e-10)
+    g = min(m, MAX_JACKKNIFE_GROUPS)
+    bounds = [(j * m) // g for j in range(g + 1)]
+    left_out = torch.tensor(
+        [
+            xtrace_from_scratch(A, torch.cat([Omega[:, : bounds[j]], Omega[:, bounds[j + 1] :]], 1))
+            for j in range(g)
+        ],
+        dtype=torch.float64,
+    )
+    expected = math.sqrt((g - 1) / g * float((left_out - left_out.mean()).pow(2).sum()))
+    assert res.stderr == pytest.approx(expected, rel=1e-8)
+
+
+def test_rank_deficient_downdate_matches_an_svd_per_left_out_column():
+    from sharpgen.linalg._xtrace import rank_deficient_downdate
+
+    g = torch.Generator().manual_seed(0)
+    for case in range(60):
+        r = 1 + case % 9
+        m = r + case % 4
+        G = torch.randn(r, m, generator=g, dtype=torch.float64)
+        if case % 3 == 1 and m > r:
+            G[:, -1] = 0  # a zero column: no direction to lose
+        if case % 3 == 2:
+            G = G * torch.logspace(0, -6, r, dtype=torch.float64).unsqueeze(1)
+        B = torch.randn(r, r, generator=g, dtype=torch.float64)
+        H, W = B + B.T, torch.randn(r, m, generator=g, dtype=torch.float64)
+        tol = 1e3 * 2.2e-16 * float(torch.linalg.svdvals(G)[0])
+        C, trace_proj, dims = rank_deficient_downdate(H, G, W, tol)
+        for i in range(m):
+            U, s, _ = torch.linalg.svd(torch.cat([G[:, :i], G[:, i + 1 :]], 1))
+            U = U[:, : int((s > tol).sum())]
+            assert dims[i] == U.shape[1]
+            torch.testing.assert_close(C[:, i], U @ (U.T @ W[:, i]), rtol=0, atol=1e-10)
+            assert float(trace_proj[i]) == pytest.approx(float(torch.trace(U.T @ H @ U)), abs=1e-9)
