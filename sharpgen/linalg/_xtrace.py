@@ -60,14 +60,14 @@ def xtrace_samples(
     m = G.shape[1]
     r = G.shape[0]
     trace_h = torch.trace(H)
-    sv = torch.linalg.svdvals(G) if r else torch.zeros(0, dtype=f64)
+    sv = torch.linalg.svdvals(G) if r else torch.zeros(0, dtype=f64, device=G.device)
     well_conditioned = r == m and r > 0 and float(sv[-1]) > math.sqrt(eps) * float(sv[0])
     if well_conditioned:
         S = torch.linalg.inv(G).T  # column i is G^{-T} e_i, orthogonal to G_j for j != i
         S = S / torch.linalg.vector_norm(S, dim=0, keepdim=True)
         C = W - S * (S * W).sum(0)  # coordinates of P_i omega_i
         trace_proj = trace_h - (S * (H @ S)).sum(0)
-        dims = torch.full((m,), float(r - 1), dtype=f64)
+        dims = torch.full((m,), float(r - 1), dtype=f64, device=G.device)
     else:
         C, trace_proj, dims = rank_deficient_downdate(
             H, G, W, 1e3 * eps * (float(sv[0]) if r else 0.0)
@@ -133,9 +133,9 @@ def jackknife_stderr(
     g = min(m, MAX_JACKKNIFE_GROUPS)
     bounds = [(j * m) // g for j in range(g + 1)]
     scale = float(torch.linalg.vector_norm(G, dim=0).max()) if G.numel() else 0.0
-    estimates = torch.empty(g, dtype=torch.float64)
+    estimates = torch.empty(g, dtype=torch.float64, device=G.device)
     for j in range(g):
-        keep = torch.cat([torch.arange(bounds[j]), torch.arange(bounds[j + 1], m)])
+        keep = torch.cat([torch.arange(bounds[j]), torch.arange(bounds[j + 1], m)]).to(G.device)
         Gk = G[:, keep]
         U, s, _ = torch.linalg.svd(Gk, full_matrices=False)
         U = U[:, s > 1e3 * eps * scale]
