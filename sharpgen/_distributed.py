@@ -444,7 +444,7 @@ def shard_indices(
     Raises:
         ValueError: ``n < 0``, ``world_size < 1`` or ``rank`` outside ``[0, world_size)``.
 
-    Example:
+    Examples:
         >>> [list(shard_indices(10, r, 3)) for r in range(3)]
         [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     """
@@ -558,7 +558,7 @@ def without_sampler_padding(data: Any) -> Any:
     Returns:
         ``data`` or an `UnpaddedLoader`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from torch.utils.data.distributed import DistributedSampler

@@ -49,7 +49,7 @@ def num_samples(inputs: Any) -> int:
         ValueError: If the tensor is 0-dimensional.
         TypeError: If ``inputs`` is none of the accepted kinds.
 
-    Example:
+    Examples:
         >>> import torch
         >>> num_samples({"x": torch.zeros(5, 3), "mask": torch.ones(5)})
         5
@@ -157,7 +157,7 @@ def as_batches(data: Any) -> Batches:
         ValueError: If ``data`` is an empty list/tuple or has ``len() == 0``.
         TypeError: If ``data`` is not iterable.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, y = torch.zeros(4, 3), torch.zeros(4)
         >>> len(list(as_batches((x, y))))

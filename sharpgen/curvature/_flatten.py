@@ -28,7 +28,7 @@ def flatten_params(d: Mapping[str, Tensor], *, batched: bool = False) -> Tensor:
         ValueError: If ``d`` is empty, or (``batched=True``) the leading sizes differ.
         TypeError: If the tensors have different dtypes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> d = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
         >>> flatten_params(d).tolist()
@@ -71,7 +71,7 @@ def unflatten_params(vec: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tenso
         ValueError: If the length of ``vec`` does not match ``like`` or ``vec`` is not 1-D
             or 2-D.
 
-    Example:
+    Examples:
         >>> import torch
         >>> like = {"w": torch.empty(2, 2), "b": torch.empty(2)}
         >>> out = unflatten_params(torch.arange(6.0), like)

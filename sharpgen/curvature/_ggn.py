@@ -23,7 +23,7 @@ class GGNOperator(CurvatureOperator):
     $Jv$ and reverse mode for the rest (models returning one tensor). Arguments, backends,
     errors and the model-state contract are those of `HessianOperator`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.curvature import HessianOperator
         >>> model = torch.nn.Linear(3, 1).double()

@@ -73,7 +73,7 @@ class HessianOperator(CurvatureOperator):
             ``check_deterministic=True``.
         FloatingPointError: Non-finite loss; NaN or Inf in a product.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(3, 1).double()
         >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

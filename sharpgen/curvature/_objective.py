@@ -164,7 +164,7 @@ class ModelObjective:
         FloatingPointError: Non-finite loss on the first batch.
         TypeError: ``model`` not a module, ``loss_fn`` not callable.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1).double()
         >>> x, y = torch.ones(4, 2, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64)

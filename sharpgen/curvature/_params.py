@@ -40,7 +40,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
         TypeError: If ``params`` is of another kind, or a selected tensor is not
             floating point, or the selected tensors have different dtypes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
         >>> list(select_params(model))

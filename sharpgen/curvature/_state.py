@@ -89,7 +89,7 @@ def preserve_model_state(model: nn.Module, *, copy_values: bool = True) -> Itera
     Yields:
         ``model`` itself.
 
-    Example:
+    Examples:
         >>> import torch
         >>> bn = torch.nn.BatchNorm1d(2)
         >>> with preserve_model_state(bn):

@@ -26,7 +26,7 @@ def ball_labels(X: Tensor) -> Tensor:
     Raises:
         ValueError: If ``X`` is not 2-D with at least two columns.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ball_labels(torch.tensor([[0.5, -2.0, 1.0]]))
         tensor([-1.5000])
@@ -74,7 +74,7 @@ def uniform_ball(
     Raises:
         ValueError: For ``d < 2`` or ``n < 1``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> data = uniform_ball(10, 5, generator=torch.Generator().manual_seed(0))
         >>> bool((data.X.norm(dim=1) <= 10 ** 0.5).all())

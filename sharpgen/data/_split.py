@@ -19,7 +19,7 @@ class DataSplit:
         X_test: Test inputs ``(n_test, d)``, or None when no test set was asked for.
         y_test: Test labels ``(n_test,)``, or None.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import xor_cube
         >>> data = xor_cube(4, 8, generator=torch.Generator().manual_seed(0))

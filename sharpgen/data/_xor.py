@@ -96,7 +96,7 @@ def xor_labels(X: Tensor) -> Tensor:
     Raises:
         ValueError: If ``X`` is not 2-D with at least two columns.
 
-    Example:
+    Examples:
         >>> import torch
         >>> xor_labels(torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, 1.0]]))
         tensor([-1.,  1.])
@@ -126,7 +126,7 @@ def full_cube(
     Raises:
         ValueError: If ``d`` is out of range.
 
-    Example:
+    Examples:
         >>> full_cube(2)
         tensor([[ 1.,  1.],
                 [ 1., -1.],
@@ -185,7 +185,7 @@ def xor_cube(
         ValueError: For ``d < 2``, ``n < 1``, ``unique`` with ``n > 2**d``,
             ``disjoint_test`` without ``test_size`` or when the training set covers the cube.
 
-    Example:
+    Examples:
         >>> import torch
         >>> data = xor_cube(5, 10, test_size=3, generator=torch.Generator().manual_seed(0))
         >>> data.X.shape, data.X_test.shape
@@ -279,7 +279,7 @@ def complete_xor(
     Raises:
         ValueError: If ``S`` violates Condition 1 or ``size`` is out of range.
 
-    Example:
+    Examples:
         >>> data = complete_xor(4)
         >>> data.X.shape
         torch.Size([12, 4])

@@ -52,7 +52,7 @@ def measure_constructions(
     Returns:
         One `ConstructionRow` per (architecture, construction).
 
-    Example:
+    Examples:
         >>> rows = measure_constructions(d=8, n=20, test_size=200)
         >>> [(r.arch, r.kind, round(r.ratio, 6)) for r in rows][:2]
         [('no_bias', 'generalizer', 1.0), ('bias', 'memorizer', 1.0)]

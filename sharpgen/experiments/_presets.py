@@ -289,7 +289,7 @@ def get_preset(*names: str) -> list[ExperimentSpec]:
     Raises:
         ValueError: For an unknown name; the message lists the valid ones.
 
-    Example:
+    Examples:
         >>> [s.name for s in get_preset("paper-fig1a", "paper-fig1b")]
         ['paper-fig1a', 'paper-fig1b']
     """

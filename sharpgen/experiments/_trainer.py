@@ -129,7 +129,9 @@ def lower_bound(spec: ExperimentSpec, X: Tensor, Y: Tensor) -> float:
     return float(trace_lower_bound(X, Y, spec.arch, eps=eps, depth=spec.depth))
 
 
-def make_runs(spec: ExperimentSpec, seeds: Sequence[int], device: str | torch.device = "cpu"):
+def make_runs(
+    spec: ExperimentSpec, seeds: Sequence[int], device: str | torch.device = "cpu"
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], dict[str, Tensor], list[torch.Generator]]:
     """Data, initial parameters and generators of the runs (one per seed).
 
     Returns:
@@ -337,7 +339,7 @@ def train(
         ValueError: For empty or repeated seeds, or a checkpoint of a different experiment.
         FloatingPointError: If a run's parameters become non-finite (divergence).
 
-    Example:
+    Examples:
         >>> from sharpgen.experiments import ExperimentSpec, Phase, train
         >>> spec = ExperimentSpec("tiny", "no_bias", "sam1", (Phase(2, 0.05, 0.05),),
         ...                       d=4, n=8, width=16, test_size=16, eval_every=1)

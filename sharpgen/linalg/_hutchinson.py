@@ -80,7 +80,7 @@ def hutchinson_trace(
             ``num_matvecs`` / ``rtol``, a non-positive budget, or an unknown distribution.
         TypeError: On a wrongly typed argument.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.linalg import hutchinson_trace
         >>> A = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))

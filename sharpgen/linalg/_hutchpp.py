@@ -114,7 +114,7 @@ def hutchpp_trace(
             unknown distribution, or a non-square or non-symmetric dense ``A``.
         TypeError: On a wrongly typed argument.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.linalg import hutchpp_trace
         >>> A = torch.diag(torch.tensor([100.0, 1.0, 0.5], dtype=torch.float64))

@@ -136,7 +136,7 @@ def lanczos(
             ``max_basis``/``max_iter``/``v0``, or a non-square or non-symmetric dense ``A``.
         TypeError: On a wrongly typed argument.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.linalg import lanczos
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))

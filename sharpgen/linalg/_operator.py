@@ -36,7 +36,7 @@ class LinearOperator:
         dtype: Floating dtype of the vectors the operator acts on.
         device: Device of those vectors.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.linalg import as_linear_operator
         >>> A = as_linear_operator(torch.eye(3, dtype=torch.float64))
@@ -128,7 +128,7 @@ class LinearOperator:
     def to_scipy(self) -> Any:
         """Return a `scipy.sparse.linalg.LinearOperator` view (float64 numpy I/O).
 
-        Example:
+        Examples:
             >>> import torch
             >>> from scipy.sparse.linalg import eigsh
             >>> from sharpgen.linalg import as_linear_operator

@@ -50,7 +50,7 @@ def power_iteration(
             non-symmetric dense ``A``.
         TypeError: On a wrongly typed argument.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.linalg import power_iteration
         >>> A = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))

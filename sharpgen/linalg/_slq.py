@@ -116,7 +116,7 @@ def stochastic_lanczos_quadrature(
             non-square or non-symmetric dense ``A``.
         TypeError: On a wrongly typed argument.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.linalg import stochastic_lanczos_quadrature
         >>> A = torch.diag(torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=torch.float64))

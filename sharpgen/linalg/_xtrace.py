@@ -232,7 +232,7 @@ def xtrace(
             non-symmetric dense ``A``.
         TypeError: On a wrongly typed argument.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.linalg import xtrace
         >>> A = torch.diag(torch.tensor([100.0, 10.0, 1.0, 0.0, 0.0], dtype=torch.float64))

@@ -166,7 +166,7 @@ def flattest_memorizer(
             separated from the others by $w_i$, non-cube inputs (``"simplified_ln"``),
             ``eps``/``delta`` out of range, ``width < n``, or an unsupported ``arch``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import full_cube, xor_labels
         >>> X = full_cube(3, dtype=torch.float64)[:5]
@@ -296,7 +296,7 @@ def xor_realizer_no_bias(
     Raises:
         ValueError: For ``d < 2`` or ``width < 4``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import full_cube, xor_labels
         >>> X = full_cube(4, dtype=torch.float64)
@@ -376,7 +376,7 @@ def flattest_generalizer(
         ValueError: For an unknown ``arch``, ``width < 4``, a non-positive ``eps``/``rho``,
             options that the ``arch`` does not use, or a missing/incomplete reference set.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import full_cube, xor_labels
         >>> X = full_cube(4, dtype=torch.float64)

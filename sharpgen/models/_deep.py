@@ -37,7 +37,7 @@ def deep_forward(params: Mapping[str, Tensor], x: Tensor, *, activation: str = "
     Raises:
         ValueError: If ``x``'s last dimension does not match ``W1``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> params = {"W1": torch.eye(2), "b1": torch.zeros(2), "W2": torch.eye(2),
         ...           "W3": torch.ones(2)}
@@ -70,7 +70,7 @@ class DeepReLUNet(nn.Module):
     Raises:
         ValueError: For inconsistent shapes or fewer than two weights.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = DeepReLUNet([torch.eye(2), torch.eye(2), torch.ones(2)], torch.zeros(2))
         >>> [name for name, _ in net.named_parameters()]
@@ -166,7 +166,7 @@ def deep_relu(
     Raises:
         ValueError: For empty or non-positive widths or scales.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = deep_relu(3, [4, 5], generator=torch.Generator().manual_seed(0))
         >>> net(torch.ones(2, 3)).shape

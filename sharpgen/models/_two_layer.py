@@ -97,7 +97,7 @@ def two_layer_forward(
         $\sqrt{\max(\lVert h\rVert^2, \varepsilon^2)} = \max(\lVert h\rVert, \varepsilon)$,
         which is NaN-free for $h = 0$ as well.
 
-    Example:
+    Examples:
         >>> import torch
         >>> params = {"W1": torch.eye(2), "b1": torch.zeros(2), "W2": torch.ones(2)}
         >>> two_layer_forward(params, torch.tensor([[1.0, -2.0]]), arch="bias")
@@ -178,7 +178,7 @@ class TwoLayerNet(nn.Module):
             ``"simplified_bn"``, or a non-positive ``eps``.
         TypeError: If a weight is not a floating tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = TwoLayerNet("no_bias", torch.eye(2), torch.tensor([1.0, -1.0]))
         >>> net(torch.tensor([[2.0, 1.0], [0.0, 3.0]]))
@@ -406,7 +406,7 @@ def two_layer_relu(
             ``activation``, or ``bias=False`` together with a ``norm``.
         TypeError: For non-integer ``d``/``width`` or a non-floating ``dtype``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = two_layer_relu(3, 5, generator=torch.Generator().manual_seed(0))
         >>> [name for name, _ in net.named_parameters()]

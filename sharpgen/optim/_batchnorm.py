@@ -39,7 +39,7 @@ def disable_running_stats(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         TypeError: ``model`` is not an `torch.nn.Module`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> bn = torch.nn.BatchNorm1d(3)
         >>> with disable_running_stats(bn):

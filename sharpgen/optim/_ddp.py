@@ -114,7 +114,7 @@ def ddp_sam_step(
             exited); `TimeoutError` when it timed out. DDP's own all-reduce raises its own
             errors.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.optim import SAM, ddp_sam_step
         >>> model = torch.nn.Linear(3, 1)

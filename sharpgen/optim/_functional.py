@@ -112,7 +112,7 @@ def sam_gradient(
         TypeError: ``loss_fn`` not callable, ``params`` not a dict of tensors, a bad batch.
         FloatingPointError: a non-finite gradient.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.optim import sam_gradient
         >>> def loss_fn(p, batch):
@@ -203,7 +203,7 @@ def perturbed(model: nn.Module, eps: Mapping[str, Tensor | None]) -> Iterator[nn
         TypeError: ``model`` not a module or ``eps`` not a dict.
         FloatingPointError: a non-finite perturbation.
 
-    Example:
+    Examples:
         >>> import torch
         >>> lin = torch.nn.Linear(2, 1, bias=False)
         >>> before = lin.weight.detach().clone()

@@ -62,7 +62,7 @@ class GSAM(SAM):
         ValueError: a negative radius, ``rho_min > rho_max``, ``alpha < 0``, ``lr_min < 0``,
             ``lr_min > lr_max``, and the errors of `SAM`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.optim import GSAM
         >>> model = torch.nn.Linear(3, 1)

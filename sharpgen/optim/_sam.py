@@ -138,7 +138,7 @@ class SAM(Optimizer):
             ``"linf"``, an instance whose param groups differ, a selection with no parameter.
         TypeError: an unknown option, ``base_kwargs`` with an instance, a bad ``perturb``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.optim import SAM
         >>> model = torch.nn.Linear(3, 1)

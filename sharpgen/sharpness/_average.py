@@ -158,7 +158,7 @@ def average_sharpness(
         TypeError: Wrongly typed arguments.
         FloatingPointError: A non-finite loss.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)

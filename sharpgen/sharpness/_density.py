@@ -91,7 +91,7 @@ def spectral_density(
         TypeError: Wrongly typed arguments.
         FloatingPointError: A non-finite loss or product.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.eye(4, dtype=torch.float64)
         >>> model = torch.nn.Linear(4, 1, bias=False).double()

@@ -135,7 +135,7 @@ def top_eigenvalues(
         TypeError: Wrongly typed arguments.
         FloatingPointError: A non-finite loss or product.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.eye(3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0]).double()
         >>> model = torch.nn.Linear(3, 1, bias=False).double()

@@ -154,7 +154,7 @@ def sam_perturbation(
         TypeError: ``grads``/``params`` not dicts of tensors, ``rho`` not a number.
         FloatingPointError: a non-finite gradient (when ``check_finite``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.sharpness import sam_perturbation
         >>> g = {"w": torch.tensor([3.0, 4.0])}
@@ -305,7 +305,7 @@ def project_perturbation(
         TypeError: inputs that are not dicts of tensors.
         FloatingPointError: a non-finite entry in ``eps``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.sharpness import project_perturbation
         >>> x = project_perturbation({"w": torch.tensor([3.0, 4.0])}, {"w": torch.zeros(2)}, 1.0)

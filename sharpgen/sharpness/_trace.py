@@ -115,7 +115,7 @@ def hessian_trace(
         TypeError: Wrongly typed arguments.
         FloatingPointError: A non-finite loss or product.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         >>> model = torch.nn.Linear(3, 1).double()

@@ -78,7 +78,7 @@ class SharpnessTracker:
             options for a measure that is not tracked, empty data.
         TypeError: Wrongly typed arguments.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(3, 1).double()
         >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -317,7 +317,7 @@ class SharpnessTracker:
                 from the number of keys.
             ImportError: matplotlib is not installed.
 
-        Example:
+        Examples:
             >>> import torch
             >>> model = torch.nn.Linear(2, 1).double()
             >>> x = torch.ones(4, 2, dtype=torch.float64)

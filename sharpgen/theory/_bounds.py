@@ -90,7 +90,7 @@ def trace_lower_bound(
         ValueError: For an unknown ``arch``, mismatched shapes, non-finite data, or ``eps``
             given to an ``arch`` without LayerNorm.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import xor_cube
         >>> data = xor_cube(30, 100, generator=torch.Generator().manual_seed(0))
@@ -143,7 +143,7 @@ def simplified_bn_norm_bound(model: TwoLayerNet) -> Tensor:
     Raises:
         ValueError: If the net is not a simplified-BatchNorm net with a reference set.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import complete_xor
         >>> from sharpgen.models import flattest_generalizer

@@ -46,7 +46,7 @@ def no_bias_norm(model: nn.Module | Mapping[str, Tensor]) -> Tensor:
     Raises:
         ValueError: If ``W1``/``W2`` are missing or of inconsistent shapes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.models import xor_realizer_no_bias
         >>> net = xor_realizer_no_bias(16, dtype=torch.float64)
@@ -72,7 +72,7 @@ def path_norm(model: nn.Module | Mapping[str, Tensor]) -> Tensor:
     Raises:
         ValueError: If ``W1``/``W2`` are missing or of inconsistent shapes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.models import xor_realizer_no_bias
         >>> net = xor_realizer_no_bias(16, dtype=torch.float64)
@@ -97,7 +97,7 @@ def zero_one_error(model: nn.Module, X: Tensor, y: Tensor) -> float:
     Raises:
         ValueError: If the labels are not $\pm 1$ or the shapes do not match.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import full_cube, xor_labels
         >>> from sharpgen.models import flattest_generalizer
@@ -133,7 +133,7 @@ def memorizer_test_error(X_train: Tensor, X_test: Tensor | None = None) -> float
     Raises:
         ValueError: If the points are not on the cube or the dimensions differ.
 
-    Example:
+    Examples:
         >>> from sharpgen.data import full_cube
         >>> memorizer_test_error(full_cube(3)[:2])
         0.75

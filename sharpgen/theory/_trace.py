@@ -60,7 +60,7 @@ def squared_gradient_norms(model: nn.Module, X: Tensor) -> dict[str, Tensor]:
         ValueError: If ``X`` is not a non-empty 2-D tensor.
         FloatingPointError: If a gradient is NaN or infinite.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.models import TwoLayerNet
         >>> net = TwoLayerNet("no_bias", torch.eye(2), torch.ones(2))
@@ -102,7 +102,7 @@ def interpolation_trace(model: nn.Module, X: Tensor) -> Tensor:
         ValueError: If ``X`` is not a non-empty 2-D tensor.
         FloatingPointError: If a gradient is NaN or infinite.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import full_cube
         >>> from sharpgen.models import flattest_generalizer
@@ -143,7 +143,7 @@ def two_layer_interpolation_trace(
     Returns:
         A 0-dim tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sharpgen.data import full_cube
         >>> from sharpgen.models import flattest_generalizer
