@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpgen._validation import is_int
+
 __all__ = [
     "AUTO",
     "UnpaddedLoader",
@@ -448,16 +450,16 @@ def shard_indices(
         >>> [list(shard_indices(10, r, 3)) for r in range(3)]
         [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n must be an int >= 0 (the dataset size), got {n!r}.")
     if rank is None or world_size is None:
         group = resolve_process_group(process_group)
         r, w = group_rank_size(group) if group is not None else (0, 1)
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if not is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}.")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+    if not is_int(rank) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}.")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)

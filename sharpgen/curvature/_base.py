@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpgen._validation import is_int
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
 from sharpgen.curvature._objective import ModelObjective
 from sharpgen.curvature._params import ParamSelection
@@ -50,7 +51,7 @@ class CurvatureOperator(LinearOperator):
             )
         if not isinstance(check_deterministic, bool):
             raise TypeError(f"check_deterministic must be a bool, got {check_deterministic!r}.")
-        if max_block is not None and (not isinstance(max_block, int) or max_block < 1):
+        if max_block is not None and (not is_int(max_block) or max_block < 1):
             raise ValueError(
                 f"max_block must be a positive int or None (no limit), got {max_block!r}."
             )

@@ -1,49 +1,26 @@
-"""Argument checks shared by the estimators: errors name the argument, the value and the fix."""
+"""Argument checks of the estimators (the rules live in `sharpgen._validation`)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from sharpgen._validation import check_choice, check_generator, check_int, check_positive
 
-import torch
+__all__ = [
+    "check_choice",
+    "check_generator",
+    "check_positive_float",
+    "check_positive_int",
+    "resolve_budget",
+]
 
 
 def check_positive_int(name: str, value: object, *, minimum: int = 1, hint: str = "") -> int:
-    """Return ``value`` as an int if it is an int ``>= minimum``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.{(' ' + hint) if hint else ''}")
-    return int(value)
+    """Return ``value`` as an int if it is an integer ``>= minimum`` (`check_int`), else raise."""
+    return check_int(name, value, minimum=minimum, hint=hint, noun="")
 
 
 def check_positive_float(name: str, value: object, *, hint: str = "") -> float:
-    """Return ``value`` as a float if it is a finite number ``> 0``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"{name} must be a finite number > 0, got {value!r}.{(' ' + hint) if hint else ''}"
-        )
-    return float(value)
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise listing the valid ones."""
-    if value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"unknown {name} {value!r}; valid choices are {valid}.")
-    return str(value)
-
-
-def check_generator(generator: object) -> torch.Generator | None:
-    """Return ``generator`` if it is a `torch.Generator` or None, else raise."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
-            "create one with torch.Generator().manual_seed(seed)."
-        )
-    return generator
+    """Return ``value`` as a float if it is a finite real ``> 0`` (`check_positive`), else raise."""
+    return check_positive(name, value, hint=hint)
 
 
 def resolve_budget(

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sharpgen._validation import is_int
+
 __all__ = ["LinearOperator", "as_linear_operator"]
 
 
@@ -47,7 +49,7 @@ class LinearOperator:
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        if not isinstance(size, int) or size <= 0:
+        if not is_int(size) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}.")
         self._size = int(size)
         self._dtype = dtype

@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from sharpgen._validation import check_int as _check_int
+from sharpgen._validation import check_positive
 
 ARCHS = ("no_bias", "bias", "simplified_bn", "simplified_ln")
 ACTIVATIONS = ("relu", "softplus")
 
 
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:
-    """Return ``value`` as an int >= ``minimum`` or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
+    """Return ``value`` as an int >= ``minimum`` or raise naming ``name`` (`_validation`)."""
+    return _check_int(name, value, minimum=minimum)
 
 
 def check_positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
-    """Return ``value`` as a finite positive float or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r}).")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
-    return value
+    """Return ``value`` as a finite positive float or raise naming ``name`` (`_validation`)."""
+    return check_positive(name, value, allow_zero=allow_zero)
 
 
 def check_arch(arch: object) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpgen._validation import is_int
 from sharpgen.sharpness._perturbation import (
     _check_eta,
     _check_norm,
@@ -153,7 +154,7 @@ def sam_gradient(
         )
     m = 1 if per_example else micro_batch
     if m is not None:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        if not is_int(m) or m < 1:
             raise ValueError(f"micro_batch must be a positive int, got {m!r}.")
         if m > size or size % m:
             raise ValueError(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,6 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen._distributed import unwrap_model
+from sharpgen._validation import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_positive,
+)
 from sharpgen.curvature import HessianOperator, as_batches, select_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.linalg import LinearOperator
@@ -30,47 +35,7 @@ __all__ = [
 ]
 
 
-# -- argument checks ------------------------------------------------------------------------
-def check_bool(name: str, value: object) -> bool:
-    """Return ``value`` if it is a bool, else raise `TypeError`."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r}.")
-    return value
-
-
-def check_int(name: str, value: object, *, minimum: int = 1, hint: str = "") -> int:
-    """Return ``value`` if it is an int ``>= minimum``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        extra = f" {hint}" if hint else ""
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.{extra}")
-    return int(value)
-
-
-def check_positive(name: str, value: object, *, hint: str = "", allow_zero: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite real ``> 0`` (or ``>= 0``), else raise."""
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.")
-    out = float(value)
-    bad = out < 0 if allow_zero else out <= 0
-    if not math.isfinite(out) or bad:
-        rel = ">= 0" if allow_zero else "> 0"
-        extra = f" {hint}" if hint else ""
-        raise ValueError(f"{name} must be a finite number {rel}, got {value!r}.{extra}")
-    return out
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise listing the valid ones."""
-    if not isinstance(value, str) or value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"unknown {name} {value!r}; valid choices are {valid}.")
-    return value
-
-
+# -- argument checks (the rules live in sharpgen._validation) -------------------------------
 def check_adaptive(adaptive: object, eta: object) -> tuple[bool, float]:
     r"""Check the adaptive (ASAM) scaling options of a perturbation measure.
 
@@ -78,16 +43,6 @@ def check_adaptive(adaptive: object, eta: object) -> tuple[bool, float]:
     $|\theta| + \eta$ as a finite float ``>= 0``.
     """
     return check_bool("adaptive", adaptive), check_positive("eta", eta, allow_zero=True)
-
-
-def check_generator(generator: object) -> torch.Generator | None:
-    """Return ``generator`` if it is a `torch.Generator` or None, else raise."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
-            "create one with torch.Generator().manual_seed(seed)."
-        )
-    return generator
 
 
 def num_selected(model: nn.Module, params: ParamSelection) -> int:

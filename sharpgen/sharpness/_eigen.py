@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpgen._validation import is_int
 from sharpgen.curvature import unflatten_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.linalg import EigenResult, lanczos
@@ -53,7 +54,7 @@ class ModelEigenResult(EigenResult):
             A dict of views of ``eigenvectors[:, i]``.
         """
         k = self.eigenvalues.numel()
-        if isinstance(i, bool) or not isinstance(i, int) or not -k <= i < k:
+        if not is_int(i) or not -k <= i < k:
             raise IndexError(f"i must be an int in [{-k}, {k}), got {i!r}.")
         return unflatten_params(self.eigenvectors[:, i], self._like())
 

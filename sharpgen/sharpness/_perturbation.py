@@ -16,11 +16,12 @@ neighbourhood is read in the limit sense: $\varepsilon_i = 0$ for every such coo
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+
+from sharpgen._validation import check_positive, check_rho
 
 __all__ = ["project_perturbation", "sam_perturbation"]
 
@@ -29,29 +30,13 @@ NORMS = ("l2", "linf")
 
 # -- argument checks --------------------------------------------------------------------------
 def _check_rho(rho: object) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (numbers.Real, Tensor)):
-        raise TypeError(f"rho must be a real number, got {type(rho).__name__}.")
-    if isinstance(rho, Tensor) and rho.numel() != 1:
-        raise TypeError(f"rho must be a scalar, got a tensor of shape {tuple(rho.shape)}.")
-    value = float(rho)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"rho must be a finite number >= 0 (the radius of the neighbourhood), got {value!r}; "
-            "use rho=0 for no perturbation."
-        )
-    return value
+    return check_rho(rho)
 
 
 def _check_eta(eta: object) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-        raise TypeError(f"eta must be a real number, got {type(eta).__name__}.")
-    value = float(eta)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"eta must be a finite number >= 0 (the offset of the ASAM scaling |w| + eta), "
-            f"got {value!r}."
-        )
-    return value
+    return check_positive(
+        "eta", eta, allow_zero=True, hint="eta is the offset of the ASAM scaling |w| + eta."
+    )
 
 
 def _check_norm(norm: object) -> str:
