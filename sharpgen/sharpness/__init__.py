@@ -11,6 +11,14 @@ projections are shared with the optimizers of `sharpgen.optim`.
 from sharpgen.sharpness._average import AverageSharpnessResult, average_sharpness
 from sharpgen.sharpness._density import spectral_density
 from sharpgen.sharpness._eigen import ModelEigenResult, top_eigenvalues
+from sharpgen.sharpness._fisher import (
+    FisherRaoNorm,
+    empirical_fisher_trace,
+    fisher_rao_norm,
+    ggn_trace,
+)
+from sharpgen.sharpness._invariant import relative_flatness
+from sharpgen.sharpness._pacbayes import PacBayesSigma, pac_bayes_sigma
 from sharpgen.sharpness._perturbation import project_perturbation, sam_perturbation
 from sharpgen.sharpness._trace import hessian_trace
 from sharpgen.sharpness._tracker import SharpnessTracker
@@ -24,6 +32,12 @@ __all__ = [
     # perturbation-based measures
     "sam_sharpness",
     "average_sharpness",
+    # Gauss-Newton / Fisher and reparametrization-invariant measures
+    "ggn_trace",
+    "empirical_fisher_trace",
+    "fisher_rao_norm",
+    "relative_flatness",
+    "pac_bayes_sigma",
     # SAM perturbation (pure functions on parameter dicts)
     "sam_perturbation",
     "project_perturbation",
@@ -33,4 +47,6 @@ __all__ = [
     "SharpnessResult",
     "AverageSharpnessResult",
     "ModelEigenResult",
+    "FisherRaoNorm",
+    "PacBayesSigma",
 ]
