@@ -1,6 +1,11 @@
 """``python -m sharpgen`` runs the command line (``sharpgen --help``)."""
 
-from sharpgen.cli import main
+import sys
 
 if __name__ == "__main__":
+    try:
+        from sharpgen.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while torch is still importing
+        print("sharpgen: interrupted before starting; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
     raise SystemExit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Sequence
@@ -137,9 +138,52 @@ def _list_presets() -> str:
     return "\n".join(lines)
 
 
-def _reproduce(args: argparse.Namespace) -> int:
+def _fail(command: str, message: str) -> int:
+    """Print the one-line usage error of ``sharpgen <command>`` and return exit status 2."""
+    print(f"sharpgen {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _out_dir_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be used (created if missing), or None if it can."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is an existing file, not a directory; give a directory path"
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return f"--out {out} lies under the file {parent}; give a directory path"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        return (
+            f"--out {out} is not writable ({exc.strerror or exc}); give a directory you can "
+            "write to"
+        )
+    ckpt = out / "checkpoints"
+    if ckpt.exists() and not ckpt.is_dir():
+        return f"{ckpt} is a file, but checkpoints go into a directory there; move it away"
+    return None
+
+
+def _reproduce_usage_problem(args: argparse.Namespace) -> str | None:
     import torch
 
+    if args.seeds < 1:
+        return f"--seeds {args.seeds} must be >= 1"
+    if args.jobs is not None and args.jobs < 1:
+        return f"--jobs {args.jobs} must be >= 1 (or leave it out for min(2, CPUs))"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return (
+            "--device cuda but torch.cuda.is_available() is False; use --device cpu or "
+            "install a CUDA build of torch"
+        )
+    return _out_dir_problem(Path(args.out))
+
+
+def _reproduce(args: argparse.Namespace) -> int:
     from sharpgen.experiments import (
         get_preset,
         markdown_report,
@@ -147,6 +191,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         run_experiments,
         save_results,
     )
+    from sharpgen.experiments._checkpoint import CheckpointError, atomic_write_text
 
     if args.list:
         print(_list_presets())
@@ -154,20 +199,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     try:
         specs = get_preset(*args.preset)
     except ValueError as exc:
-        print(f"sharpgen reproduce: error: {exc}", file=sys.stderr)
-        return 2
-    if args.seeds < 1:
-        print(f"sharpgen reproduce: error: --seeds {args.seeds} must be >= 1", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "sharpgen reproduce: error: --device cuda but torch.cuda.is_available() is False; "
-            "use --device cpu or install a CUDA build of torch",
-            file=sys.stderr,
-        )
-        return 2
+        return _fail("reproduce", str(exc))
+    problem = _reproduce_usage_problem(args)
+    if problem is not None:
+        return _fail("reproduce", problem)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     start = time.perf_counter()
@@ -188,6 +224,8 @@ def _reproduce(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             on_result=keep,
         )
+    except CheckpointError as exc:
+        return _fail("reproduce", str(exc))
     except FloatingPointError as exc:
         print(f"sharpgen reproduce: {exc}", file=sys.stderr)
         return 1
@@ -198,7 +236,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         f"\nTotal wall time: {time.perf_counter() - start:.1f} s on {args.device} "
         f"({jobs} parallel job(s)), {len(seeds)} seeds.\n\n![plots](table1.png)\n"
     )
-    (out / "report.md").write_text(report)
+    atomic_write_text(out / "report.md", report)
     print(report)
     print(f"wrote {out / 'results.json'}, {out / 'table1.png'}, {out / 'report.md'}")
     return 0
@@ -207,21 +245,41 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace) -> int:
     from sharpgen.experiments import constructions_table, measure_constructions
 
+    if args.test_size < 0:
+        return _fail("measure", f"--test-size {args.test_size} must be >= 0")
     try:
         rows = measure_constructions(d=args.d, n=args.n, seed=args.seed, test_size=args.test_size)
     except ValueError as exc:
-        print(f"sharpgen measure: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail("measure", str(exc))
     print(
         f"Flattest interpolators of the paper on xor data (d={args.d}, n={args.n} distinct "
         f"training points, {args.test_size} fresh test points, seed {args.seed}), float64:\n"
     )
     print(constructions_table(rows))
-    print(
-        "\nEqual minimal traces, opposite test errors: with a bias (and with simplified "
-        "LayerNorm) flatness does not decide generalization (Table 1, first column)."
-    )
+    if args.test_size == 0:
+        print(
+            "\nTest errors were not measured (--test-size 0); the table compares traces only. "
+            "Run with --test-size > 0 to see which constructions generalize."
+        )
+    else:
+        print(
+            "\nEqual minimal traces, opposite test errors: with a bias (and with simplified "
+            "LayerNorm) flatness does not decide generalization (Table 1, first column)."
+        )
     return 0
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    """The one line printed on Ctrl-C; exit status 130 (128 + SIGINT), as shells use."""
+    if args.command == "reproduce":
+        hint = (
+            f"finished epochs are checkpointed in {Path(args.out) / 'checkpoints'} (at most "
+            "30 s old); continue with the same command plus --resume"
+        )
+    else:
+        hint = "nothing was written; run the command again"
+    print(f"sharpgen {args.command}: interrupted; {hint}", file=sys.stderr)
+    return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,14 +289,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 on a failed run, 2 on a usage error.
+        0 on success, 1 on a failed (diverged) run, 2 on a usage error (one line
+        ``sharpgen <command>: error: ...`` on stderr, no traceback), 130 on Ctrl-C.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "reproduce":
-        return _reproduce(args)
-    if args.command == "measure":
-        return _measure(args)
+    try:
+        if args.command == "reproduce":
+            return _reproduce(args)
+        if args.command == "measure":
+            return _measure(args)
+    except KeyboardInterrupt:
+        return _interrupted(args)
     parser.print_help()
     print("\n" + textwrap.dedent(_EXAMPLES))
     return 0

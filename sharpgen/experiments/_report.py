@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sharpgen.experiments._checkpoint import atomic_write, atomic_write_text
 from sharpgen.experiments._trainer import RunResult
 
 __all__ = ["Table1Row", "table1", "markdown_report", "plot_results", "save_results", "load_results"]
@@ -236,19 +237,18 @@ def plot_results(results: Sequence[RunResult], path: str | Path) -> Path:
             ax.set_xlabel("epoch (linear to 10, then log)")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def save_results(results: Sequence[RunResult], path: str | Path) -> Path:
-    """Write the runs (specs and metric histories) to a JSON file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r.to_dict() for r in results], indent=1))
-    return path
+    """Write the runs (specs and metric histories) to a JSON file, atomically.
+
+    A crash or a full disk leaves the previous file intact (see `atomic_write`).
+    """
+    return atomic_write_text(path, json.dumps([r.to_dict() for r in results], indent=1))
 
 
 def load_results(path: str | Path) -> list[RunResult]:

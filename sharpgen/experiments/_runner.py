@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sharpgen.experiments._spec import ExperimentSpec
-from sharpgen.experiments._trainer import RunResult, train
+from sharpgen.experiments._trainer import RunResult, check_checkpoint, train
 
 __all__ = ["run_experiments"]
 
@@ -24,9 +24,12 @@ def _worker(spec_dict, seeds, device, checkpoint, resume, threads, progress_queu
     def progress(k: int) -> None:
         progress_queue.put((spec.name, k))
 
-    result = train(
-        spec, seeds, device=device, checkpoint=checkpoint, resume=resume, progress=progress
-    )
+    try:
+        result = train(
+            spec, seeds, device=device, checkpoint=checkpoint, resume=resume, progress=progress
+        )
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        return None
     return result.to_dict()
 
 
@@ -54,11 +57,21 @@ def run_experiments(
         progress: Show tqdm progress bars (one per experiment, in epochs).
         on_result: Called with each result as soon as it is complete.
 
+    Raises:
+        CheckpointError: With ``resume``, if an existing checkpoint is unreadable or belongs to
+            another experiment or other seeds (checked for every experiment before training).
+
     Returns:
         One `RunResult` per experiment, in the order of ``specs``.
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs} must be >= 1")
+    seeds = tuple(int(s) for s in seeds)
+    if resume and checkpoint_dir is not None:  # refuse a bad checkpoint before any training
+        for spec in specs:
+            path = Path(checkpoint_dir) / f"{spec.name}.pt"
+            if path.exists():
+                check_checkpoint(path, spec, seeds)
     bars = {}
     if progress:
         from tqdm.auto import tqdm
@@ -88,45 +101,64 @@ def run_experiments(
                 if on_result is not None:
                     on_result(res)
         else:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            ctx = multiprocessing.get_context("spawn")
-            manager = ctx.Manager()
-            q = manager.Queue()
-            # the longest experiments first, so the pool ends together
-            order = sorted(specs, key=lambda s: -s.epochs * s.steps_per_epoch * _cost(s))
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                futures = {
-                    pool.submit(
-                        _worker, s.to_dict(), list(seeds), device, ckpt(s), resume, threads, q
-                    ): s
-                    for s in order
-                }
-                pending = set(futures)
-                while pending:
-                    try:
-                        name, k = q.get(timeout=0.2)
-                        if name in bars:
-                            bars[name].update(k)
-                    except queue.Empty:
-                        pass
-                    for fut in [f for f in pending if f.done()]:
-                        pending.discard(fut)
-                        res = RunResult.from_dict(fut.result())
-                        results[res.spec.name] = res
-                        if on_result is not None:
-                            on_result(res)
-                while True:  # drain the last progress messages
-                    try:
-                        name, k = q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if name in bars:
-                        bars[name].update(k)
-            manager.shutdown()
+            _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result)
     finally:
         for bar in bars.values():
             bar.close()
     return [results[s.name] for s in specs]
+
+
+def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result) -> None:
+    """Train the experiments in ``jobs`` spawned processes.
+
+    On any exception (Ctrl-C) the workers are terminated at once; their last checkpoints are
+    intact because checkpoints are written atomically.
+    """
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    manager = ctx.Manager()
+    q = manager.Queue()
+
+    def update_bars(block: bool) -> bool:
+        try:
+            name, k = q.get(timeout=0.2) if block else q.get_nowait()
+        except queue.Empty:
+            return False
+        if name in bars:
+            bars[name].update(k)
+        return True
+
+    # the longest experiments first, so the pool ends together
+    order = sorted(specs, key=lambda s: -s.epochs * s.steps_per_epoch * _cost(s))
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    try:
+        pending = {
+            pool.submit(_worker, s.to_dict(), list(seeds), device, ckpt(s), resume, threads, q)
+            for s in order
+        }
+        while pending:
+            update_bars(block=True)
+            for fut in [f for f in pending if f.done()]:
+                pending.discard(fut)
+                payload = fut.result()
+                if payload is None:  # the worker was interrupted
+                    raise KeyboardInterrupt
+                res = RunResult.from_dict(payload)
+                results[res.spec.name] = res
+                if on_result is not None:
+                    on_result(res)
+        while update_bars(block=False):  # drain the last progress messages
+            pass
+    except BaseException:
+        workers = getattr(pool, "_processes", None) or {}
+        for proc in list(workers.values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown()
+    finally:
+        manager.shutdown()
 
 
 def _cost(spec: ExperimentSpec) -> float:

@@ -28,7 +28,12 @@ from sharpgen.experiments._batched import (
     trace_terms,
     trainable_names,
 )
-from sharpgen.experiments._checkpoint import load_checkpoint, save_checkpoint
+from sharpgen.experiments._checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restart_hint,
+    save_checkpoint,
+)
 from sharpgen.experiments._generic import (
     generic_forward,
     generic_loss_and_grad,
@@ -306,6 +311,45 @@ def _project(spec, P) -> None:
     P["b1"].mul_(factor.view(-1, 1))
 
 
+_STATE_KEYS = (
+    "spec",
+    "seeds",
+    "epoch",
+    "params",
+    "generators",
+    "data",
+    "history",
+    "epochs",
+    "lower_bound",
+    "wall_time_s",
+)
+
+
+def check_checkpoint(checkpoint: str | Path, spec: ExperimentSpec, seeds: Sequence[int]) -> dict:
+    """The trainer state in ``checkpoint``, checked to belong to ``spec`` and ``seeds``.
+
+    Raises:
+        CheckpointError: If the file is unreadable, is not a trainer checkpoint, or belongs
+            to another experiment or other seeds; the message says how to proceed.
+    """
+    seeds = tuple(int(s) for s in seeds)
+    state = load_checkpoint(checkpoint)
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is not a sharpgen trainer checkpoint (it lacks "
+            f"{', '.join(missing[:3])}); {restart_hint(checkpoint)}"
+        )
+    if state["spec"] != spec.to_dict() or tuple(state["seeds"]) != seeds:
+        other = state["spec"].get("name", "?") if isinstance(state["spec"], dict) else "?"
+        raise CheckpointError(
+            f"checkpoint {checkpoint} belongs to a different experiment or seeds ({other!r}, "
+            f"seeds {list(state['seeds'])}, not {spec.name!r}, seeds {list(seeds)}); "
+            f"{restart_hint(checkpoint)}"
+        )
+    return state
+
+
 def train(
     spec: ExperimentSpec,
     seeds: Sequence[int],
@@ -336,7 +380,9 @@ def train(
         A `RunResult`.
 
     Raises:
-        ValueError: For empty or repeated seeds, or a checkpoint of a different experiment.
+        ValueError: For empty or repeated seeds.
+        CheckpointError: (a `ValueError`) for a checkpoint that is unreadable or belongs to
+            another experiment or other seeds; nothing is trained.
         FloatingPointError: If a run's parameters become non-finite (divergence).
 
     Examples:
@@ -352,12 +398,7 @@ def train(
         raise ValueError(f"seeds={seeds!r} must be a non-empty sequence of distinct integers")
     state = None
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint)
-        if state["spec"] != spec.to_dict() or tuple(state["seeds"]) != seeds:
-            raise ValueError(
-                f"checkpoint {checkpoint} belongs to a different experiment or seeds; "
-                "delete it or run without resume"
-            )
+        state = check_checkpoint(checkpoint, spec, seeds)
     if state is None:
         data, P, gens = make_runs(spec, seeds, device)
         X, Y = data[0], data[1]

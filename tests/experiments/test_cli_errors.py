@@ -1,0 +1,226 @@
+"""Every user error of `sharpgen reproduce` / `sharpgen measure`: exit 2, one line, no traceback."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sharpgen.cli import main
+from sharpgen.experiments import get_preset, save_checkpoint, save_results, train
+
+FAST = "tiny-no-bias-sam1"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    yield
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"sharpgen {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _reproduce(out, *extra):
+    return main(
+        ["reproduce", "--preset", FAST, "--seeds", "1", "--out", str(out), "--no-progress", *extra]
+    )
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_jobs_below_one(tmp_path, capsys, jobs):
+    assert _reproduce(tmp_path / "out", "--jobs", jobs) == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert f"--jobs {jobs} must be >= 1" in line
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_out_is_an_existing_file(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    assert _reproduce(target) == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert "is an existing file" in line and str(target) in line
+    assert target.read_text() == "keep me"
+
+
+def test_out_lies_under_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _reproduce(blocker / "a" / "b") == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert f"lies under the file {blocker}" in line
+
+
+def test_out_not_writable(tmp_path, capsys, monkeypatch):
+    # root ignores permission bits, so simulate the refusal the OS gives a normal user
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert _reproduce(tmp_path / "ro") == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert "is not writable (Permission denied)" in line
+
+
+def _broken_checkpoints(tmp_path):
+    spec = get_preset(FAST)[0]
+    good = tmp_path / "good.pt"
+    train(spec.replace(name="other-experiment"), [0], checkpoint=good, stop_after_epochs=1)
+    data = good.read_bytes()
+    rng = torch.Generator().manual_seed(0)
+    return {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "random bytes": bytes(torch.randint(0, 256, (4096,), generator=rng).tolist()),
+        "other experiment": data,
+    }
+
+
+def test_resume_with_a_bad_checkpoint_names_the_file_and_stops(tmp_path, capsys):
+    expected = {
+        "empty": "is empty",
+        "truncated": "is unreadable",
+        "random bytes": "is unreadable",
+        "other experiment": "belongs to a different experiment",
+    }
+    for kind, content in _broken_checkpoints(tmp_path).items():
+        out = tmp_path / kind.replace(" ", "-")
+        ckpt = out / "checkpoints" / f"{FAST}.pt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(content)
+        assert _reproduce(out, "--jobs", "1", "--resume") == 2, kind
+        line = _one_line_error(capsys, "reproduce")
+        assert expected[kind] in line and str(ckpt) in line, line
+        assert "nothing was trained" in line and "delete" in line and "without --resume" in line
+        assert ckpt.read_bytes() == content  # left for the user to inspect
+        assert not (out / "results.json").exists()
+
+
+def test_not_a_trainer_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / f"{FAST}.pt"
+    save_checkpoint({"x": torch.zeros(2)}, ckpt)
+    assert _reproduce(out, "--jobs", "1", "--resume") == 2
+    assert "is not a sharpgen trainer checkpoint" in _one_line_error(capsys, "reproduce")
+
+
+def test_bad_checkpoint_is_refused_before_training_the_others(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / "tiny-bias-sam1.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"\x00garbage")
+    trained = []
+    import sharpgen.experiments._runner as runner
+
+    monkeypatch.setattr(runner, "train", lambda spec, *a, **k: trained.append(spec.name))
+    args = ["reproduce", "--preset", FAST, "tiny-bias-sam1", "--out", str(out), "--resume"]
+    assert main([*args, "--no-progress", "--jobs", "1"]) == 2
+    assert trained == []
+    _one_line_error(capsys, "reproduce")
+
+
+def test_ctrl_c_prints_one_line_with_how_to_resume(tmp_path, capsys, monkeypatch):
+    import sharpgen.experiments as ex
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "run_experiments", interrupted)
+    assert _reproduce(tmp_path / "out") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("sharpgen reproduce: interrupted;") and "--resume" in err[0]
+
+
+def test_ctrl_c_on_a_real_run(tmp_path):
+    """SIGINT to a training process (two worker processes): one line, status 130, resumable."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "sharpgen", "reproduce", "--preset", "paper-fig1b", "paper-fig4b"]
+    proc = subprocess.Popen(
+        [*cmd, "--seeds", "1", "--out", str(out), "--no-progress", "--jobs", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        start_new_session=True,  # its own process group, like a shell job
+    )
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline:  # argument checks are done
+        time.sleep(0.1)
+    time.sleep(3.0)  # the workers are training
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C signals the whole foreground group
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("sharpgen reproduce: interrupted;") and "--resume" in lines[0]
+
+
+def test_measure_test_size_zero_draws_no_conclusion(capsys):
+    assert main(["measure", "--d", "8", "--n", "20", "--test-size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "opposite test errors" not in out
+    assert "not measured" in out
+    assert main(["measure", "--d", "8", "--n", "20", "--test-size", "50"]) == 0
+    assert "opposite test errors" in capsys.readouterr().out
+
+
+def test_measure_negative_test_size(capsys):
+    assert main(["measure", "--test-size", "-3"]) == 2
+    assert "--test-size -3 must be >= 0" in _one_line_error(capsys, "measure")
+
+
+def test_results_and_report_are_written_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way (full disk) leaves the previous file intact."""
+    result = train(get_preset(FAST)[0], [0], stop_after_epochs=1)
+    path = tmp_path / "results.json"
+    save_results([result], path)
+    before = path.read_text()
+    real_open = io.open
+
+    class HalfWriter(io.RawIOBase):
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(
+                bytes(data)[:10] if isinstance(data, bytes | bytearray | memoryview) else data[:10]
+            )
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return HalfWriter(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(io, "open", failing_open)
+    with pytest.raises(OSError, match="No space"):
+        save_results([result], path)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert json.loads(before)[0]["spec"]["name"] == FAST
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left
