@@ -11,6 +11,7 @@ from sharpgen.linalg._operator import LinearOperator, as_linear_operator
 from sharpgen.linalg._power import power_iteration
 from sharpgen.linalg._results import EigenResult, SpectralDensity, TraceEstimate
 from sharpgen.linalg._slq import stochastic_lanczos_quadrature
+from sharpgen.linalg._trace import trace
 from sharpgen.linalg._xtrace import xtrace
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LinearOperator",
     "as_linear_operator",
     # trace estimators
+    "trace",
     "hutchinson_trace",
     "hutchpp_trace",
     "xtrace",

@@ -33,6 +33,18 @@ def mean_and_stderr(samples: Tensor) -> tuple[float, float]:
     return mean, float(samples.std(unbiased=True)) / math.sqrt(n)
 
 
+def next_round(count: int, stderr: float, target: float, minimum: int = 1) -> int:
+    """Samples to add so that ``stderr`` (of ``count`` samples) is predicted to reach ``target``.
+
+    The standard error is taken to fall like ``1/sqrt(count)``; at least ``minimum``, at most
+    ``count`` (doubling).
+    """
+    if not math.isfinite(stderr) or target <= 0:
+        return max(count, minimum)
+    need = math.ceil(count * (stderr / target) ** 2) - count
+    return max(minimum, min(need, count))
+
+
 def hutchinson_trace(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,
@@ -58,9 +70,10 @@ def hutchinson_trace(
     $2(\|A\|_F^2 - \sum_i A_{ii}^2)/N$, for Gaussian ones $2\|A\|_F^2/N$.
 
     Give either a fixed budget ``num_matvecs`` or a target relative standard error
-    ``rtol``: then blocks of ``block_size`` probes are drawn until
-    ``stderr <= rtol * |value|`` (tested once at least 10 samples are in) or
-    ``max_matvecs`` products are spent; ``converged`` says which happened.
+    ``rtol``: then 10 probes are drawn, then rounds sized by the measured standard error
+    (the count predicted to reach the target, at most doubling, at most ``block_size``)
+    until ``stderr <= rtol * |value|`` or ``max_matvecs`` products are spent;
+    ``converged`` says which happened.
 
     Args:
         A: Dense symmetric tensor, `LinearOperator` or matvec callable (then pass ``size``).
@@ -107,8 +120,11 @@ def hutchinson_trace(
     frob: list[Tensor] = []
     drawn = 0
     converged = True
+    want = MIN_ADAPTIVE_SAMPLES  # rtol mode: the next round's size, predicted from the stderr
     while drawn < budget:
         b = min(block_size, budget - drawn)
+        if rtol is not None:
+            b = min(b, want)
         Z = draw_probes(
             n, b, distribution=distribution, generator=generator, dtype=op.dtype, device=op.device
         )
@@ -120,6 +136,7 @@ def hutchinson_trace(
             value, stderr = mean_and_stderr(torch.cat(quad))
             if stderr <= rtol * abs(value):
                 break
+            want = next_round(drawn, stderr, rtol * abs(value))
     else:
         if rtol is not None:
             value, stderr = mean_and_stderr(torch.cat(quad))

@@ -24,12 +24,13 @@ class TraceEstimate:
         stderr: Estimated standard error of ``value`` (``inf`` when it cannot be estimated,
             e.g. from a single sample).
         num_matvecs: Matrix-vector products spent.
-        method: ``"hutchinson"``, ``"hutchpp"`` or ``"xtrace"``.
+        method: ``"hutchinson"``, ``"hutchpp"``, ``"xtrace"`` or ``"exact"`` (the method
+            actually used; `trace` with ``method="auto"`` reports its choice).
         samples: The per-probe estimates whose mean is ``value`` (Hutchinson:
             $z_i^\top A z_i$; Hutch++: the deflated-remainder samples; XTrace: the
             exchangeable leave-one-out estimates), or None. For Hutchinson and Hutch++ the
-            standard error is computed from them; XTrace's comes from a delete-a-group
-            jackknife of the whole estimator instead (see `xtrace`).
+            standard error is computed from them; XTrace's combines their spread with a
+            delete-a-group jackknife of the whole estimator (see `xtrace`).
         converged: False only when a target ``rtol`` was asked for and not reached within
             ``max_matvecs``; True otherwise.
         rtol: The requested relative standard error, or None for a fixed budget.

@@ -60,14 +60,11 @@ def test_unbiased_and_stderr_covers_the_truth(estimator, spectrum):
     rms_stderr = float(stderrs.pow(2).mean().sqrt())
     covered = float(((values - truth).abs() <= 1.96 * stderrs).double().mean())
     assert covered >= 0.90
-    if estimator is xtrace:
-        # the delete-a-group jackknife is conservative (Efron-Stein; XTrace has strong
-        # interactions between probes): measured rms stderr / RMSE 2.0 (power_1) and 1.7
-        # (indefinite) here; the paper's leave-one-out estimate gave 0.67-0.71
-        assert 1.0 * float(values.std()) <= rms_stderr <= 3.0 * float(values.std())
-    else:
-        # the reported stderr matches the spread over seeds (within 30%)
-        assert 0.7 * float(values.std()) <= rms_stderr <= 1.3 * float(values.std())
+    # the reported stderr matches the spread over seeds: within 30% for the averages of
+    # independent samples; for XTrace (geometric mean of the conservative jackknife and the
+    # optimistic leave-one-out spread) within [0.7, 1.5], the calibration target
+    upper = 1.5 if estimator is xtrace else 1.3
+    assert 0.7 * float(values.std()) <= rms_stderr <= upper * float(values.std())
 
 
 def test_rmse_ordering_on_a_decaying_spectrum():
@@ -209,8 +206,9 @@ def test_jackknife_stderr_equals_recomputing_xtrace_without_each_group(m):
         ],
         dtype=torch.float64,
     )
-    expected = math.sqrt((g - 1) / g * float((left_out - left_out.mean()).pow(2).sum()))
-    assert res.stderr == pytest.approx(expected, rel=1e-8)
+    jackknife = math.sqrt((g - 1) / g * float((left_out - left_out.mean()).pow(2).sum()))
+    spread = float(res.samples.std()) / math.sqrt(m)
+    assert res.stderr == pytest.approx(math.sqrt(jackknife * spread), rel=1e-8)
 
 
 def test_rank_deficient_downdate_matches_an_svd_per_left_out_column():

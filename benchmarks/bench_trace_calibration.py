@@ -1,0 +1,164 @@
+"""Calibration of the trace estimators' standard errors, and the cost of stopping on ``rtol``.
+
+    PYTHONPATH=$PWD python benchmarks/bench_trace_calibration.py [--quick] [--seeds 40]
+
+Matrices (float64, exact trace known): five synthetic spectra in a random orthogonal basis
+(n = 300: flat 1 + U(0, 1), 100/i, 100/i^2, low rank plus noise, indefinite linspace(-1, 2)),
+and the dense Hessians of two small trained models on scikit-learn's digits: a CNN
+(conv 1->4 3x3, ReLU, maxpool, linear 64->10; 690 parameters) and an MLP 64-10-10 (tanh;
+760 parameters), 512 images, cross-entropy, eval mode.
+
+Part 1, calibration: for every estimator (Hutchinson, Hutch++, XTrace, and the adaptive
+estimator ``trace(method="auto")`` uses) and fixed budgets, over ``--seeds`` seeds:
+relative RMSE, ``rms(stderr) / RMSE`` (1 is calibrated) and the coverage of the 95% interval.
+
+Part 2, ``rtol`` stopping: ``rtol`` per matrix is the adaptive estimator's relative RMSE at
+90 products; the oracle cost of an estimator is the budget at which its fixed-budget RMSE
+equals ``rtol * |trace|`` (log-log interpolation in the budgets of part 1, extrapolated
+from the last two when outside); reported: mean products spent when stopping on ``rtol``
+divided by that oracle cost, and the RMSE reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from sharpgen.curvature import HessianOperator
+from sharpgen.linalg import hutchinson_trace, hutchpp_trace, trace, xtrace
+
+
+def auto(A, **kw):
+    return trace(A, method="adaptive", **kw)
+
+
+ESTIMATORS = {"hutchinson": hutchinson_trace, "hutchpp": hutchpp_trace, "xtrace": xtrace}
+ESTIMATORS["auto (adaptive)"] = auto
+
+
+def synthetic(n=300):
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    noise = torch.rand(n, generator=g, dtype=torch.float64)
+    spectra = {
+        "flat 1+U(0,1)": 1 + noise,
+        "100/i": 100 / i,
+        "100/i^2": 100 / i**2,
+        "low rank + noise": torch.where(i <= 10, 100.0, 0.0) + 0.1 * noise,
+        "indefinite": torch.linspace(-1, 2, n, dtype=torch.float64),
+    }
+    out = {}
+    for name, lam in spectra.items():
+        A = (Q * lam) @ Q.T
+        out[name] = (A + A.T) / 2
+    return out
+
+
+def digits_hessians(epochs=30):
+    """Dense Hessians of a small CNN and an MLP trained on scikit-learn's digits."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float64).reshape(-1, 1, 8, 8)
+    y = torch.tensor(y)
+    out = {}
+    for name in ["trained CNN (digits)", "trained MLP (digits)"]:
+        torch.manual_seed(0)
+        if "CNN" in name:
+            model = nn.Sequential(
+                nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                nn.Linear(64, 10),
+            )  # fmt: skip
+        else:
+            model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Tanh(), nn.Linear(10, 10))
+        model = model.double()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(epochs):
+            for s in range(0, 1536, 128):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(X[s : s + 128]), y[s : s + 128]).backward()
+                opt.step()
+        model.eval()
+        H = HessianOperator(model, nn.functional.cross_entropy, (X[:512], y[:512])).to_dense()
+        out[name] = (H + H.T) / 2
+    return out
+
+
+def run(est, A, seeds, **kw):
+    vals, ses, spent = [], [], []
+    for s in range(seeds):
+        r = est(A, generator=torch.Generator().manual_seed(1000 + s), **kw)
+        vals.append(r.value)
+        ses.append(r.stderr)
+        spent.append(r.num_matvecs)
+    return np.array(vals), np.array(ses), np.array(spent)
+
+
+def oracle_cost(budgets, rmses, target):
+    """Budget at which the RMSE curve crosses ``target`` (log-log interpolation)."""
+    b, r = np.log(np.array(budgets, float)), np.log(np.maximum(np.array(rmses), 1e-300))
+    for k in range(len(b) - 1):
+        if r[k] >= math.log(target) >= r[k + 1]:
+            t = (math.log(target) - r[k]) / (r[k + 1] - r[k])
+            return float(np.exp(b[k] + t * (b[k + 1] - b[k])))
+    k = 0 if math.log(target) > r[0] else len(b) - 2
+    slope = (r[k + 1] - r[k]) / (b[k + 1] - b[k])
+    if slope >= 0:
+        return math.nan
+    return float(np.exp(b[k] + (math.log(target) - r[k]) / slope))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="30 seeds, budgets 30 and 90, no rtol")
+    ap.add_argument("--seeds", type=int, default=40)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    seeds = 30 if args.quick else args.seeds
+    budgets = [30, 90] if args.quick else [24, 48, 90, 180, 360]
+    t0 = time.perf_counter()
+    mats = {**synthetic(), **digits_hessians()}
+    print(f"# seeds={seeds}, budgets={budgets}; float64, 1 thread; loaded shared 2-core machine")
+    print("\n## calibration: relative RMSE / rms(stderr)/RMSE / coverage of +-1.96 stderr\n")
+    print("| matrix | budget | " + " | ".join(ESTIMATORS) + " |")
+    print("|---|---|" + "---|" * len(ESTIMATORS))
+    curves = {}
+    for mname, A in mats.items():
+        truth = float(torch.trace(A))
+        for b in budgets:
+            cells = []
+            for ename, est in ESTIMATORS.items():
+                vals, ses, _ = run(est, A, seeds, num_matvecs=b)
+                rmse = float(np.sqrt(np.mean((vals - truth) ** 2)))
+                ratio = float(np.sqrt(np.mean(ses**2))) / rmse if rmse > 0 else math.nan
+                cover = float(np.mean(np.abs(vals - truth) <= 1.96 * ses))
+                curves.setdefault((mname, ename), []).append(rmse / abs(truth))
+                cells.append(f"{rmse / abs(truth):.1e} / {ratio:.2f} / {cover:.2f}")
+            print(f"| {mname} | {b} | " + " | ".join(cells) + " |", flush=True)
+    if not args.quick:
+        print("\n## rtol stopping: products / oracle products (RMSE reached / rtol)\n")
+        print("| matrix | rtol | " + " | ".join(ESTIMATORS) + " |")
+        print("|---|---|" + "---|" * len(ESTIMATORS))
+        for mname, A in mats.items():
+            truth = float(torch.trace(A))
+            auto_curve = curves[(mname, "auto (adaptive)")]
+            rtol = float(f"{np.interp(math.log(90), np.log(budgets), auto_curve):.1g}")
+            cells = []
+            for ename, est in ESTIMATORS.items():
+                oracle = oracle_cost(budgets, curves[(mname, ename)], rtol)
+                vals, _, spent = run(est, A, seeds, rtol=rtol, max_matvecs=2000)
+                rel = float(np.sqrt(np.mean((vals - truth) ** 2))) / abs(truth)
+                cells.append(f"{spent.mean() / oracle:.2f} ({spent.mean():.0f} / {oracle:.0f}; "
+                             f"{rel / rtol:.2f})")  # fmt: skip
+            print(f"| {mname} | {rtol:g} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n# total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

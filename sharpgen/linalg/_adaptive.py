@@ -1,0 +1,237 @@
+r"""Adaptive trace estimation: Hutchinson or Hutch++, decided from the probes already bought.
+
+The first probes are Rademacher vectors $\Omega = [\omega_1, \dots, \omega_s]$ with
+$Y = A\Omega$. They serve twice: $\omega_i^\top y_i$ are Hutchinson samples, and $Y$ is the
+range sketch Hutch++ would deflate with. From them alone (no further products):
+
+* $v_H$, the sample variance of the $\omega_i^\top y_i$: the per-probe variance of
+  Rademacher Hutchinson;
+* $F = \frac1s \sum_i \|y_i\|^2$, unbiased for $\|A\|_F^2$;
+* $F_\perp = \frac1s \sum_i \|(I - P_{-i})\, y_i\|^2$, $P_{-i}$ the projector onto the other
+  columns of $Y$: unbiased for $\mathbb{E}\,\|(I - P)A\|_F^2$ with a sketch of $s - 1$ probes
+  (the leave-one-out idea of Persson, Cortinovis & Kressner 2022 and of XTrace).
+
+With Rademacher probes the remainder of Hutch++ has per-probe variance
+$2(\|R\|_F^2 - \sum_j R_{jj}^2) \le 2\|(I-P)A\|_F^2$, $R = (I-P)A(I-P)$, so $2F_\perp$ is a
+pessimistic prediction of it. Hutch++ (the sketch, $AQ$ and the remainder) is chosen only when
+its predicted variance is below Hutchinson's at the same number of products; otherwise the
+sketch probes simply count as Hutchinson samples and nothing was wasted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from sharpgen.linalg._hutchinson import MIN_ADAPTIVE_SAMPLES, mean_and_stderr, next_round
+from sharpgen.linalg._hutchpp import _HutchppState
+from sharpgen.linalg._operator import LinearOperator
+from sharpgen.linalg._probes import draw_probes
+from sharpgen.linalg._results import TraceEstimate
+from sharpgen.linalg._sketch import extend_basis
+
+__all__ = ["adaptive_trace", "loo_residual_sq"]
+
+#: Sketch probes drawn before the first decision in ``rtol`` mode.
+PILOT_PROBES = 16
+
+
+def loo_residual_sq(Y: Tensor) -> Tensor:
+    r"""$\|(I - P_{-i})\, y_i\|^2$ for every column $y_i$ of ``Y`` (``P_{-i}``: the others).
+
+    With $Y = QR$, the residual of column $i$ against the other columns has squared norm
+    $1 / [(R^\top R)^{-1}]_{ii} = 1/\|R^{-\top} e_i\|^2$. Columns that are numerically in the
+    span of the others get 0 (a tiny pivot is replaced by a tiny number, not inverted).
+    """
+    s = Y.shape[1]
+    if s < 2:
+        return (Y * Y).sum(0)
+    R = torch.linalg.qr(Y.to(torch.float64), mode="r").R
+    scale = float(R.abs().max()) if R.numel() else 0.0
+    floor = max(1e3 * torch.finfo(Y.dtype).eps * scale, torch.finfo(torch.float64).tiny)
+    diag = R.diagonal()
+    safe = torch.where(diag.abs() < floor, torch.full_like(diag, floor), diag)
+    R = R - torch.diag(diag) + torch.diag(safe)
+    eye = torch.eye(s, dtype=R.dtype, device=R.device)
+    Rinv_t = torch.linalg.solve_triangular(R.T, eye, upper=False)  # R^{-T}
+    return 1.0 / (Rinv_t * Rinv_t).sum(0)
+
+
+class _Pilot:
+    """Rademacher sketch probes, their products and the statistics the decision needs."""
+
+    def __init__(self, op: LinearOperator, generator: torch.Generator | None) -> None:
+        self.op = op
+        self.generator = generator
+        n = op.shape[0]
+        self.Omega = torch.empty(n, 0, dtype=op.dtype, device=op.device)
+        self.Y = self.Omega
+
+    def draw(self, k: int) -> Tensor:
+        return draw_probes(
+            self.op.shape[0], k, distribution="rademacher", generator=self.generator,
+            dtype=self.op.dtype, device=self.op.device,
+        )  # fmt: skip
+
+    def grow(self, k: int) -> None:
+        Om = self.draw(k)
+        self.Y = torch.cat([self.Y, self.op.matmat(Om)], dim=1)
+        self.Omega = torch.cat([self.Omega, Om], dim=1)
+
+    @property
+    def size(self) -> int:
+        return self.Omega.shape[1]
+
+    def samples(self) -> Tensor:
+        return (self.Omega * self.Y).sum(0).to(torch.float64)
+
+    def variances(self, cols: int | None = None) -> tuple[float, float]:
+        """Per-probe variance of Hutchinson and predicted per-probe variance of the remainder."""
+        cols = self.size if cols is None else cols
+        h = self.samples()[:cols]
+        v_h = float(h.var(unbiased=True)) if cols > 1 else math.inf
+        v_d = 2.0 * float(loo_residual_sq(self.Y[:, :cols]).mean())
+        return v_h, v_d
+
+
+def _hutchinson_result(samples: Tensor, spent: int, converged: bool, rtol: float | None):
+    value, stderr = mean_and_stderr(samples)
+    return TraceEstimate(
+        value=value, stderr=stderr, num_matvecs=spent, method="hutchinson",
+        samples=samples, converged=converged, rtol=rtol,
+    )  # fmt: skip
+
+
+def _run_hutchinson(pilot: _Pilot, rtol: float | None, budget: int, start: int) -> TraceEstimate:
+    op = pilot.op
+    samples = pilot.samples()
+    if rtol is None:
+        extra = budget - (op.num_matvecs - start)
+        if extra > 0:
+            Z = pilot.draw(extra)
+            samples = torch.cat([samples, (Z * op.matmat(Z)).sum(0).to(torch.float64)])
+        return _hutchinson_result(samples, op.num_matvecs - start, True, None)
+    while True:
+        value, stderr = mean_and_stderr(samples)
+        if samples.numel() >= MIN_ADAPTIVE_SAMPLES and stderr <= rtol * abs(value):
+            return _hutchinson_result(samples, op.num_matvecs - start, True, rtol)
+        left = budget - (op.num_matvecs - start)
+        if left <= 0:
+            return _hutchinson_result(samples, op.num_matvecs - start, False, rtol)
+        k = min(left, next_round(samples.numel(), stderr, rtol * abs(value), 1))
+        Z = pilot.draw(k)
+        samples = torch.cat([samples, (Z * op.matmat(Z)).sum(0).to(torch.float64)])
+
+
+def _run_hutchpp(
+    pilot: _Pilot, rtol: float | None, budget: int, start: int, first_round: int
+) -> TraceEstimate:
+    """Hutch++ deflating with the pilot's sketch; the remainder probes are fresh Rademacher."""
+    op = pilot.op
+    state = _HutchppState(op, "rademacher", pilot.generator)
+    scale = float(torch.linalg.vector_norm(pilot.Y, dim=0).max())
+    state.Q = extend_basis(state.Q, pilot.Y, scale)
+    state.Z = op.matmat(state.Q) if state.Q.shape[1] else state.Z
+    state.scale = scale
+    left = budget - (op.num_matvecs - start)
+    converged = True
+    if rtol is None:
+        state.grow(0, left)
+    else:
+        state.grow(0, max(1, min(left, first_round)))
+        while True:
+            trace_q, samples = state.estimate()
+            mean, stderr = mean_and_stderr(samples)
+            value = trace_q + mean
+            if samples.numel() >= MIN_ADAPTIVE_SAMPLES and stderr <= rtol * abs(value):
+                break
+            left = budget - (op.num_matvecs - start)
+            if left <= 0:
+                converged = False
+                break
+            k = next_round(samples.numel(), stderr, rtol * abs(value), 1)
+            if samples.numel() < MIN_ADAPTIVE_SAMPLES:
+                k = max(k, MIN_ADAPTIVE_SAMPLES - samples.numel())
+            state.grow(0, min(left, k))
+    trace_q, samples = state.estimate()
+    mean, stderr = mean_and_stderr(samples)
+    return TraceEstimate(
+        value=trace_q + mean, stderr=stderr, num_matvecs=op.num_matvecs - start,
+        method="hutchpp", samples=samples.detach(), converged=converged, rtol=rtol,
+    )  # fmt: skip
+
+
+def _fixed_budget(pilot: _Pilot, budget: int, start: int) -> TraceEstimate:
+    n = pilot.op.shape[0]
+    sketch = min(budget // 3, n)
+    if sketch < 2:
+        pilot.grow(budget)
+        return _run_hutchinson(pilot, None, budget, start)
+    pilot.grow(sketch)
+    v_h, v_d = pilot.variances()
+    remainder = budget - 2 * sketch
+    if remainder > 0 and v_d / remainder < v_h / budget:
+        return _run_hutchpp(pilot, None, budget, start, remainder)
+    return _run_hutchinson(pilot, None, budget, start)
+
+
+def _target_budget(pilot: _Pilot, rtol: float, max_matvecs: int, start: int) -> TraceEstimate:
+    """``rtol`` mode: grow the sketch while that is predicted to pay, then pick the cheaper."""
+    op = pilot.op
+    n = op.shape[0]
+    pilot.grow(min(PILOT_PROBES, max_matvecs, n))
+    while True:
+        s = pilot.size
+        value = float(pilot.samples().mean())
+        target_var = (rtol * value) ** 2 if value != 0 else math.inf
+        v_h, v_d = pilot.variances()
+        cost_h = v_h / target_var  # products Hutchinson needs in all
+        cost_d = 2 * s + v_d / target_var  # sketch + AQ + remainder
+        # geometric extrapolation of the remainder variance to a sketch twice as large
+        _, v_half = pilot.variances(s // 2)
+        ratio = min(1.0, v_d / v_half) if v_half > 0 else 1.0
+        cost_2d = 4 * s + v_d * ratio / target_var
+        room = 4 * s <= max_matvecs and 2 * s <= n
+        if room and cost_2d < min(cost_d, cost_h) and cost_h > s:
+            pilot.grow(s)
+            continue
+        if cost_d < cost_h and 2 * s < max_matvecs:
+            first = max(MIN_ADAPTIVE_SAMPLES, math.ceil(v_d / target_var / 2))
+            return _run_hutchpp(pilot, rtol, max_matvecs, start, first)
+        return _run_hutchinson(pilot, rtol, max_matvecs, start)
+
+
+def adaptive_trace(
+    op: LinearOperator,
+    *,
+    num_matvecs: int | None,
+    rtol: float | None,
+    max_matvecs: int,
+    generator: torch.Generator | None,
+) -> TraceEstimate:
+    r"""Hutchinson or Hutch++ with Rademacher probes, chosen from the first probes' statistics.
+
+    Fixed budget $m$: $s = \lfloor m/3 \rfloor$ sketch probes; Hutch++ (remainder of
+    $m - 2s$ probes) is used when $2F_\perp/(m - 2s) < v_H/m$, else the sketch probes are the
+    first $s$ of $m$ Hutchinson probes (see the module docstring for $v_H$ and $F_\perp$).
+
+    Target ``rtol``: 16 sketch probes, doubled while a sketch twice as large is predicted to
+    reduce the total cost (remainder variance extrapolated geometrically from the sketch and
+    its first half); then the cheaper of the two predicted costs is run, adding probes in
+    rounds sized by the measured standard error (at most doubling) until
+    ``stderr <= rtol * |value|`` or ``max_matvecs``. The arguments are validated by
+    `sharpgen.linalg.trace`.
+
+    The returned ``method`` is ``"hutchinson"`` or ``"hutchpp"``; both report the standard
+    error of independent samples. The decision uses the first probes, which the Hutchinson
+    branch also averages; its effect on the bias is of second order and below the
+    statistical tests' resolution.
+    """
+    start = op.num_matvecs
+    pilot = _Pilot(op, generator)
+    if num_matvecs is not None:
+        return _fixed_budget(pilot, num_matvecs, start)
+    assert rtol is not None
+    return _target_budget(pilot, rtol, max_matvecs, start)
