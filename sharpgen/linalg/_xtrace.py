@@ -219,7 +219,7 @@ def xtrace(
     which by the Efron–Stein inequality overcounts the interactions between probes (alone
     it gave 1.1–2.5 times the true RMSE, growing with $m$). ``stderr`` is $\sqrt{J L}$,
     within a factor $\sqrt{J/L}$ of the truth when the correlations are non-negative; on
-    the spectra of the calibration benchmark (docs: `sharpgen.linalg`) it was 1.0–1.4 times
+    the spectra of the calibration benchmark (linalg API page) it was 1.0–1.4 times
     the true RMSE at 24–360 products. No extra products are needed: $Y$ without group $j$
     spans $Q U_j$ for an orthonormal $U_j$ from the $r \times m$ matrix $Q^\top Y$, and
     $A Q U_j = (AQ) U_j$, so each recomputation is $O(m^3)$ work on small matrices
