@@ -38,7 +38,8 @@ from sharpgen._distributed import (
 )
 from sharpgen.optim._batchnorm import disable_running_stats
 from sharpgen.optim._gsam import GSAM
-from sharpgen.optim._sam import SAM, _replay_rng, _rng_snapshot
+from sharpgen.optim._rng import replay_rng, rng_snapshot
+from sharpgen.optim._sam import SAM
 
 __all__ = ["DDP_PERTURBATIONS", "ddp_sam_step"]
 
@@ -171,7 +172,7 @@ def ddp_sam_step(
         )
     local = model.no_sync if ddp else nullcontext
     per_rank_gsam = isinstance(optimizer, GSAM) and perturbation == "per_rank"
-    snapshot = _rng_snapshot(optimizer.param_groups) if optimizer._same_dropout else None
+    snapshot = rng_snapshot(optimizer.param_groups) if optimizer._same_dropout else None
 
     with local(), torch.enable_grad():
         loss = closure()
@@ -179,7 +180,7 @@ def ddp_sam_step(
         average_gradients_(params, group, what="the first-pass gradients of ddp_sam_step")
     optimizer.first_step()
     try:
-        replay = _replay_rng(snapshot) if snapshot is not None else nullcontext()
+        replay = replay_rng(snapshot) if snapshot is not None else nullcontext()
         second_local = local() if per_rank_gsam else nullcontext()
         with replay, disable_running_stats(unwrap_model(model)), second_local, torch.enable_grad():
             closure()

@@ -22,13 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen._validation import is_int
-from sharpgen.sharpness._perturbation import (
-    _check_eta,
-    _check_norm,
-    _check_rho,
-    sam_perturbation,
-)
+from sharpgen._validation import check_rho, is_int
+from sharpgen.sharpness import sam_perturbation
+from sharpgen.sharpness._sam_kernel import check_eta, check_norm
 
 __all__ = ["perturbed", "sam_gradient"]
 
@@ -129,9 +125,9 @@ def sam_gradient(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-    rho = _check_rho(rho)
-    norm = _check_norm(norm)
-    eta = _check_eta(eta)
+    rho = check_rho(rho)
+    norm = check_norm(norm)
+    eta = check_eta(eta)
     if not normalize and norm != "l2":
         raise ValueError("normalize=False (unnormalized SAM) is only defined for norm='l2'.")
     if not isinstance(params, Mapping) or not all(isinstance(v, Tensor) for v in params.values()):

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from sharpgen._validation import check_rho
 from sharpgen.optim._sam import SAM, PerturbSelector
-from sharpgen.sharpness._perturbation import _check_eta, _check_rho
+from sharpgen.sharpness._sam_kernel import check_eta
 
 __all__ = ["GSAM"]
 
@@ -98,8 +99,8 @@ class GSAM(SAM):
         **base_kwargs: Any,
     ) -> None:
         self._init_common(norm, True, perturb, model, same_dropout, base_optimizer)
-        rho_max = _check_rho(rho_max)
-        rho_min = rho_max if rho_min is None else _check_rho(rho_min)
+        rho_max = check_rho(rho_max)
+        rho_min = rho_max if rho_min is None else check_rho(rho_min)
         defaults = {
             "rho_max": rho_max,
             "rho_min": rho_min,
@@ -107,7 +108,7 @@ class GSAM(SAM):
             "lr_max": lr_max,
             "lr_min": lr_min,
             "adaptive": adaptive,
-            "eta": _check_eta(eta),
+            "eta": check_eta(eta),
         }
         self._g0: dict[Tensor, Tensor] = {}
         self._build(params, base_optimizer, defaults, base_kwargs)
@@ -122,7 +123,7 @@ class GSAM(SAM):
         super()._check_group(group)
         for key in ("rho_max", "rho_min"):
             if key in group:
-                group[key] = _check_rho(group[key])
+                group[key] = check_rho(group[key])
         if "rho_max" in group and "rho_min" in group and group["rho_min"] > group["rho_max"]:
             raise ValueError(
                 f"rho_min must be <= rho_max, got rho_min={group['rho_min']!r} > "

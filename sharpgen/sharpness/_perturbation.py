@@ -21,28 +21,16 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from sharpgen._validation import check_positive, check_rho
+from sharpgen._validation import check_rho
+from sharpgen.sharpness._sam_kernel import (
+    check_eta,
+    check_norm,
+    sam_grad_norms,
+    sam_perturbation_list,
+    total_norm,
+)
 
 __all__ = ["project_perturbation", "sam_perturbation"]
-
-NORMS = ("l2", "linf")
-
-
-# -- argument checks --------------------------------------------------------------------------
-def _check_rho(rho: object) -> float:
-    return check_rho(rho)
-
-
-def _check_eta(eta: object) -> float:
-    return check_positive(
-        "eta", eta, allow_zero=True, hint="eta is the offset of the ASAM scaling |w| + eta."
-    )
-
-
-def _check_norm(norm: object) -> str:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-    return norm  # type: ignore[return-value]
 
 
 def _check_dicts(
@@ -155,9 +143,9 @@ def sam_perturbation(
         Networks*, ICML. Andriushchenko & Flammarion (2022), *Towards Understanding
         Sharpness-Aware Minimization*, ICML.
     """
-    rho = _check_rho(rho)
-    norm = _check_norm(norm)
-    eta = _check_eta(eta)
+    rho = check_rho(rho)
+    norm = check_norm(norm)
+    eta = check_eta(eta)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}.")
     if not normalize and norm != "l2":
@@ -200,35 +188,22 @@ def _perturbation_and_norm(
                     f"non-finite gradient for {bad[:5]}; the SAM perturbation is undefined "
                     "(check the loss, or lower the learning rate)."
                 )
-        scaled: dict[str, Tensor] = {}  # T g
-        scales: dict[str, Tensor | None] = {}
-        for k, g in present.items():
-            t = _scaling(params[k], adaptive, eta)
-            scales[k] = t
-            scaled[k] = g if t is None else g * t
+        keys = list(present)
+        ps, gs = [params[k] for k in keys], [present[k] for k in keys]
         total = None
         if present:
-            device = _first_device(present)
-            total = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(v).to(device) for v in scaled.values()])
-            )
+            total = total_norm(sam_grad_norms(ps, gs, adaptive=adaptive, eta=eta))
+        moved = sam_perturbation_list(
+            ps, gs, rho=rho, grad_norm=total, norm=norm, adaptive=adaptive, eta=eta,
+            normalize=normalize,
+        )  # fmt: skip
+        by_key = dict(zip(keys, moved, strict=True))
         eps: dict[str, Tensor] = {}
         for k, w in params.items():
-            if k not in present:
-                eps[k] = torch.zeros_like(w, memory_format=torch.preserve_format).detach()
-                continue
-            g, t, tg = present[k], scales[k], scaled[k]
-            if norm == "linf":
-                direction = torch.sign(g) if t is None else t * torch.sign(g)
-                e = direction * rho
-            else:
-                t2g = tg if t is None else tg * t  # T^2 g
-                if normalize:
-                    n = total.to(g.device)
-                    e = torch.where(n > 0, t2g / n, torch.zeros_like(t2g)) * rho
-                else:
-                    e = t2g * rho
-            eps[k] = e.to(dtype=w.dtype)
+            e = by_key.get(k)
+            if e is None:
+                e = torch.zeros_like(w, memory_format=torch.preserve_format).detach()
+            eps[k] = e
     return eps, total
 
 
@@ -297,9 +272,9 @@ def project_perturbation(
         >>> x["w"].tolist()
         [0.6000000238418579, 0.800000011920929]
     """
-    rho = _check_rho(rho)
-    norm = _check_norm(norm)
-    eta = _check_eta(eta)
+    rho = check_rho(rho)
+    norm = check_norm(norm)
+    eta = check_eta(eta)
     _check_dicts(eps, params, "eps")
     for k, v in eps.items():
         if v is None:
