@@ -10,9 +10,9 @@ a variant writes `_perturb` and, where it needs them, the gradient hooks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,39 +29,18 @@ from sharpgen.optim._groups import (
     select_parameters,
 )
 from sharpgen.optim._rng import replay_rng, rng_snapshot
+from sharpgen.optim._state import (
+    _ACCUMULATING,
+    _IDLE,
+    _NONFINITE,
+    _PERTURBED,
+    _RESTORED,
+    _UNPERTURBED,
+    SAMStepInfo,
+)
 from sharpgen.sharpness._sam_kernel import check_norm
 
 __all__ = ["SAMBase", "SAMStepInfo"]
-
-
-_IDLE = "idle"  # no step in progress
-_PERTURBED = "perturbed"  # weights are w + eps, waiting for the second pass
-_RESTORED = "restored"  # weights restored, .grad holds the final gradient
-_UNPERTURBED = "unperturbed"  # no perturbation (zero gradient / rho = 0): .grad is final
-_NONFINITE = "nonfinite"  # non-finite gradient at w: the base step will be skipped
-_ACCUMULATING = "accumulating"  # m-SAM micro-batches collected in a buffer
-
-
-@dataclass(frozen=True)
-class SAMStepInfo:
-    r"""What the last SAM step did (`SAM.last_step_info`).
-
-    Attributes:
-        perturbed: The weights were perturbed for the second pass (in at least one micro-batch
-            when accumulating).
-        stepped: The base optimizer's step was taken (``False`` when a gradient was NaN/Inf).
-        grad_norm: $\|T_w g\|_2$ at the unperturbed weights over the perturbed parameters
-            (of the last micro-batch), divided by ``grad_scale``; ``None`` when no perturbed
-            parameter had a gradient.
-        reason: Why the perturbation or the step was skipped, else ``None``.
-        micro_batches: Number of (first pass, second pass) pairs that went into the step.
-    """
-
-    perturbed: bool
-    stepped: bool
-    grad_norm: float | None
-    reason: str | None
-    micro_batches: int = 1
 
 
 class SAMBase(Optimizer):
@@ -380,6 +359,9 @@ class SAMBase(Optimizer):
     def _discard_first_gradient(self) -> None:
         """Hook for GSAM."""
 
+    def _after_step(self, stepped: bool) -> None:
+        """Hook for variants with a step counter or a decoupled update after the base step."""
+
     def _combine_gradients(self) -> None:
         """Hook for GSAM: form the final gradient in ``.grad`` after restoring $w$."""
 
@@ -396,20 +378,27 @@ class SAMBase(Optimizer):
         with torch.enable_grad():
             loss = closure()
         if self._perturb(None):
-            try:
-                replay = replay_rng(snapshot) if snapshot is not None else nullcontext()
-                frozen = (
-                    disable_running_stats(self._model) if self._model is not None else nullcontext()
-                )
-                with replay, frozen, torch.enable_grad():
-                    closure()
-            except BaseException:
-                with torch.no_grad():
-                    params = list(self._saved)
-                    torch._foreach_copy_(params, [self._saved[p] for p in params])
-                self._reset()
-                raise
-            self.restore()
+            replay = replay_rng(snapshot) if snapshot is not None else nullcontext()
+            model = self._model
+            frozen = disable_running_stats(model) if model is not None else nullcontext()
+            self._perturbed_pass(closure, replay, frozen)
+        return loss
+
+    def _perturbed_pass(self, closure: Callable[[], Any], *contexts: Any) -> Any:
+        r"""Run the closure at $w + \varepsilon$; restore $w$ afterwards (also on an exception)."""
+        try:
+            with contextlib.ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context)
+                stack.enter_context(torch.enable_grad())
+                loss = closure()
+        except BaseException:
+            with torch.no_grad():
+                params = list(self._saved)
+                torch._foreach_copy_(params, [self._saved[p] for p in params])
+            self._reset()
+            raise
+        self.restore()
         return loss
 
     def _finish(self) -> None:
@@ -438,6 +427,7 @@ class SAMBase(Optimizer):
             else:
                 self.base_optimizer.step()
                 stepped = True
+        self._after_step(stepped)
         self._last_info = SAMStepInfo(
             perturbed=self._any_perturbed,
             stepped=stepped,

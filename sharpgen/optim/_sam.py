@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from sharpgen._validation import check_rho
-from sharpgen.optim._base import _NONFINITE, _PERTURBED, _UNPERTURBED, SAMBase, SAMStepInfo
+from sharpgen.optim._base import SAMBase
 from sharpgen.optim._groups import PerturbSelector
+from sharpgen.optim._state import _NONFINITE, _PERTURBED, _UNPERTURBED, SAMStepInfo
 from sharpgen.sharpness._sam_kernel import check_eta, sam_grad_norms, sam_perturb_, total_norm
 
 __all__ = ["SAM", "SAMStepInfo"]
