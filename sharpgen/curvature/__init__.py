@@ -5,13 +5,16 @@ through `torch.func` (with a double-backward fallback), over one batch or a whol
 DataLoader, leaving the caller's model exactly as it was.
 """
 
-from sharpgen._distributed import shard_indices, without_sampler_padding
 from sharpgen.curvature._data import as_batches, num_samples
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
 from sharpgen.curvature._ggn import GGNOperator
 from sharpgen.curvature._hessian import HessianOperator
-from sharpgen.curvature._objective import ModelObjective, dataset_reduce
+from sharpgen.curvature._objective import ModelObjective
+from sharpgen.curvature._options import ObjectiveOptions
 from sharpgen.curvature._params import select_params
+from sharpgen.curvature._reduce import dataset_reduce
+from sharpgen.curvature._resolve import as_objective
+from sharpgen.curvature._sharding import shard_indices, without_sampler_padding
 from sharpgen.curvature._state import apply_state_policy, model_state_policy, preserve_model_state
 
 __all__ = [
@@ -20,6 +23,8 @@ __all__ = [
     "GGNOperator",
     # the dataset loss as a function of a parameter dict
     "ModelObjective",
+    "ObjectiveOptions",
+    "as_objective",
     "dataset_reduce",
     # parameters and vectors
     "select_params",

@@ -1,54 +1,52 @@
-"""Shared machinery of the curvature operators (Hessian and GGN)."""
+"""The base class of the curvature operators: a kernel applied over one objective."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sharpgen._validation import is_int
+from sharpgen.curvature._backend import BACKENDS, check_backend
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
-from sharpgen.curvature._objective import ModelObjective
+from sharpgen.curvature._kernels import Kernel
 from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._products import product
+from sharpgen.curvature._resolve import ready_objective, resolve_objective
 from sharpgen.linalg import LinearOperator
 
 __all__ = ["VALID_OPERATOR_BACKENDS", "CurvatureOperator"]
 
-VALID_OPERATOR_BACKENDS = ("auto", "func", "autograd")
+VALID_OPERATOR_BACKENDS = BACKENDS
 
 
 class CurvatureOperator(LinearOperator):
-    """Base class of `HessianOperator` and `GGNOperator` (not public)."""
+    """A `LinearOperator` whose products are ``kernel`` over one objective (not public).
 
-    _kind = ""  # "hvp" or "ggn"
+    A subclass names its kernel (`sharpgen.curvature._kernels`) and documents the
+    matrix; the objective comes from ``(model, loss_fn, data, **objective_options)`` or is
+    a ready `ModelObjective` (then only the operator options below may be given).
+    """
+
+    kernel: ClassVar[Kernel]
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
-        data: Any,
+        model: Any,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        data: Any = None,
         params: ParamSelection = None,
         *,
-        bn: str = "eval",
-        dropout: bool = False,
-        reduction: str = "mean",
-        backend: str = "auto",
+        backend: str | None = None,
         check_deterministic: bool = False,
         cache_graph: bool = False,
         max_block: int | None = 16,
-        func_mode: str = "reverse",
-        vectorize: bool | None = None,
-        process_group: Any = "auto",
+        **objective_options: Any,
     ) -> None:
-        if backend not in VALID_OPERATOR_BACKENDS:
-            raise ValueError(
-                f"backend must be one of {VALID_OPERATOR_BACKENDS} ('auto': torch.func with a "
-                f"double-backward fallback; 'func': forward-over-reverse only; 'autograd': "
-                f"double backward only), got {backend!r}."
-            )
+        if backend is not None:
+            check_backend(backend)
         if not isinstance(check_deterministic, bool):
             raise TypeError(f"check_deterministic must be a bool, got {check_deterministic!r}.")
         if max_block is not None and (not is_int(max_block) or max_block < 1):
@@ -57,21 +55,15 @@ class CurvatureOperator(LinearOperator):
             )
         if not isinstance(cache_graph, bool):
             raise TypeError(f"cache_graph must be a bool, got {cache_graph!r}.")
-        self.objective = ModelObjective(
-            model,
-            loss_fn,
-            data,
-            params,
-            bn=bn,
-            dropout=dropout,
-            reduction=reduction,
-            process_group=process_group,
-            func_mode=func_mode,
-            vectorize=vectorize,
+        if params is not None:
+            objective_options["params"] = params
+        if backend is not None and ready_objective(model) is None:
+            objective_options["backend"] = backend
+        self.objective = resolve_objective(
+            model, loss_fn, data, objective_options, where=type(self).__name__
         )
         super().__init__(self.objective.numel, self.objective.dtype, self.objective.device)
-        self._requested_backend = backend
-        self._backend = backend
+        self._backend = backend if backend is not None else self.objective.backend
         self.cache_graph = cache_graph
         self.max_block = max_block
         if check_deterministic:
@@ -122,34 +114,10 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat_chunk(self, V: Tensor) -> Tensor:
         block = unflatten_params(V, self.params)
-        if self._backend == "auto":
-            try:
-                out = self._product(block, "func")
-            except torch.OutOfMemoryError:
-                raise
-            except (RuntimeError, NotImplementedError) as exc:
-                # An error of the user's model or loss fails under autograd too: then that
-                # error is raised as it is, without claiming a torch.func limitation.
-                out = self._product(block, "autograd")
-                warnings.warn(
-                    f"{type(self).__name__}: torch.func could not trace the model "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); falling back "
-                    "to double backward (backend='autograd'), which is slower for blocks of "
-                    "vectors. Pass backend='autograd' to silence this warning.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._backend = "autograd"
-            else:
-                self._backend = "func"
-        else:
-            out = self._product(block, self._backend)
+        out, used = product(self.objective, self.kernel, block, None, backend=self._backend,
+                            cache=self.cache_graph, owner=type(self).__name__)  # fmt: skip
+        self._backend = used
         return out
-
-    def _product(self, block: dict[str, Tensor], backend: str) -> Tensor:
-        return self.objective._product(
-            self._kind, block, None, backend, self.cache_graph, flat=True
-        )
 
     def clear_cache(self) -> None:
         """Drop the gradient graph kept by ``cache_graph=True``."""

@@ -12,9 +12,10 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["Batches", "as_batches", "call_model", "num_samples"]
+__all__ = ["Batches", "as_batches", "call_model", "check_devices", "num_samples"]
 
 
 def _is_inputs(x: Any) -> bool:
@@ -190,3 +191,24 @@ def as_batches(data: Any) -> Batches:
         if len(data) == 0:
             raise ValueError("data is an exhausted or empty iterator; it yielded no batches.")
     return Batches(data, single=False)
+
+
+def _tensors_in(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [v for v in x.values() if isinstance(v, Tensor)]
+    if isinstance(x, (tuple, list)):
+        return [v for v in x if isinstance(v, Tensor)]
+    return []
+
+
+def check_devices(inputs: Any, targets: Any, index: int, device: torch.device) -> None:
+    """Raise `ValueError` if a tensor of batch ``index`` is not on ``device``."""
+    for t in _tensors_in(inputs) + _tensors_in(targets):
+        if t.device != device:
+            raise ValueError(
+                f"data batch {index} holds a tensor on {t.device} but the parameters are "
+                f"on {device}; move the data to {device} (e.g. in the DataLoader "
+                "loop or with a collate_fn)."
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sharpgen.curvature._base import CurvatureOperator
+from sharpgen.curvature._kernels import GGN
 
 __all__ = ["GGNOperator"]
 
@@ -35,4 +36,4 @@ class GGNOperator(CurvatureOperator):
         True
     """
 
-    _kind = "ggn"
+    kernel = GGN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sharpgen.curvature._base import CurvatureOperator
+from sharpgen.curvature._kernels import HESSIAN
 
 __all__ = ["HessianOperator"]
 
@@ -86,4 +87,4 @@ class HessianOperator(CurvatureOperator):
         True
     """
 
-    _kind = "hvp"
+    kernel = HESSIAN

@@ -22,84 +22,22 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from sharpgen._distributed import (
-    AUTO,
-    check_ranks_agree,
-    reduce_partials,
-    resolve_process_group,
-    unwrap_model,
-    without_sampler_padding,
-)
-from sharpgen.curvature._data import as_batches, num_samples
-from sharpgen.curvature._params import ParamSelection, select_params
-from sharpgen.curvature._state import check_policy, model_state_policy
+from sharpgen._distributed import AUTO, check_ranks_agree, resolve_process_group, unwrap_model
+from sharpgen.curvature._backend import check_backend
+from sharpgen.curvature._data import as_batches, check_devices, num_samples
+from sharpgen.curvature._kernels import GGN, HESSIAN, Kernel
+from sharpgen.curvature._options import VALID_REDUCTIONS, check_options
+from sharpgen.curvature._params import ParamSelection, check_point, select_params
+from sharpgen.curvature._products import block_views, product
+from sharpgen.curvature._reduce import check_finite, dataset_reduce
+from sharpgen.curvature._sharding import without_sampler_padding
+from sharpgen.curvature._state import model_state_policy
 
 __all__ = ["VALID_REDUCTIONS", "ModelObjective", "dataset_reduce"]
 
-VALID_REDUCTIONS = ("mean", "sum")
-VALID_FUNC_MODES = ("reverse", "forward")
-_VALID_BACKENDS = ("func", "autograd")
 
-
-def dataset_reduce(
-    partials: list[Tensor], count: int, reduction: str, process_group: Any = None
-) -> tuple[list[Tensor], int]:
-    r"""Turn per-process partial sums into the dataset quantity (the one reduction point).
-
-    Every dataset quantity of `ModelObjective` goes through this function. The partial sums
-    are the caller's accumulators and are reduced and divided in place.
-
-    Args:
-        partials: Per-process sums: $\sum_b n_b q_b$ for ``reduction="mean"``, $\sum_b q_b$
-            for ``reduction="sum"``.
-        count: Number of samples this process visited.
-        reduction: ``"mean"`` (divide by the total count) or ``"sum"``.
-        process_group: ``None``: no communication (the data seen by this process is the
-            dataset). Otherwise a ``torch.distributed`` process group (for example
-            ``torch.distributed.group.WORLD``; ``"auto"``: the default group if
-            initialized) over which partial sums and the count are summed in ONE
-            all-reduce before dividing.
-
-    Returns:
-        The dataset quantities (same shapes as ``partials``) and the total count.
-    """
-    group = resolve_process_group(process_group)
-    if group is not None:  # sharpgen._distributed: one all-reduce, count included
-        partials, count = reduce_partials(list(partials), count, group)
-    if reduction == "mean":
-        return [p.div_(count) for p in partials], count
-    return list(partials), count
-
-
-def _device_of(partials: list[Tensor]) -> torch.device:
-    return partials[0].device if partials else torch.device("cpu")
-
-
-def _block_views(buf: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Views ``(k, *shape)`` into the rows of an ``(n, k)`` buffer, one per entry of like."""
-    k = buf.shape[1]
-    out, offset = {}, 0
-    for name, t in like.items():
-        size = t.numel()
-        out[name] = buf[offset : offset + size].T.view(k, *t.shape)
-        offset += size
-    return out
-
-
-def _zeros_like_dict(d: Mapping[str, Tensor], k: int | None = None) -> dict[str, Tensor]:
-    if k is None:
-        return {n: torch.zeros_like(t) for n, t in d.items()}
-    return {n: t.new_zeros((k, *t.shape)) for n, t in d.items()}
-
-
-def _tensors_in(x: Any) -> list[Tensor]:
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, Mapping):
-        return [v for v in x.values() if isinstance(v, Tensor)]
-    if isinstance(x, (tuple, list)):
-        return [v for v in x if isinstance(v, Tensor)]
-    return []
+def _zeros_like_dict(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: torch.zeros_like(t) for n, t in d.items()}
 
 
 class ModelObjective:
@@ -135,6 +73,9 @@ class ModelObjective:
         bn: ``"eval"`` or ``"batch"``.
         dropout: Keep dropout active (``True``) or not (``False``, default).
         reduction: ``"mean"`` or ``"sum"``, see above.
+        backend: How the curvature operators built on this objective take their products
+            unless told otherwise: ``"auto"`` (default: ``torch.func``, falling back to
+            double backward), ``"func"`` or ``"autograd"`` (see `HessianOperator`).
         process_group: ``"auto"`` (default: the DDP model's group or the initialized
             default group, if any), ``None`` (no communication) or a
             ``torch.distributed`` process group over which per-process sums are
@@ -185,6 +126,7 @@ class ModelObjective:
         bn: str = "eval",
         dropout: bool = False,
         reduction: str = "mean",
+        backend: str = "auto",
         process_group: Any = AUTO,
         func_mode: str = "reverse",
         vectorize: bool | None = None,
@@ -196,27 +138,22 @@ class ModelObjective:
                 f"loss_fn must be callable as loss_fn(outputs, targets), got "
                 f"{type(loss_fn).__name__}."
             )
-        check_policy(bn, dropout)
-        if reduction not in VALID_REDUCTIONS:
-            raise ValueError(
-                f"reduction must be one of {VALID_REDUCTIONS} ('mean': loss_fn returns batch "
-                f"means, the dataset loss is the sample-weighted mean; 'sum': loss_fn returns "
-                f"batch sums, the dataset loss is their sum), got {reduction!r}."
-            )
-        if func_mode not in VALID_FUNC_MODES:
-            raise ValueError(
-                f"func_mode must be one of {VALID_FUNC_MODES} ('reverse': vjp of grad; "
-                f"'forward': jvp of grad), got {func_mode!r}."
-            )
+        options = {"bn": bn, "dropout": dropout, "reduction": reduction, "backend": backend,
+                   "func_mode": func_mode, "vectorize": vectorize}  # fmt: skip
+        check_options(**options)
         group = resolve_process_group(process_group, model)
         model = unwrap_model(model)  # functional calls go to the DDP-wrapped module
         selected = select_params(model, params)
         self.model = model
         self.loss_fn = loss_fn
+        self.data = data
         self.bn = bn
         self.dropout = dropout
         self.reduction = reduction
+        self.backend = backend
         self.process_group = group
+        self._selection = params
+        self._options = options
         self.params: dict[str, Tensor] = {n: t.detach().clone() for n, t in selected.items()}
         first = next(iter(self.params.values()))
         self.dtype: torch.dtype = first.dtype
@@ -225,8 +162,6 @@ class ModelObjective:
         self._batches = as_batches(without_sampler_padding(data))
         self._num_samples: int | None = None
         self._func_mode = "rev" if func_mode == "reverse" else "fwd"
-        if vectorize is not None and not isinstance(vectorize, bool):
-            raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}.")
         self.vectorize: bool = self.device.type != "cpu" if vectorize is None else vectorize
         self._graph_cache: Any = None
         self._tangents_checked = False
@@ -241,6 +176,26 @@ class ModelObjective:
                 "bn": bn,
             }
             check_ranks_agree(group, agree, where="ModelObjective")
+
+    # -- the same objective elsewhere -----------------------------------------------------
+    def refreshed(self) -> ModelObjective:
+        """The same model, loss, data and options at the model's current parameter values.
+
+        The objective copies the selected parameters when it is built; a measure taken
+        every N steps of training uses a refreshed objective each time.
+        """
+        return ModelObjective(self.model, self.loss_fn, self.data, self._selection,
+                              process_group=self.process_group, **self._options)  # fmt: skip
+
+    def with_data(self, data: Any, *, process_group: Any = None) -> ModelObjective:
+        """The same model, loss, options and base point `params` on other ``data``.
+
+        Args:
+            data: One batch or an iterable of batches (for example one chunk of the data).
+            process_group: ``None`` (default: no communication) or a process group.
+        """
+        return ModelObjective(self.model, self.loss_fn, data, dict(self.params),
+                              process_group=process_group, **self._options)  # fmt: skip
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -257,18 +212,9 @@ class ModelObjective:
             _, self._num_samples = dataset_reduce(dummy, count, "sum", self.process_group)
         return self._num_samples
 
-    def _check_devices(self, inputs: Any, targets: Any, index: int) -> None:
-        for t in _tensors_in(inputs) + _tensors_in(targets):
-            if t.device != self.device:
-                raise ValueError(
-                    f"data batch {index} holds a tensor on {t.device} but the parameters are "
-                    f"on {self.device}; move the data to {self.device} (e.g. in the DataLoader "
-                    "loop or with a collate_fn)."
-                )
-
     def _iter(self) -> Iterator[tuple[Any, Any]]:
         for index, (inputs, targets) in enumerate(self._batches):
-            self._check_devices(inputs, targets, index)
+            check_devices(inputs, targets, index, self.device)
             yield inputs, targets
 
     def _weight(self, n: int) -> float:
@@ -280,32 +226,7 @@ class ModelObjective:
         """Return ``params`` checked against the selection (``None`` -> the base point)."""
         if params is None:
             return self.params
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params must be a dict name -> tensor, got {type(params).__name__}.")
-        if set(params) != set(self.params):
-            missing = sorted(set(self.params) - set(params))
-            extra = sorted(set(params) - set(self.params))
-            raise ValueError(
-                f"params must have exactly the selected names; missing {missing}, unexpected "
-                f"{extra}. Build it from objective.params, e.g. "
-                "{n: p + eps[n] for n, p in objective.params.items()}."
-            )
-        out = {}
-        for name, ref in self.params.items():
-            t = params[name]
-            if not isinstance(t, Tensor) or t.shape != ref.shape:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(
-                    f"params[{name!r}] must be a tensor of shape {tuple(ref.shape)}, got {shape}."
-                )
-            if t.dtype != self.dtype or t.device != self.device:
-                raise ValueError(
-                    f"params[{name!r}] has dtype {t.dtype} on {t.device}, but the objective "
-                    f"works in {self.dtype} on {self.device}; convert it with "
-                    f".to({self.dtype}, '{self.device}')."
-                )
-            out[name] = t
-        return out
+        return check_point(params, self.params, self.dtype, self.device)
 
     def _others(self) -> dict[str, Tensor]:
         """The model's non-selected parameters, detached (they are constants here)."""
@@ -370,7 +291,7 @@ class ModelObjective:
     def _validate(self) -> None:
         with self._state(), torch.enable_grad():
             inputs, targets = self._batches.first()
-            self._check_devices(inputs, targets, 0)
+            check_devices(inputs, targets, 0, self.device)
             p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
             loss = self.batch_loss(p, inputs, targets)
             if not torch.isfinite(loss):
@@ -411,13 +332,7 @@ class ModelObjective:
         else:
             out, total = dataset_reduce(partials, count, self.reduction, self.process_group)
         self._num_samples = total
-        for t in out:
-            lo, hi = torch.aminmax(t.reshape(-1))  # NaN propagates; cheaper than isfinite
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                raise FloatingPointError(
-                    f"the {what} is not finite (NaN or Inf); check the data for NaN/Inf, the "
-                    "model for overflow (try float64) and the parameters."
-                )
+        check_finite(out, what)
         return out
 
     def loss(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -473,19 +388,6 @@ class ModelObjective:
         return self.loss_and_gradient(params)[1]
 
     # -- curvature products ------------------------------------------------------------
-    def _check_block(self, V: Mapping[str, Tensor]) -> int:
-        if set(V) != set(self.params):
-            raise ValueError(f"V must have the selected names {list(self.params)}, got {list(V)}.")
-        ks = {V[n].shape[0] for n in self.params}
-        for n, ref in self.params.items():
-            if tuple(V[n].shape[1:]) != tuple(ref.shape):
-                raise ValueError(
-                    f"V[{n!r}] must have shape (k, *{tuple(ref.shape)}), got {tuple(V[n].shape)}."
-                )
-        if len(ks) != 1:
-            raise ValueError(f"the blocks of V have different leading sizes {sorted(ks)}.")
-        return ks.pop()
-
     def hvp(
         self,
         V: Mapping[str, Tensor],
@@ -501,8 +403,9 @@ class ModelObjective:
             params: Point $\theta$ (default: the base point).
             backend: ``"func"`` (``torch.func``: ``vjp`` or ``jvp`` of ``grad``, see
                 ``func_mode``, with ``vmap`` over the ``k`` tangents; one pass over the
-                data) or ``"autograd"`` (double backward, one pass over the data, ``k``
-                backward passes per batch).
+                data), ``"autograd"`` (double backward, one pass over the data, ``k``
+                backward passes per batch) or ``"auto"`` (``"func"``, falling back to
+                ``"autograd"``).
             cache: Only for one batch and ``params=None``: keep the gradient graph between
                 calls, so that each product is one more backward pass (reverse-over-reverse;
                 with ``backend="func"`` through ``torch.func.vjp`` of ``torch.func.grad``).
@@ -512,7 +415,7 @@ class ModelObjective:
         Returns:
             Name -> tensor of shape ``(k, *shape)``.
         """
-        return self._product("hvp", V, params, backend, cache)
+        return self._block(HESSIAN, V, params, backend, cache)
 
     def ggn_vp(
         self,
@@ -528,298 +431,21 @@ class ModelObjective:
         $H_\ell$ the Hessian of ``loss_fn`` w.r.t. the outputs, per batch; batches are
         combined like the loss. Arguments as in `hvp`.
         """
-        return self._product("ggn", V, params, backend, cache)
+        return self._block(GGN, V, params, backend, cache)
 
-    def _product(
+    def _block(
         self,
-        kind: str,
+        kernel: Kernel,
         V: Mapping[str, Tensor],
         params: Mapping[str, Tensor] | None,
         backend: str,
         cache: bool,
-        *,
-        flat: bool = False,
-    ) -> Any:
-        """Accumulate per-batch products into one ``(n, k)`` buffer (no extra copies).
-
-        Returns the buffer if ``flat`` else a dict of ``(k, *shape)`` views of it.
-        """
-        if backend not in _VALID_BACKENDS:
-            raise ValueError(f"backend must be one of {_VALID_BACKENDS}, got {backend!r}.")
-        p = self.resolve(params)
-        k = self._check_block(V)
-        if self.process_group is not None and not self._tangents_checked:
-            block = torch.cat([V[n].reshape(-1) for n in p])
-            what = {"the first block of vectors (same probes/seed?)": block}
-            check_ranks_agree(self.process_group, what, where=f"ModelObjective.{kind}")
-            self._tangents_checked = True
-        V = {n: V[n] for n in p}
-        buf = torch.empty((self.numel, k), dtype=self.dtype, device=self.device)
-        acc = _block_views(buf, p)
-        count = 0
-        use_cache = cache and params is None and self.single_batch
-        with self._state():
-            others = self._others()
-            for inputs, targets in self._iter():
-                n = num_samples(inputs)
-                if use_cache:
-                    out = self._cached(kind, backend, others, p, V, inputs, targets)
-                elif backend == "func":
-                    out = self._func_batch(kind, others, p, V, inputs, targets)
-                else:
-                    out = _autograd_product(self, kind, others, p, V, inputs, targets, None)
-                _accumulate(acc, out, self._weight(n), count == 0)
-                del out
-                count += n
-        what = "Hessian-vector product" if kind == "hvp" else "GGN-vector product"
-        (buf,) = self._finish([buf], count, what)
-        return buf if flat else _block_views(buf, p)
-
-    def _func_batch(
-        self,
-        kind: str,
-        others: dict[str, Tensor],
-        p: dict[str, Tensor],
-        V: dict[str, Tensor],
-        inputs: Any,
-        targets: Any,
-    ) -> Any:
-        try:
-            return _func_product(self, kind, others, p, V, inputs, targets, self._func_mode)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError:
-            if self._func_mode != "fwd":
-                raise
-        # Some ops have no forward-mode formula for their backward (in torch 2.13 e.g.
-        # F.mse_loss with reduction="mean"); reverse-over-reverse works for them.
-        out = _func_product(self, kind, others, p, V, inputs, targets, "rev")
-        self._func_mode = "rev"
-        return out
-
-    def _cached(
-        self,
-        kind: str,
-        backend: str,
-        others: dict[str, Tensor],
-        p: dict[str, Tensor],
-        V: dict[str, Tensor],
-        inputs: Any,
-        targets: Any,
-    ) -> Any:
-        """Products on one batch from a kept gradient graph (rebuilt when the model changes)."""
-        tensors = [*others.values(), *self.model.buffers()]
-        key = (kind, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
-        cached = self._graph_cache
-        if cached is not None and cached[0] == key:
-            return cached[1](V)
-        self._graph_cache = None
-        if backend == "autograd":
-            graph = _build_graph(self, kind, others, p, inputs, targets)
-
-            def apply(W: dict[str, Tensor]) -> Any:
-                return _autograd_product(self, kind, others, p, W, inputs, targets, graph)
-
-        else:
-            apply = _func_cached(self, kind, others, p, inputs, targets)
-        out = apply(V)
-        self._graph_cache = (key, apply)
-        return out
+    ) -> dict[str, Tensor]:
+        check_backend(backend)
+        buf, _ = product(self, kernel, V, params, backend=backend, cache=cache,
+                         owner="ModelObjective")  # fmt: skip
+        return block_views(buf, self.resolve(params))
 
     def clear_cache(self) -> None:
         """Drop a cached gradient graph (see ``cache`` in `hvp`)."""
         self._graph_cache = None
-
-
-# -- per-batch kernels -------------------------------------------------------------------
-def _second_order(f: Callable[[Any], Tensor], primal: Any, mode: str) -> Callable[[Any], Any]:
-    """Return ``v -> Hessian(f)(primal) @ v`` (pytrees) by torch.func.
-
-    ``mode="fwd"``: forward-over-reverse (``jvp`` of ``grad``). ``mode="rev"``:
-    reverse-over-reverse (``vjp`` of ``grad``, valid because the Hessian is symmetric), for
-    ops without a forward-mode formula of their backward.
-    """
-    grad_f = torch.func.grad(f)
-    if mode == "fwd":
-        return lambda v: torch.func.jvp(grad_f, (primal,), (v,))[1]
-    _, vjp_fn = torch.func.vjp(grad_f, primal)
-    return lambda v: vjp_fn(v)[0]
-
-
-def _apply_block(
-    one: Callable[[Any], dict[str, Tensor]], V: dict[str, Tensor], vectorize: bool
-) -> Any:
-    """Apply ``one`` to the ``k`` tangents of ``V`` (``vmap``, or a loop over columns).
-
-    Returns a dict of ``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column dicts
-    (loop; it reuses whatever ``one`` closes over, such as a gradient graph).
-    """
-    k = next(iter(V.values())).shape[0]
-    if k == 1 or not vectorize:
-        return [one({n: t[j].contiguous() for n, t in V.items()}) for j in range(k)]
-    return torch.func.vmap(one, randomness="same")(V)
-
-
-def _accumulate(acc: dict[str, Tensor], out: Any, w: float, first: bool) -> None:
-    """``acc (+)= w * out`` for a dict of blocks or a list of per-column dicts."""
-
-    def put(dst: Tensor, src: Tensor) -> None:
-        if first and w == 1.0:
-            dst.copy_(src)
-        elif first:
-            torch.mul(src, w, out=dst)
-        else:
-            dst.add_(src, alpha=w)
-
-    if isinstance(out, list):
-        for j, col in enumerate(out):
-            for name, a in acc.items():
-                put(a[j], col[name])
-    else:
-        for name, a in acc.items():
-            put(a, out[name])
-
-
-def _func_column(
-    obj: ModelObjective,
-    kind: str,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    mode: str,
-) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-    """Return ``v -> H v`` (``kind="hvp"``) or ``v -> J^T H_loss J v`` (``"ggn"``) on one batch.
-
-    Built with torch.func; whatever the returned function closes over (the ``vjp`` of the
-    gradient with ``mode="rev"``, the model's ``vjp``) is reused for every column.
-    """
-    if kind == "hvp":
-
-        def f(q: dict[str, Tensor]) -> Tensor:
-            return obj.batch_loss(q, inputs, targets, others=others)
-
-        return _second_order(f, p, mode)
-
-    def out_fn(q: dict[str, Tensor]) -> Any:
-        return obj._forward(others, q, inputs)
-
-    def loss_of_out(o: Any) -> Tensor:
-        return obj._apply_loss(o, targets)
-
-    outputs, vjp_fn = torch.func.vjp(out_fn, p)
-    h_loss = _second_order(loss_of_out, outputs, mode)
-
-    def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        _, jv = torch.func.jvp(out_fn, (p,), (v,))
-        return vjp_fn(h_loss(jv))[0]
-
-    return one
-
-
-def _func_product(
-    obj: ModelObjective,
-    kind: str,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    V: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    mode: str,
-) -> Any:
-    """One batch's product with the ``k`` tangents of ``V`` (see `_apply_block`)."""
-    one = _func_column(obj, kind, others, p, inputs, targets, mode)
-    return _apply_block(one, V, obj.vectorize)
-
-
-def _func_cached(
-    obj: ModelObjective,
-    kind: str,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-) -> Callable[[dict[str, Tensor]], Any]:
-    """Reverse-over-reverse through torch.func with the gradient graph kept in a closure."""
-    one = _func_column(obj, kind, others, p, inputs, targets, "rev")
-    return lambda V: _apply_block(one, V, obj.vectorize)
-
-
-def _build_graph(
-    obj: ModelObjective,
-    kind: str,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-) -> dict[str, Any]:
-    """The autograd graph a double-backward product needs (kept for caching)."""
-    with torch.enable_grad():
-        preq = {n: t.detach().requires_grad_(True) for n, t in p.items()}
-        if kind == "hvp":
-            loss = obj.batch_loss(preq, inputs, targets, others=others)
-            grads = torch.autograd.grad(
-                loss, list(preq.values()), create_graph=True, allow_unused=True
-            )
-            live = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            return {"preq": preq, "live": live}
-        outputs = obj._forward(others, preq, inputs)
-        if not isinstance(outputs, Tensor):
-            raise TypeError(
-                "backend='autograd' for the GGN needs a model that returns one tensor, got "
-                f"{type(outputs).__name__}; use backend='func'."
-            )
-        o = outputs.detach().requires_grad_(True)
-        loss = obj._apply_loss(o, targets)
-        (gl,) = torch.autograd.grad(loss, o, create_graph=True)
-        if not gl.requires_grad:  # loss linear in the outputs: H_loss = 0
-            return {"preq": preq, "live": []}
-        u = torch.zeros_like(outputs, requires_grad=True)
-        params = list(preq.values())
-        gu = torch.autograd.grad(outputs, params, u, create_graph=True, allow_unused=True)
-        live = [(i, g) for i, g in enumerate(gu) if g is not None and g.requires_grad]
-        return {"preq": preq, "outputs": outputs, "o": o, "gl": gl, "u": u, "live": live}
-
-
-def _autograd_product(
-    obj: ModelObjective,
-    kind: str,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    V: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    graph: dict[str, Any] | None,
-) -> Any:
-    """One batch's product by double backward, column by column.
-
-    ``graph`` is a kept graph of `_build_graph` (``None``: built here and freed after the
-    last column of a Hessian product). Returns a list of ``k`` per-column dicts, or a dict
-    of ``(k, *shape)`` zeros when no selected parameter enters the product.
-    """
-    keep = graph is not None
-    if graph is None:
-        graph = _build_graph(obj, kind, others, p, inputs, targets)
-    preq, live = graph["preq"], graph["live"]
-    names = list(preq)
-    params = list(preq.values())
-    k = next(iter(V.values())).shape[0]
-    if not live:
-        return _zeros_like_dict(p, k)
-    live_grads = [g for _, g in live]
-    columns = []
-    with torch.enable_grad():
-        for j in range(k):
-            v = [V[names[i]][j].contiguous() for i, _ in live]
-            if kind == "hvp":
-                col = torch.autograd.grad(
-                    live_grads, params, v, retain_graph=keep or j < k - 1, materialize_grads=True
-                )
-            else:
-                (jv,) = torch.autograd.grad(live_grads, graph["u"], v, retain_graph=True)
-                (hjv,) = torch.autograd.grad(graph["gl"], graph["o"], jv, retain_graph=True)
-                col = torch.autograd.grad(
-                    graph["outputs"], params, hjv, retain_graph=True, materialize_grads=True
-                )
-            columns.append(col)
-    return [dict(zip(names, c, strict=True)) for c in columns]

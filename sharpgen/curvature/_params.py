@@ -8,7 +8,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamSelection", "select_params"]
+__all__ = ["ParamSelection", "check_point", "select_params"]
 
 ParamSelection = Union[None, Mapping[str, Tensor], Sequence[str], Callable[[str, Tensor], bool]]  # noqa: UP007
 
@@ -131,3 +131,35 @@ def _check_uniform(selected: Mapping[str, Tensor]) -> None:
             f"the selected parameters have several dtypes {sorted(map(str, dtypes))}; convert "
             "the model with model.to(dtype) or select parameters of one dtype."
         )
+
+
+def check_point(
+    params: object, base: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device
+) -> dict[str, Tensor]:
+    """Return ``params`` if it is a point like ``base`` (same names, shapes, dtype, device)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict name -> tensor, got {type(params).__name__}.")
+    if set(params) != set(base):
+        missing = sorted(set(base) - set(params))
+        extra = sorted(set(params) - set(base))
+        raise ValueError(
+            f"params must have exactly the selected names; missing {missing}, unexpected "
+            f"{extra}. Build it from objective.params, e.g. "
+            "{n: p + eps[n] for n, p in objective.params.items()}."
+        )
+    out = {}
+    for name, ref in base.items():
+        t = params[name]
+        if not isinstance(t, Tensor) or t.shape != ref.shape:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"params[{name!r}] must be a tensor of shape {tuple(ref.shape)}, got {shape}."
+            )
+        if t.dtype != dtype or t.device != device:
+            raise ValueError(
+                f"params[{name!r}] has dtype {t.dtype} on {t.device}, but the objective "
+                f"works in {dtype} on {device}; convert it with "
+                f".to({dtype}, '{device}')."
+            )
+        out[name] = t
+    return out

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from sharpgen._distributed import check_generator_agrees
 from sharpgen.curvature import ModelObjective, flatten_params, unflatten_params
-from sharpgen.curvature._params import ParamSelection
+from sharpgen.linalg import LinearOperator
 from sharpgen.sharpness._common import (
+    MeasureSource,
     check_adaptive,
     check_bool,
     check_choice,
@@ -76,10 +77,10 @@ class AverageSharpnessResult:
 
 
 def average_sharpness(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: Any,
-    rho: float,
+    model: nn.Module | ModelObjective | LinearOperator,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    data: Any = None,
+    rho: float | None = None,
     *,
     num_samples: int = 32,
     distribution: str = "gaussian",
@@ -87,12 +88,8 @@ def average_sharpness(
     eta: float = 0.0,
     antithetic: bool = True,
     generator: torch.Generator | None = None,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    dropout: bool = False,
-    reduction: str = "mean",
     progress: bool = False,
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> AverageSharpnessResult:
     r"""Average-case sharpness $\mathbb{E}_{\varepsilon}\, L(\theta+\varepsilon) - L(\theta)$.
 
@@ -129,25 +126,26 @@ def average_sharpness(
     evaluations, each a forward pass over the data.
 
     Args:
-        model: Any ``nn.Module``; it is left exactly as it was.
+        model: Any ``nn.Module`` (left exactly as it was), with ``loss_fn`` and ``data``;
+            or a ready `sharpgen.curvature.ModelObjective` or curvature operator alone
+            (then pass ``rho`` by keyword).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch or an iterable of batches.
-        rho: Per-coordinate scale $\rho > 0$.
+        rho: Per-coordinate scale $\rho > 0$ (required).
         num_samples: Number of random draws $N \ge 1$ (2 or more for a finite stderr).
         distribution: ``"gaussian"`` or ``"uniform"``.
         adaptive: Scale coordinate $i$ by $|\theta_i| + \eta$.
         eta: Offset $\eta \ge 0$ of the adaptive scaling.
         antithetic: Use antithetic pairs $\pm\varepsilon$.
         generator: Source of the perturbations; the global RNG is untouched when given.
-        params: Parameter selection (see `sharpgen.curvature.select_params`).
-        bn: ``"eval"`` or ``"batch"``.
-        dropout: Keep dropout active (adds its own noise); default off.
-        reduction: ``"mean"`` or ``"sum"``.
         progress: Show a tqdm progress bar over the draws.
-        process_group: ``"auto"`` (default), ``None`` or a ``torch.distributed``
-            group over which every loss evaluation is all-reduced (each process
-            passes its shard; the same ``generator`` seed on every process, which is
-            checked); see the Distributed guide.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout`` (adds its own noise), ``reduction`` and
+            ``process_group`` (``"auto"`` (default), ``None`` or a ``torch.distributed``
+            group over which every loss evaluation is all-reduced; each process passes
+            its shard and the same ``generator`` seed, which is checked; see the
+            Distributed guide). ``backend`` is accepted and unused.
 
     Returns:
         An `AverageSharpnessResult`.
@@ -174,6 +172,9 @@ def average_sharpness(
         the relationship between sharpness and generalization", ICML 2023. Y. Jiang et
         al., "Fantastic generalization measures and where to find them", ICLR 2020.
     """
+    source = MeasureSource(model, loss_fn, data, objective_options, where="average_sharpness")
+    if rho is None:
+        raise TypeError("average_sharpness needs the scale rho, e.g. rho=0.01.")
     rho = check_positive("rho", rho, hint="the per-coordinate scale, e.g. rho=0.01.")
     num_samples = check_int("num_samples", num_samples)
     distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
@@ -181,8 +182,7 @@ def average_sharpness(
     antithetic = check_bool("antithetic", antithetic)
     generator = check_generator(generator)
     check_bool("progress", progress)
-    obj = ModelObjective(model, loss_fn, data, params, bn=bn, dropout=dropout,
-                         reduction=reduction, process_group=process_group)  # fmt: skip
+    obj = source.objective()
     if obj.process_group is not None:
         check_generator_agrees(generator, obj.process_group, obj.device,
                                where="average_sharpness")  # fmt: skip

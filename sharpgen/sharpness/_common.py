@@ -1,4 +1,4 @@
-"""Shared helpers of the model-level measures: argument checks, operators, progress bars."""
+"""Shared helpers of the model-level measures: their source objective, checks, progress bars."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen._distributed import unwrap_model
+from sharpgen._distributed import resolve_process_group, unwrap_model
 from sharpgen._validation import (
     check_bool,
     check_choice,
@@ -17,13 +17,16 @@ from sharpgen._validation import (
     check_int,
     check_positive,
 )
-from sharpgen.curvature import HessianOperator, as_batches, select_params
+from sharpgen.curvature import HessianOperator, ModelObjective, select_params
+from sharpgen.curvature._backend import plan_backend
+from sharpgen.curvature._base import CurvatureOperator
 from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._resolve import check_objective_args
 from sharpgen.linalg import LinearOperator
 
 __all__ = [
+    "MeasureSource",
     "ProgressOperator",
-    "build_hessian",
     "check_adaptive",
     "check_bool",
     "check_choice",
@@ -74,39 +77,79 @@ def draw(
 
 
 # -- operators and progress -------------------------------------------------------------------
-def build_hessian(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: Any,
-    params: ParamSelection,
-    *,
-    bn: str,
-    dropout: bool,
-    reduction: str,
-    backend: str,
-    process_group: Any,
-    single_vectors: bool = False,
-) -> HessianOperator:
-    """The `HessianOperator` every Hessian-based measure works on.
+class MeasureSource:
+    """What a measure is taken on, from either calling form, checked before any work.
 
-    With ``single_vectors`` (an algorithm that multiplies one vector at a time, such as
-    Lanczos), ``backend="auto"`` and one batch of data, the double-backward graph is built
-    once and kept between products (``backend="autograd", cache_graph=True``, as PyHessian
-    does): each product is then one backward pass through the kept graph.
+    ``(model, loss_fn, data, **objective_options)`` builds a `ModelObjective` when asked;
+    a ready objective or curvature operator is used as it is (then ``loss_fn``, ``data``
+    and options are an error, see `sharpgen.curvature.as_objective`).
     """
-    cache = single_vectors and backend == "auto" and as_batches(data).single
-    return HessianOperator(
-        model,
-        loss_fn,
-        data,
-        params,
-        bn=bn,
-        dropout=dropout,
-        reduction=reduction,
-        backend="autograd" if cache else backend,
-        cache_graph=cache,
-        process_group=process_group,
-    )
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Callable[[Any, Any], Tensor] | None,
+        data: Any,
+        options: dict[str, Any],
+        *,
+        where: str,
+    ) -> None:
+        self.ready = check_objective_args(model, loss_fn, data, options, where)
+        self.given_operator = model if isinstance(model, CurvatureOperator) else None
+        self.model, self.loss_fn, self.data, self.options = model, loss_fn, data, options
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar parameters the measure is taken over (no forward pass)."""
+        if self.ready is not None:
+            return self.ready.numel
+        return num_selected(self.model, self.options.get("params"))
+
+    @property
+    def process_group(self) -> Any:
+        """The resolved process group (``None``: no communication), without any work."""
+        if self.ready is not None:
+            return self.ready.process_group
+        return resolve_process_group(self.options.get("process_group", "auto"), self.model)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters."""
+        if self.ready is not None:
+            return self.ready.device
+        return next(iter(self.model.parameters())).device
+
+    @property
+    def raw_data(self) -> Any:
+        """The data as the caller gave it."""
+        return self.ready.data if self.ready is not None else self.data
+
+    def objective(self) -> ModelObjective:
+        """The objective (built on the first call for the convenience form)."""
+        if self.ready is None:
+            self.ready = ModelObjective(self.model, self.loss_fn, self.data, **self.options)
+        return self.ready
+
+    def objective_on(self, data: Any) -> ModelObjective:
+        """The same objective on other data, without communication (a chunk)."""
+        if self.ready is not None:
+            return self.ready.with_data(data)
+        options = {**self.options, "process_group": None}
+        return ModelObjective(self.model, self.loss_fn, data, **options)
+
+    def hessian(self, *, single_vectors: bool = False) -> CurvatureOperator:
+        """The curvature operator: the given one, or the Hessian of the objective.
+
+        For an algorithm that multiplies one vector at a time (``single_vectors``, Lanczos)
+        the backend is planned by `sharpgen.curvature._backend.plan_backend`.
+        """
+        if self.given_operator is not None:
+            return self.given_operator
+        obj = self.objective()
+        backend, cache = plan_backend(
+            obj.backend, single_vectors=single_vectors, single_batch=obj.single_batch
+        )
+        return HessianOperator(obj, backend=backend, cache_graph=cache)
 
 
 class _NoBar:

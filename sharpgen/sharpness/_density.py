@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen.curvature._params import ParamSelection
-from sharpgen.linalg import SpectralDensity, stochastic_lanczos_quadrature
+from sharpgen.curvature import ModelObjective
+from sharpgen.linalg import LinearOperator, SpectralDensity, stochastic_lanczos_quadrature
 from sharpgen.sharpness._common import (
+    MeasureSource,
     ProgressOperator,
-    build_hessian,
     check_choice,
     check_generator,
     check_int,
@@ -25,9 +25,9 @@ _DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
 def spectral_density(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: Any,
+    model: nn.Module | ModelObjective | LinearOperator,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    data: Any = None,
     *,
     num_probes: int = 10,
     num_steps: int = 30,
@@ -36,13 +36,8 @@ def spectral_density(
     grid: Tensor | None = None,
     sigma: float | None = None,
     num_points: int = 512,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    dropout: bool = False,
-    reduction: str = "mean",
     progress: bool = False,
-    backend: str = "auto",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> SpectralDensity:
     r"""Eigenvalue density of the loss Hessian by stochastic Lanczos quadrature (SLQ).
 
@@ -59,7 +54,8 @@ def spectral_density(
     one block product per step); memory ``num_probes * num_steps * p`` numbers.
 
     Args:
-        model: Any ``nn.Module``; it is left exactly as it was.
+        model: Any ``nn.Module`` (left exactly as it was), with ``loss_fn`` and ``data``;
+            or a ready `sharpgen.curvature.ModelObjective` or curvature operator alone.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch or an iterable of batches.
         num_probes: Number of random start vectors (variance of the moments
@@ -71,15 +67,12 @@ def spectral_density(
             points covering the nodes).
         sigma: Width of the Gaussian smoothing kernel (default 1% of the node range).
         num_points: Size of the default grid.
-        params: Parameter selection (see `sharpgen.curvature.select_params`).
-        bn: ``"eval"`` or ``"batch"``.
-        dropout: Keep dropout active (not meaningful for Lanczos; leave it off).
-        reduction: ``"mean"`` or ``"sum"``.
         progress: Show a tqdm progress bar over the products.
-        backend: Backend of the `sharpgen.curvature.HessianOperator`.
-        process_group: ``"auto"`` (default: the initialized default group, or the DDP
-            model's, if any), ``None`` (no communication) or a ``torch.distributed``
-            group; see the Distributed guide.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout`` (not meaningful for Lanczos; leave it off),
+            ``reduction``, ``backend`` (of the `sharpgen.curvature.HessianOperator`),
+            ``process_group`` (see the Distributed guide), ``func_mode``, ``vectorize``.
 
     Returns:
         A `sharpgen.linalg.SpectralDensity` (``nodes``, ``weights``, ``grid``,
@@ -111,10 +104,8 @@ def spectral_density(
     num_points = check_int("num_points", num_points, minimum=2)
     distribution = check_choice("distribution", distribution, _DISTRIBUTIONS)
     generator = check_generator(generator)
-    H = build_hessian(
-        model, loss_fn, data, params, bn=bn, dropout=dropout, reduction=reduction,
-        backend=backend, process_group=process_group,
-    )  # fmt: skip
+    source = MeasureSource(model, loss_fn, data, objective_options, where="spectral_density")
+    H = source.hessian()
     total = num_probes * min(num_steps, H.shape[0])
     with progress_bar(progress, total=total, desc="spectral_density", unit="matvec") as bar:
         return stochastic_lanczos_quadrature(

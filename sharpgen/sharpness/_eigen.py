@@ -10,17 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen._validation import is_int
-from sharpgen.curvature import unflatten_params
-from sharpgen.curvature._params import ParamSelection
-from sharpgen.linalg import EigenResult, lanczos
+from sharpgen.curvature import ModelObjective, unflatten_params
+from sharpgen.linalg import EigenResult, LinearOperator, lanczos
 from sharpgen.sharpness._common import (
+    MeasureSource,
     ProgressOperator,
-    build_hessian,
     check_choice,
     check_generator,
     check_int,
     check_positive,
-    num_selected,
     progress_bar,
 )
 
@@ -67,23 +65,18 @@ class ModelEigenResult(EigenResult):
 
 
 def top_eigenvalues(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: Any,
+    model: nn.Module | ModelObjective | LinearOperator,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    data: Any = None,
     k: int = 1,
     *,
     tol: float = 1e-3,
     which: str = "largest",
     max_iter: int | None = None,
     max_basis: int | None = None,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    dropout: bool = False,
-    reduction: str = "mean",
     generator: torch.Generator | None = None,
     progress: bool = False,
-    backend: str = "auto",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> ModelEigenResult:
     r"""The ``k`` extreme eigenvalues of the loss Hessian $\nabla^2_\theta L(\theta)$ by Lanczos.
 
@@ -98,7 +91,9 @@ def top_eigenvalues(
     ``k=1, tol=1e-3``; memory ``p * max_basis`` numbers for the basis.
 
     Args:
-        model: Any ``nn.Module``; it is left exactly as it was.
+        model: Any ``nn.Module`` (left exactly as it was), with ``loss_fn`` and ``data``;
+            or a ready `sharpgen.curvature.ModelObjective` or curvature operator alone
+            (then pass ``k`` by keyword).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch or an iterable of batches.
         k: Number of eigenvalues, ``1 <= k < p`` ($p$ = number of selected parameters).
@@ -107,23 +102,20 @@ def top_eigenvalues(
             ``"magnitude"``.
         max_iter: Cap on Lanczos steps (see `sharpgen.linalg.lanczos`).
         max_basis: Basis vectors kept in memory (see `sharpgen.linalg.lanczos`).
-        params: Parameter selection (see `sharpgen.curvature.select_params`).
-        bn: ``"eval"`` or ``"batch"``.
-        dropout: Keep dropout active (products become random; Lanczos then has no
-            meaning, so leave it off).
-        reduction: ``"mean"`` or ``"sum"``.
         generator: Source of the random start vector; the global RNG is untouched when
             given.
         progress: Show a tqdm progress bar over the products.
-        backend: Backend of the `sharpgen.curvature.HessianOperator`. With ``"auto"``
-            (default) and one batch of data the double-backward graph is built once and
-            kept for all Lanczos steps (``backend="autograd", cache_graph=True``, as
-            PyHessian does), which made one product 2 to 5 times cheaper than
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout`` (products become random; Lanczos then has no
+            meaning, so leave it off), ``reduction``, ``process_group`` (see the
+            Distributed guide), ``func_mode``, ``vectorize``, and ``backend``: with
+            ``"auto"`` (default) and one batch of data the double-backward graph is built
+            once and kept for all Lanczos steps (``backend="autograd", cache_graph=True``,
+            as PyHessian does; on a ready objective it stays in the objective's cache until
+            ``objective.clear_cache()``), which made one product 2 to 5 times cheaper than
             forward-over-reverse in our CPU measurements; with several batches it is the
             operator's ``"auto"``. ``"func"`` or ``"autograd"`` force a backend.
-        process_group: ``"auto"`` (default: the initialized default group, or the DDP
-            model's, if any), ``None`` (no communication) or a ``torch.distributed``
-            group; see the Distributed guide.
 
     Returns:
         A `ModelEigenResult`: eigenvalues (descending, ascending for ``"smallest"``),
@@ -159,17 +151,15 @@ def top_eigenvalues(
     generator = check_generator(generator)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter)
-    p = num_selected(model, params)
+    source = MeasureSource(model, loss_fn, data, objective_options, where="top_eigenvalues")
+    p = source.numel
     if k >= p:
         raise ValueError(
             f"k must be smaller than the number of selected parameters p={p}, got k={k}; for "
             "all eigenvalues compute the dense Hessian (HessianOperator(...).to_dense()) and "
             "use torch.linalg.eigvalsh."
         )
-    H = build_hessian(
-        model, loss_fn, data, params, bn=bn, dropout=dropout, reduction=reduction,
-        backend=backend, process_group=process_group, single_vectors=True,
-    )  # fmt: skip
+    H = source.hessian(single_vectors=True)
     with progress_bar(progress, total=max_iter, desc="top_eigenvalues", unit="matvec") as bar:
         res = lanczos(
             ProgressOperator(H, bar), k, which=which, tol=tol, max_iter=max_iter,

@@ -8,16 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen.curvature._params import ParamSelection
-from sharpgen.linalg import TraceEstimate, hutchinson_trace, hutchpp_trace, xtrace
+from sharpgen.curvature import ModelObjective
+from sharpgen.linalg import LinearOperator, TraceEstimate, hutchinson_trace, hutchpp_trace, xtrace
 from sharpgen.sharpness._common import (
+    MeasureSource,
     ProgressOperator,
-    build_hessian,
     check_choice,
     check_generator,
     check_int,
     check_positive,
-    num_selected,
     progress_bar,
 )
 
@@ -30,24 +29,19 @@ DEFAULT_RTOL = 0.01
 
 
 def hessian_trace(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: Any,
+    model: nn.Module | ModelObjective | LinearOperator,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    data: Any = None,
     *,
     method: str = "auto",
     num_matvecs: int | None = None,
     rtol: float | None = None,
     max_matvecs: int = 1000,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    dropout: bool = False,
-    reduction: str = "mean",
     generator: torch.Generator | None = None,
     progress: bool = False,
     block_size: int = 64,
     exact_threshold: int = 2000,
-    backend: str = "auto",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> TraceEstimate:
     r"""Trace of the Hessian of the dataset loss, $\operatorname{tr} \nabla^2_\theta L(\theta)$.
 
@@ -79,7 +73,9 @@ def hessian_trace(
     ``rtol=0.01`` is used.
 
     Args:
-        model: Any ``nn.Module``; it is left exactly as it was.
+        model: Any ``nn.Module`` (left exactly as it was), with ``loss_fn`` and ``data``;
+            or a ready `sharpgen.curvature.ModelObjective` (its options and caches are
+            reused) or curvature operator (then the trace is that matrix's) alone.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
         method: One of ``"auto"``, ``"exact"``, ``"hutchinson"``, ``"hutchpp"``,
@@ -89,20 +85,16 @@ def hessian_trace(
         rtol: Target relative standard error (stochastic methods), instead of
             ``num_matvecs``.
         max_matvecs: Cap on the products when ``rtol`` is used.
-        params: Parameter selection (see `sharpgen.curvature.select_params`).
-        bn: ``"eval"`` (BatchNorm uses running statistics) or ``"batch"``.
-        dropout: Keep dropout active (then every product is random, drawn from the global
-            RNG); default off.
-        reduction: ``"mean"`` or ``"sum"`` (see `sharpgen.curvature.ModelObjective`).
         generator: Source of the probes; the global RNG is untouched when given.
         progress: Show a tqdm progress bar over the products.
         block_size: Basis vectors per product block of ``"exact"`` (memory grows with it).
         exact_threshold: Largest parameter count for which ``"auto"`` computes the trace
             exactly.
-        backend: Backend of the `sharpgen.curvature.HessianOperator`.
-        process_group: ``"auto"`` (default: the initialized default group, or the DDP
-            model's, if any), ``None`` (no communication) or a ``torch.distributed``
-            group; see the Distributed guide.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout`` (products become random), ``reduction``,
+            ``backend`` (of the `sharpgen.curvature.HessianOperator`), ``process_group``
+            (see the Distributed guide), ``func_mode``, ``vectorize``.
 
     Returns:
         A `sharpgen.linalg.TraceEstimate` (``method`` is the method actually used;
@@ -153,7 +145,8 @@ def hessian_trace(
     block_size = check_int("block_size", block_size)
     exact_threshold = check_int("exact_threshold", exact_threshold, minimum=0)
     generator = check_generator(generator)
-    p = num_selected(model, params)
+    source = MeasureSource(model, loss_fn, data, objective_options, where="hessian_trace")
+    p = source.numel
     if method == "auto":
         if num_matvecs is not None:
             budget = num_matvecs
@@ -175,10 +168,7 @@ def hessian_trace(
             f"num_matvecs={num_matvecs} is too large for XTrace on {p} parameters (it uses "
             f"num_matvecs // 2 probes, at most {p}); use method='exact' ({p} products)."
         )
-    H = build_hessian(
-        model, loss_fn, data, params, bn=bn, dropout=dropout, reduction=reduction,
-        backend=backend, process_group=process_group,
-    )  # fmt: skip
+    H = source.hessian()
     if method == "exact":
         with progress_bar(progress, total=p, desc="hessian_trace (exact)", unit="matvec") as bar:
             return _exact_trace(ProgressOperator(H, bar), block_size)
@@ -197,7 +187,7 @@ def hessian_trace(
         return _ESTIMATORS[method](op, **kwargs)
 
 
-def _exact_trace(op: ProgressOperator, block_size: int) -> TraceEstimate:
+def _exact_trace(op: LinearOperator, block_size: int) -> TraceEstimate:
     """Sum of the diagonal from products with blocks of basis vectors."""
     n = op.shape[0]
     total = torch.zeros((), dtype=torch.float64)

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective, as_batches, preserve_model_state
-from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._options import OBJECTIVE_OPTIONS
+from sharpgen.curvature._resolve import check_objective_args
 from sharpgen.sharpness._average import average_sharpness
 from sharpgen.sharpness._common import check_generator, check_int
 from sharpgen.sharpness._eigen import top_eigenvalues
@@ -28,6 +29,7 @@ _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "average": {"rho": 0.01, "num_samples": 16},
 }
 _COST_KEYS = ("matvecs", "gradient_evals", "loss_evals")
+_OBJECTIVE_KEYS = frozenset(OBJECTIVE_OPTIONS)
 
 
 class SharpnessTracker:
@@ -56,8 +58,14 @@ class SharpnessTracker:
     Every record also holds ``step`` and its cost: ``matvecs`` (Hessian-vector products),
     ``gradient_evals`` and ``loss_evals``; the running totals are `total_cost`.
 
+    At each measurement ONE `sharpgen.curvature.ModelObjective` at the model's current
+    parameters serves every built-in measure (a measure whose ``options`` entry holds
+    objective options gets its own).
+
     Args:
-        model: The model being trained.
+        model: The model being trained, with ``loss_fn`` and ``eval_batch``; or a ready
+            `sharpgen.curvature.ModelObjective` alone (its model, loss, data and options;
+            it is refreshed to the model's current parameters at each measurement).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         eval_batch: A fixed batch ``(inputs, targets)`` (or a list of batches) to measure on;
             keep it small, every measure passes over it several times.
@@ -69,9 +77,9 @@ class SharpnessTracker:
             defaults above), e.g. ``{"trace": {"num_matvecs": 20}, "sam": {"rho": 0.1}}``.
         generator: Source of randomness of the stochastic measures (advanced at each
             measurement); the global RNG is untouched when given.
-        params: Parameter selection for all built-in measures.
-        bn: BatchNorm policy for all built-in measures (``"eval"`` or ``"batch"``).
-        reduction: ``"mean"`` or ``"sum"`` for all built-in measures.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` for all built-in measures (``params``,
+            ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``, ...).
 
     Raises:
         ValueError: ``every < 1``, an unknown measure name (the valid ones are listed),
@@ -93,9 +101,9 @@ class SharpnessTracker:
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
-        eval_batch: Any,
+        model: nn.Module | ModelObjective,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        eval_batch: Any = None,
         *,
         every: int = 100,
         measures: Sequence[str] | Mapping[str, str | Callable[..., Any]] = (
@@ -105,23 +113,22 @@ class SharpnessTracker:
         ),
         options: Mapping[str, Mapping[str, Any]] | None = None,
         generator: torch.Generator | None = None,
-        params: ParamSelection = None,
-        bn: str = "eval",
-        reduction: str = "mean",
+        **objective_options: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if not callable(loss_fn):
+        ready = check_objective_args(
+            model, loss_fn, eval_batch, objective_options, where="SharpnessTracker"
+        )
+        if ready is None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
         self.every = check_int("every", every, hint="measure every N steps, e.g. every=100.")
         self.generator = check_generator(generator)
-        as_batches(eval_batch)  # validate the kind of data early
-        self.model = model
-        self.loss_fn = loss_fn
-        self.eval_batch = eval_batch
-        self.params = params
-        self.bn = bn
-        self.reduction = reduction
+        self._ready = ready
+        if ready is None:
+            as_batches(eval_batch)  # validate the kind of data early
+            self.model, self.loss_fn, self.eval_batch = model, loss_fn, eval_batch
+        else:
+            self.model, self.loss_fn, self.eval_batch = ready.model, ready.loss_fn, ready.data
+        self.objective_options = dict(objective_options)
         self.measures = self._resolve_measures(measures)
         self.options = self._resolve_options(options)
         self._history: list[dict[str, Any]] = []
@@ -203,9 +210,10 @@ class SharpnessTracker:
         """Compute every measure now (whatever ``every`` says) and record it."""
         record: dict[str, Any] = {"step": int(step_index)}
         cost = dict.fromkeys(_COST_KEYS, 0)
+        shared: dict[str, ModelObjective] = {}  # one objective for the built-in measures
         for name, what in self.measures.items():
             if isinstance(what, str):
-                self._builtin(name, what, record, cost)
+                self._builtin(name, what, record, cost, shared)
             else:
                 with preserve_model_state(self.model):
                     out = what(self.model, self.loss_fn, self.eval_batch)
@@ -217,32 +225,53 @@ class SharpnessTracker:
         self._history.append(record)
         return dict(record)
 
-    def _common(self) -> dict[str, Any]:
-        return {"params": self.params, "bn": self.bn, "reduction": self.reduction}
+    def _objective(self, overrides: Mapping[str, Any]) -> ModelObjective:
+        """The objective now: the tracker's options, with a measure's own ones on top."""
+        if self._ready is not None:
+            if overrides:
+                raise ValueError(
+                    f"options {sorted(overrides)} are objective options, fixed by the ready "
+                    "ModelObjective this tracker was given; set them where it is built."
+                )
+            return self._ready.refreshed()
+        options = {**self.objective_options, **overrides}
+        return ModelObjective(self.model, self.loss_fn, self.eval_batch, **options)
 
-    def _builtin(self, name: str, kind: str, record: dict[str, Any], cost: dict[str, int]) -> None:
-        opts = self.options[kind]
-        args = (self.model, self.loss_fn, self.eval_batch)
+    def _builtin(
+        self,
+        name: str,
+        kind: str,
+        record: dict[str, Any],
+        cost: dict[str, int],
+        shared: dict[str, ModelObjective],
+    ) -> None:
+        opts = dict(self.options[kind])
+        own = {k: opts.pop(k) for k in list(opts) if k in _OBJECTIVE_KEYS}
+        if own:
+            obj = self._objective(own)
+        else:
+            if "obj" not in shared:
+                shared["obj"] = self._objective({})
+            obj = shared["obj"]
         if kind == "loss":
-            obj = ModelObjective(*args, self.params, bn=self.bn, reduction=self.reduction, **opts)
             record[name] = float(obj.loss())
             cost["loss_evals"] += 1
         elif kind == "trace":
-            est = hessian_trace(*args, generator=self.generator, **self._common(), **opts)
+            est = hessian_trace(obj, generator=self.generator, **opts)
             record[name], record[f"{name}_stderr"] = est.value, est.stderr
             cost["matvecs"] += est.num_matvecs
         elif kind == "top_eigenvalue":
-            res = top_eigenvalues(*args, 1, generator=self.generator, **self._common(), **opts)
+            res = top_eigenvalues(obj, k=1, generator=self.generator, **opts)
             record[name] = float(res.eigenvalues[0])
             record[f"{name}_converged"] = bool(res.converged)
             cost["matvecs"] += res.num_matvecs
         elif kind == "sam":
-            sam = sam_sharpness(*args, generator=self.generator, **self._common(), **opts)
+            sam = sam_sharpness(obj, generator=self.generator, **opts)
             record[name] = sam.value
             cost["gradient_evals"] += sam.num_gradient_evals
             cost["loss_evals"] += sam.num_loss_evals
         else:
-            avg = average_sharpness(*args, generator=self.generator, **self._common(), **opts)
+            avg = average_sharpness(obj, generator=self.generator, **opts)
             record[name], record[f"{name}_stderr"] = avg.value, avg.stderr
             cost["loss_evals"] += avg.num_loss_evals
 

@@ -10,22 +10,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen._distributed import (
-    check_generator_agrees,
-    global_means,
-    resolve_process_group,
-    without_sampler_padding,
-)
+from sharpgen._distributed import check_generator_agrees, global_means
 from sharpgen.curvature import (
     ModelObjective,
     as_batches,
     flatten_params,
     num_samples,
     unflatten_params,
+    without_sampler_padding,
 )
-from sharpgen.curvature._params import ParamSelection
+from sharpgen.linalg import LinearOperator
 from sharpgen.sharpness._chunks import concatenate_batches, split_chunks
 from sharpgen.sharpness._common import (
+    MeasureSource,
     check_adaptive,
     check_bool,
     check_choice,
@@ -103,10 +100,10 @@ class _Counts:
 
 
 def sam_sharpness(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: Any,
-    rho: float,
+    model: nn.Module | ModelObjective | LinearOperator,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    data: Any = None,
+    rho: float | None = None,
     *,
     steps: int = 1,
     step_size: float | None = None,
@@ -116,13 +113,9 @@ def sam_sharpness(
     m: int | None = None,
     restarts: int = 0,
     generator: torch.Generator | None = None,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    dropout: bool = False,
-    reduction: str = "mean",
     return_perturbation: bool = True,
     progress: bool = False,
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> SharpnessResult:
     r"""Worst-case sharpness $\max_{\varepsilon \in C} L(\theta+\varepsilon) - L(\theta)$.
 
@@ -160,10 +153,12 @@ def sam_sharpness(
     is one forward and backward pass over the chunk (or the data).
 
     Args:
-        model: Any ``nn.Module``; it is left exactly as it was.
+        model: Any ``nn.Module`` (left exactly as it was), with ``loss_fn`` and ``data``;
+            or a ready `sharpgen.curvature.ModelObjective` or curvature operator alone
+            (then pass ``rho`` by keyword; with ``m`` its chunks are cut from its data).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
-        rho: Radius $\rho > 0$.
+        rho: Radius $\rho > 0$ (required).
         steps: Ascent steps per run, ``>= 1``.
         step_size: Length $\alpha > 0$ of the ascent steps after the first; default
             $\rho$ for ``"l2"`` (on a quadratic this is projected power iteration) and
@@ -175,21 +170,20 @@ def sam_sharpness(
         restarts: Number of extra runs from random feasible points, ``>= 0``.
         generator: Source of the random starting points; the global RNG is untouched when
             given. Without restarts the function is deterministic.
-        params: Parameter selection (see `sharpgen.curvature.select_params`); the
-            perturbation acts on these.
-        bn: ``"eval"`` (BatchNorm uses running statistics) or ``"batch"`` (statistics of
-            the chunk or batch, as during SAM training).
-        dropout: Keep dropout active (losses become random); default off.
-        reduction: ``"mean"`` or ``"sum"``.
         return_perturbation: Keep the best perturbation(s) in the result (set False to
             save memory with many chunks).
         progress: Show a tqdm progress bar over the evaluations.
-        process_group: ``"auto"`` (default), ``None`` or a ``torch.distributed``
-            group (see the Distributed guide): the loss and gradient are all-reduced,
-            so the attack is on the global loss. With ``m`` every process cuts its
-            own shard into chunks (``m`` must divide it), the values are means over
-            the chunks of all processes (one all-reduce) and ``chunk_values`` holds
-            this process's chunks.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params`` (the perturbation acts on these), ``bn`` (``"eval"``: running
+            statistics; ``"batch"``: statistics of the chunk or batch, as during SAM
+            training), ``dropout`` (losses become random), ``reduction`` and
+            ``process_group`` (``"auto"`` (default), ``None`` or a ``torch.distributed``
+            group, see the Distributed guide: the loss and gradient are all-reduced, so
+            the attack is on the global loss. With ``m`` every process cuts its own shard
+            into chunks (``m`` must divide it), the values are means over the chunks of
+            all processes (one all-reduce) and ``chunk_values`` holds this process's
+            chunks). ``backend`` is accepted and unused (no curvature products).
 
     Returns:
         A `SharpnessResult`.
@@ -219,6 +213,9 @@ def sam_sharpness(
         minimization", ICML 2022. A. Madry et al., "Towards deep learning models
         resistant to adversarial attacks", ICLR 2018.
     """
+    source = MeasureSource(model, loss_fn, data, objective_options, where="sam_sharpness")
+    if rho is None:
+        raise TypeError("sam_sharpness needs the radius rho, e.g. rho=0.05.")
     rho = check_positive("rho", rho, hint="the radius of the neighbourhood, e.g. rho=0.05.")
     steps = check_int("steps", steps, hint="steps=1 is one SAM step.")
     if step_size is not None:
@@ -229,15 +226,14 @@ def sam_sharpness(
     generator = check_generator(generator)
     return_perturbation = check_bool("return_perturbation", return_perturbation)
     check_bool("progress", progress)
-    group = resolve_process_group(process_group, model)
+    group = source.process_group
     if group is not None and restarts > 0:
-        device = next(iter(model.parameters())).device
-        check_generator_agrees(generator, group, device, where="sam_sharpness")
+        check_generator_agrees(generator, group, source.device, where="sam_sharpness")
     if step_size is None:
         step_size = rho if norm == "l2" else 2.5 * rho / steps
     if m is not None:
         m = check_int("m", m, hint="m is the number of samples per chunk.")
-        batch = concatenate_batches(without_sampler_padding(data))
+        batch = concatenate_batches(without_sampler_padding(source.raw_data))
         n = num_samples(batch[0])
         if m > n:
             raise ValueError(
@@ -252,18 +248,16 @@ def sam_sharpness(
             )
         chunks = split_chunks(batch, m)
     else:
-        as_batches(data)  # validates the kind of data before any work
-        chunks = [data]
+        if source.ready is None:
+            as_batches(data)  # validates the kind of data before any work
+        chunks = [None]
     options = {"rho": rho, "norm": norm, "adaptive": adaptive, "eta": eta}
     counts = _Counts()
     total = len(chunks) * (restarts + 1) * (steps + 1)
     values, losses, perturbed, best_eps = [], [], [], []
     with progress_bar(progress, total=total, desc="sam_sharpness", unit="eval") as bar:
         for chunk in chunks:
-            obj = ModelObjective(
-                model, loss_fn, chunk, params, bn=bn, dropout=dropout, reduction=reduction,
-                process_group=group if m is None else None,
-            )  # fmt: skip
+            obj = source.objective() if chunk is None else source.objective_on(chunk)
             loss0, loss1, eps = _attack(
                 obj, steps, step_size, restarts, generator, options, counts, bar
             )

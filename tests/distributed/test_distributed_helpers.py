@@ -10,12 +10,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 from sharpgen import ddp_sam_step, shard_indices, without_sampler_padding
 from sharpgen._distributed import (
-    UnpaddedLoader,
     _count_parts,
     _join_count,
     resolve_process_group,
     unwrap_model,
 )
+from sharpgen.curvature._sharding import UnpaddedLoader
 from sharpgen.optim import GSAM, SAM
 from sharpgen.sharpness import hessian_trace
 

@@ -1,0 +1,282 @@
+r"""Functional curvature kernels: the products of ONE batch, as plain functions.
+
+What each kernel computes (for one batch $b$ with loss $\ell_b(\theta)$, model outputs
+$f_b(\theta)$, at the point $p$ of the selected parameters; $V$ holds $k$ tangent
+directions as a dict name -> ``(k, *shape)``):
+
+* `hessian_kernel` -- $\nabla^2_\theta \ell_b(p)\, V$, the Hessian-vector product.
+
+  - ``backend="func"``: ``torch.func``. ``mode="rev"``: the vjp of ``torch.func.grad``
+    (reverse-over-reverse; exact because the Hessian is symmetric). ``mode="fwd"``: the jvp
+    of ``torch.func.grad`` (forward-over-reverse).
+  - ``backend="autograd"``: double backward; the gradient graph
+    (``create_graph=True``) is built once per batch and each column is one more backward.
+
+* `ggn_kernel` -- $J_b^\top H_{\ell,b} J_b\, V$, the generalized Gauss-Newton product, with
+  $J_b = \partial f_b / \partial \theta$ and $H_{\ell,b} = \nabla^2_f \ell(f_b, y_b)$.
+
+  - ``backend="func"``: $J v$ by ``torch.func.jvp``, $H_\ell(Jv)$ by `second_order` on the
+    loss of the outputs, $J^\top(\cdot)$ by the model's ``torch.func.vjp``.
+  - ``backend="autograd"``: $Jv$ by the double-vjp trick, then reverse mode.
+
+A kernel is called as ``kernel(objective, others, p, inputs, targets, backend=..., mode=...,
+keep=...)`` and returns ``apply(V)``; whatever ``apply`` closes over (a gradient graph, a
+``vjp``) is reused for every column and every later call, which is how the graph cache of
+`sharpgen.curvature._products` keeps a graph (``keep=True``). ``apply`` returns a dict of
+``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column dicts (column loops).
+Batches are combined, weighted and reduced by `sharpgen.curvature._products`; which backend
+and mode run is decided in `sharpgen.curvature._backend`.
+
+A new curvature matrix is a new small module with a kernel of this signature and a
+`~sharpgen.curvature._base.CurvatureOperator` subclass naming it (see ``_hessian.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from sharpgen.curvature._objective import ModelObjective
+
+__all__ = [
+    "GGN",
+    "HESSIAN",
+    "Kernel",
+    "accumulate",
+    "apply_block",
+    "ggn_kernel",
+    "hessian_kernel",
+    "second_order",
+    "zeros_block",
+]
+
+BatchProduct = Callable[[dict[str, Tensor]], Any]
+
+
+class KernelFn(Protocol):
+    """``kernel(objective, others, p, inputs, targets, *, backend, mode, keep) -> apply``."""
+
+    def __call__(
+        self,
+        obj: ModelObjective,
+        others: dict[str, Tensor],
+        p: dict[str, Tensor],
+        inputs: Any,
+        targets: Any,
+        *,
+        backend: str,
+        mode: str,
+        keep: bool,
+    ) -> BatchProduct: ...
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A named per-batch product: ``build`` is the kernel, ``what`` names it in errors."""
+
+    name: str
+    what: str
+    build: KernelFn
+
+
+# -- building blocks -----------------------------------------------------------------------
+def second_order(f: Callable[[Any], Tensor], primal: Any, mode: str) -> Callable[[Any], Any]:
+    """Return ``v -> Hessian(f)(primal) @ v`` (pytrees) by torch.func.
+
+    ``mode="fwd"``: forward-over-reverse (``jvp`` of ``grad``). ``mode="rev"``:
+    reverse-over-reverse (``vjp`` of ``grad``, valid because the Hessian is symmetric), for
+    ops without a forward-mode formula of their backward.
+    """
+    grad_f = torch.func.grad(f)
+    if mode == "fwd":
+        return lambda v: torch.func.jvp(grad_f, (primal,), (v,))[1]
+    _, vjp_fn = torch.func.vjp(grad_f, primal)
+    return lambda v: vjp_fn(v)[0]
+
+
+def apply_block(
+    one: Callable[[Any], dict[str, Tensor]], V: dict[str, Tensor], vectorize: bool
+) -> Any:
+    """Apply ``one`` to the ``k`` tangents of ``V`` (``vmap``, or a loop over columns).
+
+    Returns a dict of ``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column dicts
+    (loop; it reuses whatever ``one`` closes over, such as a gradient graph).
+    """
+    k = next(iter(V.values())).shape[0]
+    if k == 1 or not vectorize:
+        return [one({n: t[j].contiguous() for n, t in V.items()}) for j in range(k)]
+    return torch.func.vmap(one, randomness="same")(V)
+
+
+def accumulate(acc: dict[str, Tensor], out: Any, w: float, first: bool) -> None:
+    """``acc (+)= w * out`` for a dict of blocks or a list of per-column dicts."""
+
+    def put(dst: Tensor, src: Tensor) -> None:
+        if first and w == 1.0:
+            dst.copy_(src)
+        elif first:
+            torch.mul(src, w, out=dst)
+        else:
+            dst.add_(src, alpha=w)
+
+    if isinstance(out, list):
+        for j, col in enumerate(out):
+            for name, a in acc.items():
+                put(a[j], col[name])
+    else:
+        for name, a in acc.items():
+            put(a, out[name])
+
+
+def zeros_block(d: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Zeros of shape ``(k, *shape)`` for every entry of ``d``."""
+    return {n: t.new_zeros((k, *t.shape)) for n, t in d.items()}
+
+
+def _requiring_grad(p: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t.detach().requires_grad_(True) for n, t in p.items()}
+
+
+def _live(grads: tuple[Tensor | None, ...]) -> list[tuple[int, Tensor]]:
+    return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+
+# -- the Hessian -----------------------------------------------------------------------------
+def hessian_kernel(
+    obj: ModelObjective,
+    others: dict[str, Tensor],
+    p: dict[str, Tensor],
+    inputs: Any,
+    targets: Any,
+    *,
+    backend: str,
+    mode: str,
+    keep: bool,
+) -> BatchProduct:
+    r"""``apply(V)`` $= \nabla^2_\theta \ell_b(p)\, V$ on one batch (see the module note)."""
+    if backend == "func":
+
+        def f(q: dict[str, Tensor]) -> Tensor:
+            return obj.batch_loss(q, inputs, targets, others=others)
+
+        one = second_order(f, p, mode)
+        return lambda V: apply_block(one, V, obj.vectorize)
+    with torch.enable_grad():
+        preq = _requiring_grad(p)
+        loss = obj.batch_loss(preq, inputs, targets, others=others)
+        grads = torch.autograd.grad(loss, list(preq.values()), create_graph=True, allow_unused=True)
+    live = _live(grads)
+    names, params = list(preq), list(preq.values())
+    live_grads = [g for _, g in live]
+
+    def apply(V: dict[str, Tensor]) -> Any:
+        k = next(iter(V.values())).shape[0]
+        if not live:
+            return zeros_block(p, k)
+        columns = []
+        with torch.enable_grad():
+            for j in range(k):
+                v = [V[names[i]][j].contiguous() for i, _ in live]
+                col = torch.autograd.grad(
+                    live_grads, params, v, retain_graph=keep or j < k - 1, materialize_grads=True
+                )
+                columns.append(dict(zip(names, col, strict=True)))
+        return columns
+
+    return apply
+
+
+# -- the generalized Gauss-Newton matrix -------------------------------------------------------
+def ggn_kernel(
+    obj: ModelObjective,
+    others: dict[str, Tensor],
+    p: dict[str, Tensor],
+    inputs: Any,
+    targets: Any,
+    *,
+    backend: str,
+    mode: str,
+    keep: bool,
+) -> BatchProduct:
+    r"""``apply(V)`` $= J_b^\top H_{\ell,b} J_b\, V$ on one batch (see the module note)."""
+    if backend == "func":
+        return _ggn_func(obj, others, p, inputs, targets, mode)
+    return _ggn_autograd(obj, others, p, inputs, targets)
+
+
+def _ggn_func(
+    obj: ModelObjective,
+    others: dict[str, Tensor],
+    p: dict[str, Tensor],
+    inputs: Any,
+    targets: Any,
+    mode: str,
+) -> BatchProduct:
+    def out_fn(q: dict[str, Tensor]) -> Any:
+        return obj._forward(others, q, inputs)
+
+    def loss_of_out(o: Any) -> Tensor:
+        return obj._apply_loss(o, targets)
+
+    outputs, vjp_fn = torch.func.vjp(out_fn, p)
+    h_loss = second_order(loss_of_out, outputs, mode)
+
+    def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        _, jv = torch.func.jvp(out_fn, (p,), (v,))
+        return vjp_fn(h_loss(jv))[0]
+
+    return lambda V: apply_block(one, V, obj.vectorize)
+
+
+def _ggn_autograd(
+    obj: ModelObjective,
+    others: dict[str, Tensor],
+    p: dict[str, Tensor],
+    inputs: Any,
+    targets: Any,
+) -> BatchProduct:
+    with torch.enable_grad():
+        preq = _requiring_grad(p)
+        outputs = obj._forward(others, preq, inputs)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                "backend='autograd' for the GGN needs a model that returns one tensor, got "
+                f"{type(outputs).__name__}; use backend='func'."
+            )
+        o = outputs.detach().requires_grad_(True)
+        (gl,) = torch.autograd.grad(obj._apply_loss(o, targets), o, create_graph=True)
+        live: list[tuple[int, Tensor]] = []
+        if gl.requires_grad:  # else the loss is linear in the outputs: H_loss = 0
+            u = torch.zeros_like(outputs, requires_grad=True)
+            gu = torch.autograd.grad(outputs, list(preq.values()), u, create_graph=True,
+                                     allow_unused=True)  # fmt: skip
+            live = _live(gu)
+    names, params = list(preq), list(preq.values())
+    live_grads = [g for _, g in live]
+
+    def apply(V: dict[str, Tensor]) -> Any:
+        k = next(iter(V.values())).shape[0]
+        if not live:
+            return zeros_block(p, k)
+        columns = []
+        with torch.enable_grad():
+            for j in range(k):
+                v = [V[names[i]][j].contiguous() for i, _ in live]
+                (jv,) = torch.autograd.grad(live_grads, u, v, retain_graph=True)
+                (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
+                col = torch.autograd.grad(
+                    outputs, params, hjv, retain_graph=True, materialize_grads=True
+                )
+                columns.append(dict(zip(names, col, strict=True)))
+        return columns
+
+    return apply
+
+
+HESSIAN = Kernel("hvp", "Hessian-vector product", hessian_kernel)
+GGN = Kernel("ggn", "GGN-vector product", ggn_kernel)

@@ -1,0 +1,74 @@
+"""The options of an objective, defined once: what is differentiated, and how.
+
+`ModelObjective` takes them as keyword arguments; every measure and operator takes the same
+names in its convenience form ``(model, loss_fn, data, **objective_options)`` and hands them
+to `ModelObjective` unchanged (see `sharpgen.curvature.as_objective`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from sharpgen.curvature._backend import FUNC_MODES, check_backend
+from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._state import check_policy
+
+__all__ = [
+    "OBJECTIVE_OPTIONS",
+    "VALID_FUNC_MODES",
+    "VALID_REDUCTIONS",
+    "ObjectiveOptions",
+    "check_options",
+]
+
+VALID_REDUCTIONS = ("mean", "sum")
+VALID_FUNC_MODES = tuple(FUNC_MODES)
+
+
+class ObjectiveOptions(TypedDict, total=False):
+    """Keyword options of `ModelObjective`, accepted by every measure's convenience form.
+
+    Each key is documented on `ModelObjective`: ``params`` (which parameters), ``bn`` and
+    ``dropout`` (the model-state policy), ``reduction`` (``"mean"`` or ``"sum"``),
+    ``backend`` (how curvature products are taken: ``"auto"``, ``"func"``,
+    ``"autograd"``), ``process_group`` (``torch.distributed``), ``func_mode`` and
+    ``vectorize`` (how ``torch.func`` takes them).
+
+    Examples:
+        >>> options: ObjectiveOptions = {"bn": "batch", "reduction": "sum"}
+        >>> sorted(options)
+        ['bn', 'reduction']
+    """
+
+    params: ParamSelection
+    bn: str
+    dropout: bool
+    reduction: str
+    backend: str
+    process_group: Any
+    func_mode: str
+    vectorize: bool | None
+
+
+OBJECTIVE_OPTIONS: tuple[str, ...] = tuple(ObjectiveOptions.__annotations__)
+
+
+def check_options(
+    *, bn: Any, dropout: Any, reduction: Any, backend: Any, func_mode: Any, vectorize: Any
+) -> None:
+    """Raise a clear error for an invalid objective option (before any work)."""
+    check_policy(bn, dropout)
+    if reduction not in VALID_REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {VALID_REDUCTIONS} ('mean': loss_fn returns batch "
+            f"means, the dataset loss is the sample-weighted mean; 'sum': loss_fn returns "
+            f"batch sums, the dataset loss is their sum), got {reduction!r}."
+        )
+    check_backend(backend)
+    if func_mode not in VALID_FUNC_MODES:
+        raise ValueError(
+            f"func_mode must be one of {VALID_FUNC_MODES} ('reverse': vjp of grad; "
+            f"'forward': jvp of grad), got {func_mode!r}."
+        )
+    if vectorize is not None and not isinstance(vectorize, bool):
+        raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}.")
