@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sharpgen._validation import is_int
-from sharpgen.curvature._backend import BACKENDS, check_backend
+from sharpgen._validation import check_bool, is_int
+from sharpgen.curvature._backend import check_backend
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
 from sharpgen.curvature._kernels import Kernel
 from sharpgen.curvature._params import ParamSelection
@@ -17,9 +17,7 @@ from sharpgen.curvature._products import product
 from sharpgen.curvature._resolve import ready_objective, resolve_objective
 from sharpgen.linalg import LinearOperator
 
-__all__ = ["VALID_OPERATOR_BACKENDS", "CurvatureOperator"]
-
-VALID_OPERATOR_BACKENDS = BACKENDS
+__all__ = ["CurvatureOperator"]
 
 
 class CurvatureOperator(LinearOperator):
@@ -47,14 +45,12 @@ class CurvatureOperator(LinearOperator):
     ) -> None:
         if backend is not None:
             check_backend(backend)
-        if not isinstance(check_deterministic, bool):
-            raise TypeError(f"check_deterministic must be a bool, got {check_deterministic!r}.")
+        check_bool("check_deterministic", check_deterministic)
         if max_block is not None and (not is_int(max_block) or max_block < 1):
             raise ValueError(
                 f"max_block must be a positive int or None (no limit), got {max_block!r}."
             )
-        if not isinstance(cache_graph, bool):
-            raise TypeError(f"cache_graph must be a bool, got {cache_graph!r}.")
+        check_bool("cache_graph", cache_graph)
         if params is not None:
             objective_options["params"] = params
         if backend is not None and ready_objective(model) is None:

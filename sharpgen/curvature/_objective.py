@@ -26,14 +26,14 @@ from sharpgen._distributed import AUTO, check_ranks_agree, resolve_process_group
 from sharpgen.curvature._backend import check_backend
 from sharpgen.curvature._data import as_batches, check_devices, num_samples
 from sharpgen.curvature._kernels import GGN, HESSIAN, Kernel
-from sharpgen.curvature._options import VALID_REDUCTIONS, check_options
+from sharpgen.curvature._options import check_options
 from sharpgen.curvature._params import ParamSelection, check_point, select_params
 from sharpgen.curvature._products import block_views, product
 from sharpgen.curvature._reduce import check_finite, dataset_reduce
 from sharpgen.curvature._sharding import without_sampler_padding
 from sharpgen.curvature._state import model_state_policy
 
-__all__ = ["VALID_REDUCTIONS", "ModelObjective", "dataset_reduce"]
+__all__ = ["ModelObjective"]
 
 
 def _zeros_like_dict(d: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from sharpgen._validation import check_bool
 from sharpgen.curvature._backend import FUNC_MODES, check_backend
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.curvature._state import check_policy
@@ -70,5 +71,5 @@ def check_options(
             f"func_mode must be one of {VALID_FUNC_MODES} ('reverse': vjp of grad; "
             f"'forward': jvp of grad), got {func_mode!r}."
         )
-    if vectorize is not None and not isinstance(vectorize, bool):
-        raise TypeError(f"vectorize must be None or a bool, got {vectorize!r}.")
+    if vectorize is not None:
+        check_bool("vectorize", vectorize)

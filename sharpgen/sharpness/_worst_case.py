@@ -233,24 +233,11 @@ def sam_sharpness(
         step_size = rho if norm == "l2" else 2.5 * rho / steps
     if m is not None:
         m = check_int("m", m, hint="m is the number of samples per chunk.")
-        batch = concatenate_batches(without_sampler_padding(source.raw_data))
-        n = num_samples(batch[0])
-        if m > n:
-            raise ValueError(
-                f"m={m} exceeds the number of samples n={n}; pass m <= {n} (m={n} is plain "
-                "full-data sharpness)."
-            )
-        if n % m:
-            divisors = [d for d in range(1, n + 1) if n % d == 0]
-            raise ValueError(
-                f"m={m} does not divide the number of samples n={n}; pass a divisor of n, "
-                f"e.g. one of {divisors[:12]}."
-            )
-        chunks = split_chunks(batch, m)
+        chunks: list[Any] = _chunks(source.raw_data, m)
     else:
         if source.ready is None:
             as_batches(data)  # validates the kind of data before any work
-        chunks = [None]
+        chunks = [None]  # the whole data, with the process group
     options = {"rho": rho, "norm": norm, "adaptive": adaptive, "eta": eta}
     counts = _Counts()
     total = len(chunks) * (restarts + 1) * (steps + 1)
@@ -291,6 +278,24 @@ def sam_sharpness(
         num_gradient_evals=counts.grad,
         num_loss_evals=counts.loss,
     )
+
+
+def _chunks(data: Any, m: int) -> list[tuple[Any, Any]]:
+    """The data cut into consecutive chunks of ``m`` samples (``m`` must divide ``n``)."""
+    batch = concatenate_batches(without_sampler_padding(data))
+    n = num_samples(batch[0])
+    if m > n:
+        raise ValueError(
+            f"m={m} exceeds the number of samples n={n}; pass m <= {n} (m={n} is plain "
+            "full-data sharpness)."
+        )
+    if n % m:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ValueError(
+            f"m={m} does not divide the number of samples n={n}; pass a divisor of n, "
+            f"e.g. one of {divisors[:12]}."
+        )
+    return split_chunks(batch, m)
 
 
 def _shift(theta: dict[str, Tensor], eps: dict[str, Tensor]) -> dict[str, Tensor]:
