@@ -42,30 +42,31 @@ class HessianOperator(CurvatureOperator):
     use `flatten` / `unflatten` to convert.
 
     Args:
-        model: Any ``nn.Module``; left exactly as it was (see `preserve_model_state`).
+        model: Any ``nn.Module`` (left exactly as it was, see `preserve_model_state`) with
+            ``loss_fn`` and ``data``; or a ready `ModelObjective` alone (its options and
+            caches are shared; then only the operator options below may be given).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar (batch mean, or batch sum
             with ``reduction="sum"``).
         data: One batch ``(inputs, targets)`` or a re-iterable of batches.
         params: Parameter selection (see `select_params`); default all trainable ones.
-        bn: ``"eval"`` (BatchNorm uses running statistics) or ``"batch"`` (batch
-            statistics; running buffers untouched).
-        dropout: ``False`` (default, dropout off) or ``True`` (dropout active: products
-            are random).
-        reduction: ``"mean"`` or ``"sum"``.
-        backend: ``"auto"``, ``"func"`` or ``"autograd"``.
+        backend: ``"auto"``, ``"func"`` or ``"autograd"`` (default: the objective's,
+            ``"auto"`` unless it was built with another).
         check_deterministic: Evaluate the loss in two passes at construction and raise if
             they differ (augmentation, dropout, shuffling).
         cache_graph: Keep the gradient graph of a single batch between products (see
             above; memory stays allocated until `clear_cache`).
-        func_mode: ``"reverse"`` or ``"forward"``, see above.
-        vectorize: ``vmap`` over a block's columns (``True``), a loop (``False``) or
-            ``None``: ``vmap`` except on the CPU.
         max_block: At most this many columns of a block go through ``vmap`` in one pass
             over the data (memory grows with it); wider blocks are split. ``None``: no
             limit.
-        process_group: ``"auto"`` (default: the initialized default group, or the DDP
-            model's, if any), ``None`` (no communication) or a ``torch.distributed``
-            group; see the Distributed guide.
+        **objective_options: With a model: the other keyword arguments of `ModelObjective`
+            (`ObjectiveOptions`): ``bn`` (``"eval"``: BatchNorm uses running statistics;
+            ``"batch"``: batch statistics, running buffers untouched), ``dropout``
+            (``True``: dropout active, products random), ``reduction`` (``"mean"`` or
+            ``"sum"``), ``func_mode`` (``"reverse"`` or ``"forward"``, see above),
+            ``vectorize`` (``vmap`` over a block's columns, a loop, or ``None``: ``vmap``
+            except on the CPU) and ``process_group`` (``"auto"``, default: the
+            initialized default group, or the DDP model's, if any; ``None``: no
+            communication; or a ``torch.distributed`` group; see the Distributed guide).
 
     Raises:
         ValueError: Unknown ``bn``/``backend``/``reduction``; no parameters selected; empty
