@@ -48,7 +48,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sharpgen.optim import GSAM, SAM, perturbed, sam_gradient  # noqa: E402
+from sharpgen.optim import GSAM, MSAM, SAM, LookSAM, perturbed, sam_gradient  # noqa: E402
 from sharpgen.sharpness import sam_perturbation  # noqa: E402
 
 try:
@@ -123,6 +123,7 @@ def make_steppers(batch: int):
         return loss
 
     steppers["sharpgen GSAM step(closure)"] = lambda: opt3.step(gsam_closure)
+    steppers.update(family_steppers(x, y, kw))
 
     if pytorch_optimizer is not None:
         model4 = conv_net()
@@ -143,6 +144,64 @@ def make_steppers(batch: int):
     return steppers
 
 
+K = 5  # SAM every K steps / LookSAM's k: those rows time K steps and report the mean
+
+
+def _closure_step(opt, model, x, y, steps: int = 1):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def run():
+        for _ in range(steps):
+            opt.step(closure)
+
+    return run
+
+
+def _po_step(opt, model, x, y, steps: int = 1):
+    """pytorch-optimizer's documented use: backward at w, then step(closure)."""
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad()
+            closure()
+            opt.step(closure)
+            opt.zero_grad()
+
+    return run
+
+
+def family_steppers(x, y, kw) -> dict:
+    """The variants of issue 15, ours and pytorch-optimizer's (names end in "/K" when a call
+    runs K steps)."""
+    out = {}
+    model = conv_net()
+    out["sharpgen MSAM"] = _closure_step(
+        MSAM(model.parameters(), torch.optim.SGD, rho=0.3, **kw), model, x, y
+    )
+    model = conv_net()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, interval=K, **kw)
+    out[f"sharpgen SAM interval={K} /{K}"] = _closure_step(opt, model, x, y, K)
+    model = conv_net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=K, alpha=0.7, **kw)
+    out[f"sharpgen LookSAM k={K} /{K}"] = _closure_step(opt, model, x, y, K)
+    if pytorch_optimizer is not None:
+        model = conv_net()
+        opt = pytorch_optimizer.LookSAM(
+            model.parameters(), torch.optim.SGD, rho=0.05, k=K, alpha=0.7, **kw
+        )
+        out[f"pytorch_optimizer LookSAM k={K} /{K}"] = _po_step(opt, model, x, y, K)
+    return out
+
+
 def bench_steps(batch: int, repeats: int) -> list[dict]:
     steppers = make_steppers(batch)
     for fn in steppers.values():  # warm-up
@@ -160,7 +219,8 @@ def bench_steps(batch: int, repeats: int) -> list[dict]:
     base_c = statistics.median(cpu["base SGD (1 pass)"])
     rows = []
     for name in steppers:
-        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        per = K if name.endswith(f"/{K}") else 1
+        w, c = statistics.median(wall[name]) / per, statistics.median(cpu[name]) / per
         rows.append({"method": name, "wall_ms": 1e3 * w, "wall_ratio": w / base_w,
                      "cpu_ms": 1e3 * c, "cpu_ratio": c / base_c})  # fmt: skip
     return rows
@@ -278,10 +338,15 @@ def counted_memory() -> list[dict]:
     builders = {
         "sharpgen SAM": lambda m: SAM(m.parameters(), torch.optim.SGD, rho=0.05, **kw),
         "sharpgen GSAM": lambda m: GSAM(m.parameters(), torch.optim.SGD, rho_max=0.05, **kw),
+        "sharpgen MSAM": lambda m: MSAM(m.parameters(), torch.optim.SGD, rho=0.3, **kw),
+        "sharpgen LookSAM": lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.05, k=2, **kw),
     }
     if pytorch_optimizer is not None:
         builders["pytorch_optimizer SAM"] = lambda m: pytorch_optimizer.SAM(
             m.parameters(), torch.optim.SGD, rho=0.05, **kw
+        )
+        builders["pytorch_optimizer LookSAM"] = lambda m: pytorch_optimizer.LookSAM(
+            m.parameters(), torch.optim.SGD, rho=0.05, k=2, **kw
         )
     rows = []
     for name, build in builders.items():
@@ -295,7 +360,7 @@ def counted_memory() -> list[dict]:
             peak["bytes"] = max(peak["bytes"], held_bytes(opt))
             return loss
 
-        for _ in range(2):
+        for _ in range(3):
             opt.zero_grad()
             if name.startswith("pytorch_optimizer"):
                 closure()  # its step expects the first-pass gradient already computed

@@ -63,7 +63,9 @@ from sharpgen.models import (
 )
 from sharpgen.optim import (
     GSAM,
+    MSAM,
     SAM,
+    LookSAM,
     SAMStepInfo,
     ddp_sam_step,
     disable_running_stats,
@@ -148,6 +150,8 @@ __all__ = [
     # SAM-family optimizers (sharpgen.optim)
     "SAM",
     "GSAM",
+    "MSAM",
+    "LookSAM",
     "SAMStepInfo",
     "sam_gradient",
     "perturbed",

@@ -10,12 +10,16 @@ from sharpgen.optim._batchnorm import disable_running_stats
 from sharpgen.optim._ddp import ddp_sam_step
 from sharpgen.optim._functional import perturbed, sam_gradient
 from sharpgen.optim._gsam import GSAM
+from sharpgen.optim._looksam import LookSAM
+from sharpgen.optim._msam import MSAM
 from sharpgen.optim._sam import SAM, SAMStepInfo
 
 __all__ = [
     # optimizers
     "SAM",
     "GSAM",
+    "MSAM",
+    "LookSAM",
     "SAMStepInfo",
     # functional forms
     "sam_gradient",

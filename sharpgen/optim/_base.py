@@ -80,6 +80,7 @@ class SAMBase(Optimizer):
         self._same_dropout = same_dropout
         self._perturb_spec = check_perturb(perturb, model)
         check_base_optimizer(base_optimizer, SAMBase)
+        self._interval = 1  # SAM every `_interval` steps (SAM's and LookSAM's option)
         self._phase = _IDLE
         self._saved: dict[Tensor, Tensor] = {}
         self._acc: dict[Tensor, Tensor] = {}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import check_rho
+from sharpgen._validation import check_int, check_rho
 from sharpgen.optim._base import SAMBase
 from sharpgen.optim._groups import PerturbSelector
 from sharpgen.optim._state import _NONFINITE, _PERTURBED, _UNPERTURBED, SAMStepInfo
@@ -103,6 +103,10 @@ class SAM(SAMBase):
         same_dropout: ``step(closure)`` replays the random state of the first pass in the
             second (same dropout masks); the global random state afterwards is the one after
             the first pass.
+        interval: SAM every ``interval`` steps (MosaicML Composer's ``interval``): steps
+            $0, k, 2k, \dots$ are SAM steps, the others are base steps on $\nabla L(w)$ (one
+            pass; `first_step` returns ``False``). The step count is kept in the param groups
+            (``"sam_steps"``), so it survives `state_dict`.
         **base_kwargs: Options of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
@@ -145,14 +149,32 @@ class SAM(SAMBase):
         perturb: PerturbSelector = None,
         model: nn.Module | None = None,
         same_dropout: bool = False,
+        interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
         self._init_common(norm, normalize, perturb, model, same_dropout, base_optimizer)
+        self._interval = check_int("interval", interval, minimum=1)
         defaults = {"rho": check_rho(rho), "adaptive": adaptive, "eta": check_eta(eta)}
         self._build(params, base_optimizer, defaults, base_kwargs)
 
     def _sam_option_names(self) -> tuple[str, ...]:
-        return ("rho", "adaptive", "eta", "normalize", "norm", "perturb", "model", "same_dropout")
+        return (
+            "rho", "adaptive", "eta", "normalize", "norm", "perturb", "model", "same_dropout",
+            "interval",
+        )  # fmt: skip
+
+    # -- SAM every k steps ----------------------------------------------------------------
+    def _steps_done(self) -> int:
+        return int(self.param_groups[0].get("sam_steps", 0))
+
+    def _is_sam_step(self) -> bool:
+        return self._steps_done() % self._interval == 0
+
+    def _after_step(self, stepped: bool) -> None:
+        if self._interval > 1:
+            done = self._steps_done() + 1
+            for group in self.param_groups:
+                group["sam_steps"] = done
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if "rho" in group:
@@ -165,6 +187,8 @@ class SAM(SAMBase):
     @torch.no_grad()
     def _perturb(self, grad_scale: float | None) -> bool:
         grad_scale = _check_grad_scale(grad_scale)
+        if not self._is_sam_step():
+            return self._between_sam_steps()
         entries, with_grad = self._collect()
         if not entries:
             return self._nothing_to_perturb(with_grad)
@@ -186,6 +210,12 @@ class SAM(SAMBase):
                 grad_scale=grad_scale, foreach=True,
             )  # fmt: skip
         return self._mark_perturbed()
+
+    def _between_sam_steps(self) -> bool:
+        """A step without perturbation (``interval > 1``): ``.grad`` is the final gradient."""
+        self._pending = {"grad_norm": None, "reason": f"SAM every {self._interval} steps"}
+        self._phase = _UNPERTURBED
+        return False
 
     # -- building blocks of the first half (shared by the variants) --------------------------
     def _collect(self) -> tuple[list[GroupEntry], list[Tensor]]:
