@@ -2,8 +2,8 @@
 
 The public API is re-exported here, grouped by layer; the implementation lives in private
 ``_modules`` of the subpackages `sharpgen.linalg`, `sharpgen.curvature`,
-`sharpgen.sharpness`, `sharpgen.optim`, `sharpgen.models`, `sharpgen.data`,
-`sharpgen.theory` and `sharpgen.experiments`.
+`sharpgen.sharpness`, `sharpgen.landscape`, `sharpgen.optim`, `sharpgen.models`,
+`sharpgen.data`, `sharpgen.theory` and `sharpgen.experiments`.
 """
 
 from sharpgen._version import __version__
@@ -36,6 +36,16 @@ from sharpgen.experiments import (
     get_preset,
     run_experiments,
     train,
+)
+from sharpgen.landscape import (
+    Landscape1D,
+    Landscape2D,
+    hessian_directions,
+    linear_interpolation,
+    loss_landscape_1d,
+    loss_landscape_2d,
+    normalize_direction,
+    random_direction,
 )
 from sharpgen.linalg import (
     EigenResult,
@@ -147,6 +157,15 @@ __all__ = [
     "PacBayesSigma",
     "sam_perturbation",
     "project_perturbation",
+    # loss landscapes (sharpgen.landscape)
+    "loss_landscape_1d",
+    "loss_landscape_2d",
+    "linear_interpolation",
+    "random_direction",
+    "normalize_direction",
+    "hessian_directions",
+    "Landscape1D",
+    "Landscape2D",
     # SAM-family optimizers (sharpgen.optim)
     "SAM",
     "GSAM",

@@ -1,0 +1,193 @@
+r"""Evaluate the loss (and a metric) at many parameter points in vectorized chunks.
+
+The points are $\theta + \sum_k c_{mk} d_k$ for a coefficient matrix $C$ (``(M, K)``) and
+$K$ directions. Chunks of points go through ``torch.func.vmap`` over
+``torch.func.functional_call``: the model is never written to, and one forward pass per
+chunk and batch evaluates every point of the chunk. The data is visited once; every chunk
+is evaluated on each batch and the batch values are combined with the objective's weights
+(sample-weighted mean, or sum), so any batching gives the full-data value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from sharpgen.curvature import ModelObjective, dataset_reduce
+from sharpgen.curvature._data import num_samples
+from sharpgen.sharpness._common import progress_bar
+
+__all__ = ["DEFAULT_MEMORY", "evaluate_points", "points_per_chunk"]
+
+DEFAULT_MEMORY = 256 * 2**20  # bytes per chunk of points (parameters + activations)
+
+
+def _call(model: nn.Module, full: dict[str, Tensor], inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return functional_call(model, full, (), dict(inputs))
+    if isinstance(inputs, (tuple, list)):
+        return functional_call(model, full, tuple(inputs))
+    return functional_call(model, full, (inputs,))
+
+
+def _activation_numel(obj: ModelObjective) -> int:
+    """Elements of every module output in one forward pass on the first batch."""
+    total = [0]
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        if isinstance(out, Tensor):
+            total[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in obj.model.modules()]
+    try:
+        with obj.state(), torch.no_grad():
+            inputs, _ = next(iter(obj.batches()))
+            others = {n: p.detach() for n, p in obj.model.named_parameters()}
+            _call(obj.model, {**others, **obj.params}, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def points_per_chunk(obj: ModelObjective, memory: int) -> int:
+    """How many parameter points fit into ``memory`` bytes (at least 1).
+
+    Per point: the perturbed parameters plus twice the activations of one forward pass on
+    the first batch (inputs and outputs of every layer, roughly).
+    """
+    per_point = (obj.numel + 2 * _activation_numel(obj)) * (torch.finfo(obj.dtype).bits // 8)
+    return max(1, int(memory // max(per_point, 1)))
+
+
+class _Plan:
+    """Chunk boundaries: fixed, or tuned by timing growing chunks on the first batch."""
+
+    def __init__(self, total: int, chunk_size: int | None, max_chunk: int) -> None:
+        self.total, self.fixed = total, chunk_size
+        self.max_chunk = max(1, max_chunk)
+        self.trials: list[int] = []
+        size = 1
+        while size <= self.max_chunk and chunk_size is None:
+            self.trials.append(size)
+            size *= 4
+        self.timings: dict[int, float] = {}
+        self.frozen: list[tuple[int, int]] | None = None
+
+    def chunks(self) -> Any:
+        if self.frozen is not None:
+            yield from self.frozen
+            return
+        done: list[tuple[int, int]] = []
+        start = 0
+        trials = list(self.trials)
+        while start < self.total:
+            if self.fixed is not None:
+                size = self.fixed
+            elif trials:
+                size = trials.pop(0)
+            else:
+                size = min(self.timings, key=self.timings.__getitem__)
+            stop = min(self.total, start + size)
+            done.append((start, stop))
+            yield start, stop
+            start = stop
+        self.frozen = done
+
+    def record(self, size: int, seconds: float) -> None:
+        if self.fixed is None and size in self.trials and size not in self.timings:
+            self.timings[size] = seconds / size
+
+
+def evaluate_points(
+    obj: ModelObjective,
+    directions: list[dict[str, Tensor]],
+    coefficients: Tensor,
+    *,
+    metric: Callable[[Any, Any], Tensor] | None = None,
+    chunk_size: int | None,
+    max_chunk: int = 1024,
+    progress: bool = False,
+    desc: str = "landscape",
+    buffers: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""Loss (and metric) at $\theta + \sum_k C_{mk} d_k$ for every row $m$ of ``coefficients``.
+
+    Args:
+        obj: The objective (its base point $\theta$, data, state policy and reduction).
+        directions: ``K`` dicts shaped like ``obj.params``.
+        coefficients: ``(M, K)`` tensor.
+        metric: ``metric(outputs, targets)`` returning a scalar per batch, combined over
+            batches like the loss; or None.
+        chunk_size: Points per vectorized forward pass, or None: tuned on the first
+            batch (chunks of 1, 4, 16, ... points up to ``max_chunk`` are timed while they
+            are evaluated; the fastest per point is used for the rest). One point is a
+            plain ``functional_call`` without ``vmap``.
+        max_chunk: Largest chunk the tuning tries (memory bound, see `points_per_chunk`).
+        progress: A tqdm bar over chunk-batch evaluations.
+        desc: Label of the bar.
+        buffers: Name -> ``(base, delta)`` of buffers moved along the first coefficient
+            (``base + C[m, 0] * delta``), for interpolating BatchNorm statistics.
+
+    Returns:
+        ``(loss, metric)``: float64 CPU tensors of shape ``(M,)`` (metric None if not asked).
+
+    Raises:
+        FloatingPointError: Never; non-finite values are returned as they are (a landscape
+            may leave the region where the loss is finite).
+    """
+    theta = obj.params
+    C = coefficients.to(dtype=obj.dtype, device=obj.device)
+    M = C.shape[0]
+    D = {n: torch.stack([d[n] for d in directions]) for n in theta}  # (K, *shape)
+    loss_acc = torch.zeros(M, dtype=obj.dtype, device=obj.device)
+    metric_acc = torch.zeros(M, dtype=obj.dtype, device=obj.device) if metric else None
+    count = 0
+    single = obj.single_batch and obj.process_group is None
+    plan = _Plan(M, chunk_size, max_chunk)
+    with (
+        obj.state(),
+        torch.no_grad(),
+        progress_bar(progress, total=M if single else None, desc=desc, unit="point") as bar,
+    ):
+        others = {n: p.detach() for n, p in obj.model.named_parameters() if n not in theta}
+        for inputs, targets in obj.batches():
+            n = num_samples(inputs)
+            w = 1.0 if single else (float(n) if obj.reduction == "mean" else 1.0)
+
+            def one(p: dict[str, Tensor], inputs: Any = inputs, targets: Any = targets) -> Any:
+                out = _call(obj.model, {**others, **p}, inputs)
+                loss = obj.loss_fn(out, targets).reshape(())
+                if metric is None:
+                    return (loss,)
+                return loss, torch.as_tensor(metric(out, targets)).reshape(()).to(loss.dtype)
+
+            batched = torch.func.vmap(one)
+            for start, stop in plan.chunks():
+                c = C[start:stop]
+                pts = {n: t.unsqueeze(0) + torch.tensordot(c, D[n], dims=([1], [0]))
+                       for n, t in theta.items()}  # fmt: skip
+                for name, (base, delta) in (buffers or {}).items():
+                    shape = (-1,) + (1,) * base.ndim
+                    pts[name] = base.unsqueeze(0) + c[:, 0].reshape(shape).to(base.dtype) * delta
+                tic = time.perf_counter()
+                if stop - start == 1:  # no vmap: a plain functional call
+                    out = [v.unsqueeze(0) for v in one({k: t[0] for k, t in pts.items()})]
+                else:
+                    out = batched(pts)
+                plan.record(stop - start, time.perf_counter() - tic)
+                loss_acc[start:stop].add_(out[0], alpha=w)
+                if metric_acc is not None:
+                    metric_acc[start:stop].add_(out[1], alpha=w)
+                bar.update(stop - start)
+            count += n
+    parts = [loss_acc] if metric_acc is None else [loss_acc, metric_acc]
+    if not single:
+        parts, count = dataset_reduce(parts, count, obj.reduction, obj.process_group)
+    cpu = [t.to(device="cpu", dtype=torch.float64) for t in parts]
+    return cpu[0], (cpu[1] if len(cpu) > 1 else None)

@@ -1,0 +1,251 @@
+r"""1-D and 2-D loss landscapes: $L(\theta + t d)$ and $L(\theta + x d_1 + y d_2)$."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sharpgen._validation import check_choice, check_generator, check_int, check_positive
+from sharpgen.curvature import ModelObjective
+from sharpgen.curvature._params import ParamSelection
+from sharpgen.landscape._directions import (
+    NORMALIZATIONS,
+    hessian_directions,
+    normalize_direction,
+    random_direction,
+)
+from sharpgen.landscape._grid import DEFAULT_MEMORY, evaluate_points, points_per_chunk
+from sharpgen.landscape._results import Landscape1D, Landscape2D
+from sharpgen.sharpness._objective_arg import objective_of
+
+__all__ = ["loss_landscape_1d", "loss_landscape_2d"]
+
+Direction = str | Mapping[str, Tensor]
+
+
+def _span(name: str, span: Any) -> tuple[float, float]:
+    if not (isinstance(span, Sequence) and len(span) == 2):
+        raise ValueError(f"{name} must be a pair (low, high), got {span!r}.")
+    lo, hi = (float(v) for v in span)
+    if not lo < hi:
+        raise ValueError(f"{name} must have low < high, got {span!r}.")
+    return lo, hi
+
+
+def _directions(
+    obj: ModelObjective,
+    how: Any,
+    k: int,
+    normalization: str | None,
+    one_dim: str,
+    generator: torch.Generator | None,
+) -> tuple[list[dict[str, Tensor]], str, str, Tensor | None]:
+    """Resolve ``how`` into ``k`` normalized directions; returns (dirs, kind, norm, eigs)."""
+    eigs = None
+    if isinstance(how, str):
+        check_choice("direction", how, ("random", "hessian"))
+        if how == "random":
+            norm = normalization or "filter"
+            check_choice("normalization", norm, NORMALIZATIONS)
+            dirs = [random_direction(obj.params, norm, one_dim=one_dim, generator=generator)
+                    for _ in range(k)]  # fmt: skip
+            return dirs, "random", norm, None
+        dirs, eigs = hessian_directions(obj, k=k, generator=generator)
+        if len(dirs) < k:
+            raise ValueError(f"the Hessian has fewer than {k} eigenvectors; use random ones.")
+        kind = "hessian"
+    else:
+        given = [how] if isinstance(how, Mapping) else list(how)
+        if len(given) != k or not all(isinstance(d, Mapping) for d in given):
+            raise TypeError(
+                f"directions must be 'random', 'hessian' or {k} dict(s) name -> tensor shaped "
+                f"like the parameters, got {type(how).__name__}."
+            )
+        dirs = [{n: d[n].detach().to(obj.dtype) for n in d} for d in given]
+        kind = "given"
+    norm = normalization or "none"
+    dirs = [normalize_direction(d, obj.params, norm, one_dim="keep" if norm == "none" else one_dim)
+            for d in dirs]  # fmt: skip
+    return dirs, kind, norm, eigs
+
+
+def _setup(
+    model: Any, loss_fn: Any, data: Any, params: Any, bn: str, reduction: str,
+    process_group: Any, where: str,
+) -> ModelObjective:  # fmt: skip
+    obj = objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction,
+                       process_group=process_group, where=where)  # fmt: skip
+    if obj.dropout:
+        raise ValueError(
+            f"{where} needs a deterministic loss; build the objective with dropout=False."
+        )
+    return obj
+
+
+def loss_landscape_1d(
+    model: nn.Module | ModelObjective,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    data: Any = None,
+    *,
+    direction: Direction = "random",
+    normalization: str | None = None,
+    one_dim: str = "zero",
+    span: tuple[float, float] = (-1.0, 1.0),
+    num_points: int = 51,
+    metric: Callable[[Any, Any], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    memory: int = DEFAULT_MEMORY,
+    progress: bool = False,
+    params: ParamSelection = None,
+    bn: str = "eval",
+    reduction: str = "mean",
+    process_group: Any = "auto",
+) -> Landscape1D:
+    r"""The loss along a line, $t \mapsto L(\theta + t\,d)$, on an even grid of ``span``.
+
+    The direction $d$ is random and filter-normalized (Li et al. 2018; ``"random"``,
+    default), the top Hessian eigenvector (``"hessian"``, a unit vector) or a dict given
+    by the caller; see `random_direction` and `normalize_direction` for the
+    normalizations (default ``"filter"`` for random directions, ``"none"`` otherwise).
+
+    The grid is evaluated by batching parameter points through ``torch.func.vmap`` over
+    ``torch.func.functional_call`` (``chunk_size`` points per forward pass; by default the
+    chunk size is tuned while the first batch is evaluated, among sizes that fit in
+    ``memory`` bytes); the model is never written to and is left
+    exactly as it was. BatchNorm layers use the running statistics of the model at
+    $\theta$ at every point (``bn="eval"``) or the batch statistics (``bn="batch"``).
+
+    Args:
+        model: Any ``nn.Module`` or a ready `sharpgen.ModelObjective`.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        data: One batch or an iterable of batches (visited once).
+        direction: ``"random"``, ``"hessian"`` or a dict name -> tensor.
+        normalization: ``"filter"``, ``"layer"``, ``"none"`` or None (the default above).
+        one_dim: Handling of 1-D parameters by the normalization (``"zero"``, default, as
+            in Li et al.; ``"normalize"``; ``"keep"``).
+        span: ``(low, high)`` of $t$.
+        num_points: Grid points ($\ge 2$).
+        metric: Optional ``metric(outputs, targets)`` (e.g. accuracy) evaluated from the
+            same forward passes and combined over batches like the loss.
+        generator: Source of random directions; the global RNG is untouched when given.
+        chunk_size: Points per vectorized forward pass; None: tuned (see above).
+        memory: Byte budget of the largest chunk tried (parameters plus activations,
+            estimated from one forward pass).
+        progress: A tqdm bar over the chunks.
+        params: Parameter selection (the others stay fixed).
+        bn: ``"eval"`` or ``"batch"``.
+        reduction: ``"mean"`` or ``"sum"``.
+        process_group: See `sharpgen.ModelObjective`.
+
+    Returns:
+        A `Landscape1D` (``.plot()`` draws the curve with the minimum marked).
+
+    Raises:
+        ValueError: Bad ``span``/``num_points``/``direction``/``normalization``.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.eye(2, dtype=torch.float64)
+        >>> y = model(x).detach()
+        >>> d = {"weight": torch.tensor([[1.0, 0.0]], dtype=torch.float64)}
+        >>> res = loss_landscape_1d(model, torch.nn.functional.mse_loss, (x, y), direction=d,
+        ...                         span=(-1, 1), num_points=3)
+        >>> res.loss.tolist()  # L(t) = t^2 / 2
+        [0.5, 0.0, 0.5]
+
+    References:
+        H. Li, Z. Xu, G. Taylor, C. Studer, T. Goldstein, "Visualizing the loss landscape
+        of neural nets", NeurIPS 2018.
+    """
+    lo, hi = _span("span", span)
+    num_points = check_int("num_points", num_points, minimum=2)
+    generator = check_generator(generator)
+    memory = int(check_positive("memory", memory))
+    obj = _setup(model, loss_fn, data, params, bn, reduction, process_group, "loss_landscape_1d")
+    dirs, kind, norm, _ = _directions(obj, direction, 1, normalization, one_dim, generator)
+    t = torch.linspace(lo, hi, num_points, dtype=torch.float64)
+    chunk = None if chunk_size is None else check_int("chunk_size", chunk_size)
+    max_chunk = points_per_chunk(obj, memory)
+    loss, met = evaluate_points(obj, dirs, t[:, None], metric=metric, chunk_size=chunk,
+                                max_chunk=max_chunk, progress=progress,
+                                desc="loss_landscape_1d")  # fmt: skip
+    return Landscape1D(coords=t, loss=loss, metric=met, center_loss=float(obj.loss()),
+                       direction=kind, normalization=norm, num_loss_evals=num_points)  # fmt: skip
+
+
+def loss_landscape_2d(
+    model: nn.Module | ModelObjective,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    data: Any = None,
+    *,
+    directions: str | Sequence[Mapping[str, Tensor]] = "random",
+    normalization: str | None = None,
+    one_dim: str = "zero",
+    span: Any = (-1.0, 1.0),
+    num_points: int | tuple[int, int] = 41,
+    metric: Callable[[Any, Any], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    memory: int = DEFAULT_MEMORY,
+    progress: bool = False,
+    params: ParamSelection = None,
+    bn: str = "eval",
+    reduction: str = "mean",
+    process_group: Any = "auto",
+) -> Landscape2D:
+    r"""The loss on a plane, $(x, y) \mapsto L(\theta + x\,d_1 + y\,d_2)$, on an even grid.
+
+    Directions: two independent random filter-normalized ones (``"random"``, default; Li
+    et al. 2018), the top-2 Hessian eigenvectors (``"hessian"``; their eigenvalues are in
+    the result) or two dicts from the caller. Evaluation, model contract, BatchNorm and
+    arguments as in `loss_landscape_1d`; ``span`` is one pair for both axes or a pair of
+    pairs, ``num_points`` one int or ``(nx, ny)``.
+
+    Returns:
+        A `Landscape2D` (``.plot("contour")`` or ``.plot("surface")``, minimum marked).
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.eye(2, dtype=torch.float64)
+        >>> e = [{"weight": torch.eye(2, dtype=torch.float64)[i : i + 1]} for i in range(2)]
+        >>> res = loss_landscape_2d(model, torch.nn.functional.mse_loss, (x, model(x).detach()),
+        ...                         directions=e, num_points=3)
+        >>> res.loss.tolist()  # (x^2 + y^2) / 2
+        [[1.0, 0.5, 1.0], [0.5, 0.0, 0.5], [1.0, 0.5, 1.0]]
+
+    References:
+        H. Li, Z. Xu, G. Taylor, C. Studer, T. Goldstein, "Visualizing the loss landscape
+        of neural nets", NeurIPS 2018.
+    """
+    pair = isinstance(span, Sequence) and len(span) == 2 and isinstance(span[0], Sequence)
+    (xlo, xhi), (ylo, yhi) = (_span("span[0]", span[0]), _span("span[1]", span[1])) if pair \
+        else (_span("span", span),) * 2  # fmt: skip
+    nx, ny = (num_points, num_points) if not isinstance(num_points, Sequence) else num_points
+    nx, ny = check_int("num_points", nx, minimum=2), check_int("num_points", ny, minimum=2)
+    generator = check_generator(generator)
+    memory = int(check_positive("memory", memory))
+    obj = _setup(model, loss_fn, data, params, bn, reduction, process_group, "loss_landscape_2d")
+    if isinstance(directions, Mapping):
+        raise TypeError("directions must be 'random', 'hessian' or a pair of dicts, got one dict.")
+    dirs, kind, norm, eigs = _directions(obj, directions, 2, normalization, one_dim, generator)
+    xs = torch.linspace(xlo, xhi, nx, dtype=torch.float64)
+    ys = torch.linspace(ylo, yhi, ny, dtype=torch.float64)
+    X, Y = torch.meshgrid(xs, ys, indexing="ij")
+    coeffs = torch.stack([X.reshape(-1), Y.reshape(-1)], 1)
+    chunk = None if chunk_size is None else check_int("chunk_size", chunk_size)
+    max_chunk = points_per_chunk(obj, memory)
+    loss, met = evaluate_points(obj, dirs, coeffs, metric=metric, chunk_size=chunk,
+                                max_chunk=max_chunk, progress=progress,
+                                desc="loss_landscape_2d")  # fmt: skip
+    return Landscape2D(
+        x=xs, y=ys, loss=loss.reshape(nx, ny),
+        metric=None if met is None else met.reshape(nx, ny),
+        center_loss=float(obj.loss()), direction=kind, normalization=norm,
+        num_loss_evals=nx * ny, eigenvalues=eigs,
+    )  # fmt: skip
