@@ -65,6 +65,91 @@ def points_per_chunk(obj: ModelObjective, memory: int) -> int:
     return max(1, int(memory // max(per_point, 1)))
 
 
+def _affine_split(model: nn.Module, buffers: Any) -> tuple[str, nn.Module, nn.Module] | None:
+    r"""``(name, first, rest)`` when ``model`` is a Sequential starting with an affine layer.
+
+    The first layer of a Sequential is then affine in its parameters given the inputs,
+    $f(x; W_0 + \sum_k c_k D_k) = f(x; W_0) + \sum_k c_k f(x; D_k)$ (bias included in
+    $D_k$), so its output at every grid point is a combination of $K + 1$ outputs computed
+    once per batch, and only the rest of the network runs per point.
+    """
+    if not isinstance(model, nn.Sequential) or len(model) < 2 or buffers:
+        return None
+    name, first = next(iter(model.named_children()))
+    affine = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if type(first) not in affine or first._forward_hooks or first._forward_pre_hooks:
+        return None
+    if isinstance(first, nn.modules.conv._ConvNd) and first.padding_mode != "zeros":
+        return None
+    return name, first, model[1:]
+
+
+class _Evaluator:
+    """Loss (and metric) of one batch at a chunk of points; vmap over the chunk."""
+
+    def __init__(
+        self,
+        obj: ModelObjective,
+        others: dict[str, Tensor],
+        theta: dict[str, Tensor],
+        D: dict[str, Tensor],
+        inputs: Any,
+        targets: Any,
+        metric: Callable[[Any, Any], Tensor] | None,
+        split: tuple[str, nn.Module, nn.Module] | None,
+    ) -> None:
+        self.obj, self.theta, self.D, self.targets, self.metric = obj, theta, D, targets, metric
+        self.others = others
+        self.inputs = inputs
+        self.split = split if isinstance(inputs, Tensor) else None
+        self.head: Tensor | None = None
+        if self.split is not None:
+            prefix, first, _ = self.split
+            local = {n.split(".", 1)[1]: n for n, _ in first.named_parameters(prefix=prefix)}
+            base = {k: theta[n] if n in theta else others[n] for k, n in local.items()}
+            self.head = functional_call(first, base, (inputs,))
+            k = next(iter(D.values())).shape[0]
+            moved = [n for n in local.values() if n in theta]
+            steps = [
+                functional_call(first, {m: D[n][j] for m, n in local.items()}, (inputs,))
+                if moved else torch.zeros_like(self.head)
+                for j in range(k)
+            ]  # fmt: skip
+            self.steps = torch.stack(steps)  # (K, *head.shape)
+            self.names = [n for n in theta if n not in local.values()]
+            self.others = {n: t for n, t in others.items() if n not in local.values()}
+        else:
+            self.names = list(theta)
+        self.batched = torch.func.vmap(self._one)
+
+    def _one(self, p: dict[str, Tensor], h: Any) -> Any:
+        if self.split is not None:
+            rest = self.split[2]
+            out = functional_call(rest, {**self.others, **p}, (h,))
+        else:
+            out = _call(self.obj.model, {**self.others, **p}, self.inputs)
+        loss = self.obj.loss_fn(out, self.targets).reshape(())
+        if self.metric is None:
+            return (loss,)
+        return loss, torch.as_tensor(self.metric(out, self.targets)).reshape(()).to(loss.dtype)
+
+    def __call__(self, c: Tensor, buffers: Any) -> Any:
+        pts = {n: self.theta[n].unsqueeze(0) + torch.tensordot(c, self.D[n], dims=([1], [0]))
+               for n in self.names}  # fmt: skip
+        for name, (base, delta) in (buffers or {}).items():
+            shape = (-1,) + (1,) * base.ndim
+            pts[name] = base.unsqueeze(0) + c[:, 0].reshape(shape).to(base.dtype) * delta
+        h = None
+        if self.head is not None:
+            h = self.head.unsqueeze(0) + torch.tensordot(c, self.steps, dims=([1], [0]))
+        if c.shape[0] == 1:  # no vmap: a plain functional call
+            first = self._one({k: t[0] for k, t in pts.items()}, None if h is None else h[0])
+            return [v.unsqueeze(0) for v in first]
+        if h is None:
+            return torch.func.vmap(self._one, in_dims=(0, None))(pts, None)
+        return self.batched(pts, h)
+
+
 class _Plan:
     """Chunk boundaries: fixed, or tuned by timing growing chunks on the first batch."""
 
@@ -156,30 +241,15 @@ def evaluate_points(
         progress_bar(progress, total=M if single else None, desc=desc, unit="point") as bar,
     ):
         others = {n: p.detach() for n, p in obj.model.named_parameters() if n not in theta}
+        split = _affine_split(obj.model, buffers)
         for inputs, targets in obj.batches():
             n = num_samples(inputs)
             w = 1.0 if single else (float(n) if obj.reduction == "mean" else 1.0)
-
-            def one(p: dict[str, Tensor], inputs: Any = inputs, targets: Any = targets) -> Any:
-                out = _call(obj.model, {**others, **p}, inputs)
-                loss = obj.loss_fn(out, targets).reshape(())
-                if metric is None:
-                    return (loss,)
-                return loss, torch.as_tensor(metric(out, targets)).reshape(()).to(loss.dtype)
-
-            batched = torch.func.vmap(one)
+            ev = _Evaluator(obj, others, theta, D, inputs, targets, metric, split)
             for start, stop in plan.chunks():
                 c = C[start:stop]
-                pts = {n: t.unsqueeze(0) + torch.tensordot(c, D[n], dims=([1], [0]))
-                       for n, t in theta.items()}  # fmt: skip
-                for name, (base, delta) in (buffers or {}).items():
-                    shape = (-1,) + (1,) * base.ndim
-                    pts[name] = base.unsqueeze(0) + c[:, 0].reshape(shape).to(base.dtype) * delta
                 tic = time.perf_counter()
-                if stop - start == 1:  # no vmap: a plain functional call
-                    out = [v.unsqueeze(0) for v in one({k: t[0] for k, t in pts.items()})]
-                else:
-                    out = batched(pts)
+                out = ev(c, buffers)
                 plan.record(stop - start, time.perf_counter() - tic)
                 loss_acc[start:stop].add_(out[0], alpha=w)
                 if metric_acc is not None:
