@@ -4,6 +4,12 @@ Every estimator takes a dense symmetric tensor, a `LinearOperator` (such as the
 curvature operators of `sharpgen.curvature`) or a matvec callable.
 """
 
+from sharpgen.linalg._diagonal import (
+    DiagonalEstimate,
+    diagpp_diagonal,
+    exact_diagonal,
+    hutchinson_diagonal,
+)
 from sharpgen.linalg._hutchinson import hutchinson_trace
 from sharpgen.linalg._hutchpp import hutchpp_trace
 from sharpgen.linalg._lanczos import lanczos
@@ -23,6 +29,10 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "xtrace",
+    # diagonal estimators
+    "exact_diagonal",
+    "hutchinson_diagonal",
+    "diagpp_diagonal",
     # eigenvalues
     "lanczos",
     "power_iteration",
@@ -32,4 +42,5 @@ __all__ = [
     "EigenResult",
     "SpectralDensity",
     "TraceEstimate",
+    "DiagonalEstimate",
 ]

@@ -9,6 +9,13 @@ projections are shared with the optimizers of `sharpgen.optim`.
 """
 
 from sharpgen.sharpness._average import AverageSharpnessResult, average_sharpness
+from sharpgen.sharpness._blocks import (
+    BlockTraces,
+    HessianDiagonal,
+    block_top_eigenvalues,
+    block_traces,
+    hessian_diagonal,
+)
 from sharpgen.sharpness._density import spectral_density
 from sharpgen.sharpness._eigen import ModelEigenResult, top_eigenvalues
 from sharpgen.sharpness._fisher import (
@@ -29,6 +36,10 @@ __all__ = [
     "hessian_trace",
     "top_eigenvalues",
     "spectral_density",
+    # per-layer curvature
+    "block_traces",
+    "hessian_diagonal",
+    "block_top_eigenvalues",
     # perturbation-based measures
     "sam_sharpness",
     "average_sharpness",
@@ -49,4 +60,6 @@ __all__ = [
     "ModelEigenResult",
     "FisherRaoNorm",
     "PacBayesSigma",
+    "BlockTraces",
+    "HessianDiagonal",
 ]

@@ -1,0 +1,199 @@
+r"""Estimators of the diagonal of a symmetric operator: exact, Hutchinson and Diag++."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sharpgen._validation import check_generator, check_int
+from sharpgen.linalg._operator import LinearOperator, as_linear_operator
+from sharpgen.linalg._probes import draw_probes
+
+__all__ = ["DiagonalEstimate", "diagpp_diagonal", "exact_diagonal", "hutchinson_diagonal"]
+
+
+@dataclass(frozen=True, repr=False)
+class DiagonalEstimate:
+    r"""An estimate of $\operatorname{diag}(A)$ with a standard error per entry.
+
+    Attributes:
+        values: The estimate, shape ``(n,)``.
+        stderr: Standard error of each entry, shape ``(n,)`` (zeros when exact; ``inf``
+            with a single probe).
+        num_matvecs: Matrix-vector products spent.
+        method: ``"exact"``, ``"hutchinson"`` or ``"diagpp"``.
+    """
+
+    values: Tensor
+    stderr: Tensor
+    num_matvecs: int
+    method: str
+
+    def __repr__(self) -> str:
+        err = float(self.stderr.max()) if self.stderr.numel() else 0.0
+        return (
+            f"DiagonalEstimate(n={self.values.numel()}, method={self.method!r}, "
+            f"num_matvecs={self.num_matvecs}, max stderr={err:.2g})"
+        )
+
+
+def exact_diagonal(
+    A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
+    *,
+    block_size: int = 64,
+    size: int | None = None,
+    bar: object = None,
+) -> DiagonalEstimate:
+    """The diagonal from products with blocks of basis vectors ($n$ products).
+
+    Args:
+        A: Dense symmetric tensor, `LinearOperator` or matvec callable.
+        block_size: Basis vectors per block product.
+        size: Dimension when ``A`` is a callable.
+        bar: An object with ``update(n)`` (a progress bar), or None.
+
+    Examples:
+        >>> import torch
+        >>> exact_diagonal(torch.diag(torch.tensor([1.0, 2.0, 3.0]))).values.tolist()
+        [1.0, 2.0, 3.0]
+    """
+    op = as_linear_operator(A, size=size)
+    block_size = check_int("block_size", block_size)
+    n = op.shape[0]
+    diag = torch.empty(n, dtype=op.dtype, device=op.device)
+    for start in range(0, n, block_size):
+        stop = min(n, start + block_size)
+        E = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
+        idx = torch.arange(stop - start, device=op.device)
+        E[start + idx, idx] = 1
+        diag[start:stop] = op.matmat(E)[start + idx, idx]
+        if bar is not None:
+            bar.update(stop - start)  # type: ignore[attr-defined]
+    return DiagonalEstimate(diag, torch.zeros_like(diag), n, "exact")
+
+
+def _probes(n: int, k: int, kind: str, op: LinearOperator, generator: object) -> Tensor:
+    return draw_probes(n, k, distribution=kind, generator=generator, dtype=op.dtype,  # type: ignore[arg-type]
+                       device=op.device)  # fmt: skip
+
+
+def _hutchinson_rows(Z: Tensor, AZ: Tensor) -> tuple[Tensor, Tensor]:
+    samples = Z * AZ  # (n, m): entry i of z_j * (A z_j)
+    m = samples.shape[1]
+    mean = samples.mean(1)
+    if m < 2:
+        return mean, torch.full_like(mean, math.inf)
+    return mean, samples.std(1) / math.sqrt(m)
+
+
+def hutchinson_diagonal(
+    A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
+    *,
+    num_matvecs: int = 100,
+    block_size: int = 32,
+    generator: torch.Generator | None = None,
+    size: int | None = None,
+) -> DiagonalEstimate:
+    r"""Hutchinson's diagonal estimator $\hat d = \frac1m \sum_j z_j \odot A z_j$.
+
+    With Rademacher probes entry $i$ is unbiased with variance
+    $\frac1m \sum_{k \ne i} A_{ik}^2$ (Bekas, Kokiopoulou & Saad 2007); ``stderr`` is the
+    per-entry sample standard deviation over $\sqrt m$.
+
+    Args:
+        A: Dense symmetric tensor, `LinearOperator` or matvec callable.
+        num_matvecs: Number of probes $m$.
+        block_size: Probes per block product.
+        generator: Source of the probes; the global RNG is untouched when given.
+        size: Dimension when ``A`` is a callable.
+
+    Returns:
+        A `DiagonalEstimate`.
+
+    Examples:
+        >>> import torch
+        >>> est = hutchinson_diagonal(torch.diag(torch.tensor([1.0, 2.0])), num_matvecs=3,
+        ...                           generator=torch.Generator().manual_seed(0))
+        >>> est.values.tolist(), est.stderr.tolist()  # exact for a diagonal matrix
+        ([1.0, 2.0], [0.0, 0.0])
+
+    References:
+        C. Bekas, E. Kokiopoulou, Y. Saad, "An estimator for the diagonal of a matrix",
+        Applied Numerical Mathematics 2007.
+    """
+    op = as_linear_operator(A, size=size)
+    num_matvecs = check_int("num_matvecs", num_matvecs)
+    block_size = check_int("block_size", block_size)
+    generator = check_generator(generator)
+    n = op.shape[0]
+    Z = _probes(n, num_matvecs, "rademacher", op, generator)
+    AZ = torch.cat(
+        [op.matmat(Z[:, i : i + block_size]) for i in range(0, num_matvecs, block_size)], 1
+    )
+    mean, se = _hutchinson_rows(Z, AZ)
+    return DiagonalEstimate(mean, se, num_matvecs, "hutchinson")
+
+
+def diagpp_diagonal(
+    A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
+    *,
+    num_matvecs: int = 99,
+    generator: torch.Generator | None = None,
+    size: int | None = None,
+) -> DiagonalEstimate:
+    r"""Diag++: the diagonal of a low-rank sketch plus Hutchinson on the remainder.
+
+    With $s = \lfloor m/3 \rfloor$ sketch vectors, $Q$ an orthonormal basis of
+    $A\Omega$ ($s$ products) and $AQ$ ($s$ products),
+
+    $$
+    \hat d = \operatorname{diag}(Q Q^\top A)
+        + \frac{1}{m - 2s}\sum_j z_j \odot (I - QQ^\top) A z_j,
+    $$
+
+    where $\operatorname{diag}(QQ^\top A)_i = \sum_k Q_{ik} (AQ)_{ik}$ is exact and the
+    Hutchinson part (with its per-entry standard error) only sees what the sketch missed.
+    On spectra with a few large eigenvalues (Hessians of trained networks) this is much
+    more accurate than Hutchinson at the same budget, like Hutch++ for the trace.
+
+    Args:
+        A: Dense symmetric tensor, `LinearOperator` or matvec callable.
+        num_matvecs: Total products $m \ge 3$.
+        generator: Source of the sketch and the probes.
+        size: Dimension when ``A`` is a callable.
+
+    Returns:
+        A `DiagonalEstimate` (``stderr`` from the Hutchinson part).
+
+    Examples:
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([100.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+        >>> est = diagpp_diagonal(A, num_matvecs=6, generator=torch.Generator().manual_seed(0))
+        >>> round(est.values[0].item(), 6)
+        100.0
+
+    References:
+        R. A. Baston, Y. Nakatsukasa, "Stochastic diagonal estimation: probabilistic bounds
+        and an improved algorithm", arXiv:2201.10684 (2022). E. N. Epperly, J. A. Tropp,
+        R. J. Webber, "XTrace: making the most of every sample in stochastic trace
+        estimation", SIAM J. Matrix Anal. Appl. 2024 (XDiag).
+    """
+    op = as_linear_operator(A, size=size)
+    num_matvecs = check_int("num_matvecs", num_matvecs, minimum=3)
+    generator = check_generator(generator)
+    n = op.shape[0]
+    s = min(num_matvecs // 3, n)
+    Omega = _probes(n, s, "gaussian", op, generator)
+    Q, _ = torch.linalg.qr(op.matmat(Omega))
+    AQ = op.matmat(Q)
+    low = (Q * AQ).sum(1)
+    m = num_matvecs - 2 * s
+    Z = _probes(n, m, "rademacher", op, generator)
+    AZ = op.matmat(Z)
+    R = AZ - Q @ (Q.T @ AZ)
+    mean, se = _hutchinson_rows(Z, R)
+    return DiagonalEstimate(low + mean, se, 2 * s + m, "diagpp")
