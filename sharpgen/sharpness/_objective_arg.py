@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective
 from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._resolve import ready_objective, resolve_objective
 
 __all__ = ["objective_of"]
 
@@ -25,30 +26,20 @@ def objective_of(
     process_group: Any = "auto",
     where: str = "this measure",
 ) -> ModelObjective:
-    """Return ``model`` if it is a `ModelObjective`, else build one from the arguments.
+    """Return the objective of a ready `ModelObjective` (or operator), else build one.
+
+    Delegates to `sharpgen.curvature` 's resolver; objective options that differ from
+    their defaults count as given (an error with a ready objective).
 
     Raises:
-        ValueError: A ready objective was given together with ``loss_fn``, ``data`` or
-            ``params`` (they are fixed where the objective was built), or ``model`` was a
-            module without ``loss_fn`` and ``data``.
+        ValueError: A ready objective together with ``loss_fn``, ``data`` or options.
+        TypeError: A module without ``loss_fn`` and ``data``.
     """
-    if isinstance(model, ModelObjective):
-        given = [n for n, v in (("loss_fn", loss_fn), ("data", data), ("params", params))
-                 if v is not None]  # fmt: skip
-        if given:
-            raise ValueError(
-                f"{where} got a ready ModelObjective and also {', '.join(given)}; those are "
-                "fixed where the objective is built. Pass either the objective alone or "
-                "(model, loss_fn, data)."
-            )
-        return model
-    if loss_fn is None or data is None:
-        raise ValueError(
-            f"{where} needs (model, loss_fn, data) or a ready sharpgen.ModelObjective; "
-            f"got model={type(model).__name__} with loss_fn={loss_fn!r} and "
-            f"data={'None' if data is None else type(data).__name__}."
-        )
-    return ModelObjective(
-        model, loss_fn, data, params, bn=bn, dropout=dropout, reduction=reduction,
-        process_group=process_group,
-    )  # fmt: skip
+    defaults = {"params": None, "bn": "eval", "dropout": False, "reduction": "mean",
+                "process_group": "auto"}  # fmt: skip
+    given = {"params": params, "bn": bn, "dropout": dropout, "reduction": reduction,
+             "process_group": process_group}  # fmt: skip
+    options = {k: v for k, v in given.items() if v is not defaults[k] and v != defaults[k]}
+    if ready_objective(model) is None:
+        options = given
+    return resolve_objective(model, loss_fn, data, options, where=where)
