@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective
-from sharpgen.linalg import LinearOperator, TraceEstimate, hutchinson_trace, hutchpp_trace, xtrace
+from sharpgen.linalg import LinearOperator, TraceEstimate, trace
 from sharpgen.sharpness._common import (
     MeasureSource,
     ProgressOperator,
@@ -24,8 +24,6 @@ __all__ = ["TRACE_METHODS", "hessian_trace"]
 
 TRACE_METHODS = ("auto", "exact", "hutchinson", "hutchpp", "xtrace")
 _MIN_MATVECS = {"hutchinson": 1, "hutchpp": 3, "xtrace": 4}
-_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutchpp": hutchpp_trace, "xtrace": xtrace}
-DEFAULT_RTOL = 0.01
 
 
 def hessian_trace(
@@ -79,7 +77,8 @@ def hessian_trace(
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
         method: One of ``"auto"``, ``"exact"``, ``"hutchinson"``, ``"hutchpp"``,
-            ``"xtrace"``.
+            ``"xtrace"``; the resolved method runs as `sharpgen.linalg.trace` of the
+            Hessian operator.
         num_matvecs: Fixed budget of products (stochastic methods; at least 1 for
             Hutchinson, 3 for Hutch++, 4 for XTrace).
         rtol: Target relative standard error (stochastic methods), instead of
@@ -147,6 +146,26 @@ def hessian_trace(
     generator = check_generator(generator)
     source = MeasureSource(model, loss_fn, data, objective_options, where="hessian_trace")
     p = source.numel
+    method = _resolve_method(method, p, num_matvecs, rtol, max_matvecs, exact_threshold)
+    H = source.hessian()
+    total = p if method == "exact" else (num_matvecs or max_matvecs)
+    desc = f"hessian_trace ({method})"
+    with progress_bar(progress, total=total, desc=desc, unit="matvec") as bar:
+        return trace(
+            ProgressOperator(H, bar), method=method, num_matvecs=num_matvecs, rtol=rtol,
+            max_matvecs=max_matvecs, block_size=block_size, generator=generator,
+        )  # fmt: skip
+
+
+def _resolve_method(
+    method: str,
+    p: int,
+    num_matvecs: int | None,
+    rtol: float | None,
+    max_matvecs: int,
+    exact_threshold: int,
+) -> str:
+    """The measure's ``"auto"`` (exact for small models, else XTrace) and budget checks."""
     if method == "auto":
         if num_matvecs is not None:
             budget = num_matvecs
@@ -168,34 +187,4 @@ def hessian_trace(
             f"num_matvecs={num_matvecs} is too large for XTrace on {p} parameters (it uses "
             f"num_matvecs // 2 probes, at most {p}); use method='exact' ({p} products)."
         )
-    H = source.hessian()
-    if method == "exact":
-        with progress_bar(progress, total=p, desc="hessian_trace (exact)", unit="matvec") as bar:
-            return _exact_trace(ProgressOperator(H, bar), block_size)
-    if num_matvecs is None and rtol is None:
-        rtol = DEFAULT_RTOL
-    total = num_matvecs if num_matvecs is not None else max_matvecs
-    desc = f"hessian_trace ({method})"
-    with progress_bar(progress, total=total, desc=desc, unit="matvec") as bar:
-        op = ProgressOperator(H, bar)
-        kwargs: dict[str, Any] = {"generator": generator}
-        if num_matvecs is not None:
-            kwargs["num_matvecs"] = num_matvecs
-        else:
-            kwargs["rtol"] = rtol
-            kwargs["max_matvecs"] = max_matvecs
-        return _ESTIMATORS[method](op, **kwargs)
-
-
-def _exact_trace(op: LinearOperator, block_size: int) -> TraceEstimate:
-    """Sum of the diagonal from products with blocks of basis vectors."""
-    n = op.shape[0]
-    total = torch.zeros((), dtype=torch.float64)
-    for start in range(0, n, block_size):
-        stop = min(n, start + block_size)
-        E = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
-        idx = torch.arange(stop - start, device=op.device)
-        E[start + idx, idx] = 1
-        HE = op.matmat(E)
-        total = total + HE[start + idx, idx].sum().to(device="cpu", dtype=torch.float64)
-    return TraceEstimate(value=float(total), stderr=0.0, num_matvecs=n, method="exact")
+    return method
