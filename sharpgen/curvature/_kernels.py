@@ -146,6 +146,32 @@ def _live(grads: tuple[Tensor | None, ...]) -> list[tuple[int, Tensor]]:
     return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
 
+def _column_loop(
+    p: dict[str, Tensor],
+    live: list[tuple[int, Tensor]],
+    column: Callable[[list[Tensor], bool], tuple[Tensor, ...]],
+) -> BatchProduct:
+    """``apply(V)`` by double backward: ``column(v, last)`` for each of the ``k`` columns.
+
+    ``v`` holds the column's entries for the parameters with a live gradient (in the
+    order of ``live``); without any, the product is zero.
+    """
+    names = list(p)
+
+    def apply(V: dict[str, Tensor]) -> Any:
+        k = next(iter(V.values())).shape[0]
+        if not live:
+            return zeros_block(p, k)
+        columns = []
+        with torch.enable_grad():
+            for j in range(k):
+                v = [V[names[i]][j].contiguous() for i, _ in live]
+                columns.append(dict(zip(names, column(v, j == k - 1), strict=True)))
+        return columns
+
+    return apply
+
+
 # -- the Hessian -----------------------------------------------------------------------------
 def hessian_kernel(
     obj: ModelObjective,
@@ -171,24 +197,15 @@ def hessian_kernel(
         loss = obj.batch_loss(preq, inputs, targets, others=others)
         grads = torch.autograd.grad(loss, list(preq.values()), create_graph=True, allow_unused=True)
     live = _live(grads)
-    names, params = list(preq), list(preq.values())
+    params = list(preq.values())
     live_grads = [g for _, g in live]
 
-    def apply(V: dict[str, Tensor]) -> Any:
-        k = next(iter(V.values())).shape[0]
-        if not live:
-            return zeros_block(p, k)
-        columns = []
-        with torch.enable_grad():
-            for j in range(k):
-                v = [V[names[i]][j].contiguous() for i, _ in live]
-                col = torch.autograd.grad(
-                    live_grads, params, v, retain_graph=keep or j < k - 1, materialize_grads=True
-                )
-                columns.append(dict(zip(names, col, strict=True)))
-        return columns
+    def column(v: list[Tensor], last: bool) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(
+            live_grads, params, v, retain_graph=keep or not last, materialize_grads=True
+        )
 
-    return apply
+    return _column_loop(p, live, column)
 
 
 # -- the generalized Gauss-Newton matrix -------------------------------------------------------
@@ -256,26 +273,15 @@ def _ggn_autograd(
             gu = torch.autograd.grad(outputs, list(preq.values()), u, create_graph=True,
                                      allow_unused=True)  # fmt: skip
             live = _live(gu)
-    names, params = list(preq), list(preq.values())
+    params = list(preq.values())
     live_grads = [g for _, g in live]
 
-    def apply(V: dict[str, Tensor]) -> Any:
-        k = next(iter(V.values())).shape[0]
-        if not live:
-            return zeros_block(p, k)
-        columns = []
-        with torch.enable_grad():
-            for j in range(k):
-                v = [V[names[i]][j].contiguous() for i, _ in live]
-                (jv,) = torch.autograd.grad(live_grads, u, v, retain_graph=True)
-                (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
-                col = torch.autograd.grad(
-                    outputs, params, hjv, retain_graph=True, materialize_grads=True
-                )
-                columns.append(dict(zip(names, col, strict=True)))
-        return columns
+    def column(v: list[Tensor], last: bool) -> tuple[Tensor, ...]:
+        (jv,) = torch.autograd.grad(live_grads, u, v, retain_graph=True)
+        (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
+        return torch.autograd.grad(outputs, params, hjv, retain_graph=True, materialize_grads=True)
 
-    return apply
+    return _column_loop(p, live, column)
 
 
 HESSIAN = Kernel("hvp", "Hessian-vector product", hessian_kernel)
