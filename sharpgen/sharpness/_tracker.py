@@ -13,20 +13,22 @@ from sharpgen.curvature import ModelObjective, as_batches, preserve_model_state
 from sharpgen.curvature._options import OBJECTIVE_OPTIONS
 from sharpgen.curvature._resolve import check_objective_args
 from sharpgen.sharpness._average import average_sharpness
-from sharpgen.sharpness._common import check_generator, check_int
+from sharpgen.sharpness._common import check_generator, check_int, check_positive
 from sharpgen.sharpness._eigen import top_eigenvalues
 from sharpgen.sharpness._trace import hessian_trace
+from sharpgen.sharpness._tracker_measures import EXTRA_DEFAULTS, EXTRA_MEASURES
 from sharpgen.sharpness._worst_case import sam_sharpness
 
 __all__ = ["BUILTIN_MEASURES", "SharpnessTracker"]
 
-BUILTIN_MEASURES = ("loss", "trace", "top_eigenvalue", "sam", "average")
+BUILTIN_MEASURES = ("loss", "trace", "top_eigenvalue", "sam", "average", *EXTRA_MEASURES)
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "loss": {},
     "trace": {},
     "top_eigenvalue": {"tol": 1e-3},
     "sam": {"rho": 0.05},
     "average": {"rho": 0.01, "num_samples": 16},
+    **EXTRA_DEFAULTS,
 }
 _COST_KEYS = ("matvecs", "gradient_evals", "loss_evals")
 _OBJECTIVE_KEYS = frozenset(OBJECTIVE_OPTIONS)
@@ -54,6 +56,14 @@ class SharpnessTracker:
     * ``"sam"``: `sam_sharpness` with ``rho=0.05``, one SAM step (``sam``).
     * ``"average"``: `average_sharpness` with ``rho=0.01, num_samples=16`` (``average``,
       ``average_stderr``).
+    * ``"ggn_trace"`` (`ggn_trace`), ``"fisher_rao"`` (`fisher_rao_norm`),
+      ``"relative_flatness"`` (`relative_flatness`; needs ``options={"relative_flatness":
+      {"layer": ...}}``), ``"pac_bayes"`` (`pac_bayes_sigma`, ``target=0.1``) and
+      ``"block_traces"`` (`block_traces`: the total, and ``<name>/<block>`` per block).
+
+    With ``lr`` given, `plot` draws the edge-of-stability line $2/\eta$ on the
+    ``top_eigenvalue`` panel (gradient descent with step $\eta$ is unstable along
+    directions with $\lambda > 2/\eta$; Cohen et al. 2021).
 
     Every record also holds ``step`` and its cost: ``matvecs`` (Hessian-vector products),
     ``gradient_evals`` and ``loss_evals``; the running totals are `total_cost`.
@@ -77,6 +87,7 @@ class SharpnessTracker:
             defaults above), e.g. ``{"trace": {"num_matvecs": 20}, "sam": {"rho": 0.1}}``.
         generator: Source of randomness of the stochastic measures (advanced at each
             measurement); the global RNG is untouched when given.
+        lr: The learning rate $\eta$, for the $2/\eta$ line of `plot` (None: no line).
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` for all built-in measures (``params``,
             ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``, ...).
@@ -113,6 +124,7 @@ class SharpnessTracker:
         ),
         options: Mapping[str, Mapping[str, Any]] | None = None,
         generator: torch.Generator | None = None,
+        lr: float | None = None,
         **objective_options: Any,
     ) -> None:
         ready = check_objective_args(
@@ -122,6 +134,7 @@ class SharpnessTracker:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
         self.every = check_int("every", every, hint="measure every N steps, e.g. every=100.")
         self.generator = check_generator(generator)
+        self.lr = None if lr is None else check_positive("lr", lr)
         self._ready = ready
         if ready is None:
             as_batches(eval_batch)  # validate the kind of data early
@@ -270,6 +283,11 @@ class SharpnessTracker:
             record[name] = sam.value
             cost["gradient_evals"] += sam.num_gradient_evals
             cost["loss_evals"] += sam.num_loss_evals
+        elif kind in EXTRA_MEASURES:
+            values, spent = EXTRA_MEASURES[kind](obj, self.generator, **opts)
+            record.update({f"{name}{suffix}": v for suffix, v in values.items()})
+            for key, n in spent.items():
+                cost[key] += n
         else:
             avg = average_sharpness(obj, generator=self.generator, **opts)
             record[name], record[f"{name}_stderr"] = avg.value, avg.stderr
@@ -405,6 +423,9 @@ class SharpnessTracker:
             if stderr is not None:
                 _stderr_band(ax, steps, columns[key], stderr, line.get_color())
             ax.set_ylabel(key)
+            if self.lr is not None and self.measures.get(key) == "top_eigenvalue":
+                ax.axhline(2 / self.lr, color="k", ls="--", lw=1, label=f"2/lr = {2 / self.lr:g}")
+                ax.legend()
             if label is not None:
                 ax.legend()
         axes[-1].set_xlabel("step")
