@@ -1,8 +1,11 @@
 """Curvature operators of ``(model, loss_fn, data)``: Hessian and generalized Gauss-Newton.
 
-Both are `sharpgen.linalg.LinearOperator` subclasses computing exact matrix-free products
-through `torch.func` (with a double-backward fallback), over one batch or a whole
-DataLoader, leaving the caller's model exactly as it was.
+`ModelObjective` is the dataset loss as a value (built once, shared by many measures; its
+options are `ObjectiveOptions`, `as_objective` resolves either calling form). The operators
+are `sharpgen.linalg.LinearOperator` subclasses computing exact matrix-free products through
+`torch.func` (with a double-backward fallback) from small functional kernels
+(``_kernels.py``), over one batch or a whole DataLoader, leaving the caller's model exactly
+as it was.
 """
 
 from sharpgen.curvature._data import as_batches, num_samples

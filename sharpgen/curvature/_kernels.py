@@ -95,7 +95,7 @@ def second_order(f: Callable[[Any], Tensor], primal: Any, mode: str) -> Callable
     grad_f = torch.func.grad(f)
     if mode == "fwd":
         return lambda v: torch.func.jvp(grad_f, (primal,), (v,))[1]
-    _, vjp_fn = torch.func.vjp(grad_f, primal)
+    vjp_fn = torch.func.vjp(grad_f, primal)[1]
     return lambda v: vjp_fn(v)[0]
 
 
@@ -240,11 +240,11 @@ def _ggn_func(
     def loss_of_out(o: Any) -> Tensor:
         return obj._apply_loss(o, targets)
 
-    outputs, vjp_fn = torch.func.vjp(out_fn, p)
+    outputs, vjp_fn = torch.func.vjp(out_fn, p)[:2]
     h_loss = second_order(loss_of_out, outputs, mode)
 
     def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        _, jv = torch.func.jvp(out_fn, (p,), (v,))
+        jv = torch.func.jvp(out_fn, (p,), (v,))[1]
         return vjp_fn(h_loss(jv))[0]
 
     return lambda V: apply_block(one, V, obj.vectorize)

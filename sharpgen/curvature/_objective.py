@@ -138,8 +138,10 @@ class ModelObjective:
                 f"loss_fn must be callable as loss_fn(outputs, targets), got "
                 f"{type(loss_fn).__name__}."
             )
-        options = {"bn": bn, "dropout": dropout, "reduction": reduction, "backend": backend,
-                   "func_mode": func_mode, "vectorize": vectorize}  # fmt: skip
+        options: dict[str, Any] = {
+            "bn": bn, "dropout": dropout, "reduction": reduction, "backend": backend,
+            "func_mode": func_mode, "vectorize": vectorize,
+        }  # fmt: skip
         check_options(**options)
         group = resolve_process_group(process_group, model)
         model = unwrap_model(model)  # functional calls go to the DDP-wrapped module

@@ -96,7 +96,8 @@ class MeasureSource:
     ) -> None:
         self.ready = check_objective_args(model, loss_fn, data, options, where)
         self.given_operator = model if isinstance(model, CurvatureOperator) else None
-        self.model, self.loss_fn, self.data, self.options = model, loss_fn, data, options
+        self.model, self.data, self.options = model, data, options
+        self.loss_fn: Callable[[Any, Any], Tensor] = loss_fn  # type: ignore[assignment]
 
     @property
     def numel(self) -> int:

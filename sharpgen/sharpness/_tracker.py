@@ -136,9 +136,11 @@ class SharpnessTracker:
         self.generator = check_generator(generator)
         self.lr = None if lr is None else check_positive("lr", lr)
         self._ready = ready
+        self.model: nn.Module
+        self.loss_fn: Callable[[Any, Any], Tensor]
         if ready is None:
             as_batches(eval_batch)  # validate the kind of data early
-            self.model, self.loss_fn, self.eval_batch = model, loss_fn, eval_batch
+            self.model, self.loss_fn, self.eval_batch = model, loss_fn, eval_batch  # type: ignore[assignment]
         else:
             self.model, self.loss_fn, self.eval_batch = ready.model, ready.loss_fn, ready.data
         self.objective_options = dict(objective_options)
