@@ -48,7 +48,16 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sharpgen.optim import GSAM, MSAM, SAM, LookSAM, perturbed, sam_gradient  # noqa: E402
+from sharpgen.optim import (  # noqa: E402
+    GSAM,
+    MSAM,
+    SAM,
+    WSAM,
+    FriendlySAM,
+    LookSAM,
+    perturbed,
+    sam_gradient,
+)
 from sharpgen.sharpness import sam_perturbation  # noqa: E402
 
 try:
@@ -179,6 +188,22 @@ def _po_step(opt, model, x, y, steps: int = 1):
     return run
 
 
+def _po_self_closure_step(opt, model, x, y):
+    """pytorch-optimizer's WSAM: its step(closure) runs both passes itself."""
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def run():
+        opt.zero_grad()
+        opt.step(closure)
+        opt.zero_grad()
+
+    return run
+
+
 def family_steppers(x, y, kw) -> dict:
     """The variants of issue 15, ours and pytorch-optimizer's (names end in "/K" when a call
     runs K steps)."""
@@ -193,7 +218,21 @@ def family_steppers(x, y, kw) -> dict:
     model = conv_net()
     opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=K, alpha=0.7, **kw)
     out[f"sharpgen LookSAM k={K} /{K}"] = _closure_step(opt, model, x, y, K)
+    model = conv_net()
+    opt = WSAM(model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.9, **kw)
+    out["sharpgen WSAM"] = _closure_step(opt, model, x, y)
+    model = conv_net()
+    opt = FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+    out["sharpgen FriendlySAM"] = _closure_step(opt, model, x, y)
     if pytorch_optimizer is not None:
+        model = conv_net()
+        opt = pytorch_optimizer.WSAM(
+            model, model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.9, **kw
+        )
+        out["pytorch_optimizer WSAM"] = _po_self_closure_step(opt, model, x, y)
+        model = conv_net()
+        opt = pytorch_optimizer.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+        out["pytorch_optimizer FriendlySAM"] = _po_step(opt, model, x, y)
         model = conv_net()
         opt = pytorch_optimizer.LookSAM(
             model.parameters(), torch.optim.SGD, rho=0.05, k=K, alpha=0.7, **kw
@@ -314,7 +353,8 @@ def held_bytes(opt) -> int:
     if base is not None and base.state is not opt.state:
         pools.append(base.state)
     tensors = [t for pool in pools for st in pool.values() for t in st.values()]
-    tensors += list(getattr(opt, "_saved", {}).values()) + list(getattr(opt, "_g0", {}).values())
+    for attr in ("_saved", "_g0", "_sharp", "_new_m"):
+        tensors += list(getattr(opt, attr, {}).values())
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
             seen.add(t.untyped_storage().data_ptr())
@@ -340,6 +380,10 @@ def counted_memory() -> list[dict]:
         "sharpgen GSAM": lambda m: GSAM(m.parameters(), torch.optim.SGD, rho_max=0.05, **kw),
         "sharpgen MSAM": lambda m: MSAM(m.parameters(), torch.optim.SGD, rho=0.3, **kw),
         "sharpgen LookSAM": lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.05, k=2, **kw),
+        "sharpgen WSAM": lambda m: WSAM(m.parameters(), torch.optim.SGD, rho=0.05, **kw),
+        "sharpgen FriendlySAM": lambda m: FriendlySAM(
+            m.parameters(), torch.optim.SGD, rho=0.05, **kw
+        ),
     }
     if pytorch_optimizer is not None:
         builders["pytorch_optimizer SAM"] = lambda m: pytorch_optimizer.SAM(
@@ -347,6 +391,12 @@ def counted_memory() -> list[dict]:
         )
         builders["pytorch_optimizer LookSAM"] = lambda m: pytorch_optimizer.LookSAM(
             m.parameters(), torch.optim.SGD, rho=0.05, k=2, **kw
+        )
+        builders["pytorch_optimizer WSAM"] = lambda m: pytorch_optimizer.WSAM(
+            m, m.parameters(), torch.optim.SGD, rho=0.05, **kw
+        )
+        builders["pytorch_optimizer FriendlySAM"] = lambda m: pytorch_optimizer.FriendlySAM(
+            m.parameters(), torch.optim.SGD, rho=0.05, **kw
         )
     rows = []
     for name, build in builders.items():
@@ -362,7 +412,9 @@ def counted_memory() -> list[dict]:
 
         for _ in range(3):
             opt.zero_grad()
-            if name.startswith("pytorch_optimizer"):
+            if name == "pytorch_optimizer WSAM":
+                opt.step(closure)  # its step runs both passes
+            elif name.startswith("pytorch_optimizer"):
                 closure()  # its step expects the first-pass gradient already computed
                 opt.step(closure)
             else:

@@ -8,11 +8,13 @@ building blocks for custom training loops.
 
 from sharpgen.optim._batchnorm import disable_running_stats
 from sharpgen.optim._ddp import ddp_sam_step
+from sharpgen.optim._fsam import FriendlySAM
 from sharpgen.optim._functional import perturbed, sam_gradient
 from sharpgen.optim._gsam import GSAM
 from sharpgen.optim._looksam import LookSAM
 from sharpgen.optim._msam import MSAM
 from sharpgen.optim._sam import SAM, SAMStepInfo
+from sharpgen.optim._wsam import WSAM
 
 __all__ = [
     # optimizers
@@ -20,6 +22,8 @@ __all__ = [
     "GSAM",
     "MSAM",
     "LookSAM",
+    "WSAM",
+    "FriendlySAM",
     "SAMStepInfo",
     # functional forms
     "sam_gradient",

@@ -360,6 +360,10 @@ class SAMBase(Optimizer):
     def _discard_first_gradient(self) -> None:
         """Hook for GSAM."""
 
+    def _also_finite(self) -> list[Tensor]:
+        """Hook: tensors besides ``.grad`` that must be finite for the step (WSAM's)."""
+        return []
+
     def _after_step(self, stepped: bool) -> None:
         """Hook for variants with a step counter or a decoupled update after the base step."""
 
@@ -418,6 +422,7 @@ class SAMBase(Optimizer):
             reason = self._nonfinite_reason
         else:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            grads += self._also_finite()
             finite = True
             if grads:
                 norms = torch._foreach_norm(grads)

@@ -192,6 +192,7 @@ class SAM(SAMBase):
         entries, with_grad = self._collect()
         if not entries:
             return self._nothing_to_perturb(with_grad)
+        entries = self._ascent_directions(entries)
         norms = []
         for group, _, params, grads in entries:
             norms += sam_grad_norms(
@@ -201,6 +202,7 @@ class SAM(SAMBase):
         if not self._accept_norm(total, grad_scale):
             return False
         self._save_first_gradient(with_grad)
+        self._accepted(entries)
         grad_norm = float(total)
         for group, rho, params, grads in entries:
             self._save_weights(params)
@@ -210,6 +212,13 @@ class SAM(SAMBase):
                 grad_scale=grad_scale, foreach=True,
             )  # fmt: skip
         return self._mark_perturbed()
+
+    def _ascent_directions(self, entries: list[GroupEntry]) -> list[GroupEntry]:
+        r"""Hook: the directions the kernel normalizes (FriendlySAM's $g - \sigma m$)."""
+        return entries
+
+    def _accepted(self, entries: list[GroupEntry]) -> None:
+        """Hook: the perturbation is going ahead (the norm was finite and positive)."""
 
     def _between_sam_steps(self) -> bool:
         """A step without perturbation (``interval > 1``): ``.grad`` is the final gradient."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from sharpgen.optim import MSAM, SAM, LookSAM
+from sharpgen.optim import MSAM, SAM, WSAM, FriendlySAM, LookSAM
 
 D = torch.float64
 KW = {"lr": 0.05, "momentum": 0.9}
@@ -26,8 +26,13 @@ BUILDERS = {
     ),
     "looksam": lambda ps, m, **kw: LookSAM(ps, torch.optim.SGD, rho=0.1, k=2, model=m, **kw),
     "msam": lambda ps, m, **kw: MSAM(ps, torch.optim.SGD, rho=0.3, model=m, **kw),
+    "wsam": lambda ps, m, **kw: WSAM(ps, torch.optim.SGD, rho=0.1, gamma=0.8, model=m, **kw),
+    "wsam_coupled": lambda ps, m, **kw: WSAM(
+        ps, torch.optim.SGD, rho=0.1, gamma=0.8, decouple=False, model=m, **kw
+    ),
+    "fsam": lambda ps, m, **kw: FriendlySAM(ps, torch.optim.SGD, rho=0.1, model=m, **kw),
 }
-TWO_PASS = {"sam_interval2", "looksam"}
+TWO_PASS = {"sam_interval2", "looksam", "wsam", "wsam_coupled", "fsam"}
 
 
 def make_model(seed: int = 0, bn: bool = False) -> nn.Module:
