@@ -134,8 +134,8 @@ def relative_flatness(
                            process_group=process_group, where="relative_flatness")  # fmt: skip
         inner = ObjectiveOperator(obj, "hvp")
     W = obj.params[name]
-    rows = W.shape[0]
-    M = W.reshape(rows, -1)
+    M = W.reshape(W.shape[0], -1) if W.ndim > 1 else W.reshape(1, -1)
+    rows = M.shape[0]
     evals, evecs = torch.linalg.eigh(M @ M.T)
     root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
     op = _Weighted(inner, root, rows, M.shape[1])
@@ -156,9 +156,9 @@ def _weight_name(model: nn.Module, layer: str) -> str:
             f"layer {layer!r} is neither a parameter nor a module with a weight; choose one "
             f"of the weight parameters, e.g. {two_d}."
         )
-    if named[name].ndim < 2:
+    if named[name].ndim < 1:
         raise ValueError(
             f"layer {layer!r} selects {name} of shape {tuple(named[name].shape)}; relative "
-            "flatness needs a weight with rows (2-D, or a convolution kernel)."
+            "flatness needs a weight with rows (a vector counts as one row)."
         )
     return name

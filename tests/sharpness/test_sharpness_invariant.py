@@ -262,8 +262,9 @@ def test_errors_name_the_argument(pair):
     m, _, d = pair
     with pytest.raises(ValueError, match="layer 'nope'"):
         relative_flatness(m, mse, d, layer="nope")
-    with pytest.raises(ValueError, match="rows"):
-        relative_flatness(m, mse, d, layer="0.bias")
+    bias = relative_flatness(m, mse, d, layer="0.bias")  # a vector is one row: |b|^2 tr H_b
+    tr_b = hessian_trace(m, mse, d, params=["0.bias"]).value
+    assert bias.value == pytest.approx(float(m[0].bias.detach().pow(2).sum()) * tr_b, rel=1e-10)
     with pytest.raises(ValueError, match="fisher"):
         fisher_rao_norm(m, mse, d, fisher="model")
     with pytest.raises(ValueError, match="target"):
