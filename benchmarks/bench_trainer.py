@@ -20,15 +20,9 @@ import time
 import torch
 
 from sharpgen.experiments import get_preset, run_experiments
-from sharpgen.experiments._batched import trainable_names
+from sharpgen.experiments._kernels import kernels_for
 from sharpgen.experiments._spec import ExperimentSpec, Phase
-from sharpgen.experiments._trainer import (
-    _epoch_indices,
-    _fast_epoch,
-    _fast_path,
-    _sam_step,
-    make_runs,
-)
+from sharpgen.experiments._trainer import _epoch_indices, make_runs, run_epoch
 from sharpgen.models import two_layer_relu
 
 ARCHS = ["no_bias", "bias", "simplified_ln", "simplified_bn"]
@@ -80,18 +74,13 @@ def batched_step_time(arch: str, width: int, runs: int, epochs: int) -> float:
     spec = ExperimentSpec("bench", arch, "sam1", (Phase(epochs, 0.001, 0.05),), width=width)
     data, P, gens = make_runs(spec, list(range(runs)))
     X, Y = data[0], data[1]
-    names = trainable_names(arch)
+    kernels = kernels_for(spec)
     with torch.no_grad():
         t = None
         for e in range(epochs + 1):
             if e == 1:
                 t = time.perf_counter()
-            idx = _epoch_indices(spec, gens)
-            if _fast_path(spec):
-                _fast_epoch(spec, P, X, Y, idx, 0.001, 0.05)
-            else:
-                for s in range(idx.shape[1]):
-                    _sam_step(spec, P, X, Y, idx[:, s], 0.001, 0.05, names)
+            run_epoch(spec, kernels, P, X, Y, _epoch_indices(spec, gens), 0.001, 0.05)
     return (time.perf_counter() - t) / (epochs * spec.steps_per_epoch)
 
 
@@ -100,13 +89,26 @@ def gd_step_time(arch: str, runs: int, steps: int) -> float:
         "bench", arch, "sgd", (Phase(steps, 0.001),), batch_size=100, weight_decay=0.05
     )
     data, P, gens = make_runs(spec, list(range(runs)))
-    names = trainable_names(arch)
+    kernels = kernels_for(spec)
     idx = torch.arange(100).expand(runs, 1, 100)
     with torch.no_grad():
         t = time.perf_counter()
         for _ in range(steps):
-            _sam_step(spec, P, data[0], data[1], idx[:, 0], 0.001, 0.0, names)
+            run_epoch(spec, kernels, P, data[0], data[1], idx, 0.001, 0.0)
     return (time.perf_counter() - t) / steps
+
+
+def bn_profile(runs: int = 30) -> str:
+    """Where a batched Sim-BN 1-SAM epoch spends its time (torch.profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = ExperimentSpec("bench", "simplified_bn", "sam1", (Phase(1, 0.001, 0.05),))
+    data, P, gens = make_runs(spec, list(range(runs)))
+    kernels = kernels_for(spec)
+    idx = _epoch_indices(spec, gens)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_epoch(spec, kernels, P, data[0], data[1], idx, 0.001, 0.05)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
 def _kernels_and_flops(spec: ExperimentSpec, runs: int) -> tuple[int, float]:
@@ -119,10 +121,23 @@ def _kernels_and_flops(spec: ExperimentSpec, runs: int) -> tuple[int, float]:
     return 30, runs * (4.0 * m * d + 40.0 * m)
 
 
+def _interleaved(arch: str, rounds: int) -> tuple[float, dict[int, float]]:
+    """Autograd loop and batched step times, measured in alternating rounds (best of each)."""
+    bn = arch == "simplified_bn"
+    loop, batched = [], {R: [] for R in (1, 3, 10, 30)}
+    for _ in range(rounds):
+        loop.append(autograd_loop_step_time(arch, 500, 100 if bn else 300))
+        for R in batched:
+            batched[R].append(batched_step_time(arch, 500, R, 1 if bn else 3))
+    return min(loop), {R: min(v) for R, v in batched.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds")
+    ap.add_argument("--profile", action="store_true", help="print a Sim-BN profile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
@@ -135,19 +150,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     step_time = {}
     for arch in ARCHS:
-        loop = autograd_loop_step_time(arch, 500, 300 if arch != "simplified_bn" else 100)
-        cells, per_run = [], {}
-        for R in (1, 3, 10, 30):
-            epochs = 3 if arch != "simplified_bn" else 1
-            if arch == "simplified_bn" and R == 30:
-                epochs = 1
-            t = batched_step_time(arch, 500, R, epochs)
-            per_run[R] = R / t
-            step_time[(arch, R)] = t
-            cells.append(f"{R / t:,.0f}")
+        loop, times = _interleaved(arch, args.rounds)
+        per_run = {R: R / t for R, t in times.items()}
+        step_time.update({(arch, R): t for R, t in times.items()})
+        cells = [f"{v:,.0f}" for v in per_run.values()]
         print(
             f"| {arch} | {1 / loop:,.0f} | " + " | ".join(cells) + f" | {per_run[30] * loop:.1f}x |"
         )
+    if args.profile:
+        print("\n## Profile of one Sim-BN 1-SAM epoch (R = 30, 100 steps)\n")
+        print("```text\n" + bn_profile() + "\n```")
     gd = {a: gd_step_time(a, 3, 200) for a in ("no_bias", "bias")}
 
     if not args.skip_quick:

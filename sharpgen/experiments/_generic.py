@@ -13,12 +13,7 @@ from torch import Tensor
 from sharpgen.experiments._batched import loss_derivatives
 from sharpgen.experiments._spec import ExperimentSpec
 
-__all__ = ["is_generic", "generic_forward", "generic_loss_and_grad", "generic_trace_gn"]
-
-
-def is_generic(spec: ExperimentSpec) -> bool:
-    """Whether ``spec`` needs the autograd backend (softplus or depth > 2)."""
-    return spec.activation != "relu" or spec.depth > 2
+__all__ = ["generic_forward", "generic_loss_and_grad", "generic_trace_gn"]
 
 
 def _single_forward(spec: ExperimentSpec):

@@ -21,25 +21,14 @@ import torch
 from torch import Tensor
 
 from sharpgen.data import uniform_ball, xor_cube
-from sharpgen.experiments._batched import (
-    forward,
-    loss_and_grad,
-    sam1_relu_step,
-    trace_terms,
-    trainable_names,
-)
 from sharpgen.experiments._checkpoint import (
     CheckpointError,
     load_checkpoint,
     restart_hint,
     save_checkpoint,
 )
-from sharpgen.experiments._generic import (
-    generic_forward,
-    generic_loss_and_grad,
-    generic_trace_gn,
-    is_generic,
-)
+from sharpgen.experiments._fused import project
+from sharpgen.experiments._kernels import Kernels, kernels_for
 from sharpgen.experiments._spec import ExperimentSpec
 from sharpgen.models import deep_relu, two_layer_relu
 from sharpgen.theory import trace_lower_bound
@@ -145,6 +134,7 @@ def make_runs(
         ``(R, m)``, and the per-run generators (on the CPU) positioned after initialization.
     """
     dtype = getattr(torch, spec.dtype)
+    kernels = kernels_for(spec)
     data, params, gens = [], [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
@@ -170,10 +160,7 @@ def make_runs(
                 **scales,
             )
         p = {k: v.detach().clone() for k, v in net.named_parameters()}
-        if not is_generic(spec):
-            p.setdefault("b1", torch.zeros(spec.width, dtype=dtype))
-            p["gamma"] = torch.full((spec.width,), float(spec.gamma_init), dtype=dtype)
-        params.append(p)
+        params.append(kernels.complete(p))
         gens.append(g)
     stacked = tuple(torch.stack([run[i] for run in data]).to(device) for i in range(4))
     P = {k: torch.stack([p[k] for p in params]).to(device) for k in params[0]}
@@ -204,27 +191,17 @@ def _phase_at(spec: ExperimentSpec, epoch: int):
     return spec.phases[-1]
 
 
-def _record(spec, P, data, bounds, history) -> None:
+def _record(spec, kernels: Kernels, P, data, bounds, history) -> None:
     X, Y, Xt, Yt = data
-    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
     idx = torch.arange(spec.n, device=X.device).expand(X.shape[0], -1)
-    if is_generic(spec):
-        train_loss, _ = generic_loss_and_grad(spec, P, X, Y, idx)
-        ft = generic_forward(spec, P, Xt)
-    else:
-        train_loss, _ = loss_and_grad(P, spec.arch, X, Y, idx, **kw)
-        ft = forward(P, spec.arch, Xt, train_X=X, eps=spec.eps)
+    train_loss, _ = kernels.loss_and_grad(P, X, Y, idx)
+    ft = kernels.forward(P, Xt, X)
     acc = (torch.sign(ft) == Yt.sign()).to(X.dtype).mean(1)
     if spec.data != "xor_cube":
         acc = torch.full_like(acc, math.nan)
     mse = (ft - Yt).square().mean(1)
-    if is_generic(spec):
-        gn = generic_trace_gn(spec, P, X, Y)
-        # deep ReLU nets: f is linear in each layer, the diagonal of its Hessian vanishes
-        trace = gn if spec.activation == "relu" else torch.full_like(gn, math.nan)
-    else:
-        trace, gn = trace_terms(P, spec.arch, X, Y, **kw)
-    names = _names(spec, P)
+    trace, gn = kernels.trace_terms(P, X, Y)
+    names = kernels.names(P)
     values = {
         "train_loss": train_loss,
         "test_accuracy": acc,
@@ -242,32 +219,22 @@ def _record(spec, P, data, bounds, history) -> None:
         history[k].append(values[k].double().cpu().tolist())
 
 
-def _names(spec: ExperimentSpec, P) -> tuple[str, ...]:
-    return tuple(P) if is_generic(spec) else trainable_names(spec.arch)
+def _sam_step(spec, kernels: Kernels, P, X, Y, idx, lr: float, rho: float) -> None:
+    r"""One reference step (1-SAM / projected 1-SAM / SGD with weight decay) on any batch.
 
-
-def _sam_step(spec, P, X, Y, idx, lr: float, rho: float, names) -> None:
-    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
-    if is_generic(spec):
-
-        def grad_fn(params):
-            return generic_loss_and_grad(spec, params, X, Y, idx)
-    else:
-
-        def grad_fn(params):
-            return loss_and_grad(params, spec.arch, X, Y, idx, **kw)
-
-    if spec.method == "sgd" or rho == 0:
-        _, g = grad_fn(P)
-    else:
-        _, g = grad_fn(P)
+    The 1-SAM ascent point is $P + s\,g$ with $s = \rho/\lVert g\rVert$ over the trained
+    parameters of each run ($s = 0$ where $g = 0$); the fused epochs use the same formula.
+    """
+    names = kernels.names(P)
+    _, g = kernels.loss_and_grad(P, X, Y, idx)
+    if spec.method != "sgd" and rho != 0:
         sq = sum(g[k].flatten(1).square().sum(1) for k in names)
         norm = sq.sqrt()
         scale = torch.where(norm > 0, rho / torch.where(norm > 0, norm, 1.0), 0.0)
         Q = dict(P)
         for k in names:
             Q[k] = P[k] + scale.view(-1, *([1] * (P[k].ndim - 1))) * g[k]
-        _, g = grad_fn(Q)
+        _, g = kernels.loss_and_grad(Q, X, Y, idx)
     wd = spec.weight_decay if spec.method == "sgd" else 0.0
     for k in names:
         if wd:
@@ -275,40 +242,17 @@ def _sam_step(spec, P, X, Y, idx, lr: float, rho: float, names) -> None:
         else:
             P[k].sub_(lr * g[k])
     if spec.method == "projected_sam1":
-        _project(spec, P)
+        project(P, spec.projection_radius)
 
 
-def _fast_path(spec: ExperimentSpec) -> bool:
-    return (
-        spec.method != "sgd"
-        and spec.batch_size == 1
-        and spec.arch != "simplified_bn"
-        and not is_generic(spec)
-    )
-
-
-def _fast_epoch(spec, P, X, Y, indices, lr: float, rho: float) -> None:
-    """One epoch of batch-1 (projected) 1-SAM with the rank-one closed form."""
-    rows = torch.arange(X.shape[0], device=X.device)[:, None]
-    idx = indices[:, :, 0]
-    Xe, Ye = X[rows, idx], Y[rows, idx]
-    xx = Xe.square().sum(-1) + (0.0 if spec.arch == "no_bias" else 1.0)
-    W1, b1, W2 = P["W1"], P["b1"], P["W2"]
-    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
-    project = spec.method == "projected_sam1"
-    for t in range(idx.shape[1]):
-        sam1_relu_step(
-            W1, b1, W2, Xe[:, t], Ye[:, t], xx[:, t], arch=spec.arch, lr=lr, rho=rho, **kw
-        )
-        if project:
-            _project(spec, P)
-
-
-def _project(spec, P) -> None:
-    norm = (P["W1"].flatten(1).square().sum(1) + P["b1"].square().sum(1)).sqrt()
-    factor = torch.clamp(spec.projection_radius / norm.clamp_min(1e-300), max=1.0)
-    P["W1"].mul_(factor.view(-1, 1, 1))
-    P["b1"].mul_(factor.view(-1, 1))
+def run_epoch(spec, kernels: Kernels, P, X, Y, indices, lr: float, rho: float) -> None:
+    """Advance every run by one epoch (indices ``(R, steps, batch)``), fused where possible."""
+    fused = kernels.fused_sam1_epoch()
+    if fused is not None:
+        fused(P, X, Y, indices, lr, rho)
+        return
+    for t in range(indices.shape[1]):
+        _sam_step(spec, kernels, P, X, Y, indices[:, t], lr, rho)
 
 
 _STATE_KEYS = (
@@ -394,6 +338,7 @@ def train(
         ((0, 1, 2), 2)
     """
     seeds = tuple(int(s) for s in seeds)
+    kernels = kernels_for(spec)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds!r} must be a non-empty sequence of distinct integers")
     state = None
@@ -407,7 +352,7 @@ def train(
         epochs: list[int] = []
         epoch, wall = 0, 0.0
         bounds = torch.tensor(bounds_list, dtype=X.dtype, device=device)
-        _record(spec, P, data, bounds, history)
+        _record(spec, kernels, P, data, bounds, history)
         epochs.append(0)
     else:
         data = tuple(t.to(device) for t in state["data"])
@@ -422,7 +367,6 @@ def train(
         bounds_list = state["lower_bound"]
         bounds = torch.tensor(bounds_list, dtype=data[0].dtype, device=device)
     X, Y = data[0], data[1]
-    names = _names(spec, P)
 
     def snapshot():
         return {
@@ -447,11 +391,7 @@ def train(
             phase = _phase_at(spec, epoch)
             lr, rho = float(phase.lr), float(phase.rho)
             indices = _epoch_indices(spec, gens).to(device)
-            if _fast_path(spec):
-                _fast_epoch(spec, P, X, Y, indices, lr, rho)
-            else:
-                for t in range(indices.shape[1]):
-                    _sam_step(spec, P, X, Y, indices[:, t], lr, rho, names)
+            run_epoch(spec, kernels, P, X, Y, indices, lr, rho)
             epoch += 1
             if epoch % spec.eval_every == 0 or epoch == spec.epochs:
                 if not all(bool(torch.isfinite(v).all()) for v in P.values()):
@@ -459,7 +399,7 @@ def train(
                         f"{spec.name}: parameters became non-finite by epoch {epoch} "
                         f"(lr={lr}, rho={rho}); the run diverged, lower the learning rate"
                     )
-                _record(spec, P, data, bounds, history)
+                _record(spec, kernels, P, data, bounds, history)
                 epochs.append(epoch)
             if progress is not None:
                 progress(1)

@@ -348,3 +348,29 @@ def test_logged_trace_equals_sharpgen_hessian_trace_exact(arch):
         method="exact",
     )
     assert res.final("trace")[0] == pytest.approx(float(est.value), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["mse", "logistic"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("block", [1, 3, 7, 25])
+def test_fused_epochs_equal_the_reference_step(arch, loss, block):
+    """Fused 1-SAM epochs (blocked rank-one updates; Sim-BN closed form) = the obvious step."""
+    from sharpgen.experiments._fused import sam1_bn_epoch, sam1_rank_one_epoch
+    from sharpgen.experiments._kernels import kernels_for
+    from sharpgen.experiments._trainer import _epoch_indices, _sam_step
+
+    spec = _tiny(arch, loss=loss, label_smoothing=0.2 if loss == "logistic" else 0.0)
+    (X, Y, _, _), P, gens = make_runs(spec, [0, 1, 2])
+    idx = _epoch_indices(spec, gens)
+    slow = {k: v.clone() for k, v in P.items()}
+    kernels = kernels_for(spec)
+    for t in range(idx.shape[1]):
+        _sam_step(spec, kernels, slow, X, Y, idx[:, t], 0.05, 0.1)
+    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing}
+    if arch == "simplified_bn":
+        sam1_bn_epoch(P, X, Y, idx[:, :, 0], lr=0.05, rho=0.1, **kw)
+    else:
+        sam1_rank_one_epoch(P, X, Y, idx[:, :, 0], arch=arch, lr=0.05, rho=0.1, block=block, **kw)
+    for k in P:
+        torch.testing.assert_close(P[k], slow[k], rtol=1e-11, atol=1e-12)
+    assert not torch.equal(P["W2"], make_runs(spec, [0, 1, 2])[1]["W2"])  # it moved
