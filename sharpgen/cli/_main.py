@@ -192,6 +192,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         save_results,
     )
     from sharpgen.experiments._checkpoint import CheckpointError, atomic_write_text
+    from sharpgen.experiments._runner import check_resumable
+    from sharpgen.experiments._spread import launched_world_size, run_spread
 
     if args.list:
         print(_list_presets())
@@ -213,17 +215,21 @@ def _reproduce(args: argparse.Namespace) -> int:
         done.append(res)
         save_results(done, out / "results.json")
 
+    world = launched_world_size()
+    options = {
+        "device": args.device,
+        "checkpoint_dir": out / "checkpoints",
+        "resume": args.resume,
+        "progress": not args.no_progress,
+    }
     try:
-        results = run_experiments(
-            specs,
-            seeds,
-            device=args.device,
-            checkpoint_dir=out / "checkpoints",
-            resume=args.resume,
-            jobs=jobs,
-            progress=not args.no_progress,
-            on_result=keep,
-        )
+        if world > 1:  # launched by torchrun: experiments spread over the processes
+            check_resumable(specs, seeds, out / "checkpoints", args.resume)
+            results = run_spread(specs, seeds, **options)
+            if results is None:  # not rank 0: rank 0 writes the report
+                return 0
+        else:
+            results = run_experiments(specs, seeds, jobs=jobs, on_result=keep, **options)
     except CheckpointError as exc:
         return _fail("reproduce", str(exc))
     except FloatingPointError as exc:
@@ -234,7 +240,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     report = markdown_report(results, title=f"sharpgen reproduce --preset {' '.join(args.preset)}")
     report += (
         f"\nTotal wall time: {time.perf_counter() - start:.1f} s on {args.device} "
-        f"({jobs} parallel job(s)), {len(seeds)} seeds.\n\n![plots](table1.png)\n"
+        f"({f'{world} torchrun processes' if world > 1 else f'{jobs} parallel job(s)'}), "
+        f"{len(seeds)} seeds.\n\n![plots](table1.png)\n"
     )
     atomic_write_text(out / "report.md", report)
     print(report)

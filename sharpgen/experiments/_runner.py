@@ -14,7 +14,7 @@ import torch
 from sharpgen.experiments._spec import ExperimentSpec
 from sharpgen.experiments._trainer import RunResult, check_checkpoint, train
 
-__all__ = ["run_experiments"]
+__all__ = ["run_experiments", "check_resumable"]
 
 
 def _worker(spec_dict, seeds, device, checkpoint, resume, threads, progress_queue):
@@ -67,11 +67,7 @@ def run_experiments(
     if jobs < 1:
         raise ValueError(f"jobs={jobs} must be >= 1")
     seeds = tuple(int(s) for s in seeds)
-    if resume and checkpoint_dir is not None:  # refuse a bad checkpoint before any training
-        for spec in specs:
-            path = Path(checkpoint_dir) / f"{spec.name}.pt"
-            if path.exists():
-                check_checkpoint(path, spec, seeds)
+    check_resumable(specs, seeds, checkpoint_dir, resume)
     bars = {}
     if progress:
         from tqdm.auto import tqdm
@@ -106,6 +102,26 @@ def run_experiments(
         for bar in bars.values():
             bar.close()
     return [results[s.name] for s in specs]
+
+
+def check_resumable(
+    specs: Sequence[ExperimentSpec],
+    seeds: Sequence[int],
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+) -> None:
+    """With ``resume``, check every existing checkpoint before any training starts.
+
+    Raises:
+        CheckpointError: For the first checkpoint that is unreadable or belongs to another
+            experiment or other seeds.
+    """
+    if not resume or checkpoint_dir is None:
+        return
+    for spec in specs:
+        path = Path(checkpoint_dir) / f"{spec.name}.pt"
+        if path.exists():
+            check_checkpoint(path, spec, seeds)
 
 
 def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result) -> None:
