@@ -116,9 +116,9 @@ def _kernels_and_flops(spec: ExperimentSpec, runs: int) -> tuple[int, float]:
     m, d, n = spec.width, spec.d, spec.n
     if spec.method == "sgd":
         return 30, runs * 8.0 * n * m * d
-    if spec.arch == "simplified_bn":
-        return 70, runs * 2 * 10.0 * n * m * d
-    return 30, runs * (4.0 * m * d + 40.0 * m)
+    if spec.arch == "simplified_bn":  # four n x (d+1) x m products and ~50 launches per step
+        return 50, runs * 8.0 * n * m * (d + 1)
+    return 35, runs * (4.0 * m * d + 40.0 * m)  # ~35 launches on (R, m) vectors per step
 
 
 def _interleaved(arch: str, rounds: int) -> tuple[float, dict[int, float]]:

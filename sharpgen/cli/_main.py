@@ -188,6 +188,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         get_preset,
         markdown_report,
         plot_results,
+        plot_sweep,
         run_experiments,
         save_results,
     )
@@ -237,6 +238,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 1
     save_results(results, out / "results.json")
     plot_results(results, out / "table1.png")
+    sweep = plot_sweep(results, out / "sweep_n.png")
     report = markdown_report(results, title=f"sharpgen reproduce --preset {' '.join(args.preset)}")
     report += (
         f"\nTotal wall time: {time.perf_counter() - start:.1f} s on {args.device} "
@@ -245,7 +247,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     )
     atomic_write_text(out / "report.md", report)
     print(report)
-    print(f"wrote {out / 'results.json'}, {out / 'table1.png'}, {out / 'report.md'}")
+    extra = f", {sweep}" if sweep is not None else ""
+    print(f"wrote {out / 'results.json'}, {out / 'table1.png'}, {out / 'report.md'}{extra}")
     return 0
 
 

@@ -16,6 +16,7 @@ from sharpgen.experiments._report import (
     load_results,
     markdown_report,
     plot_results,
+    plot_sweep,
     save_results,
     table1,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Table1Row",
     "markdown_report",
     "plot_results",
+    "plot_sweep",
     "save_results",
     "load_results",
     # flattest constructions (sharpgen measure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sharpgen.experiments._presets_more import LOGISTIC, MEDIUM, SWEEP_N
 from sharpgen.experiments._spec import ExperimentSpec, Phase
 
 __all__ = ["PRESETS", "PRESET_GROUPS", "get_preset", "preset_names"]
@@ -262,13 +263,18 @@ TINY = tuple(
     )
 )
 
-PRESETS: dict[str, ExperimentSpec] = {s.name: s for s in (*PAPER, *QUICK, *TINY)}
+PRESETS: dict[str, ExperimentSpec] = {
+    s.name: s for s in (*PAPER, *LOGISTIC, *QUICK, *MEDIUM, *SWEEP_N, *TINY)
+}
 
 PRESET_GROUPS: dict[str, tuple[str, ...]] = {
     "quick": tuple(s.name for s in QUICK),
     "paper": tuple(s.name for s in PAPER),
     "paper-fig6b": tuple(s.name for s in PAPER if s.paper == "Fig. 6b"),
     "tiny": tuple(s.name for s in TINY),
+    "medium": tuple(s.name for s in MEDIUM),
+    "paper-logistic": tuple(s.name for s in LOGISTIC),
+    "sweep-n": tuple(s.name for s in SWEEP_N),
 }
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 from sharpgen.experiments._checkpoint import atomic_write, atomic_write_text
 from sharpgen.experiments._trainer import RunResult
 
-__all__ = ["Table1Row", "table1", "markdown_report", "plot_results", "save_results", "load_results"]
+__all__ = [
+    "Table1Row",
+    "table1",
+    "markdown_report",
+    "plot_results",
+    "plot_sweep",
+    "save_results",
+    "load_results",
+]
 
 _ARCH_LABEL = {
     "no_bias": "2-layer, no bias",
@@ -79,6 +87,8 @@ def table1(results: Sequence[RunResult]) -> list[Table1Row]:
         s = res.spec
         if (s.data, s.depth, s.activation, s.loss) != ("xor_cube", 2, "relu", "mse"):
             continue  # Table 1 is about two-layer ReLU nets on xor data with the MSE loss
+        if s.name.startswith("sweep-"):
+            continue  # the sample-complexity sweep has its own plot
         role = "baseline" if s.method == "sgd" else "sam"
         by_arch.setdefault(res.spec.arch, {}).setdefault(role, res)
     rows = []
@@ -236,6 +246,60 @@ def plot_results(results: Sequence[RunResult], path: str | Path) -> Path:
             ax.set_xlim(left=0)  # epochs are >= 0; symlog margins would show negative ticks
             ax.set_xlabel("epoch (linear to 10, then log)")
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_sweep(results: Sequence[RunResult], path: str | Path) -> Path | None:
+    r"""Final 1-SAM test error against n (log axes) per architecture, next to $d/n$.
+
+    Uses the runs whose names start with ``sweep-n`` (the ``sweep-n`` preset); returns None
+    when there are none. Each point is the mean over seeds, the bar the min-max range; the
+    dashed line is $d/n$, the rate of Theorem 3.1 (an $\tilde O(d/n)$ bound on the test MSE
+    of flattest no-bias interpolators, constants and log factors not known), drawn through
+    the no-bias point at the smallest n for reference only.
+    """
+    sweep = [r for r in results if r.spec.name.startswith("sweep-n")]
+    if not sweep:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    anchor = None
+    for arch in ("no_bias", "bias"):
+        runs = sorted((r for r in sweep if r.spec.arch == arch), key=lambda r: r.spec.n)
+        if not runs:
+            continue
+        ns = [r.spec.n for r in runs]
+        errs = [[1.0 - a for a in r.final("test_accuracy")] for r in runs]
+        mean = [statistics.fmean(e) for e in errs]
+        low = [m - min(e) for m, e in zip(mean, errs, strict=True)]
+        high = [max(e) - m for m, e in zip(mean, errs, strict=True)]
+        ax.errorbar(
+            ns,
+            [max(m, 1e-4) for m in mean],
+            yerr=[low, high],
+            marker="o",
+            capsize=3,
+            label=f"{_ARCH_LABEL[arch]}, 1-SAM",
+        )
+        if arch == "no_bias":
+            anchor = (ns[0], max(mean[0], 1e-4), runs[0].spec.d)
+    if anchor is not None:
+        n0, e0, d = anchor
+        ns = sorted({r.spec.n for r in sweep})
+        ax.plot(ns, [e0 * n0 / n for n in ns], "k--", lw=1, label=f"d/n rate (d={d}), scaled")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training points n")
+    ax.set_ylabel("test zero-one error (floor 1e-4)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     try:
         return atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))

@@ -93,3 +93,52 @@ def test_table1_verdicts():
     report = markdown_report([nb, b, gd, ln, bn])
     assert "**no**: NOT reproduced here" in report
     assert "23.23 ± 0.25 [23.00, 23.50] / 22.27 = 1.043" in report
+
+
+def test_medium_logistic_and_sweep_presets():
+    from sharpgen.experiments import PRESET_GROUPS
+
+    medium = get_preset("medium")
+    archs = {(s.arch, s.data) for s in medium}
+    assert ("simplified_bn", "xor_cube") in archs and ("bias", "uniform_ball") in archs
+    bn = next(s for s in medium if s.arch == "simplified_bn")
+    assert bn.width == 500  # the paper's width, unlike quick
+    ln = next(s for s in medium if s.arch == "simplified_ln")
+    assert ln.method == "sam1" and ln.first_layer_init_scale == 0.01  # Fig. 6a, not 6b
+    bias = next(s for s in medium if s.arch == "bias" and s.method == "sam1" and s.d == 30)
+    assert bias.epochs >= 4000  # long enough to see the degradation the paper reports
+    for spec in get_preset("paper-logistic"):
+        assert spec.loss == "logistic" and spec.label_smoothing == 0.2
+        assert "ASSUMED" in spec.notes
+    sweep = get_preset("sweep-n")
+    assert sorted({s.n for s in sweep}) == [25, 50, 100, 200, 400]
+    assert {s.arch for s in sweep} == {"no_bias", "bias"}
+    # the same number of 1-SAM steps at every n
+    assert {s.epochs * s.steps_per_epoch for s in sweep} == {100_000}
+    assert set(PRESET_GROUPS["sweep-n"]) == {s.name for s in sweep}
+
+
+def test_sweep_plot_and_table1_ignore_each_other(tmp_path):
+    from sharpgen.experiments import plot_sweep, table1, train
+
+    runs = [
+        train(
+            ExperimentSpec(
+                f"sweep-n{n}-{arch.replace('_', '-')}",
+                arch,
+                "sam1",
+                (Phase(2, 0.05, 0.05),),
+                d=5,
+                n=n,
+                width=8,
+                test_size=20,
+            ),
+            [0, 1],
+        )
+        for n in (8, 16)
+        for arch in ("no_bias", "bias")
+    ]
+    assert table1(runs) == []
+    path = plot_sweep(runs, tmp_path / "sweep.png")
+    assert path is not None and path.stat().st_size > 5_000
+    assert plot_sweep(runs[:0], tmp_path / "none.png") is None
