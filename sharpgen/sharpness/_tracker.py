@@ -313,6 +313,33 @@ class SharpnessTracker:
             keys.extend(k for k in r if k not in keys)
         return {k: [r.get(k) for r in self._history] for k in keys}
 
+    def to_dataframe(self) -> Any:
+        """The history as a pandas DataFrame indexed by ``step`` (needs pandas).
+
+        See `sharpgen.integrations.history_to_dataframe`.
+        """
+        from sharpgen.integrations._tables import history_to_dataframe
+
+        return history_to_dataframe(self._history)
+
+    def to_csv(self, path: Any) -> Any:
+        """Write the history to a CSV file and return its path (needs no pandas).
+
+        See `sharpgen.integrations.history_to_csv`.
+        """
+        from sharpgen.integrations._tables import history_to_csv
+
+        return history_to_csv(self._history, path)
+
+    def log_to(self, writer: Any, *, prefix: str = "sharpness/", last: bool = False) -> int:
+        """Write the records to TensorBoard (a ``SummaryWriter``, or anything with ``add_scalar``).
+
+        See `sharpgen.integrations.log_history`; ``last=True`` writes only the newest record.
+        """
+        from sharpgen.integrations._tables import log_history
+
+        return log_history(writer, self._history, prefix=prefix, last=last)
+
     def state_dict(self) -> dict[str, Any]:
         """The history, the cost totals and the step counter (for checkpoints).
 
