@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen.sharpness import SharpnessTracker
+from sharpgen.sharpness._export import scalar_metrics
 
 __all__ = ["MeasureCore", "check_schedule", "preserve_randomness", "scalar_metrics", "to_device"]
 
@@ -43,27 +44,6 @@ def check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str such as 'sharpness/', got {type(prefix).__name__}.")
     return prefix
-
-
-def scalar_metrics(record: Mapping[str, Any], prefix: str = "sharpness/") -> dict[str, float]:
-    """The numbers of a `SharpnessTracker` record, as ``{prefix + key: float}``.
-
-    ``step`` is left out (it is the logging step); booleans (``*_converged``) become 0.0 or
-    1.0; entries that are None or not numbers are left out.
-
-    Examples:
-        >>> scalar_metrics({"step": 4, "trace": 2.5, "top_eigenvalue_converged": True})
-        {'sharpness/trace': 2.5, 'sharpness/top_eigenvalue_converged': 1.0}
-    """
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        if key == "step" or value is None:
-            continue
-        if isinstance(value, Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, numbers.Real):
-            out[f"{prefix}{key}"] = float(value)
-    return out
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

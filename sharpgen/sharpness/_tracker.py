@@ -316,9 +316,9 @@ class SharpnessTracker:
     def to_dataframe(self) -> Any:
         """The history as a pandas DataFrame indexed by ``step`` (needs pandas).
 
-        See `sharpgen.integrations.history_to_dataframe`.
+        See `sharpgen.sharpness._export.history_to_dataframe`.
         """
-        from sharpgen.integrations._tables import history_to_dataframe
+        from sharpgen.sharpness._export import history_to_dataframe
 
         return history_to_dataframe(self._history)
 
@@ -327,7 +327,7 @@ class SharpnessTracker:
 
         See `sharpgen.integrations.history_to_csv`.
         """
-        from sharpgen.integrations._tables import history_to_csv
+        from sharpgen.sharpness._export import history_to_csv
 
         return history_to_csv(self._history, path)
 
@@ -336,7 +336,7 @@ class SharpnessTracker:
 
         See `sharpgen.integrations.log_history`; ``last=True`` writes only the newest record.
         """
-        from sharpgen.integrations._tables import log_history
+        from sharpgen.sharpness._export import log_history
 
         return log_history(writer, self._history, prefix=prefix, last=last)
 
