@@ -3,8 +3,14 @@ sees; SAM / GSAM in automatic and manual optimization make the bare loop's updat
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
+import socket
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -344,3 +350,46 @@ def test_lightning_sam_step_errors(ih, regression):
         lightning_sam_step(Regressor(ih.mlp(0), sgd), lambda: None)
     with pytest.raises(TypeError, match="needs a SAM-family optimizer"):
         fit(ManualSAM(ih.mlp(0), sgd), loader, max_steps=1)
+
+
+# -- DDP ------------------------------------------------------------------------------------------
+def test_under_ddp_every_rank_measures_the_full_data_value(tmp_path):
+    """Two gloo processes, each with half of the held batch: both ranks record the measures
+    of the whole batch (the measures all-reduce), at step 0 and after 2 DDP steps."""
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("_ddp_worker", here / "_ddp_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "NODE_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(here.parents[1]), os.environ.get("PYTHONPATH", "")]),
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(here / "_ddp_worker.py"), str(tmp_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert results[0]["history"] == results[1]["history"]
+    held = worker.build_data()
+    initial, final = worker.build_model(), worker.build_model()
+    final.load_state_dict(results[0]["final"])
+    for record, net in zip(results[0]["history"], (initial, final), strict=True):
+        assert record["trace"] == pytest.approx(hessian_trace(net, mse, held).value, rel=1e-10)
+        expected_loss = float(ModelObjective(net, mse, held).loss())
+        assert record["loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert [r["step"] for r in results[0]["history"]] == [0, 2]
