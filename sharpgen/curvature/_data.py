@@ -9,13 +9,16 @@ The number of samples of a batch is the leading dimension of its (first) input t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Batches", "as_batches", "call_model", "check_devices", "num_samples"]
+__all__ = ["Batches", "PrivateRNG", "as_batches", "call_model", "check_devices", "num_samples"]
+
+_T = TypeVar("_T")
+_END = object()
 
 
 def _is_inputs(x: Any) -> bool:
@@ -107,8 +110,51 @@ def _check_batch(batch: Any, index: int) -> tuple[Any, Any]:
     return inputs, targets
 
 
+def _global_rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_global_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class PrivateRNG:
+    """Run the user's data code on a private copy of the global random stream.
+
+    A `torch.utils.data.DataLoader` draws a base seed from the global CPU RNG each time it
+    is iterated (even with ``shuffle=False``), a shuffling sampler draws one more, and a
+    dataset may draw for augmentation. `Batches` runs every such call (``iter`` and each
+    ``next``) through `call`: the call sees a random stream that starts where the global one
+    stood when the pass began and continues from call to call, so the batches and their
+    order are exactly those the user's loop would get at that point; after each call the
+    global CPU (and, where initialized, CUDA) states are put back, so the caller's later
+    random draws are unchanged. The restore happens after every call, also when it raises.
+    """
+
+    def __init__(self) -> None:
+        self._state = _global_rng_state()
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """Return ``fn()`` run on the private stream; the global RNG is left as it was."""
+        outside = _global_rng_state()
+        _set_global_rng_state(self._state)
+        try:
+            return fn()
+        finally:
+            self._state = _global_rng_state()
+            _set_global_rng_state(outside)
+
+
 class Batches:
     """A re-iterable view of ``data`` that yields validated ``(inputs, targets)`` pairs.
+
+    Iterating it never moves the global random number generators (see `PrivateRNG`): each
+    pass over a shuffling `DataLoader` visits the batches in the order a loop written by the
+    caller at that moment would, and every pass of one call visits them in the same order.
 
     Attributes:
         single: Whether ``data`` was one batch.
@@ -118,9 +164,18 @@ class Batches:
         self._source = source
         self.single = single
 
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+    def _raw(self) -> Iterator[Any]:
+        if isinstance(self._source, (tuple, list)):  # plain containers run no user code
+            yield from self._source
+            return
+        rng = PrivateRNG()
+        it = rng.call(lambda: iter(self._source))
+        while (batch := rng.call(lambda: next(it, _END))) is not _END:
+            yield batch
+
+    def __iter__(self) -> Generator[tuple[Any, Any], None, None]:
         empty = True
-        for index, batch in enumerate(self._source):
+        for index, batch in enumerate(self._raw()):
             empty = False
             yield _check_batch(batch, index)
         if empty:
@@ -131,9 +186,11 @@ class Batches:
 
     def first(self) -> tuple[Any, Any]:
         """Return the first batch (validated) without a full pass."""
-        for batch in self:
-            return batch
-        raise AssertionError("unreachable: __iter__ raises on empty data")
+        it = iter(self)
+        try:
+            return next(it)
+        finally:
+            it.close()
 
 
 def as_batches(data: Any) -> Batches:
@@ -179,7 +236,7 @@ def as_batches(data: Any) -> Batches:
         raise ValueError(
             "data is empty; pass one (inputs, targets) batch or a non-empty iterable of batches."
         )
-    if iter(data) is data:
+    if isinstance(data, Iterator):
         warnings.warn(
             "data is a one-shot iterator (e.g. a generator); its batches are collected into "
             "a list held in memory so that they can be visited once per product. Pass a list "
@@ -187,7 +244,8 @@ def as_batches(data: Any) -> Batches:
             UserWarning,
             stacklevel=3,
         )
-        data = list(data)
+        one_shot = data
+        data = PrivateRNG().call(lambda: list(one_shot))
         if len(data) == 0:
             raise ValueError("data is an exhausted or empty iterator; it yielded no batches.")
     return Batches(data, single=False)

@@ -31,19 +31,45 @@ class _Slot:
     name: str
     obj: Tensor | None
     value: Tensor | None
+    version: int
     requires_grad: bool
     grad_obj: Tensor | None
     grad_value: Tensor | None
+    grad_version: int
 
 
 def _snapshot_slot(table: dict[str, Any], name: str, copy_values: bool, is_param: bool) -> _Slot:
     obj = table[name]
     if obj is None:
-        return _Slot(table, name, None, None, False, None, None)
+        return _Slot(table, name, None, None, 0, False, None, None, 0)
     value = obj.detach().clone() if (copy_values or not is_param) else None
     grad = obj.grad if is_param else None
     grad_value = grad.detach().clone() if (grad is not None and copy_values) else None
-    return _Slot(table, name, obj, value, obj.requires_grad, grad, grad_value)
+    grad_version = grad._version if grad is not None else 0
+    return _Slot(
+        table, name, obj, value, obj._version, obj.requires_grad, grad, grad_value, grad_version
+    )
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values (NaN equal to NaN)."""
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(torch.isclose(a, b, 0.0, 0.0, equal_nan=True).all())
+
+
+def _put_back(dst: Tensor, value: Tensor, version: int) -> None:
+    """Copy ``value`` into ``dst`` only if ``dst`` was written since the snapshot.
+
+    A tensor whose autograd version counter has not moved and whose values are unchanged is
+    left alone, so its version counter stays where it was and a graph that saved it still
+    backpropagates. (Values are compared too: a write through ``.data`` does not move the
+    counter.)
+    """
+    if dst._version == version and _same(dst, value):
+        return
+    with torch.no_grad():
+        dst.copy_(value)
 
 
 def _restore_slot(slot: _Slot) -> None:
@@ -51,15 +77,13 @@ def _restore_slot(slot: _Slot) -> None:
     obj = slot.obj
     if obj is None:
         return
-    with torch.no_grad():
-        if slot.value is not None:
-            obj.copy_(slot.value)
+    if slot.value is not None:
+        _put_back(obj, slot.value, slot.version)
     if obj.requires_grad != slot.requires_grad:
         obj.requires_grad_(slot.requires_grad)
     if isinstance(obj, nn.Parameter) or slot.grad_obj is not None or obj.grad is not None:
         if slot.grad_obj is not None and slot.grad_value is not None:
-            with torch.no_grad():
-                slot.grad_obj.copy_(slot.grad_value)
+            _put_back(slot.grad_obj, slot.grad_value, slot.grad_version)
         if obj.grad is not slot.grad_obj:
             obj.grad = slot.grad_obj
 
@@ -69,7 +93,10 @@ def preserve_model_state(model: nn.Module, *, copy_values: bool = True) -> Itera
     """Snapshot the state of ``model`` and restore it exactly on exit, also on exceptions.
 
     Restored, in place (``copy_`` into the original tensor objects, which are also put back
-    into their modules if something replaced them; no ``.data`` rebinding):
+    into their modules if something replaced them; no ``.data`` rebinding). Only tensors
+    that were written are copied back: a tensor whose values did not change keeps its
+    autograd version counter, so a graph built before the block still backpropagates
+    after it (for example a BatchNorm's running statistics in eval mode):
 
     * parameter values, ``requires_grad`` flags and ``.grad`` (including whether it is
       ``None``; the original gradient tensor objects are kept);

@@ -1,0 +1,107 @@
+"""`preserve_model_state` writes back only what changed, so version counters and caches hold."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import sharpgen.curvature._objective as objective_module
+from sharpgen import HessianOperator, preserve_model_state, top_eigenvalues
+
+DT = torch.float64
+
+
+def _bn_model() -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    model.train()
+    model(torch.randn(6, 3, dtype=DT, generator=g))  # move the running statistics
+    return model.eval()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, dtype=DT, generator=g), torch.randn(8, 1, dtype=DT, generator=g)
+
+
+def _versions(model: nn.Module) -> list[int]:
+    return [t._version for t in (*model.parameters(), *model.buffers())]
+
+
+def test_untouched_tensors_keep_their_version_counters():
+    model = _bn_model()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = _versions(model)
+    grad_version = model[0].weight.grad._version
+    with preserve_model_state(model):
+        model.eval()
+        model(_data()[0])  # eval mode: nothing is written
+    assert _versions(model) == before
+    assert model[0].weight.grad._version == grad_version
+
+
+def test_written_tensors_are_restored_also_through_data():
+    model = _bn_model()
+    mean = model[1].running_mean.clone()
+    weight = model[0].weight.detach().clone()
+    grad = torch.full_like(model[0].weight, 2.0)
+    model[0].weight.grad = grad
+    with preserve_model_state(model):
+        model.train()
+        model(_data()[0])  # writes the running statistics in place
+        model[0].weight.data.mul_(3.0)  # a write the version counter does not see
+        model[0].weight.grad.data.zero_()
+    assert torch.equal(model[1].running_mean, mean)
+    assert torch.equal(model[0].weight, weight)
+    assert model[0].weight.grad is grad and torch.equal(grad, torch.full_like(grad, 2.0))
+
+
+def test_nan_values_are_not_mistaken_for_writes():
+    model = nn.Linear(2, 1).to(DT)
+    model.register_buffer("stat", torch.tensor([float("nan"), 1.0], dtype=DT))
+    version = model.stat._version
+    with preserve_model_state(model):
+        pass
+    assert model.stat._version == version and torch.isnan(model.stat[0])
+
+
+def _count_builds(monkeypatch) -> list[int]:
+    calls = [0]
+    build = objective_module._build_graph
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "_build_graph", counting)
+    return calls
+
+
+def test_kept_graph_built_once_on_a_batchnorm_model(monkeypatch):
+    """Before the fix every product rebuilt it (restored BN buffers changed their versions)."""
+    calls = _count_builds(monkeypatch)
+    model = _bn_model()
+    op = HessianOperator(
+        model, nn.functional.mse_loss, _data(), backend="autograd", cache_graph=True
+    )
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        op.matvec(torch.randn(op.shape[0], dtype=DT, generator=g))
+    assert calls[0] == 1
+    # a real change of a buffer is seen: the graph is rebuilt
+    with torch.no_grad():
+        model[1].running_var.mul_(2.0)
+    op.matvec(torch.ones(op.shape[0], dtype=DT))
+    assert calls[0] == 2
+
+
+def test_top_eigenvalues_single_batch_builds_one_graph(monkeypatch):
+    calls = _count_builds(monkeypatch)
+    res = top_eigenvalues(
+        _bn_model(),
+        nn.functional.mse_loss,
+        _data(),
+        k=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert res.num_matvecs > 3 and calls[0] == 1
