@@ -66,7 +66,9 @@ class HessianOperator(CurvatureOperator):
             ``vectorize`` (``vmap`` over a block's columns, a loop, or ``None``: ``vmap``
             except on the CPU) and ``process_group`` (``"auto"``, default: the
             initialized default group, or the DDP model's, if any; ``None``: no
-            communication; or a ``torch.distributed`` group; see the Distributed guide).
+            communication; or a ``torch.distributed`` group; see the Distributed guide),
+            ``second_order`` (``"raise"``, ``"warn"`` or ``"ignore"``: what to do when the
+            loss goes through an operation without a second derivative).
 
     Raises:
         ValueError: Unknown ``bn``/``backend``/``reduction``; no parameters selected; empty

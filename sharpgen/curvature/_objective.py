@@ -30,6 +30,7 @@ from sharpgen.curvature._options import check_options
 from sharpgen.curvature._params import ParamSelection, check_point, select_params
 from sharpgen.curvature._products import block_views, product
 from sharpgen.curvature._reduce import check_finite, dataset_reduce
+from sharpgen.curvature._second_order import check_second_order, first_order_functions
 from sharpgen.curvature._sharding import without_sampler_padding
 from sharpgen.curvature._state import model_state_policy
 
@@ -92,10 +93,19 @@ class ModelObjective:
             pass over the data: ``True`` through ``torch.func.vmap``, ``False`` column by
             column, reusing the batch's gradient graph (reverse mode). ``None`` (default):
             ``vmap`` except on the CPU, where the benchmark found the loop faster.
+        second_order: What to do when the loss goes through an operation whose second
+            derivative autograd silently drops (a custom ``autograd.Function`` with a
+            ``@once_differentiable`` or detached backward): ``"raise"`` (default) a
+            ``ValueError`` at the first curvature product; ``"warn"``: a
+            `SecondDerivativeWarning` and ``exact_second_order=False``; ``"ignore"``: no
+            check. Losses and gradients are never affected.
 
     Attributes:
         params: Detached copies of the selected parameters at construction time (the base
             point used when a method gets ``params=None``).
+        exact_second_order: ``None`` until the first curvature product, then whether the
+            products are exact (``False``: an operation without a second derivative was
+            found and ``second_order="warn"`` let the products run).
         model: The model.
 
     Raises:
@@ -130,6 +140,7 @@ class ModelObjective:
         process_group: Any = AUTO,
         func_mode: str = "reverse",
         vectorize: bool | None = None,
+        second_order: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -140,7 +151,7 @@ class ModelObjective:
             )
         options: dict[str, Any] = {
             "bn": bn, "dropout": dropout, "reduction": reduction, "backend": backend,
-            "func_mode": func_mode, "vectorize": vectorize,
+            "func_mode": func_mode, "vectorize": vectorize, "second_order": second_order,
         }  # fmt: skip
         check_options(**options)
         group = resolve_process_group(process_group, model)
@@ -167,6 +178,9 @@ class ModelObjective:
         self.vectorize: bool = self.device.type != "cpu" if vectorize is None else vectorize
         self._graph_cache: Any = None
         self._tangents_checked = False
+        self.second_order = second_order
+        self.exact_second_order: bool | None = None  # known at the first curvature product
+        self._first_order: list[str] = []
         self._validate()
         if group is not None:
             shapes = [(n, tuple(t.shape)) for n, t in self.params.items()]
@@ -307,6 +321,15 @@ class ModelObjective:
                     f"{list(self.params)[:6]}; select parameters the loss uses (params=...), "
                     "and check that loss_fn does not detach the outputs."
                 )
+            if self.second_order != "ignore":
+                self._first_order = first_order_functions(loss, list(p.values()))
+
+    def check_second_order(self, where: str) -> None:
+        """Act once on operations without a second derivative (see ``second_order``)."""
+        if self.exact_second_order is None:
+            self.exact_second_order = check_second_order(
+                self._first_order, self.second_order, where
+            )
 
     def check_deterministic(self) -> None:
         """Evaluate the loss in two passes over the data and raise if they differ.

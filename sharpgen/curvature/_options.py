@@ -12,6 +12,7 @@ from typing import Any, TypedDict
 from sharpgen._validation import check_bool
 from sharpgen.curvature._backend import FUNC_MODES, check_backend
 from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._second_order import check_policy as check_second_order_policy
 from sharpgen.curvature._state import check_policy
 
 __all__ = [
@@ -33,7 +34,8 @@ class ObjectiveOptions(TypedDict, total=False):
     ``dropout`` (the model-state policy), ``reduction`` (``"mean"`` or ``"sum"``),
     ``backend`` (how curvature products are taken: ``"auto"``, ``"func"``,
     ``"autograd"``), ``process_group`` (``torch.distributed``), ``func_mode`` and
-    ``vectorize`` (how ``torch.func`` takes them).
+    ``vectorize`` (how ``torch.func`` takes them), ``second_order`` (what to do with an
+    operation that has no second derivative).
 
     Examples:
         >>> options: ObjectiveOptions = {"bn": "batch", "reduction": "sum"}
@@ -49,16 +51,25 @@ class ObjectiveOptions(TypedDict, total=False):
     process_group: Any
     func_mode: str
     vectorize: bool | None
+    second_order: str
 
 
 OBJECTIVE_OPTIONS: tuple[str, ...] = tuple(ObjectiveOptions.__annotations__)
 
 
 def check_options(
-    *, bn: Any, dropout: Any, reduction: Any, backend: Any, func_mode: Any, vectorize: Any
+    *,
+    bn: Any,
+    dropout: Any,
+    reduction: Any,
+    backend: Any,
+    func_mode: Any,
+    vectorize: Any,
+    second_order: Any = "raise",
 ) -> None:
     """Raise a clear error for an invalid objective option (before any work)."""
     check_policy(bn, dropout)
+    check_second_order_policy(second_order)
     if reduction not in VALID_REDUCTIONS:
         raise ValueError(
             f"reduction must be one of {VALID_REDUCTIONS} ('mean': loss_fn returns batch "

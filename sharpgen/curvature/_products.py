@@ -67,6 +67,7 @@ def product(
     Returns the ``(n, k)`` buffer and the backend that computed it; the objective
     remembers the ``func_mode`` that worked.
     """
+    obj.check_second_order(owner)
 
     def run(b: str, m: str) -> Tensor:
         return block_product(obj, kernel, V, params, backend=b, mode=m, cache=cache)

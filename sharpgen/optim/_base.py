@@ -38,6 +38,7 @@ from sharpgen.optim._state import (
     _UNPERTURBED,
     SAMStepInfo,
 )
+from sharpgen.optim._state_checks import load_base_state
 from sharpgen.sharpness._sam_kernel import check_norm
 
 __all__ = ["SAMBase", "SAMStepInfo"]
@@ -314,7 +315,8 @@ class SAMBase(Optimizer):
         """Load a state dict from `state_dict` (or from the base optimizer alone)."""
         if self._phase in (_PERTURBED, _ACCUMULATING):
             raise RuntimeError("load_state_dict() called in the middle of a SAM step.")
-        self.base_optimizer.load_state_dict(state_dict)
+        owner, options = type(self).__name__, self._sam_defaults
+        load_base_state(self.base_optimizer, state_dict, sam_options=options, owner=owner)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
