@@ -17,6 +17,7 @@ from sharpgen.curvature._options import ObjectiveOptions
 from sharpgen.curvature._params import select_params
 from sharpgen.curvature._reduce import dataset_reduce
 from sharpgen.curvature._resolve import as_objective
+from sharpgen.curvature._second_order import SecondDerivativeWarning
 from sharpgen.curvature._sharding import shard_indices, without_sampler_padding
 from sharpgen.curvature._state import apply_state_policy, model_state_policy, preserve_model_state
 
@@ -29,6 +30,7 @@ __all__ = [
     "ObjectiveOptions",
     "as_objective",
     "dataset_reduce",
+    "SecondDerivativeWarning",
     # parameters and vectors
     "select_params",
     "flatten_params",

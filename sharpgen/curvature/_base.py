@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -59,6 +60,14 @@ class CurvatureOperator(LinearOperator):
             model, loss_fn, data, objective_options, where=type(self).__name__
         )
         super().__init__(self.objective.numel, self.objective.dtype, self.objective.device)
+        if cache_graph and not self.objective.single_batch:
+            warnings.warn(
+                "cache_graph=True keeps the gradient graph of one batch only, but data has "
+                "several batches: no graph is kept and every product passes over the data. Pass "
+                "the data as one (inputs, targets) batch to cache it, or cache_graph=False.",
+                UserWarning,
+                stacklevel=3,
+            )
         self._backend = backend if backend is not None else self.objective.backend
         self.cache_graph = cache_graph
         self.max_block = max_block

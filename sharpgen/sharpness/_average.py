@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen._distributed import check_generator_agrees
+from sharpgen._validation import check_rho
 from sharpgen.curvature import ModelObjective, flatten_params, unflatten_params
 from sharpgen.linalg import LinearOperator
 from sharpgen.sharpness._common import (
@@ -20,7 +21,6 @@ from sharpgen.sharpness._common import (
     check_choice,
     check_generator,
     check_int,
-    check_positive,
     draw,
     progress_bar,
 )
@@ -131,7 +131,7 @@ def average_sharpness(
             (then pass ``rho`` by keyword).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch or an iterable of batches.
-        rho: Per-coordinate scale $\rho > 0$ (required).
+        rho: Per-coordinate scale $\rho \ge 0$ ($\rho = 0$ gives exactly 0).
         num_samples: Number of random draws $N \ge 1$ (2 or more for a finite stderr).
         distribution: ``"gaussian"`` or ``"uniform"``.
         adaptive: Scale coordinate $i$ by $|\theta_i| + \eta$.
@@ -175,7 +175,7 @@ def average_sharpness(
     source = MeasureSource(model, loss_fn, data, objective_options, where="average_sharpness")
     if rho is None:
         raise TypeError("average_sharpness needs the scale rho, e.g. rho=0.01.")
-    rho = check_positive("rho", rho, hint="the per-coordinate scale, e.g. rho=0.01.")
+    rho = check_rho(rho)  # rho = 0 is allowed: the sharpness is then exactly 0
     num_samples = check_int("num_samples", num_samples)
     distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
     adaptive, eta = check_adaptive(adaptive, eta)

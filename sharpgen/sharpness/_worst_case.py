@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen._distributed import check_generator_agrees, global_means
+from sharpgen._validation import check_rho
 from sharpgen.curvature import (
     ModelObjective,
     as_batches,
@@ -158,7 +159,7 @@ def sam_sharpness(
             (then pass ``rho`` by keyword; with ``m`` its chunks are cut from its data).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
-        rho: Radius $\rho > 0$ (required).
+        rho: Radius $\rho \ge 0$ ($\rho = 0$ gives exactly 0).
         steps: Ascent steps per run, ``>= 1``.
         step_size: Length $\alpha > 0$ of the ascent steps after the first; default
             $\rho$ for ``"l2"`` (on a quadratic this is projected power iteration) and
@@ -216,7 +217,7 @@ def sam_sharpness(
     source = MeasureSource(model, loss_fn, data, objective_options, where="sam_sharpness")
     if rho is None:
         raise TypeError("sam_sharpness needs the radius rho, e.g. rho=0.05.")
-    rho = check_positive("rho", rho, hint="the radius of the neighbourhood, e.g. rho=0.05.")
+    rho = check_rho(rho)  # rho = 0 is allowed: the sharpness is then exactly 0
     steps = check_int("steps", steps, hint="steps=1 is one SAM step.")
     if step_size is not None:
         step_size = check_positive("step_size", step_size, hint="or None for the default.")

@@ -8,7 +8,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from sharpgen import GGNOperator, HessianOperator, ModelObjective, hessian_trace, sam_sharpness
-from sharpgen.curvature._second_order import SecondDerivativeWarning, first_order_functions
+from sharpgen.curvature import SecondDerivativeWarning
+from sharpgen.curvature._second_order import first_order_functions
 
 DT = torch.float64
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -105,3 +106,36 @@ def test_top_eigenvalues_single_batch_builds_one_graph(monkeypatch):
         generator=torch.Generator().manual_seed(0),
     )
     assert res.num_matvecs > 3 and calls[0] == 1
+
+
+def test_cache_graph_with_several_batches_warns():
+    x, y = _data()
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    model = _bn_model()
+    with pytest.warns(UserWarning, match="cache_graph=True keeps the gradient graph of one batch"):
+        op = HessianOperator(model, nn.functional.mse_loss, loader, cache_graph=True)
+    dense = op.to_dense()
+    plain = HessianOperator(model, nn.functional.mse_loss, loader).to_dense()
+    assert torch.allclose(dense, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cache_graph", [False, True])
+def test_selected_parameters_are_fixed_at_construction_others_are_read_live(cache_graph):
+    """What the curvature guide states: the base point is a copy; the rest is the model's."""
+    model = _bn_model()
+    loss = nn.functional.mse_loss
+    op = HessianOperator(
+        model, loss, _data(), params=["0.weight"], backend="autograd", cache_graph=cache_graph
+    )
+    v = torch.linspace(-1.0, 1.0, op.shape[0], dtype=DT)
+    before = op @ v
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # a selected parameter: not seen
+    assert torch.equal(op @ v, before)
+    with torch.no_grad():
+        model[0].weight.div_(2.0)
+        model[3].weight.mul_(3.0)  # an unselected parameter: seen (the kept graph is rebuilt)
+    after = op @ v
+    fresh = HessianOperator(model, loss, _data(), params=["0.weight"], backend="autograd")
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, fresh @ v, rtol=1e-12, atol=1e-12)

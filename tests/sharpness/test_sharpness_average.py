@@ -92,7 +92,7 @@ def test_single_sample_has_infinite_stderr(h):
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"rho": 0.0}, ValueError, r"rho must be a finite number > 0, got 0.0"),
+        ({"rho": -0.1}, ValueError, r"rho must be a finite number >= 0.*got -0.1"),
         ({"rho": -0.5}, ValueError, r"rho must be a finite number > 0"),
         ({"distribution": "laplace"}, ValueError,
          r"unknown distribution 'laplace'; valid choices are 'gaussian', 'uniform'"),
