@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import sharpgen.curvature._objective as objective_module
+import sharpgen.curvature._products as products_module
 from sharpgen import HessianOperator, preserve_model_state, top_eigenvalues
 
 DT = torch.float64
@@ -67,14 +67,17 @@ def test_nan_values_are_not_mistaken_for_writes():
 
 
 def _count_builds(monkeypatch) -> list[int]:
+    """Count the kept graphs built (a batch product with a cache key that does not match)."""
     calls = [0]
-    build = objective_module._build_graph
+    batch_apply = products_module._batch_apply
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return build(*args, **kwargs)
+    def counting(obj, kernel, key, *args, **kwargs):
+        cached = obj._graph_cache
+        if key is not None and (cached is None or cached[0] != key):
+            calls[0] += 1
+        return batch_apply(obj, kernel, key, *args, **kwargs)
 
-    monkeypatch.setattr(objective_module, "_build_graph", counting)
+    monkeypatch.setattr(products_module, "_batch_apply", counting)
     return calls
 
 
