@@ -76,7 +76,7 @@ def unwrap_model(model: Any) -> Any:
     except ImportError:  # torch built without distributed support
         pass
     while isinstance(model, wrappers):
-        model = model.module
+        model = getattr(model, "module")  # noqa: B009 - typed as a Module attribute
     return model
 
 

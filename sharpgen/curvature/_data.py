@@ -9,7 +9,7 @@ The number of samples of a batch is the leading dimension of its (first) input t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 
 import torch
@@ -232,7 +232,7 @@ def as_batches(data: Any) -> Batches:
             f"data must be one (inputs, targets) batch or an iterable of such batches "
             f"(a list or a DataLoader), got {type(data).__name__}."
         )
-    if hasattr(data, "__len__") and len(data) == 0:
+    if isinstance(data, Sized) and len(data) == 0:
         raise ValueError(
             "data is empty; pass one (inputs, targets) batch or a non-empty iterable of batches."
         )

@@ -51,6 +51,7 @@ def flatten_params(d: Mapping[str, Tensor], *, batched: bool = False) -> Tensor:
             f"{sorted(ks, key=str)}."
         )
     (k,) = ks
+    assert k is not None  # checked above
     return torch.cat([t.reshape(k, -1) for t in d.values()], dim=1).T.contiguous()
 
 

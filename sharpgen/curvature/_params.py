@@ -53,6 +53,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     named = dict(model.named_parameters())
+    selected: dict[str, Tensor]
     if params is None:
         selected = {n: p for n, p in named.items() if p.requires_grad}
         how = "params=None selects the parameters with requires_grad=True"

@@ -74,7 +74,7 @@ def _padding_sampler(data: Any) -> Any:
         candidates.append(getattr(batch_sampler, "sampler", None))
     for sampler in candidates:
         if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-            if sampler.total_size > len(sampler.dataset):
+            if sampler.total_size > len(sampler.dataset):  # type: ignore[arg-type]
                 return sampler
     return None
 
@@ -130,7 +130,8 @@ class UnpaddedLoader:
             inputs, targets = batch
             n = num_samples(inputs)
             if n > left:
-                batch = type(batch)((_take(inputs, left, index), _take(targets, left, index)))
+                pair = (_take(inputs, left, index), _take(targets, left, index))
+                batch = list(pair) if isinstance(batch, list) else pair
                 n = left
             left -= n
             yield batch

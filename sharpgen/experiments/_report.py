@@ -117,13 +117,14 @@ def table1(results: Sequence[RunResult]) -> list[Table1Row]:
                 )
         elif sam is not None:
             ref = by_arch.get("no_bias", {}).get("sam")
-            acc = _stats(sam.final("test_accuracy"))[0]
-            parts, ok = [], True
+            sam_acc = _stats(sam.final("test_accuracy"))[0]
+            parts: list[str] = []
+            ok: bool | None = True
             if ref is None:
                 parts.append("no no-bias 1-SAM run to compare with")
                 ok = None
             else:
-                gap = _stats(ref.final("test_accuracy"))[0] - acc
+                gap = _stats(ref.final("test_accuracy"))[0] - sam_acc
                 ok = gap >= 0.1
                 parts.append(f"accuracy {gap:+.3f} below the no-bias net (needs >= 0.1)")
             if base is None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -140,6 +141,7 @@ def make_runs(
         g = torch.Generator().manual_seed(int(seed))
         make_data = xor_cube if spec.data == "xor_cube" else uniform_ball
         split = make_data(spec.d, spec.n, generator=g, test_size=spec.test_size, dtype=dtype)
+        assert split.X_test is not None and split.y_test is not None  # test_size >= 1
         data.append((split.X, split.y, split.X_test, split.y_test))
         scales = {
             "init_scale": spec.init_scale,
@@ -148,6 +150,7 @@ def make_runs(
             "generator": g,
             "dtype": dtype,
         }
+        net: torch.nn.Module
         if spec.depth > 2:
             net = deep_relu(spec.d, [spec.width] * (spec.depth - 1), **scales)
         else:
@@ -162,7 +165,8 @@ def make_runs(
         p = {k: v.detach().clone() for k, v in net.named_parameters()}
         params.append(kernels.complete(p))
         gens.append(g)
-    stacked = tuple(torch.stack([run[i] for run in data]).to(device) for i in range(4))
+    X, Y, X_test, Y_test = (torch.stack([run[i] for run in data]).to(device) for i in range(4))
+    stacked = (X, Y, X_test, Y_test)
     P = {k: torch.stack([p[k] for p in params]).to(device) for k in params[0]}
     return stacked, P, gens
 
@@ -348,7 +352,7 @@ def train(
         data, P, gens = make_runs(spec, seeds, device)
         X, Y = data[0], data[1]
         bounds_list = [lower_bound(spec, X[r].cpu(), Y[r].cpu()) for r in range(len(seeds))]
-        history = {k: [] for k in METRICS}
+        history: dict[str, list[Any]] = {k: [] for k in METRICS}
         epochs: list[int] = []
         epoch, wall = 0, 0.0
         bounds = torch.tensor(bounds_list, dtype=X.dtype, device=device)

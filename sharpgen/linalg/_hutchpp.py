@@ -142,6 +142,7 @@ def hutchpp_trace(
         state.grow(third, num_matvecs - 2 * third)
         trace_q, samples = state.estimate()
     else:
+        assert rtol is not None  # resolve_budget: exactly one of num_matvecs and rtol
         target = min(max(3 * MIN_ADAPTIVE_SAMPLES, 30), max_matvecs)
         while True:
             spent = op.num_matvecs - start

@@ -249,7 +249,8 @@ def as_linear_operator(
                 )
         return _DenseOperator(A)
     if all(hasattr(A, attr) for attr in ("shape", "dtype", "device", "matmat")):
-        shape = tuple(A.shape)
+        duck: Any = A
+        shape = tuple(duck.shape)
         if len(shape) != 2 or shape[0] != shape[1]:
             raise ValueError(f"A must be a square operator, got shape {shape}.")
         return _WrappedOperator(A)

@@ -318,6 +318,7 @@ def xtrace(
         grow(num_matvecs // 2)
         samples, stderr = estimate()
     else:
+        assert rtol is not None  # resolve_budget: exactly one of num_matvecs and rtol
         max_probes = min(max_matvecs // 2, n)
         probes = min(8, max_probes)
         while True:

@@ -15,6 +15,7 @@ autograd uses $\mathrm{relu}'(0) = 0$).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -441,7 +442,7 @@ def flattest_generalizer(
         W1, b1 = _xor_first_layer(d, rho_, f64), torch.full((4,), -rho_, dtype=f64)
         gamma = q.pow(0.25)
         W2 = signs * q.pow(0.25)
-    kwargs = {"dtype": dtype, "device": device}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
     net = TwoLayerNet(
         arch,
         _padded(W1, width).to(**kwargs),

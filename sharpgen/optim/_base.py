@@ -219,7 +219,7 @@ class SAMBase(Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Two-pass SAM step with a closure, or the second half of the two-call style.
 
         Args:

@@ -170,7 +170,7 @@ def ddp_sam_step(
             },
             where="ddp_sam_step",
         )
-    local = model.no_sync if ddp else nullcontext
+    local: Any = model.no_sync if ddp else nullcontext
     per_rank_gsam = isinstance(optimizer, GSAM) and perturbation == "per_rank"
     snapshot = rng_snapshot(optimizer.param_groups) if optimizer._same_dropout else None
 

@@ -159,7 +159,12 @@ def sam_gradient(
             )
     w = {k: v.detach() for k, v in params.items()}
     grad_fn = torch.func.grad(loss_fn)
-    options = {"norm": norm, "adaptive": adaptive, "eta": eta, "normalize": normalize}
+    options: dict[str, Any] = {
+        "norm": norm,
+        "adaptive": adaptive,
+        "eta": eta,
+        "normalize": normalize,
+    }
 
     if m is None:
         g = grad_fn(w, batch)

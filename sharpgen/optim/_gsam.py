@@ -168,7 +168,7 @@ class GSAM(SAM):
         return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
 
     def _save_first_gradient(self, params: list[Tensor]) -> None:
-        self._g0 = {p: p.grad.detach().clone() for p in params}
+        self._g0 = {p: p.grad.detach().clone() for p in params if p.grad is not None}
 
     def _discard_first_gradient(self) -> None:
         self._g0 = {}
@@ -185,7 +185,7 @@ class GSAM(SAM):
                     g = g0.get(p)
                     gp = p.grad
                     if gp is None:
-                        gp = torch.zeros_like(g)
+                        gp = torch.zeros_like(g0[p])  # no gradient now: p is in g0
                         p.grad = gp
                     if g is None:
                         g = torch.zeros_like(gp)

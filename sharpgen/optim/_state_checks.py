@@ -24,10 +24,10 @@ __all__ = ["load_base_state"]
 
 def _option_names(cls: type) -> set[str]:
     try:
-        sig = inspect.signature(cls.__init__)
+        sig = inspect.signature(cls)
     except (TypeError, ValueError):
         return set()
-    skip = {"self", "params"}
+    skip = {"params"}
     kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return {n for n, p in sig.parameters.items() if n not in skip and p.kind not in kinds}
 

@@ -449,7 +449,7 @@ def fisher_rao_norm(
                 ) -> Tensor:
                     return per_sample_losses(obj, q, inputs, targets, others)
 
-                _, s = torch.func.jvp(losses, (p,), (p,))
+                s = torch.func.jvp(losses, (p,), (p,))[1]
                 total = total + (s**2).sum()
                 count += num_samples(inputs)
         (total,), n_total = dataset_reduce([total], count, obj.reduction, obj.process_group)

@@ -287,10 +287,11 @@ def project_perturbation(
         if norm == "linf":
             out = {}
             for k, v in e.items():
-                if t[k] is None:
+                scale = t[k]
+                if scale is None:
                     out[k] = v.clamp(-rho, rho)
                 else:
-                    bound = t[k] * rho
+                    bound = scale * rho
                     out[k] = torch.minimum(torch.maximum(v, -bound), bound)
             return out
         if not adaptive:

@@ -55,7 +55,7 @@ def check_norm(norm: object) -> str:
     """The neighbourhood's norm, ``"l2"`` or ``"linf"``."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-    return norm  # type: ignore[return-value]
+    return norm
 
 
 def sam_grad_norms(
@@ -127,16 +127,16 @@ def _directions(
     if not adaptive:
         return list(grads)
     if foreach:
-        t = torch._foreach_abs(list(params))
-        torch._foreach_add_(t, eta)
-        out = torch._foreach_mul(list(grads), t)
-        torch._foreach_mul_(out, t)
-        return list(out)
-    out = []
+        scales = torch._foreach_abs(list(params))
+        torch._foreach_add_(scales, eta)
+        scaled = torch._foreach_mul(list(grads), scales)
+        torch._foreach_mul_(scaled, scales)
+        return list(scaled)
+    result = []
     for p, g in zip(params, grads, strict=True):
-        t = p.abs().add_(eta)
-        out.append(g * t * t)
-    return out
+        s = p.abs().add_(eta)
+        result.append(g * s * s)
+    return result
 
 
 def sam_perturb_(
