@@ -143,7 +143,7 @@ def linear_interpolation(
     used = bn_stats if has_bn else None
     alphas = torch.linspace(lo, hi, num_points, dtype=torch.float64)
     names = [n for n, _ in model_a.named_parameters()]
-    pb = dict(model_b.named_parameters())
+    pb: dict[str, Tensor] = dict(model_b.named_parameters())
     if used == "recompute":
         loss, met = _recompute(model_a, pb, loss_fn, data, alphas, metric, progress, reduction)
     else:

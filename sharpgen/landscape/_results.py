@@ -72,7 +72,7 @@ class Landscape1D:
         if metric and self.metric is None:
             raise ValueError("this landscape has no metric; pass metric=... when computing it.")
         ax = _axes(ax)
-        values = self.metric if metric else self.loss
+        values = self.metric if metric and self.metric is not None else self.loss
         x = self.coords.numpy()
         (line,) = ax.plot(x, values.numpy(), label=label)
         i = int(torch.argmin(self.loss))
@@ -149,7 +149,7 @@ class Landscape2D:
             raise ValueError(f"kind must be 'contour' or 'surface', got {kind!r}.")
         if metric and self.metric is None:
             raise ValueError("this landscape has no metric; pass metric=... when computing it.")
-        Z = (self.metric if metric else self.loss).clone()
+        Z = (self.metric if metric and self.metric is not None else self.loss).clone()
         if log:
             Z = Z.clamp_min(torch.finfo(torch.float64).tiny).log10()
         X, Y = torch.meshgrid(self.x, self.y, indexing="ij")

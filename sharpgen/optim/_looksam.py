@@ -127,7 +127,7 @@ class LookSAM(SAM):
             group["sam_steps"] = done
 
     def _save_first_gradient(self, params: list[Tensor]) -> None:
-        self._g0 = {p: p.grad.detach().clone() for p in params}
+        self._g0 = {p: p.grad.detach().clone() for p in params if p.grad is not None}
 
     def _discard_first_gradient(self) -> None:
         self._g0 = {}

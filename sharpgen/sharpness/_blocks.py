@@ -209,10 +209,10 @@ def block_traces(
             bar.update(num_matvecs)
             samples = Z * HZ  # (p, m): coordinate contributions of each probe
     per_block = {
-        b: sum(samples[offsets[n][0] : offsets[n][1]].sum(0) for n in names)
+        b: _add_up([samples[offsets[n][0] : offsets[n][1]].sum(0) for n in names])
         for b, names in groups.items()
     }  # block -> (m,) per-probe estimates
-    totals = sum(per_block.values())
+    totals = _add_up(list(per_block.values()))
     m = samples.shape[1]
 
     def se(v: Tensor) -> float:
@@ -359,4 +359,12 @@ def block_top_eigenvalues(
         evals, evecs = evals.flip(0), evecs.flip(1)
         res = (dense @ evecs - evecs * evals).norm(dim=0)
         out[name] = EigenResult(evals, evecs, res, True, op.shape[0], 1, method="dense", tol=tol)
+    return out
+
+
+def _add_up(terms: list[Tensor]) -> Tensor:
+    """``terms[0] + terms[1] + ...`` in order (as the built-in ``sum``, typed)."""
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
     return out
