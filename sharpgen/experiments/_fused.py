@@ -33,6 +33,7 @@ much as recomputing it (the Gram-matrix route $X' X'^\top H$ costs $n^2 m > n m 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -79,7 +80,12 @@ def sam1_rank_one_epoch(
     has_bias = arch != "no_bias"
     xx = Xe.square().sum(-1) + (1.0 if has_bias else 0.0)  # ||x'||^2
     W1, b1, W2 = P["W1"], P["b1"], P["W2"]
-    kw = {"arch": arch, "loss": loss, "label_smoothing": label_smoothing, "eps": eps}
+    kw: dict[str, Any] = {
+        "arch": arch,
+        "loss": loss,
+        "label_smoothing": label_smoothing,
+        "eps": eps,
+    }
     S = idx.shape[1]
     GZ = torch.empty(R, min(block, S), W1.shape[1], dtype=W1.dtype, device=W1.device)
     for start in range(0, S, block):
@@ -129,7 +135,12 @@ def sam1_projected_epoch(
     rows = torch.arange(X.shape[0], device=X.device)[:, None]
     Xe, Ye = X[rows, idx], Y[rows, idx]
     xx = Xe.square().sum(-1) + (0.0 if arch == "no_bias" else 1.0)
-    kw = {"arch": arch, "loss": loss, "label_smoothing": label_smoothing, "eps": eps}
+    kw: dict[str, Any] = {
+        "arch": arch,
+        "loss": loss,
+        "label_smoothing": label_smoothing,
+        "eps": eps,
+    }
     for t in range(idx.shape[1]):
         sam1_relu_step(
             P["W1"], P["b1"], P["W2"], Xe[:, t], Ye[:, t], xx[:, t], lr=lr, rho=rho, **kw

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sharpgen.experiments._spec import ExperimentSpec, Phase
 
 __all__ = ["LOGISTIC", "MEDIUM", "SWEEP_N", "SWEEP_SIZES"]
@@ -12,6 +14,19 @@ _LOGISTIC_NOTE = (
     "Logistic loss with label smoothing 0.2 (the paper's appendix, Figs. 8-10). The appendix "
     "settings could not be looked up in this session: ASSUMED the learning rate, rho and "
     "epochs of the corresponding MSE figure; initialization: PyTorch nn.Linear."
+)
+
+# (label, arch, phases, extra ExperimentSpec options, note)
+_LOGISTIC_ROWS: tuple[tuple[str, str, tuple[Phase, ...], dict[str, Any], str], ...] = (
+    ("no-bias", "no_bias", (Phase(_E5, 0.01, 0.05),), {}, " As Fig. 1b."),
+    ("bias", "bias", (Phase(_E5, 0.01, 0.05),), {}, " As Fig. 4b's first phase."),
+    (
+        "sim-ln",
+        "simplified_ln",
+        (Phase(_E5, 0.1, 0.1),),
+        {"first_layer_init_scale": 0.01},
+        " As Fig. 6a (first layer /100).",
+    ),
 )
 
 LOGISTIC = tuple(
@@ -27,17 +42,7 @@ LOGISTIC = tuple(
         notes=_LOGISTIC_NOTE + extra,
         **kw,
     )
-    for label, arch, phases, kw, extra in (
-        ("no-bias", "no_bias", (Phase(_E5, 0.01, 0.05),), {}, " As Fig. 1b."),
-        ("bias", "bias", (Phase(_E5, 0.01, 0.05),), {}, " As Fig. 4b's first phase."),
-        (
-            "sim-ln",
-            "simplified_ln",
-            (Phase(_E5, 0.1, 0.1),),
-            {"first_layer_init_scale": 0.01},
-            " As Fig. 6a (first layer /100).",
-        ),
-    )
+    for label, arch, phases, kw, extra in _LOGISTIC_ROWS
 )
 
 _MEDIUM_NOTE = "medium preset: the paper's sizes (d = 30, n = 100, m = 500), fewer epochs."

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,7 +108,10 @@ def run_spread(
                 jobs=1,
                 progress=progress and rank == 0,
             )
-            payload = ("ok", {i: r.to_dict() for i, r in zip(mine, results, strict=True)})
+            payload: tuple[str, Any] = (
+                "ok",
+                {i: r.to_dict() for i, r in zip(mine, results, strict=True)},
+            )
         except (FloatingPointError, CheckpointError) as exc:
             payload = (type(exc).__name__, str(exc))
         gathered: list | None = [None] * world if rank == 0 else None
