@@ -257,3 +257,13 @@ def test_sam_trainer_rejects_a_plain_optimizer(tmp_path):
         SharpnessTrainerCallback(tokens(1)[0])
     with pytest.raises(TypeError, match="trainer must be a transformers.Trainer"):
         SharpnessTrainerCallback(collate(tokens(2)), every_n_steps=1).attach(object())
+
+
+def test_epoch_schedule():
+    model = gpt2()
+    callback = SharpnessTrainerCallback(collate(tokens(4)), every_n_epochs=2, measures=("loss",))
+    for step, epoch in ((4, 1.0), (8, 2.0), (12, 3.0), (16, 4.0)):
+        state = type("State", (), {"global_step": step, "epoch": epoch, "log_history": []})()
+        callback.on_step_end(None, state, None, model=model)  # not on the step schedule
+        callback.on_epoch_end(None, state, None, model=model)
+    assert [r["step"] for r in callback.tracker.history] == [8, 16]

@@ -393,3 +393,22 @@ def test_under_ddp_every_rank_measures_the_full_data_value(tmp_path):
         expected_loss = float(ModelObjective(net, mse, held).loss())
         assert record["loss"] == pytest.approx(expected_loss, rel=1e-12)
     assert [r["step"] for r in results[0]["history"]] == [0, 2]
+
+
+def test_step_schedule_counts_optimizer_steps_and_resumes_without_duplicates(ih, regression):
+    """With gradient accumulation global_step repeats over batches: one record per step."""
+    x, y = regression
+    module = Regressor(ih.mlp(0), sgd)
+    monitor = SharpnessMonitor(mse, (x, y), every_n_steps=2, measures=("loss",))
+    stub = types.SimpleNamespace(global_step=0, current_epoch=0, loggers=[])
+    monitor.on_train_start(stub, module)
+    for step in (0, 1, 1, 2, 2, 3, 3, 4, 4):  # accumulate_grad_batches=2
+        stub.global_step = step
+        monitor.on_train_batch_end(stub, module, None, None, 0)
+    assert [r["step"] for r in monitor.tracker.history] == [0, 2, 4]
+    resumed = SharpnessMonitor(mse, (x, y), every_n_steps=2, measures=("loss",))
+    resumed.load_state_dict(monitor.state_dict())
+    resumed.on_train_start(stub, module)  # resumed at step 4, already recorded
+    stub.global_step = 6
+    resumed.on_train_batch_end(stub, module, None, None, 0)
+    assert [r["step"] for r in resumed.tracker.history] == [0, 2, 4, 6]
