@@ -144,6 +144,12 @@ def ddp_sam_step(
             f"{type(optimizer).__name__}; wrap the base optimizer, e.g. "
             "SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)."
         )
+    if type(optimizer) not in (SAM, GSAM) or optimizer._interval != 1:
+        raise TypeError(
+            f"ddp_sam_step supports SAM (interval=1) and GSAM, got {type(optimizer).__name__}; "
+            "for the other variants wrap the model in DistributedDataParallel and call "
+            "optimizer.step(closure): every pass is then averaged over the processes."
+        )
     if not callable(closure):
         raise TypeError(f"closure must be callable, got {type(closure).__name__}.")
     if perturbation not in DDP_PERTURBATIONS:

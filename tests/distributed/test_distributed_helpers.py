@@ -16,7 +16,7 @@ from sharpgen._distributed import (
     unwrap_model,
 )
 from sharpgen.curvature._sharding import UnpaddedLoader
-from sharpgen.optim import GSAM, SAM
+from sharpgen.optim import GSAM, SAM, WSAM, LookSAM
 from sharpgen.sharpness import hessian_trace
 
 
@@ -199,3 +199,13 @@ def test_ddp_sam_step_bad_input(args, kwargs, error, match):
         ddp_sam_step(*(objects[a] for a in args), **kwargs)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [(SAM, {"rho": 0.1, "interval": 2}), (LookSAM, {"rho": 0.1}), (WSAM, {"rho": 0.1})],
+)
+def test_ddp_sam_step_refuses_the_other_variants_with_the_recipe(cls, kw):
+    model, opt, closure = _setup(cls, **kw)
+    with pytest.raises(TypeError, match=r"DistributedDataParallel and call optimizer.step"):
+        ddp_sam_step(model, opt, closure)

@@ -159,3 +159,25 @@ def test_batchnorm_statistics_are_updated_once_per_step(name):
         tracked = int(bn.num_batches_tracked)
         opt.step(closure_for(model, opt, x, y))
         assert int(bn.num_batches_tracked) == tracked + 1
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_two_call_style_equals_step_closure_bitwise(name):
+    x, y = make_data()
+    ref = make_model()
+    ref_opt = BUILDERS[name](ref.parameters(), ref, **KW)
+    model = make_model()
+    opt = BUILDERS[name](model.parameters(), model, **KW)
+    for _ in range(5):
+        ref_opt.step(closure_for(ref, ref_opt, x, y))
+        opt.zero_grad()
+        if name in TWO_PASS:  # backward at w, perturb, backward at w + eps (if perturbed)
+            ((model(x) - y) ** 2).mean().backward()
+            if opt.first_step(zero_grad=True):
+                ((model(x) - y) ** 2).mean().backward()
+        else:  # MSAM: perturb from the momentum first, then the only backward
+            opt.first_step()
+            ((model(x) - y) ** 2).mean().backward()
+        opt.second_step()
+        for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+            assert torch.equal(p, q)
