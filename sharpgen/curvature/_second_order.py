@@ -136,9 +136,9 @@ def check_second_order(names: Sequence[str], policy: str, where: str) -> bool:
     )
     if policy == "raise":
         raise ValueError(
-            message + " To compute anyway, build the ModelObjective, HessianOperator or "
-            "GGNOperator with second_order='warn' (the objective is then marked "
-            "exact_second_order=False)."
+            message + " To compute anyway, pass second_order='warn' (to the measure, or where "
+            "the ModelObjective or operator is built); the objective is then marked "
+            "exact_second_order=False."
         )
     if policy == "warn":
         warnings.warn(message, SecondDerivativeWarning, stacklevel=4)

@@ -129,3 +129,13 @@ def test_detector_on_plain_graphs():
     assert first_order_functions(OnceSquare.apply(x).sum(), [x]) == ["OnceSquare"]
     loss = (DetachedSquare.apply(x) * x).sum()
     assert first_order_functions(loss, [x]) == ["DetachedSquare"]
+
+
+def test_measures_take_the_option_in_their_convenience_form():
+    model = Net(OnceSquare)
+    with pytest.warns(SecondDerivativeWarning, match="OnceSquare"):
+        est = hessian_trace(model, _mse, _data(), method="exact", second_order="warn")
+    truth = _true_trace()
+    assert abs(est.value - truth) > 0.1 * abs(truth)
+    with pytest.raises(ValueError, match="pass second_order='warn' \\(to the measure"):
+        hessian_trace(model, _mse, _data(), method="exact")
