@@ -193,8 +193,8 @@ def hessian_directions(
         (4.0, 1.0)
     """
     from sharpgen.linalg import lanczos
-    from sharpgen.sharpness._fisher import ObjectiveOperator
     from sharpgen.sharpness._objective_arg import objective_of
+    from sharpgen.sharpness._operators import ObjectiveOperator
 
     k = check_int("k", k)
     obj = objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction,

@@ -17,8 +17,8 @@ from sharpgen.linalg import EigenResult, lanczos
 from sharpgen.linalg._diagonal import diagpp_diagonal, exact_diagonal, hutchinson_diagonal
 from sharpgen.linalg._probes import draw_probes
 from sharpgen.sharpness._common import progress_bar
-from sharpgen.sharpness._fisher import BlockOperator, ObjectiveOperator
 from sharpgen.sharpness._objective_arg import objective_of
+from sharpgen.sharpness._operators import BlockOperator, ObjectiveOperator
 
 __all__ = [
     "BlockTraces",

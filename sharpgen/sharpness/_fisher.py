@@ -19,126 +19,29 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from sharpgen.curvature import ModelObjective, dataset_reduce, flatten_params, unflatten_params
+from sharpgen.curvature import ModelObjective, dataset_reduce
 from sharpgen.curvature._data import num_samples
 from sharpgen.curvature._params import ParamSelection
-from sharpgen.linalg import LinearOperator, TraceEstimate, hutchinson_trace, xtrace
+from sharpgen.linalg import TraceEstimate
 from sharpgen.sharpness._common import (
     check_choice,
     check_generator,
     check_int,
     check_positive,
-    progress_bar,
 )
 from sharpgen.sharpness._objective_arg import objective_of
+from sharpgen.sharpness._operators import ObjectiveOperator, operator_trace
 
 __all__ = [
     "FISHER_KINDS",
-    "BlockOperator",
     "FisherRaoNorm",
-    "ObjectiveOperator",
     "empirical_fisher_trace",
     "fisher_rao_norm",
     "ggn_trace",
-    "operator_trace",
     "per_sample_losses",
 ]
 
 FISHER_KINDS = ("ggn", "empirical")
-TRACE_METHODS = ("auto", "exact", "hutchinson", "xtrace")
-
-
-class ObjectiveOperator(LinearOperator):
-    """Hessian (``kind="hvp"``) or GGN (``kind="ggn"``) of a `ModelObjective` (flat vectors)."""
-
-    def __init__(self, objective: ModelObjective, kind: str = "hvp", max_block: int = 16) -> None:
-        super().__init__(objective.numel, objective.dtype, objective.device)
-        self.objective = objective
-        self.kind = kind
-        self.max_block = max_block
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        cols = []
-        for i in range(0, V.shape[1], self.max_block):
-            block = unflatten_params(V[:, i : i + self.max_block], self.objective.params)
-            if self.kind == "hvp":
-                out = self.objective.hvp(block)
-            else:
-                out = self.objective.ggn_vp(block)
-            cols.append(flatten_params(out, batched=True))
-        return torch.cat(cols, 1)
-
-
-class BlockOperator(LinearOperator):
-    """The diagonal block of an objective's Hessian (or GGN) for the parameters ``names``.
-
-    Vectors live on the listed parameters; products embed them with zeros for the other
-    selected parameters and keep the block's rows of the full product.
-    """
-
-    def __init__(self, objective: ModelObjective, names: list[str], kind: str = "hvp") -> None:
-        self.names = list(names)
-        self.like = {n: objective.params[n] for n in self.names}
-        size = sum(t.numel() for t in self.like.values())
-        super().__init__(size, objective.dtype, objective.device)
-        self.full = ObjectiveOperator(objective, kind)
-        self.objective = objective
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        k = V.shape[1]
-        block = unflatten_params(V, self.like)
-        embedded = {
-            n: block[n] if n in block else t.new_zeros((k, *t.shape))
-            for n, t in self.objective.params.items()
-        }
-        out = unflatten_params(self.full.matmat(flatten_params(embedded, batched=True)),
-                               self.objective.params)  # fmt: skip
-        return flatten_params({n: out[n] for n in self.names}, batched=True)
-
-
-def exact_diagonal(op: LinearOperator, block_size: int = 64, bar: Any = None) -> Tensor:
-    """The diagonal of ``op`` from products with blocks of basis vectors ($p$ products)."""
-    n = op.shape[0]
-    diag = torch.empty(n, dtype=op.dtype, device=op.device)
-    for start in range(0, n, block_size):
-        stop = min(n, start + block_size)
-        E = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
-        idx = torch.arange(stop - start, device=op.device)
-        E[start + idx, idx] = 1
-        diag[start:stop] = op.matmat(E)[start + idx, idx]
-        if bar is not None:
-            bar.update(stop - start)
-    return diag
-
-
-def operator_trace(
-    op: LinearOperator,
-    *,
-    method: str,
-    num_matvecs: int | None,
-    rtol: float | None,
-    max_matvecs: int,
-    generator: torch.Generator | None,
-    exact_threshold: int = 2000,
-    progress: bool = False,
-    desc: str = "trace",
-) -> TraceEstimate:
-    """Trace of ``op``: exact from basis vectors, or Hutchinson / XTrace with a stderr."""
-    method = check_choice("method", method, TRACE_METHODS)
-    p = op.shape[0]
-    if method == "auto":
-        method = "exact" if p <= exact_threshold and num_matvecs is None else "xtrace"
-    if method == "exact":
-        with progress_bar(progress, total=p, desc=f"{desc} (exact)", unit="matvec") as bar:
-            diag = exact_diagonal(op, bar=bar)
-        return TraceEstimate(value=float(diag.sum()), stderr=0.0, num_matvecs=p, method="exact")
-    kwargs: dict[str, Any] = {"generator": generator}
-    if num_matvecs is not None:
-        kwargs["num_matvecs"] = num_matvecs
-    else:
-        kwargs.update(rtol=0.01 if rtol is None else rtol, max_matvecs=max_matvecs)
-    estimator = hutchinson_trace if method == "hutchinson" else xtrace
-    return estimator(op, **kwargs)
 
 
 def ggn_trace(

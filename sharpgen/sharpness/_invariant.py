@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from sharpgen.curvature import ModelObjective
 from sharpgen.linalg import LinearOperator, TraceEstimate
 from sharpgen.sharpness._common import check_generator, check_int, check_positive
-from sharpgen.sharpness._fisher import BlockOperator, ObjectiveOperator, operator_trace
 from sharpgen.sharpness._objective_arg import objective_of
+from sharpgen.sharpness._operators import BlockOperator, ObjectiveOperator, operator_trace
 
 __all__ = ["relative_flatness"]
 
