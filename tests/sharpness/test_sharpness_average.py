@@ -93,7 +93,7 @@ def test_single_sample_has_infinite_stderr(h):
     ("kwargs", "exc", "match"),
     [
         ({"rho": -0.1}, ValueError, r"rho must be a finite number >= 0.*got -0.1"),
-        ({"rho": -0.5}, ValueError, r"rho must be a finite number > 0"),
+        ({"rho": -0.5}, ValueError, r"rho must be a finite number >= 0"),
         ({"distribution": "laplace"}, ValueError,
          r"unknown distribution 'laplace'; valid choices are 'gaussian', 'uniform'"),
         ({"num_samples": 0}, ValueError, r"num_samples must be an int >= 1, got 0"),

@@ -171,8 +171,8 @@ def test_m_sharpness_one_per_example_matches_the_closed_form_on_a_linear_model(h
     ("kwargs", "exc", "match"),
     [
         ({"rho": -0.1}, ValueError, r"rho must be a finite number >= 0.*got -0.1"),
-        ({"rho": -1.0}, ValueError, r"rho must be a finite number > 0"),
-        ({"rho": float("nan")}, ValueError, r"rho must be a finite number > 0"),
+        ({"rho": -1.0}, ValueError, r"rho must be a finite number >= 0"),
+        ({"rho": float("nan")}, ValueError, r"rho must be a finite number >= 0"),
         ({"norm": "l1"}, ValueError, r"unknown norm 'l1'; valid choices are 'l2', 'linf'"),
         ({"steps": 0}, ValueError, r"steps must be an int >= 1, got 0"),
         ({"steps": 1.5}, TypeError, r"steps must be an int"),
