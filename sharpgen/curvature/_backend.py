@@ -9,8 +9,8 @@ Backends (``backend=`` of the objective, the operators and the Hessian measures)
 * ``"auto"``: ``"func"``, falling back to ``"autograd"`` with a `RuntimeWarning` when
   ``torch.func`` cannot trace the model; the operator remembers the backend that worked.
 
-`plan_backend` adds the rule of the single-vector algorithms (Lanczos): on one batch,
-``"auto"`` keeps the double-backward graph between products (as PyHessian does).
+`plan_backend` adds the rule of the measures: with ``"auto"`` they keep every batch's
+double-backward graph between products (as PyHessian does for one batch), memory permitting.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "attempts",
     "check_backend",
     "plan_backend",
+    "prefer_double_backward",
     "run_with_fallback",
 ]
 
@@ -50,14 +51,33 @@ def check_backend(backend: object) -> str:
 def plan_backend(backend: str, *, single_vectors: bool, single_batch: bool) -> tuple[str, bool]:
     """``(backend, cache_graph)`` of the operator a measure builds.
 
-    An algorithm that multiplies one vector at a time (``single_vectors``, such as Lanczos)
-    on one batch with ``backend="auto"`` gets ``("autograd", True)``: the double-backward
-    graph is built once and each product is one backward pass through it; this made a
-    product 2 to 5 times cheaper than forward-over-reverse in our CPU measurements.
+    With ``backend="auto"`` a measure gets ``("autograd", True)``: every batch's
+    double-backward graph is built once and each product is one more backward pass through
+    it (PyHessian keeps the graph of one batch the same way), memory permitting (see
+    ``GRAPH_CACHE_BYTES`` in `sharpgen.curvature._products`). In our CPU measurements
+    (``benchmarks/bench_kernels.py``) a product through a kept graph cost 0.5-1.5 gradients
+    against 1.8-2.9 for ``torch.func`` forward- or reverse-over-reverse, and a column loop
+    on a kept graph was the fastest block product on a conv net (batched columns through
+    ``vmap`` or ``is_grads_batched`` cost 2x more per column there, and the same on an
+    MLP). ``single_vectors`` and ``single_batch`` are accepted for the callers; the rule
+    no longer depends on them.
     """
-    if single_vectors and backend == "auto" and single_batch:
+    if backend == "auto":
         return "autograd", True
     return backend, False
+
+
+def prefer_double_backward(backend: str, kernel: str, device: torch.device) -> str:
+    """``"auto"`` for Hessian products on a CPU is ``"autograd"``; anything else unchanged.
+
+    Double backward was the fastest correct single product on every model of
+    ``benchmarks/bench_kernels.py`` on a CPU (1.1-2.5 gradients against 1.8-2.9 for
+    ``torch.func``); on accelerators, where ``vmap`` batches columns, ``"auto"`` keeps
+    trying ``torch.func`` first (not measured here).
+    """
+    if backend == "auto" and kernel == "hvp" and device.type == "cpu":
+        return "autograd"
+    return backend
 
 
 def attempts(backend: str, mode: str) -> list[tuple[str, str]]:

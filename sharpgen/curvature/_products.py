@@ -4,20 +4,20 @@
 `ModelObjective` with the backend fallbacks of `sharpgen.curvature._backend`;
 `block_product` is one pass for one backend, accumulating every batch's product straight
 into one ``(n, k)`` buffer (no extra copies) with the weights of the dataset loss and
-reducing it at the objective's one reduction point. The graph cache keeps one batch's
-``apply`` (and so its gradient graph) between products.
+reducing it at the objective's one reduction point. The graph cache keeps every batch's
+``apply`` (and so its gradient graph) between products, memory permitting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from sharpgen._distributed import check_ranks_agree
-from sharpgen.curvature._backend import run_with_fallback
+from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
 from sharpgen.curvature._data import num_samples
 from sharpgen.curvature._kernels import BatchProduct, Kernel, accumulate
 
@@ -72,6 +72,7 @@ def product(
     def run(b: str, m: str) -> Tensor:
         return block_product(obj, kernel, V, params, backend=b, mode=m, cache=cache)
 
+    backend = prefer_double_backward(backend, kernel.name, obj.device)
     buf, used, mode = run_with_fallback(run, backend, obj._func_mode, owner=owner)
     if used == "func":
         obj._func_mode = mode
@@ -100,21 +101,112 @@ def block_product(
     buf = torch.empty((obj.numel, k), dtype=obj.dtype, device=obj.device)
     acc = block_views(buf, p)
     count = 0
-    use_cache = cache and params is None and obj.single_batch
     with obj.state():
         others = obj._others()
-        for inputs, targets in obj.batches():
-            n = num_samples(inputs)
-            key = _cache_key(obj, kernel, backend, others) if use_cache else None
-            apply = _batch_apply(obj, kernel, key, others, p, inputs, targets, backend, mode)
+        key = (
+            _cache_key(obj, kernel, backend, others)
+            if _may_keep(obj, cache, params, backend)
+            else None
+        )
+        kept = _kept(obj, key)
+        if kept:
+            batches: Any = kept
+        else:  # () marks graphs too large to keep for this key: build them per pass
+            batches = _build(obj, kernel, None if kept == () else key, others, p, backend, mode)
+        for apply, n in batches:
             out = apply(W)
-            if key is not None:
-                obj._graph_cache = (key, apply)
             accumulate(acc, out, obj._weight(n), count == 0)
             del out, apply
             count += n
     (buf,) = obj._finish([buf], count, kernel.what)
     return buf
+
+
+#: Most bytes the kept gradient graphs of all batches may hold (tensors saved for the
+#: backward passes, counted while the graphs are built); above it nothing is kept.
+GRAPH_CACHE_BYTES = 1 << 30
+
+
+def _may_keep(
+    obj: ModelObjective, cache: bool, params: Mapping[str, Tensor] | None, backend: str
+) -> bool:
+    """Whether graphs may be kept (at the base point; see `_build`).
+
+    For several batches only when every pass sees the same function (BatchNorm on running
+    statistics, no dropout).
+    """
+    if not cache or params is not None:
+        return False
+    # torch.func refuses the hooks that measure a graph's memory: one batch only
+    several = backend == "autograd" and obj.bn == "eval" and not obj.dropout
+    return obj.single_batch or several
+
+
+def _kept(obj: ModelObjective, key: tuple[Any, ...] | None) -> Any:
+    """The kept ``(apply, num_samples)`` of every batch while ``key`` still matches.
+
+    ``()`` when they were too large to keep, None when nothing is kept for ``key``.
+    """
+    cached = obj._graph_cache
+    if key is None or cached is None or cached[0] != key:
+        return None
+    return cached[1]
+
+
+class _SavedBytes:
+    """Counts the bytes of the distinct storages autograd saves while a graph is built."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[int] = set()
+
+    def pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return t
+
+
+def _build(
+    obj: ModelObjective,
+    kernel: Kernel,
+    key: tuple[Any, ...] | None,
+    others: dict[str, Tensor],
+    p: dict[str, Tensor],
+    backend: str,
+    mode: str,
+) -> Iterator[tuple[BatchProduct, int]]:
+    """Yield every batch's ``apply``; with a ``key``, keep them (memory permitting).
+
+    A kept graph is built reverse-over-reverse (for ``backend="func"`` its ``vjp`` closure
+    holds the graph; one batch only). For several batches the bytes autograd saves are
+    counted while the graphs are built; above `GRAPH_CACHE_BYTES` they are dropped and the
+    objective remembers not to keep them for this ``key``.
+    """
+    if key is not None:
+        obj._graph_cache = None  # free old graphs before building new ones
+    store: list[tuple[BatchProduct, int]] | None = [] if key is not None else None
+    counter = _SavedBytes()
+    for inputs, targets in obj.batches():
+        n = num_samples(inputs)
+        if store is None:
+            yield kernel.build(obj, others, p, inputs, targets, backend=backend, mode=mode,
+                               keep=False), n  # fmt: skip
+            continue
+        if obj.single_batch:
+            apply = kernel.build(obj, others, p, inputs, targets, backend=backend, mode="rev",
+                                 keep=True)  # fmt: skip
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+                apply = kernel.build(obj, others, p, inputs, targets, backend=backend,
+                                     mode="rev", keep=True)  # fmt: skip
+        store.append((apply, n))
+        if counter.bytes > GRAPH_CACHE_BYTES:
+            store = None
+        yield apply, n
+    if key is not None:
+        obj._graph_cache = (key, store if store is not None else ())
 
 
 def _cache_key(
@@ -123,29 +215,3 @@ def _cache_key(
     """What a kept graph depends on: the kernel, the backend, the model's other tensors."""
     tensors = [*others.values(), *obj.model.buffers()]
     return (kernel.name, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
-
-
-def _batch_apply(
-    obj: ModelObjective,
-    kernel: Kernel,
-    key: tuple[Any, ...] | None,
-    others: dict[str, Tensor],
-    p: dict[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    backend: str,
-    mode: str,
-) -> BatchProduct:
-    """One batch's ``apply``: built afresh, or the kept one while ``key`` still matches.
-
-    A kept graph is built reverse-over-reverse (for ``backend="func"`` its ``vjp``
-    closure holds the graph).
-    """
-    if key is None:
-        return kernel.build(obj, others, p, inputs, targets, backend=backend, mode=mode,
-                            keep=False)  # fmt: skip
-    cached = obj._graph_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    obj._graph_cache = None  # free the old graph before building the new one
-    return kernel.build(obj, others, p, inputs, targets, backend=backend, mode="rev", keep=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -204,7 +206,8 @@ def test_auto_backend_falls_back_with_a_warning(cv, state_check):
     x, y = cv.regression_data()
     check = state_check(model)
     H = HessianOperator(model, F.mse_loss, (x, y))
-    with pytest.warns(RuntimeWarning, match="falling back to double backward"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on a CPU "auto" is double backward: no fallback
         D = H.to_dense()
     assert H.backend == "autograd"
     ref = torch.nn.Sequential(model.a, torch.nn.Tanh(), model.b)
@@ -291,3 +294,18 @@ def test_auto_backend_does_not_blame_torch_func_for_a_user_error(cv, state_check
         with pytest.raises(RuntimeError, match="user bug in the loss"):
             H.matvec(torch.ones(H.shape[0], dtype=DT))
     check()
+
+
+def test_run_with_fallback_warns_when_func_fails():
+    from sharpgen.curvature._backend import run_with_fallback
+
+    def run(backend, mode):
+        if backend == "func":
+            raise RuntimeError("vmap: no batching rule")
+        return backend
+
+    with pytest.warns(RuntimeWarning, match="falling back to double backward"):
+        out, used, _ = run_with_fallback(run, "auto", "fwd", owner="HessianOperator")
+    assert out == used == "autograd"
+    with pytest.raises(RuntimeError, match="no batching rule"):
+        run_with_fallback(run, "func", "fwd", owner="HessianOperator")

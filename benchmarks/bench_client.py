@@ -1,0 +1,220 @@
+"""A user-style client: a small BatchNorm CNN trained on scikit-learn's digits, PyHessian beside.
+
+    PYTHONPATH=$PWD .venv-bench/bin/python benchmarks/bench_client.py [--quick] [--rounds 3]
+
+The model (3,866 parameters: conv 1->8 3x3 + BatchNorm + ReLU, conv 8->16 3x3 + BatchNorm +
+ReLU, maxpool 2, linear 256->10) is trained for a few epochs with Adam on the first 1,000
+images of scikit-learn's digits (8x8), then put in eval mode. The data is a
+``torch.utils.data.DataLoader`` over those 1,000 images with batch size 192: 6 batches, the
+last one of 40 (uneven). float32, 1 thread.
+
+Measured in one process, interleaved rounds (every operation once per round), medians:
+
+* one Hessian-vector product over the whole loader: sharpgen `HessianOperator` (default,
+  and ``cache_graph=True``) against PyHessian's ``dataloader_hv_product``; one gradient over
+  the loader as the unit;
+* top-1 and top-5 eigenvalues: sharpgen `top_eigenvalues` (tol 1e-3) against PyHessian's
+  ``eigenvalues(top_n=...)`` (power iteration, its defaults tol 1e-3, maxIter 100): wall time,
+  products and the true relative error of the worst eigenvalue against
+  `lanczos(tol=1e-10)` on the same operator;
+* the trace: `hessian_trace` (default ``rtol=0.01``) against PyHessian's ``trace()``
+  (defaults), with the relative error against an exact trace (3,866 products, once);
+* the fixed cost of a call: a `top_eigenvalues` call minus its products (time of the call
+  minus products x time per product), as a fraction of the call.
+
+The machine is a shared, loaded 2-core CPU: read ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sharpgen import hessian_trace, top_eigenvalues  # noqa: E402
+from sharpgen.curvature import HessianOperator  # noqa: E402
+from sharpgen.linalg import lanczos  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def make_client(epochs: int = 5):
+    """The trained BatchNorm CNN (eval mode) and a DataLoader of 6 batches, the last uneven."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X[:1000] / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(y[:1000])
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        for s in range(0, 1000, 64):
+            opt.zero_grad()
+            F.cross_entropy(model(X[s : s + 64]), y[s : s + 64]).backward()
+            opt.step()
+    model.eval()
+    ds = torch.utils.data.TensorDataset(X, y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=192, shuffle=False)
+    return model, loader
+
+
+class Counter:
+    """Counts PyHessian's products by wrapping its module-level function."""
+
+    def __init__(self, ph):
+        self.n = 0
+        orig = ph.dataloader_hv_product
+
+        def wrapped(v):
+            self.n += 1
+            return orig(v)
+
+        ph.dataloader_hv_product = wrapped
+
+
+def pyhessian_for(model, loader):
+    from pyhessian import hessian
+
+    ph = hessian(copy.deepcopy(model), nn.CrossEntropyLoss(), dataloader=loader, cuda=False)
+    return ph, Counter(ph)
+
+
+def rel_err(values, truth):
+    return max(abs(float(v) - float(t)) / abs(float(t)) for v, t in zip(values, truth, strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 rounds, no trace, no top-5")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rounds = 2 if args.quick else args.rounds
+    model, loader = make_client()
+    params = [p for p in model.parameters()]
+    n = sum(p.numel() for p in params)
+    H = HessianOperator(model, F.cross_entropy, loader)
+    truth = lanczos(H, k=5, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    top = truth.eigenvalues.tolist()
+    exact_trace = None
+    if not args.quick:
+        exact_trace = float(hessian_trace(model, F.cross_entropy, loader, exact_threshold=n))
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(n, generator=gen)
+    H_cached = HessianOperator(model, F.cross_entropy, loader, cache_graph=True)
+    ph, ph_count = pyhessian_for(model, loader)
+    ph_v = [torch.randn(p.shape, generator=gen) for p in ph.params]
+
+    def grad_loader():
+        for xb, yb in loader:
+            torch.autograd.grad(F.cross_entropy(model(xb), yb), params)
+
+    ops = {
+        "gradient over the loader": grad_loader,
+        "HVP sharpgen default": lambda: H.matvec(v),
+        "HVP sharpgen cache_graph=True": lambda: H_cached.matvec(v),
+        "HVP PyHessian": lambda: ph.dataloader_hv_product(ph_v),
+    }
+    results: dict[str, list] = {}
+
+    def record(key, value):
+        results.setdefault(key, []).append(value)
+
+    def eig_sharpgen(k):
+        res = top_eigenvalues(
+            model, F.cross_entropy, loader, k=k, tol=1e-3,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        return res.eigenvalues.tolist(), res.num_matvecs
+
+    def eig_pyhessian(k):
+        ph_count.n = 0
+        torch.manual_seed(0)
+        vals, _ = ph.eigenvalues(top_n=k)
+        return vals, ph_count.n
+
+    tasks = {
+        "top-1 sharpgen": lambda: eig_sharpgen(1),
+        "top-1 PyHessian": lambda: eig_pyhessian(1),
+    }
+    if not args.quick:
+        tasks["top-5 sharpgen"] = lambda: eig_sharpgen(5)
+        tasks["top-5 PyHessian"] = lambda: eig_pyhessian(5)
+
+        def trace_sharpgen():
+            res = hessian_trace(
+                model, F.cross_entropy, loader, generator=torch.Generator().manual_seed(0)
+            )
+            return [res.value], res.num_matvecs
+
+        def trace_pyhessian():
+            ph_count.n = 0
+            torch.manual_seed(0)
+            return [statistics.mean(ph.trace())], ph_count.n
+
+        tasks["trace sharpgen"] = trace_sharpgen
+        tasks["trace PyHessian"] = trace_pyhessian
+    for fn in ops.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in ops.items():
+            t0 = time.perf_counter()
+            fn()
+            record(name, time.perf_counter() - t0)
+        for name, fn in tasks.items():
+            t0 = time.perf_counter()
+            vals, count = fn()
+            record(name, (time.perf_counter() - t0, count, vals))
+    med = {k: statistics.median(x) for k, x in results.items() if not isinstance(x[0], tuple)}
+    g = med["gradient over the loader"]
+    print(
+        f"\n{n} parameters, DataLoader of 6 batches (192 x 5 + 40), float32, 1 thread, "
+        f"torch {torch.__version__}; medians of {rounds} interleaved rounds; loaded machine.\n"
+    )
+    print("| quantity | value |\n|---|---|")
+    print(f"| one gradient over the loader | {g * 1e3:.1f} ms |")
+    for k in ops:
+        if k != "gradient over the loader":
+            print(f"| {k}: time / gradient | {med[k] / g:.2f}x ({med[k] * 1e3:.1f} ms) |")
+    ratio = med["HVP sharpgen default"] / med["HVP PyHessian"]
+    print(f"| HVP sharpgen default / PyHessian | {ratio:.2f} |")
+    for name in tasks:
+        runs = results[name]
+        t = statistics.median(r[0] for r in runs)
+        count = runs[0][1]
+        vals = runs[0][2]
+        if name.startswith("trace"):
+            err = abs(vals[0] - exact_trace) / abs(exact_trace)
+        else:
+            kk = len(vals)
+            err = rel_err(sorted(vals, reverse=True), top[:kk])
+        record(name + " summary", (t, count, err))
+        print(f"| {name} | {t:.2f} s, {count} products, error {err:.1e} |")
+    for what in ["top-1", "top-5", "trace"]:
+        a, b = results.get(f"{what} sharpgen summary"), results.get(f"{what} PyHessian summary")
+        if a and b:
+            print(f"| {what}: sharpgen time / PyHessian time | {a[0][0] / b[0][0]:.2f} |")
+    t1, c1, _ = results["top-1 sharpgen summary"][0]
+    fixed = t1 - c1 * med["HVP sharpgen default"]
+    print(f"| top-1 sharpgen: fixed cost (call minus products) | {fixed:.2f} s = "
+          f"{100 * fixed / t1:.0f}% of the call |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
