@@ -101,23 +101,22 @@ def block_product(
     buf = torch.empty((obj.numel, k), dtype=obj.dtype, device=obj.device)
     acc = block_views(buf, p)
     count = 0
-    with obj.state():
-        others = obj._others()
-        key = (
-            _cache_key(obj, kernel, backend, others)
-            if _may_keep(obj, cache, params, backend)
-            else None
-        )
-        kept = _kept(obj, key)
-        if kept:
-            batches: Any = kept
-        else:  # () marks graphs too large to keep for this key: build them per pass
-            batches = _build(obj, kernel, None if kept == () else key, others, p, backend, mode)
-        for apply, n in batches:
-            out = apply(W)
-            accumulate(acc, out, obj._weight(n), count == 0)
-            del out, apply
+    key = _cache_key(obj, kernel, backend) if _may_keep(obj, cache, params, backend) else None
+    kept = _kept(obj, key)
+    if kept:  # backward passes through kept graphs only: the model is not touched
+        for apply, n in kept:
+            accumulate(acc, apply(W), obj._weight(n), count == 0)
             count += n
+    else:
+        with obj.state():
+            others = obj._others()
+            # () marks graphs too large to keep for this key: build them per pass
+            batches = _build(obj, kernel, None if kept == () else key, others, p, backend, mode)
+            for apply, n in batches:
+                out = apply(W)
+                accumulate(acc, out, obj._weight(n), count == 0)
+                del out, apply
+                count += n
     (buf,) = obj._finish([buf], count, kernel.what)
     return buf
 
@@ -209,9 +208,12 @@ def _build(
         obj._graph_cache = (key, store if store is not None else ())
 
 
-def _cache_key(
-    obj: ModelObjective, kernel: Kernel, backend: str, others: dict[str, Tensor]
-) -> tuple[Any, ...]:
-    """What a kept graph depends on: the kernel, the backend, the model's other tensors."""
-    tensors = [*others.values(), *obj.model.buffers()]
+def _cache_key(obj: ModelObjective, kernel: Kernel, backend: str) -> tuple[Any, ...]:
+    """What a kept graph depends on: the kernel, the backend and the model's other tensors.
+
+    The other tensors are the non-selected parameters and the buffers, by identity and
+    version counter.
+    """
+    tensors = [t for n, t in obj.model.named_parameters() if n not in obj.params]
+    tensors += list(obj.model.buffers())
     return (kernel.name, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
