@@ -19,8 +19,12 @@ Measured in one process, interleaved rounds (every operation once per round), me
   `lanczos(tol=1e-10)` on the same operator;
 * the trace: `hessian_trace` (default ``rtol=0.01``) against PyHessian's ``trace()``
   (defaults), with the relative error against an exact trace (3,866 products, once);
-* the fixed cost of a call: a `top_eigenvalues` call minus its products (time of the call
-  minus products x time per product), as a fraction of the call.
+* "one objective, several measures": `hessian_trace` (30 products), `top_eigenvalues`
+  (k=5) and `spectral_density` (2 probes x 15 steps) in a row, on one `ModelObjective`
+  (its kept graphs serve all three) against three calls with ``(model, loss_fn, loader)``;
+* the fixed cost of a call: a `top_eigenvalues` call minus its products (the first one
+  builds the kept graphs, costing an uncached product; the others cost a kept-graph
+  product), as a fraction of the call.
 
 The machine is a shared, loaded 2-core CPU: read ratios, not absolute times.
 """
@@ -42,8 +46,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sharpgen import hessian_trace, top_eigenvalues  # noqa: E402
-from sharpgen.curvature import HessianOperator  # noqa: E402
+from sharpgen import hessian_trace, spectral_density, top_eigenvalues  # noqa: E402
+from sharpgen.curvature import HessianOperator, ModelObjective  # noqa: E402
 from sharpgen.linalg import lanczos  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -99,6 +103,116 @@ def rel_err(values, truth):
     return max(abs(float(v) - float(t)) / abs(float(t)) for v, t in zip(values, truth, strict=True))
 
 
+def make_tasks(model, loader, ph, ph_count, quick):
+    """The timed calls; each returns ``(values, products)``."""
+
+    def eig_sharpgen(k):
+        res = top_eigenvalues(
+            model, F.cross_entropy, loader, k=k, tol=1e-3,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        return res.eigenvalues.tolist(), res.num_matvecs
+
+    def eig_pyhessian(k):
+        ph_count.n = 0
+        torch.manual_seed(0)
+        vals, _ = ph.eigenvalues(top_n=k)
+        return vals, ph_count.n
+
+    def trace_sharpgen():
+        res = hessian_trace(
+            model, F.cross_entropy, loader, generator=torch.Generator().manual_seed(0)
+        )
+        return [res.value], res.num_matvecs
+
+    def trace_pyhessian():
+        ph_count.n = 0
+        torch.manual_seed(0)
+        return [statistics.mean(ph.trace())], ph_count.n
+
+    def three_measures(objective):
+        def g():
+            return torch.Generator().manual_seed(0)
+
+        args = (objective,) if objective is not None else (model, F.cross_entropy, loader)
+        a = hessian_trace(*args, num_matvecs=30, generator=g())
+        b = top_eigenvalues(*args, k=5, tol=1e-3, generator=g())
+        c = spectral_density(*args, num_probes=2, num_steps=15, generator=g())
+        return [a.value], a.num_matvecs + b.num_matvecs + c.num_matvecs
+
+    tasks = {
+        "top-1 sharpgen": lambda: eig_sharpgen(1),
+        "top-1 PyHessian": lambda: eig_pyhessian(1),
+    }
+    if not quick:
+        tasks["top-5 sharpgen"] = lambda: eig_sharpgen(5)
+        tasks["top-5 PyHessian"] = lambda: eig_pyhessian(5)
+        tasks["trace sharpgen"] = trace_sharpgen
+        tasks["trace PyHessian"] = trace_pyhessian
+        tasks["3 measures, separate calls"] = lambda: three_measures(None)
+        tasks["3 measures, one objective"] = lambda: three_measures(
+            ModelObjective(model, F.cross_entropy, loader)
+        )
+    return tasks
+
+
+def run_rounds(ops, tasks, rounds):
+    """Interleaved rounds: every operation and task once per round."""
+    results: dict[str, list] = {}
+    for fn in ops.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in ops.items():
+            t0 = time.perf_counter()
+            fn()
+            results.setdefault(name, []).append(time.perf_counter() - t0)
+        for name, fn in tasks.items():
+            t0 = time.perf_counter()
+            vals, count = fn()
+            results.setdefault(name, []).append((time.perf_counter() - t0, count, vals))
+    return results
+
+
+def task_error(name, vals, top, exact_trace):
+    if name.startswith("3 measures"):
+        return 0.0
+    if name.startswith("trace"):
+        return abs(vals[0] - exact_trace) / abs(exact_trace)
+    return rel_err(sorted(vals, reverse=True), top[: len(vals)])
+
+
+def report(results, ops, tasks, top, exact_trace):
+    med = {k: statistics.median(results[k]) for k in ops}
+    g = med["gradient over the loader"]
+    print("| quantity | value |\n|---|---|")
+    print(f"| one gradient over the loader | {g * 1e3:.1f} ms |")
+    for k in ops:
+        if k != "gradient over the loader":
+            print(f"| {k}: time / gradient | {med[k] / g:.2f}x ({med[k] * 1e3:.1f} ms) |")
+    ratio = med["HVP sharpgen default"] / med["HVP PyHessian"]
+    print(f"| HVP sharpgen default / PyHessian | {ratio:.2f} |")
+    summary = {}
+    for name in tasks:
+        runs = results[name]
+        t = statistics.median(r[0] for r in runs)
+        count, vals = runs[0][1], runs[0][2]
+        err = task_error(name, vals, top, exact_trace)
+        summary[name] = (t, count)
+        print(f"| {name} | {t:.2f} s, {count} products, error {err:.1e} |")
+    pairs = [(f"{w}: sharpgen time / PyHessian time", f"{w} sharpgen", f"{w} PyHessian")
+             for w in ("top-1", "top-5", "trace")]  # fmt: skip
+    pairs.append(("trace + top-5 + density: one objective / separate calls",
+                  "3 measures, one objective", "3 measures, separate calls"))  # fmt: skip
+    for label, a, b in pairs:
+        if a in summary and b in summary:
+            print(f"| {label} | {summary[a][0] / summary[b][0]:.2f} |")
+    t1, c1 = summary["top-1 sharpgen"]
+    # the first product builds the kept graphs (an uncached product), the others reuse them
+    fixed = t1 - med["HVP sharpgen default"] - (c1 - 1) * med["HVP sharpgen cache_graph=True"]
+    print(f"| top-1 sharpgen: fixed cost (call minus products) | {fixed:.2f} s = "
+          f"{100 * fixed / t1:.0f}% of the call |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds, no trace, no top-5")
@@ -107,11 +221,11 @@ def main() -> None:
     torch.set_num_threads(1)
     rounds = 2 if args.quick else args.rounds
     model, loader = make_client()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     n = sum(p.numel() for p in params)
     H = HessianOperator(model, F.cross_entropy, loader)
-    truth = lanczos(H, k=5, tol=1e-10, generator=torch.Generator().manual_seed(0))
-    top = truth.eigenvalues.tolist()
+    top = lanczos(H, k=5, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    top = top.eigenvalues.tolist()
     exact_trace = None
     if not args.quick:
         exact_trace = float(hessian_trace(model, F.cross_entropy, loader, exact_threshold=n))
@@ -131,89 +245,13 @@ def main() -> None:
         "HVP sharpgen cache_graph=True": lambda: H_cached.matvec(v),
         "HVP PyHessian": lambda: ph.dataloader_hv_product(ph_v),
     }
-    results: dict[str, list] = {}
-
-    def record(key, value):
-        results.setdefault(key, []).append(value)
-
-    def eig_sharpgen(k):
-        res = top_eigenvalues(
-            model, F.cross_entropy, loader, k=k, tol=1e-3,
-            generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
-        return res.eigenvalues.tolist(), res.num_matvecs
-
-    def eig_pyhessian(k):
-        ph_count.n = 0
-        torch.manual_seed(0)
-        vals, _ = ph.eigenvalues(top_n=k)
-        return vals, ph_count.n
-
-    tasks = {
-        "top-1 sharpgen": lambda: eig_sharpgen(1),
-        "top-1 PyHessian": lambda: eig_pyhessian(1),
-    }
-    if not args.quick:
-        tasks["top-5 sharpgen"] = lambda: eig_sharpgen(5)
-        tasks["top-5 PyHessian"] = lambda: eig_pyhessian(5)
-
-        def trace_sharpgen():
-            res = hessian_trace(
-                model, F.cross_entropy, loader, generator=torch.Generator().manual_seed(0)
-            )
-            return [res.value], res.num_matvecs
-
-        def trace_pyhessian():
-            ph_count.n = 0
-            torch.manual_seed(0)
-            return [statistics.mean(ph.trace())], ph_count.n
-
-        tasks["trace sharpgen"] = trace_sharpgen
-        tasks["trace PyHessian"] = trace_pyhessian
-    for fn in ops.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in ops.items():
-            t0 = time.perf_counter()
-            fn()
-            record(name, time.perf_counter() - t0)
-        for name, fn in tasks.items():
-            t0 = time.perf_counter()
-            vals, count = fn()
-            record(name, (time.perf_counter() - t0, count, vals))
-    med = {k: statistics.median(x) for k, x in results.items() if not isinstance(x[0], tuple)}
-    g = med["gradient over the loader"]
+    tasks = make_tasks(model, loader, ph, ph_count, args.quick)
+    results = run_rounds(ops, tasks, rounds)
     print(
         f"\n{n} parameters, DataLoader of 6 batches (192 x 5 + 40), float32, 1 thread, "
         f"torch {torch.__version__}; medians of {rounds} interleaved rounds; loaded machine.\n"
     )
-    print("| quantity | value |\n|---|---|")
-    print(f"| one gradient over the loader | {g * 1e3:.1f} ms |")
-    for k in ops:
-        if k != "gradient over the loader":
-            print(f"| {k}: time / gradient | {med[k] / g:.2f}x ({med[k] * 1e3:.1f} ms) |")
-    ratio = med["HVP sharpgen default"] / med["HVP PyHessian"]
-    print(f"| HVP sharpgen default / PyHessian | {ratio:.2f} |")
-    for name in tasks:
-        runs = results[name]
-        t = statistics.median(r[0] for r in runs)
-        count = runs[0][1]
-        vals = runs[0][2]
-        if name.startswith("trace"):
-            err = abs(vals[0] - exact_trace) / abs(exact_trace)
-        else:
-            kk = len(vals)
-            err = rel_err(sorted(vals, reverse=True), top[:kk])
-        record(name + " summary", (t, count, err))
-        print(f"| {name} | {t:.2f} s, {count} products, error {err:.1e} |")
-    for what in ["top-1", "top-5", "trace"]:
-        a, b = results.get(f"{what} sharpgen summary"), results.get(f"{what} PyHessian summary")
-        if a and b:
-            print(f"| {what}: sharpgen time / PyHessian time | {a[0][0] / b[0][0]:.2f} |")
-    t1, c1, _ = results["top-1 sharpgen summary"][0]
-    fixed = t1 - c1 * med["HVP sharpgen default"]
-    print(f"| top-1 sharpgen: fixed cost (call minus products) | {fixed:.2f} s = "
-          f"{100 * fixed / t1:.0f}% of the call |")  # fmt: skip
+    report(results, ops, tasks, top, exact_trace)
 
 
 if __name__ == "__main__":

@@ -60,15 +60,18 @@ class CurvatureOperator(LinearOperator):
             model, loss_fn, data, objective_options, where=type(self).__name__
         )
         super().__init__(self.objective.numel, self.objective.dtype, self.objective.device)
-        if cache_graph and not self.objective.single_batch:
+        self._backend = backend if backend is not None else self.objective.backend
+        obj = self.objective
+        several = obj.bn == "eval" and not obj.dropout and self._backend != "func"
+        if cache_graph and not obj.single_batch and not several:
             warnings.warn(
-                "cache_graph=True keeps the gradient graph of one batch only, but data has "
-                "several batches: no graph is kept and every product passes over the data. Pass "
-                "the data as one (inputs, targets) batch to cache it, or cache_graph=False.",
+                "cache_graph=True keeps the gradient graphs of several batches only with "
+                "bn='eval', dropout=False and double backward (backend 'autograd', or 'auto' "
+                "on a CPU): no graph is kept and every product passes over the data. Pass the "
+                "data as one (inputs, targets) batch to cache it, or cache_graph=False.",
                 UserWarning,
                 stacklevel=3,
             )
-        self._backend = backend if backend is not None else self.objective.backend
         self.cache_graph = cache_graph
         self.max_block = max_block
         if check_deterministic:

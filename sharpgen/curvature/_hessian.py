@@ -29,14 +29,18 @@ class HessianOperator(CurvatureOperator):
       ``create_graph=True``), for models ``torch.func`` cannot trace (custom autograd
       Functions without ``setup_context``, data-dependent Python control flow, ...). One
       pass over the data; per batch one forward/backward plus one backward per column.
-    * ``backend="auto"`` (default): ``"func"``, falling back to ``"autograd"`` with a
-      ``RuntimeWarning`` on the first product if ``torch.func`` fails.
+    * ``backend="auto"`` (default): on a CPU ``"autograd"`` (the fastest single product in
+      ``benchmarks/bench_kernels.py``); elsewhere ``"func"``, falling back to
+      ``"autograd"`` with a ``RuntimeWarning`` on the first product if ``torch.func`` fails.
 
-    With ``cache_graph=True`` and one batch, either backend keeps the gradient graph between
-    calls (as PyHessian does) and each product is one more backward pass
-    (reverse-over-reverse; for ``"func"`` through ``torch.func.vjp`` of ``torch.func.grad``,
-    with ``vmap`` over a block). It is rebuilt when the model's non-selected parameters or
-    buffers change in place, and holds the activations' memory until `clear_cache`.
+    With ``cache_graph=True`` the gradient graph is kept between calls (as PyHessian does
+    for one batch) and each product is one more backward pass (reverse-over-reverse; for
+    ``"func"`` through ``torch.func.vjp`` of ``torch.func.grad``, one batch only). With
+    ``"autograd"`` on several batches (BatchNorm on running statistics, no dropout) every
+    batch's graph is kept while their saved tensors total at most 1 GiB; products through
+    kept graphs neither touch the model nor iterate the data. The graphs are rebuilt when
+    the model's non-selected parameters or buffers change in place, and hold the
+    activations' memory until `clear_cache`.
 
     The vectors are flat: entry order is the order of `params` (see `flatten_params`);
     use `flatten` / `unflatten` to convert.
@@ -53,8 +57,8 @@ class HessianOperator(CurvatureOperator):
             ``"auto"`` unless it was built with another).
         check_deterministic: Evaluate the loss in two passes at construction and raise if
             they differ (augmentation, dropout, shuffling).
-        cache_graph: Keep the gradient graph of a single batch between products (see
-            above; memory stays allocated until `clear_cache`).
+        cache_graph: Keep the gradient graphs between products (see above; memory stays
+            allocated until `clear_cache`).
         max_block: At most this many columns of a block go through ``vmap`` in one pass
             over the data (memory grows with it); wider blocks are split. ``None``: no
             limit.

@@ -431,11 +431,13 @@ class ModelObjective:
                 data), ``"autograd"`` (double backward, one pass over the data, ``k``
                 backward passes per batch) or ``"auto"`` (``"func"``, falling back to
                 ``"autograd"``).
-            cache: Only for one batch and ``params=None``: keep the gradient graph between
-                calls, so that each product is one more backward pass (reverse-over-reverse;
-                with ``backend="func"`` through ``torch.func.vjp`` of ``torch.func.grad``).
-                The graph is rebuilt when the model's non-selected parameters or buffers
-                change, and holds the activations' memory until `clear_cache`.
+            cache: With ``params=None``: keep the gradient graphs between calls, so that
+                each product is one more backward pass (reverse-over-reverse; with
+                ``backend="func"`` through ``torch.func.vjp`` of ``torch.func.grad``, one
+                batch only; several batches with ``"autograd"``, memory permitting, see
+                `HessianOperator`). The graphs are rebuilt when the model's non-selected
+                parameters or buffers change, and hold the activations' memory until
+                `clear_cache`.
 
         Returns:
             Name -> tensor of shape ``(k, *shape)``.

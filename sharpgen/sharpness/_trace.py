@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective
 from sharpgen.linalg import LinearOperator, TraceEstimate, trace
+from sharpgen.linalg._trace import TRACE_METHODS, resolve_trace_method
 from sharpgen.sharpness._common import (
     MeasureSource,
     ProgressOperator,
@@ -22,8 +23,7 @@ from sharpgen.sharpness._common import (
 
 __all__ = ["TRACE_METHODS", "hessian_trace"]
 
-TRACE_METHODS = ("auto", "exact", "hutchinson", "hutchpp", "xtrace")
-_MIN_MATVECS = {"hutchinson": 1, "hutchpp": 3, "xtrace": 4}
+_MIN_MATVECS = {"adaptive": 1, "hutchinson": 1, "hutchpp": 3, "xtrace": 4}
 
 
 def hessian_trace(
@@ -61,9 +61,12 @@ def hessian_trace(
     * ``"xtrace"``: XTrace (Epperly et al. 2024), the exchangeable version of Hutch++; the
       most accurate at equal budget on spectra with decaying eigenvalues (what Hessians of
       trained networks have), see the `sharpgen.linalg` tests.
-    * ``"auto"`` (default): ``"exact"`` when $p \le$ ``exact_threshold`` and the budget
-      allows $p$ products (``num_matvecs >= p``, or ``max_matvecs >= p`` with ``rtol``),
-      else ``"xtrace"``.
+    * ``"adaptive"``: Hutchinson or Hutch++ with Rademacher probes, decided from the first
+      probes (see `sharpgen.linalg.trace`): Hutchinson with the whole budget on a flat
+      spectrum, deflation when a few eigenvalues dominate; a calibrated standard error.
+    * ``"auto"`` (default): the rule of `sharpgen.linalg.trace`: ``"exact"`` when
+      $p \le$ ``exact_threshold`` and the budget allows $p$ products (``num_matvecs >= p``,
+      or ``max_matvecs >= p`` with ``rtol``), else ``"adaptive"``.
 
     The stochastic methods run a fixed budget of ``num_matvecs`` products, or add products
     until the relative standard error is below ``rtol`` (capped by ``max_matvecs``;
@@ -76,8 +79,8 @@ def hessian_trace(
             reused) or curvature operator (then the trace is that matrix's) alone.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
-        method: One of ``"auto"``, ``"exact"``, ``"hutchinson"``, ``"hutchpp"``,
-            ``"xtrace"``; the resolved method runs as `sharpgen.linalg.trace` of the
+        method: One of ``"auto"``, ``"exact"``, ``"adaptive"``, ``"hutchinson"``,
+            ``"hutchpp"``, ``"xtrace"``; the resolved method runs as `sharpgen.linalg.trace` of the
             Hessian operator.
         num_matvecs: Fixed budget of products (stochastic methods; at least 1 for
             Hutchinson, 3 for Hutch++, 4 for XTrace).
@@ -165,18 +168,12 @@ def _resolve_method(
     max_matvecs: int,
     exact_threshold: int,
 ) -> str:
-    """The measure's ``"auto"`` (exact for small models, else XTrace) and budget checks."""
+    """``"auto"`` resolved by `sharpgen.linalg.trace`'s rule; budget checks in parameters."""
     if method == "auto":
-        if num_matvecs is not None:
-            budget = num_matvecs
-        else:
-            budget = max_matvecs if rtol is not None else p
-        method = "exact" if p <= min(exact_threshold, budget) else "xtrace"
-        if method == "xtrace" and num_matvecs is not None and num_matvecs < 4:
-            raise ValueError(
-                f"num_matvecs must be >= 4 for method='auto' on {p} parameters (it uses "
-                f"XTrace, which needs at least 4 Hessian-vector products), got {num_matvecs}."
-            )
+        method, _, _ = resolve_trace_method(
+            "auto", p, num_matvecs=num_matvecs, rtol=rtol, max_matvecs=max_matvecs,
+            exact_threshold=exact_threshold,
+        )  # fmt: skip
     if method == "exact" and num_matvecs is not None and num_matvecs < p:
         raise ValueError(
             f"num_matvecs={num_matvecs} is too small for method='exact', which needs one "

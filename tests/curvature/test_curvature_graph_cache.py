@@ -52,12 +52,10 @@ def test_kept_graphs_of_several_batches_give_the_dense_hessian(cv, state_check, 
     before = data.passes
     dense = H.to_dense()  # several blocks of max_block columns
     torch.testing.assert_close(dense, cv.dense_hessian(model, loss, batches), rtol=1e-8, atol=1e-10)
-    if case == "mlp":  # one pass in all (BatchNorm: once restoring keeps version counters)
-        assert data.passes - before == 1
+    assert data.passes - before == 1  # one pass in all
     v = torch.randn(H.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(H.matvec(v), dense @ v, rtol=1e-8, atol=1e-10)
-    if case == "mlp":
-        assert data.passes - before == 1
+    assert data.passes - before == 1
     check()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -69,15 +71,14 @@ def test_nan_values_are_not_mistaken_for_writes():
 def _count_builds(monkeypatch) -> list[int]:
     """Count the kept graphs built (a batch product with a cache key that does not match)."""
     calls = [0]
-    batch_apply = products_module._batch_apply
+    build = products_module._build
 
     def counting(obj, kernel, key, *args, **kwargs):
-        cached = obj._graph_cache
-        if key is not None and (cached is None or cached[0] != key):
+        if key is not None:  # graphs (re)built to be kept
             calls[0] += 1
-        return batch_apply(obj, kernel, key, *args, **kwargs)
+        return build(obj, kernel, key, *args, **kwargs)
 
-    monkeypatch.setattr(products_module, "_batch_apply", counting)
+    monkeypatch.setattr(products_module, "_build", counting)
     return calls
 
 
@@ -111,15 +112,20 @@ def test_top_eigenvalues_single_batch_builds_one_graph(monkeypatch):
     assert res.num_matvecs > 3 and calls[0] == 1
 
 
-def test_cache_graph_with_several_batches_warns():
+def test_cache_graph_with_several_batches_keeps_them_or_warns():
     x, y = _data()
     loader = [(x[:4], y[:4]), (x[4:], y[4:])]
     model = _bn_model()
-    with pytest.warns(UserWarning, match="cache_graph=True keeps the gradient graph of one batch"):
-        op = HessianOperator(model, nn.functional.mse_loss, loader, cache_graph=True)
-    dense = op.to_dense()
     plain = HessianOperator(model, nn.functional.mse_loss, loader).to_dense()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bn="eval", double backward: the graphs are kept
+        kept = HessianOperator(model, nn.functional.mse_loss, loader, cache_graph=True)
+        dense = kept.to_dense()
     assert torch.allclose(dense, plain, rtol=1e-12, atol=1e-12)
+    with pytest.warns(UserWarning, match="keeps the gradient graphs of several batches only"):
+        op = HessianOperator(model, nn.functional.mse_loss, loader, bn="batch", cache_graph=True)
+    batch = HessianOperator(model, nn.functional.mse_loss, loader, bn="batch").to_dense()
+    assert torch.allclose(op.to_dense(), batch, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cache_graph", [False, True])
