@@ -214,6 +214,6 @@ def _cache_key(obj: ModelObjective, kernel: Kernel, backend: str) -> tuple[Any, 
     The other tensors are the non-selected parameters and the buffers, by identity and
     version counter.
     """
-    tensors = [t for n, t in obj.model.named_parameters() if n not in obj.params]
+    tensors: list[Tensor] = [t for n, t in obj.model.named_parameters() if n not in obj.params]
     tensors += list(obj.model.buffers())
     return (kernel.name, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
