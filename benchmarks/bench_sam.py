@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sharpgen.optim import (  # noqa: E402
+    BSAM,
     GSAM,
     MSAM,
     SAM,
@@ -224,6 +225,9 @@ def family_steppers(x, y, kw) -> dict:
     model = conv_net()
     opt = FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
     out["sharpgen FriendlySAM"] = _closure_step(opt, model, x, y)
+    model = conv_net()
+    opt = BSAM(model.parameters(), num_data=50_000, lr=kw["lr"], rho=0.05)
+    out["sharpgen BSAM"] = _closure_step(opt, model, x, y)
     if pytorch_optimizer is not None:
         model = conv_net()
         opt = pytorch_optimizer.WSAM(

@@ -76,6 +76,7 @@ from sharpgen.models import (
     xor_realizer_no_bias,
 )
 from sharpgen.optim import (
+    BSAM,
     GSAM,
     MSAM,
     SAM,
@@ -193,6 +194,7 @@ __all__ = [
     "LookSAM",
     "WSAM",
     "FriendlySAM",
+    "BSAM",
     "SAMStepInfo",
     "sam_gradient",
     "perturbed",

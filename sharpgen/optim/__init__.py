@@ -7,6 +7,7 @@ building blocks for custom training loops.
 """
 
 from sharpgen.optim._batchnorm import disable_running_stats
+from sharpgen.optim._bsam import BSAM
 from sharpgen.optim._ddp import ddp_sam_step
 from sharpgen.optim._fsam import FriendlySAM
 from sharpgen.optim._functional import perturbed, sam_gradient
@@ -24,6 +25,7 @@ __all__ = [
     "LookSAM",
     "WSAM",
     "FriendlySAM",
+    "BSAM",
     "SAMStepInfo",
     # functional forms
     "sam_gradient",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from sharpgen.optim import MSAM, SAM, WSAM, FriendlySAM, LookSAM
+from sharpgen.optim import BSAM, MSAM, SAM, WSAM, FriendlySAM, LookSAM
 
 D = torch.float64
 KW = {"lr": 0.05, "momentum": 0.9}
@@ -31,6 +31,15 @@ BUILDERS = {
         ps, torch.optim.SGD, rho=0.1, gamma=0.8, decouple=False, model=m, **kw
     ),
     "fsam": lambda ps, m, **kw: FriendlySAM(ps, torch.optim.SGD, rho=0.1, model=m, **kw),
+    "bsam": lambda ps, m, lr, momentum: BSAM(
+        ps,
+        num_data=50,
+        lr=lr,
+        rho=0.1,
+        betas=(momentum, 0.99),
+        model=m,
+        generator=torch.Generator().manual_seed(3),
+    ),  # fmt: skip
 }
 TWO_PASS = {"sam_interval2", "looksam", "wsam", "wsam_coupled", "fsam"}
 
@@ -171,7 +180,12 @@ def test_two_call_style_equals_step_closure_bitwise(name):
     for _ in range(5):
         ref_opt.step(closure_for(ref, ref_opt, x, y))
         opt.zero_grad()
-        if name in TWO_PASS:  # backward at w, perturb, backward at w + eps (if perturbed)
+        if name == "bsam":  # noise, backward at w + e, perturb, backward at w + eps
+            opt.sample_noise()
+            ((model(x) - y) ** 2).mean().backward()
+            assert opt.first_step(zero_grad=True)
+            ((model(x) - y) ** 2).mean().backward()
+        elif name in TWO_PASS:  # backward at w, perturb, backward at w + eps (if perturbed)
             ((model(x) - y) ** 2).mean().backward()
             if opt.first_step(zero_grad=True):
                 ((model(x) - y) ** 2).mean().backward()
