@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from sharpgen.optim import (  # noqa: E402
     BSAM,
+    ESAM,
     GSAM,
     MSAM,
     SAM,
@@ -205,6 +206,13 @@ def _po_self_closure_step(opt, model, x, y):
     return run
 
 
+def _per_sample_step(opt, model, x, y):
+    def run():
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+    return run
+
+
 def family_steppers(x, y, kw) -> dict:
     """The variants of issue 15, ours and pytorch-optimizer's (names end in "/K" when a call
     runs K steps)."""
@@ -228,6 +236,9 @@ def family_steppers(x, y, kw) -> dict:
     model = conv_net()
     opt = BSAM(model.parameters(), num_data=50_000, lr=kw["lr"], rho=0.05)
     out["sharpgen BSAM"] = _closure_step(opt, model, x, y)
+    model = conv_net()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, beta=0.6, gamma=0.5, **kw)
+    out["sharpgen ESAM"] = _per_sample_step(opt, model, x, y)
     if pytorch_optimizer is not None:
         model = conv_net()
         opt = pytorch_optimizer.WSAM(

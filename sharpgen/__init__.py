@@ -77,6 +77,7 @@ from sharpgen.models import (
 )
 from sharpgen.optim import (
     BSAM,
+    ESAM,
     GSAM,
     MSAM,
     SAM,
@@ -195,6 +196,7 @@ __all__ = [
     "WSAM",
     "FriendlySAM",
     "BSAM",
+    "ESAM",
     "SAMStepInfo",
     "sam_gradient",
     "perturbed",

@@ -9,6 +9,7 @@ building blocks for custom training loops.
 from sharpgen.optim._batchnorm import disable_running_stats
 from sharpgen.optim._bsam import BSAM
 from sharpgen.optim._ddp import ddp_sam_step
+from sharpgen.optim._esam import ESAM
 from sharpgen.optim._fsam import FriendlySAM
 from sharpgen.optim._functional import perturbed, sam_gradient
 from sharpgen.optim._gsam import GSAM
@@ -26,6 +27,7 @@ __all__ = [
     "WSAM",
     "FriendlySAM",
     "BSAM",
+    "ESAM",
     "SAMStepInfo",
     # functional forms
     "sam_gradient",
