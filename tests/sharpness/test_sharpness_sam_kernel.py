@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sharpgen.experiments import ExperimentSpec, Phase, _trainer
+from sharpgen.experiments._kernels import kernels_for
 from sharpgen.experiments._trainer import make_runs
 from sharpgen.optim import GSAM, SAM
 from sharpgen.sharpness import sam_perturbation
@@ -165,16 +166,17 @@ def test_batched_trainer_perturbation_equals_the_kernel(arch, monkeypatch):
     (X, Y, _, _), P, _ = make_runs(spec, [0, 1, 2])
     idx = torch.arange(4).repeat(3, 1)
     calls = []
-    original = _trainer.loss_and_grad
+    kernels = kernels_for(spec)
+    original = kernels.loss_and_grad
 
     def recording(params, *args, **kwargs):
         loss, grads = original(params, *args, **kwargs)
         calls.append(({k: v.clone() for k, v in params.items()}, grads))
         return loss, grads
 
-    monkeypatch.setattr(_trainer, "loss_and_grad", recording)
-    names = _trainer._names(spec, P)
-    _trainer._sam_step(spec, {k: v.clone() for k, v in P.items()}, X, Y, idx, 0.05, 0.1, names)
+    monkeypatch.setattr(kernels, "loss_and_grad", recording)
+    names = kernels.names(P)
+    _trainer._sam_step(spec, kernels, {k: v.clone() for k, v in P.items()}, X, Y, idx, 0.05, 0.1)
     assert len(calls) == 2
     (w, g), (q, _) = calls
     for r in range(3):
