@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH)"  # TORCH again: no extra may move torch
 	touch $(STAMP)
 
 ## demo: the main job -- reproduce the paper's Table 1 (quick preset) and print the report
