@@ -109,6 +109,12 @@ class ExperimentSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))
+        self._check_choices()
+        self._check_sizes()
+        self._check_method_options()
+        self._check_model()
+
+    def _check_choices(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch={self.arch!r} is not one of {ARCHITECTURES}")
         if self.method not in METHODS:
@@ -121,6 +127,8 @@ class ExperimentSpec:
             raise ValueError(f"sampling={self.sampling!r} is not one of {SAMPLINGS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+
+    def _check_sizes(self) -> None:
         if not self.phases or not all(isinstance(p, Phase) for p in self.phases):
             raise ValueError(f"phases={self.phases!r} must be a non-empty sequence of Phase")
         for key in ("d", "n", "width", "batch_size", "test_size", "eval_every"):
@@ -133,6 +141,8 @@ class ExperimentSpec:
             raise ValueError(
                 f"sampling='permutation' needs batch_size={self.batch_size} to divide n={self.n}"
             )
+
+    def _check_method_options(self) -> None:
         if self.method == "projected_sam1" and not (
             self.projection_radius is not None and self.projection_radius > 0
         ):
@@ -144,6 +154,8 @@ class ExperimentSpec:
             raise ValueError(
                 f"weight_decay={self.weight_decay} is only used by method='sgd'; set it to 0"
             )
+
+    def _check_model(self) -> None:
         if self.activation not in ("relu", "softplus"):
             raise ValueError(f"activation={self.activation!r} is not 'relu' or 'softplus'")
         if not isinstance(self.depth, int) or self.depth < 2:
