@@ -30,6 +30,7 @@ __all__ = [
     "check_choice",
     "check_generator",
     "check_int",
+    "check_interval",
     "check_optional_int",
     "check_positive",
     "check_rho",
@@ -112,6 +113,28 @@ def check_positive(name: str, value: object, *, hint: str = "", allow_zero: bool
         rel = ">= 0" if allow_zero else "> 0"
         shown = value if type(value) in (int, float) else out
         raise ValueError(f"{name} must be a finite number {rel}, got {shown!r}.{_suffix(hint)}")
+    return out
+
+
+def check_interval(
+    name: str, value: object, low: float, high: float, *, closed: str = "[)", hint: str = ""
+) -> float:
+    """Return ``value`` as a float if it lies in the interval from ``low`` to ``high``.
+
+    ``closed`` says which ends belong to it: ``"[)"`` (default), ``"(]"``, ``"[]"`` or
+    ``"()"``. Accepts Python and NumPy reals and one-element tensors; refuses bools.
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is outside the interval (or not finite).
+    """
+    out = _as_real(name, value)
+    above = out >= low if closed[0] == "[" else out > low
+    below = out <= high if closed[1] == "]" else out < high
+    if not (math.isfinite(out) and above and below):
+        shown = value if type(value) in (int, float) else out
+        span = f"{closed[0]}{low:g}, {high:g}{closed[1]}"
+        raise ValueError(f"{name} must be in {span}, got {shown!r}.{_suffix(hint)}")
     return out
 
 

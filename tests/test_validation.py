@@ -165,3 +165,32 @@ def test_numpy_and_tensor_reals_accepted_by_every_layer():
     model, loss, data = _problem()
     assert float(sg.sam_sharpness(model, loss, data, rho=np.float64(0.01))) >= 0
     assert float(sg.sam_sharpness(model, loss, data, rho=torch.tensor(0.01))) >= 0
+
+
+@pytest.mark.parametrize(
+    ("closed", "inside", "outside"),
+    [("[)", [0, 0.5, np.float32(0.9)], [1, -0.1]), ("(]", [1, np.float64(0.5)], [0, 1.5])],
+)
+def test_interval_rule_ends_and_numpy_reals(closed, inside, outside):
+    from sharpgen._validation import check_interval
+
+    for v in inside:
+        assert check_interval("beta", v, 0, 1, closed=closed) == pytest.approx(float(v))
+    for v in outside:
+        with pytest.raises(ValueError, match=r"beta must be in [\[(]0, 1[\])], got"):
+            check_interval("beta", v, 0, 1, closed=closed)
+    with pytest.raises(TypeError, match="beta"):
+        check_interval("beta", True, 0, 1, closed=closed)
+    with pytest.raises(ValueError, match="beta"):
+        check_interval("beta", float("nan"), 0, 1, closed=closed)
+
+
+def test_sam_variants_take_numpy_scalars_by_the_same_rules():
+    w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    assert sg.BSAM([w], num_data=np.int64(8))._num_data == 8
+    opt = sg.ESAM([w], torch.optim.SGD, lr=0.1, beta=np.float32(0.5), gamma=np.float64(0.5))
+    assert (opt._beta, opt._gamma) == (0.5, 0.5)
+    with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\)"):
+        sg.FriendlySAM([w], torch.optim.SGD, lr=0.1, lmbda=1.0)
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\)"):
+        sg.WSAM([w], torch.optim.SGD, lr=0.1, gamma=np.float64(1.0))

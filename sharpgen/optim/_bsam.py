@@ -11,7 +11,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import check_generator, check_positive, check_rho
+from sharpgen._validation import (
+    check_generator,
+    check_int,
+    check_interval,
+    check_positive,
+    check_rho,
+)
 from sharpgen.optim._base import SAMBase
 from sharpgen.optim._batchnorm import disable_running_stats
 from sharpgen.optim._groups import PerturbSelector
@@ -151,19 +157,14 @@ class BSAM(SAMBase):
         model: nn.Module | None = None,
         same_dropout: bool = False,
     ) -> None:
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
-            raise ValueError(
-                f"num_data must be an int >= 1 (the training-set size), got {num_data!r}."
-            )
-        self._num_data = num_data
+        self._num_data = check_int("num_data", num_data, hint="(The training-set size.)")
         self._s_init = check_positive("s_init", s_init)
         gen = check_generator(generator)
         self._generator = gen if gen is not None else torch.Generator().manual_seed(0)
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
         for name, beta in zip(("betas[0]", "betas[1]"), betas, strict=True):
-            if not 0 <= check_positive(name, beta, allow_zero=True) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {beta!r}.")
+            check_interval(name, beta, 0, 1)
         base_kwargs = {
             "lr": check_positive("lr", lr, allow_zero=True),
             "betas": (float(betas[0]), float(betas[1])),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import check_generator
+from sharpgen._validation import check_generator, check_interval
 from sharpgen.optim._batchnorm import disable_running_stats
 from sharpgen.optim._groups import PerturbSelector
 from sharpgen.optim._sam import SAM
@@ -19,12 +19,6 @@ from sharpgen.optim._sam import SAM
 __all__ = ["ESAM"]
 
 _RNG = "esam_generator"  # the key of the generator's state in the state dict
-
-
-def _fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}.")
-    return float(value)
 
 
 class ESAM(SAM):
@@ -109,8 +103,8 @@ class ESAM(SAM):
         model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
-        self._beta = _fraction("beta", beta)
-        self._gamma = _fraction("gamma", gamma)
+        self._beta = check_interval("beta", beta, 0, 1, closed="(]")
+        self._gamma = check_interval("gamma", gamma, 0, 1, closed="(]")
         gen = check_generator(generator)
         self._generator = gen if gen is not None else torch.Generator().manual_seed(0)
         super().__init__(

@@ -2,7 +2,6 @@ r"""Friendly SAM (F-SAM, Li et al. 2024): the perturbation without the full-grad
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import check_positive
+from sharpgen._validation import check_interval, check_positive
 from sharpgen.optim._groups import PerturbSelector
 from sharpgen.optim._sam import SAM, GroupEntry
 
@@ -97,10 +96,7 @@ class FriendlySAM(SAM):
         **base_kwargs: Any,
     ) -> None:
         self._sigma = check_positive("sigma", sigma, allow_zero=True)
-        lmbda = check_positive("lmbda", lmbda, allow_zero=True)
-        if not lmbda < 1 or not math.isfinite(lmbda):
-            raise ValueError(f"lmbda must be in [0, 1) (the decay of the average), got {lmbda!r}.")
-        self._lmbda = lmbda
+        self._lmbda = check_interval("lmbda", lmbda, 0, 1, hint="(The decay of the average.)")
         self._new_m: dict[Tensor, Tensor] = {}
         super().__init__(
             params, base_optimizer, rho, adaptive=adaptive, eta=eta, norm=norm,

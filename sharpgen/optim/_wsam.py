@@ -2,7 +2,6 @@ r"""Weighted SAM (WSAM, Yue et al. 2023): sharpness as a weighted regularization
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import check_bool, check_positive
+from sharpgen._validation import check_bool, check_interval
 from sharpgen.optim._groups import PerturbSelector
 from sharpgen.optim._sam import SAM
 
@@ -92,12 +91,9 @@ class WSAM(SAM):
         same_dropout: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        gamma = check_positive("gamma", gamma, allow_zero=True)
-        if not gamma < 1 or not math.isfinite(gamma):
-            raise ValueError(
-                f"gamma must be in [0, 1) (the weight of the sharpness is gamma / (1 - gamma)), "
-                f"got {gamma!r}."
-            )
+        gamma = check_interval(
+            "gamma", gamma, 0, 1, hint="(The weight of the sharpness is gamma / (1 - gamma).)"
+        )
         self._alpha = gamma / (1.0 - gamma)
         self._decouple = check_bool("decouple", decouple)
         self._g0: dict[Tensor, Tensor] = {}
