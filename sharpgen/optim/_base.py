@@ -4,31 +4,37 @@ A SAM-family step is: gradients at $w$; a perturbation $w \to w + \varepsilon$ (
 variant's `_perturb`, built on the kernel of `sharpgen.sharpness._sam_kernel`); gradients at
 $w + \varepsilon$; exact restore of $w$; an optional combination of the two gradients (GSAM,
 WSAM); the base optimizer's step. `SAMBase` owns that sequence, the two-call style, m-SAM
-accumulation, the skips on non-finite gradients, the shared param groups and the state dict;
-a variant writes `_perturb` and, where it needs them, the gradient hooks.
+accumulation, the skips on non-finite gradients and the state dict (its construction half,
+the shared param groups and the parameter selection, is `SAMSetup` in ``_setup.py``).
+
+A variant writes `_perturb` (usually from the building blocks `_accept_norm`,
+`_save_weights` and `_mark_perturbed`) and overrides only the hooks it needs:
+
+| hook | default | overridden by |
+|---|---|---|
+| `_first_pass(closure)` | the closure at $w$ | BSAM (at $w + e$), ESAM (per-sample losses) |
+| `_second_closure(closure)` | the closure | ESAM (the sharpest samples only) |
+| ``_keeps_first_gradient`` | ``False`` | GSAM, WSAM, LookSAM (``self._g0``) |
+| `_combine_gradients()` | nothing | GSAM, WSAM, LookSAM |
+| `_also_finite()` | ``[]`` | WSAM, BSAM |
+| `_after_step(stepped)` | nothing | SAM (``interval``), LookSAM, WSAM, BSAM |
+| ``_generator_key`` | ``None`` | BSAM, ESAM (the generator's state in the state dict) |
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.optim import Optimizer
+from torch import Tensor
 
 from sharpgen.optim._batchnorm import disable_running_stats
-from sharpgen.optim._groups import (
-    PerturbSelector,
-    check_base_kwargs,
-    check_base_optimizer,
-    check_perturb,
-    check_same_groups,
-    select_parameters,
-)
 from sharpgen.optim._rng import replay_rng, rng_snapshot
+from sharpgen.optim._setup import SAMSetup
 from sharpgen.optim._state import (
     _ACCUMULATING,
     _IDLE,
@@ -39,119 +45,20 @@ from sharpgen.optim._state import (
     SAMStepInfo,
 )
 from sharpgen.optim._state_checks import load_base_state
-from sharpgen.sharpness._sam_kernel import check_norm
 
 __all__ = ["SAMBase", "SAMStepInfo"]
 
 
-class SAMBase(Optimizer):
+class SAMBase(SAMSetup):
     """Base class of the SAM family: the two-pass step around a base optimizer.
 
     Not used directly: `SAM` documents the contract every subclass keeps. A subclass calls
-    `_init_common` and `_build` in its ``__init__`` and implements `_perturb`.
+    `_init_common` and `_build` in its ``__init__`` and implements `_perturb` (see the hooks
+    in the module docstring).
     """
 
-    _norm: str
-    _normalize: bool
-    _selected: set[int] | None
-
-    # -- construction -----------------------------------------------------------------------
-    def _init_common(
-        self,
-        norm: str,
-        normalize: bool,
-        perturb: PerturbSelector,
-        model: nn.Module | None,
-        same_dropout: bool,
-        base_optimizer: type[Optimizer] | Optimizer,
-    ) -> None:
-        self._norm = check_norm(norm)
-        for name, value in (("normalize", normalize), ("same_dropout", same_dropout)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}.")
-        if not normalize and self._norm != "l2":
-            raise ValueError(
-                f"normalize=False (unnormalized SAM) is only defined for norm='l2', got "
-                f"norm={norm!r}."
-            )
-        self._normalize = normalize
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}.")
-        self._model = model
-        self._same_dropout = same_dropout
-        self._perturb_spec = check_perturb(perturb, model)
-        check_base_optimizer(base_optimizer, SAMBase)
-        self._interval = 1  # SAM every `_interval` steps (SAM's and LookSAM's option)
-        self._phase = _IDLE
-        self._saved: dict[Tensor, Tensor] = {}
-        self._acc: dict[Tensor, Tensor] = {}
-        self._micro = 0
-        self._any_perturbed = False
-        self._nonfinite_reason: str | None = None
-        self._pending: dict[str, Any] = {}
-        self._last_info: SAMStepInfo | None = None
-        self._base_ready = False
-
-    def _build(
-        self,
-        params: Iterable[Any],
-        base_optimizer: type[Optimizer] | Optimizer,
-        defaults: dict[str, Any],
-        base_kwargs: dict[str, Any],
-    ) -> None:
-        self._sam_defaults = dict(defaults)
-        if isinstance(base_optimizer, Optimizer):
-            if base_kwargs:
-                raise TypeError(
-                    f"options {sorted(base_kwargs)} were given with a base optimizer instance; "
-                    "pass them when building the instance, or pass its class instead."
-                )
-        else:
-            check_base_kwargs(base_optimizer, base_kwargs, self._sam_option_names())
-        super().__init__(params, dict(defaults))
-        if isinstance(base_optimizer, Optimizer):
-            check_same_groups(self.param_groups, base_optimizer.param_groups)
-            for mine, theirs in zip(self.param_groups, base_optimizer.param_groups, strict=True):
-                for key in defaults:
-                    theirs[key] = mine[key]
-                if "param_names" in mine and "param_names" not in theirs:
-                    theirs["param_names"] = mine["param_names"]
-            self.base_optimizer = base_optimizer
-        else:
-            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self.defaults = {**self.base_optimizer.defaults, **defaults}
-        self._base_ready = True
-        self._after_groups_ready()
-        self._build_selection()
-
-    def _sam_option_names(self) -> tuple[str, ...]:
-        """The variant's own options (named in the error on an unknown option)."""
-        return ()
-
-    def _after_groups_ready(self) -> None:
-        """Hook for subclasses: the groups now carry the base optimizer's options."""
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Hook for subclasses: validate (and normalize) the variant's options of a group."""
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group (to this optimizer and the base optimizer, which share them)."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}.")
-        self._check_group(param_group)
-        if not self._base_ready:
-            super().add_param_group(param_group)
-            return
-        for key, value in self._sam_defaults.items():
-            param_group.setdefault(key, value)
-        self.base_optimizer.add_param_group(param_group)
-        self._after_groups_ready()
-        self._build_selection()
-
-    def _build_selection(self) -> None:
-        self._selected = select_parameters(self._perturb_spec, self._model, self.param_groups)
+    # GSAM, WSAM and LookSAM need the gradient at w after the second pass (kept in `_g0`)
+    _keeps_first_gradient = False
 
     # -- public API -------------------------------------------------------------------------
     @property
@@ -200,8 +107,7 @@ class SAMBase(Optimizer):
         """Copy the saved weights back (exactly) and form the final gradient; idempotent."""
         if self._phase != _PERTURBED:
             return
-        params = list(self._saved)
-        torch._foreach_copy_(params, [self._saved[p] for p in params])
+        copy_back(self._saved)
         self._saved = {}
         self._phase = _RESTORED
         self._combine_gradients()
@@ -282,14 +188,11 @@ class SAMBase(Optimizer):
             self._micro = 0
         loss = self._two_passes(closure)
         with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    if p in self._acc:
-                        self._acc[p].add_(p.grad)
-                    else:
-                        self._acc[p] = p.grad.detach().clone()
+            for p, grad in zip(*self._params_with_grad(), strict=True):
+                if p in self._acc:
+                    self._acc[p].add_(grad)
+                else:
+                    self._acc[p] = grad.detach().clone()
         self._micro += 1
         self._phase = _ACCUMULATING
         return loss
@@ -309,14 +212,19 @@ class SAMBase(Optimizer):
                 "state_dict() called in the middle of a SAM step (weights perturbed or "
                 "micro-batches accumulated); finish the step first."
             )
-        return self.base_optimizer.state_dict()
+        out = self.base_optimizer.state_dict()
+        if self._generator_key is not None:
+            out[self._generator_key] = self._generator.get_state()
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from `state_dict` (or from the base optimizer alone)."""
         if self._phase in (_PERTURBED, _ACCUMULATING):
             raise RuntimeError("load_state_dict() called in the middle of a SAM step.")
+        gen_key = self._generator_key
+        rest = {k: v for k, v in state_dict.items() if k != gen_key}
         owner, options = type(self).__name__, self._sam_defaults
-        load_base_state(self.base_optimizer, state_dict, sam_options=options, owner=owner)
+        load_base_state(self.base_optimizer, rest, sam_options=options, owner=owner)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
@@ -326,6 +234,8 @@ class SAMBase(Optimizer):
         self._after_groups_ready()
         self._reset()
         self._build_selection()
+        if gen_key is not None and gen_key in state_dict:
+            self._generator.set_state(state_dict[gen_key])
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep everything (the base
@@ -356,11 +266,19 @@ class SAMBase(Optimizer):
     def _group_rho(self, group: dict[str, Any]) -> float:
         return group["rho"]
 
+    def _params_with_grad(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters that have a gradient and their gradients, in group order."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return params, [p.grad for p in params]
+
     def _save_first_gradient(self, params: list[Tensor]) -> None:
-        """Hook for GSAM: the gradient at $w$ is needed after the second pass."""
+        """Keep the gradient at $w$ in ``_g0`` when the variant needs it after the second pass."""
+        if self._keeps_first_gradient:
+            self._g0 = {p: p.grad.detach().clone() for p in params if p.grad is not None}
 
     def _discard_first_gradient(self) -> None:
-        """Hook for GSAM."""
+        """Drop what `_save_first_gradient` kept (at the start and the end of every step)."""
+        self._g0 = {}
 
     def _also_finite(self) -> list[Tensor]:
         """Hook: tensors besides ``.grad`` that must be finite for the step (WSAM's)."""
@@ -372,24 +290,73 @@ class SAMBase(Optimizer):
     def _combine_gradients(self) -> None:
         """Hook for GSAM: form the final gradient in ``.grad`` after restoring $w$."""
 
-    def _is_selected(self, p: Tensor) -> bool:
-        return self._selected is None or id(p) in self._selected
-
     # -- the first half, for the variants' _perturb -----------------------------------------
     def _perturb(self, grad_scale: float | None) -> bool:
         """Perturb the weights from ``.grad``; return whether it did (the variant's maths)."""
         raise NotImplementedError
 
+    def _accept_norm(
+        self,
+        total: Tensor,
+        grad_scale: float | None = None,
+        *,
+        zero: str = "zero gradient norm",
+        nonfinite: str = "non-finite gradient at w",
+    ) -> bool:
+        """Host synchronization on the norm: perturb unless it is zero or not finite.
+
+        ``zero`` and ``nonfinite`` are the reasons reported in `last_step_info`.
+        """
+        total_f = float(total)
+        shown = total_f / grad_scale if grad_scale is not None else total_f
+        self._pending = {"grad_norm": shown, "reason": None}
+        if not math.isfinite(total_f):
+            self._pending["reason"] = self._nonfinite_reason = nonfinite
+            self._phase = _NONFINITE
+            return False
+        if shown == 0.0:
+            self._pending["reason"] = zero
+            self._phase = _UNPERTURBED
+            return False
+        return True
+
+    def _skip_perturbation(self, reason: str) -> bool:
+        """No perturbation this step: ``.grad`` is the final gradient."""
+        self._pending = {"grad_norm": None, "reason": reason}
+        self._phase = _UNPERTURBED
+        return False
+
+    def _save_weights(self, params: list[Tensor]) -> None:
+        for p in params:
+            self._saved[p] = p.detach().clone()
+
+    def _mark_perturbed(self) -> bool:
+        self._phase = _PERTURBED
+        self._any_perturbed = True
+        return True
+
+    # -- the two passes -----------------------------------------------------------------------
     def _two_passes(self, closure: Callable[[], Any]) -> Any:
         snapshot = rng_snapshot(self.param_groups) if self._same_dropout else None
-        with torch.enable_grad():
-            loss = closure()
+        loss = self._first_pass(closure)
         if self._perturb(None):
             replay = replay_rng(snapshot) if snapshot is not None else nullcontext()
-            model = self._model
-            frozen = disable_running_stats(model) if model is not None else nullcontext()
-            self._perturbed_pass(closure, replay, frozen)
+            self._perturbed_pass(self._second_closure(closure), replay, self._frozen_stats())
         return loss
+
+    def _first_pass(self, closure: Callable[[], Any]) -> Any:
+        """Hook: the pass at $w$ that leaves the gradients in ``.grad``; returns the loss."""
+        with torch.enable_grad():
+            return closure()
+
+    def _second_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        r"""Hook: what runs at $w + \varepsilon$ (the closure itself by default)."""
+        return closure
+
+    def _frozen_stats(self) -> AbstractContextManager[Any]:
+        """BatchNorm running statistics frozen (when the model was given)."""
+        model = self._model
+        return disable_running_stats(model) if model is not None else nullcontext()
 
     def _perturbed_pass(self, closure: Callable[[], Any], *contexts: Any) -> Any:
         r"""Run the closure at $w + \varepsilon$; restore $w$ afterwards (also on an exception)."""
@@ -401,8 +368,7 @@ class SAMBase(Optimizer):
                 loss = closure()
         except BaseException:
             with torch.no_grad():
-                params = list(self._saved)
-                torch._foreach_copy_(params, [self._saved[p] for p in params])
+                copy_back(self._saved)
             self._reset()
             raise
         self.restore()
@@ -423,14 +389,8 @@ class SAMBase(Optimizer):
         if self._nonfinite_reason is not None:
             reason = self._nonfinite_reason
         else:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            grads += self._also_finite()
-            finite = True
-            if grads:
-                norms = torch._foreach_norm(grads)
-                device = norms[0].device
-                finite = bool(torch.isfinite(torch.stack([n.to(device) for n in norms])).all())
-            if not finite:
+            grads = self._params_with_grad()[1] + self._also_finite()
+            if not all_finite(grads):
                 reason = "non-finite gradient at w + eps"
             else:
                 self.base_optimizer.step()
@@ -444,3 +404,19 @@ class SAMBase(Optimizer):
             micro_batches=micro,
         )
         self._reset()
+
+
+def copy_back(saved: dict[Tensor, Tensor]) -> None:
+    """Copy each saved tensor back into its parameter (exactly, in place)."""
+    if saved:
+        params = list(saved)
+        torch._foreach_copy_(params, [saved[p] for p in params])
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every tensor is finite (one host synchronization)."""
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    device = norms[0].device
+    return bool(torch.isfinite(torch.stack([n.to(device) for n in norms])).all())

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import (
-    check_generator,
-    check_int,
-    check_interval,
-    check_positive,
-    check_rho,
-)
-from sharpgen.optim._base import SAMBase
-from sharpgen.optim._batchnorm import disable_running_stats
+from sharpgen._validation import check_int, check_interval, check_positive, check_rho
+from sharpgen.optim._base import SAMBase, copy_back
 from sharpgen.optim._groups import PerturbSelector
-from sharpgen.optim._rng import replay_rng, rng_snapshot
-from sharpgen.optim._state import _NONFINITE, _PERTURBED, _UNPERTURBED
+from sharpgen.optim._state import _NONFINITE, _PERTURBED
 
 __all__ = ["BSAM"]
 
@@ -141,6 +132,8 @@ class BSAM(SAMBase):
         arXiv:2210.01620 (Algorithm 1).
     """
 
+    _generator_key = _RNG
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -159,8 +152,7 @@ class BSAM(SAMBase):
     ) -> None:
         self._num_data = check_int("num_data", num_data, hint="(The training-set size.)")
         self._s_init = check_positive("s_init", s_init)
-        gen = check_generator(generator)
-        self._generator = gen if gen is not None else torch.Generator().manual_seed(0)
+        self._own_generator(generator)
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
         for name, beta in zip(("betas[0]", "betas[1]"), betas, strict=True):
@@ -174,13 +166,6 @@ class BSAM(SAMBase):
         self._noise_saved: dict[Tensor, Tensor] = {}
         self._init_common("l2", True, perturb, model, same_dropout, _BayesStep)
         self._build(params, _BayesStep, {"rho": check_rho(rho)}, base_kwargs)
-
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return ("rho", "num_data", "s_init", "generator", "perturb", "model", "same_dropout")
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        if "rho" in group:
-            group["rho"] = check_rho(group["rho"])
 
     # -- the noise --------------------------------------------------------------------------
     def _state_of(self, p: Tensor) -> dict[str, Tensor]:
@@ -215,27 +200,18 @@ class BSAM(SAMBase):
     def restore_noise(self) -> None:
         """Copy $w$ back after `sample_noise` (exactly); a no-op when the weights are not noisy."""
         saved, self._noise_saved = self._noise_saved, {}
-        if saved:
-            params = list(saved)
-            torch._foreach_copy_(params, [saved[p] for p in params])
+        copy_back(saved)
 
     # -- the step ---------------------------------------------------------------------------
-    def _two_passes(self, closure: Callable[[], Any]) -> Any:
-        snapshot = rng_snapshot(self.param_groups) if self._same_dropout else None
+    def _first_pass(self, closure: Callable[[], Any]) -> Any:
+        """The first pass at the noisy point $w + e$."""
         self.restore_noise()
         self.sample_noise()
         try:
-            with torch.enable_grad():
-                loss = closure()
+            return super()._first_pass(closure)
         except BaseException:
             self.restore_noise()
             raise
-        if self._perturb(None):
-            replay = replay_rng(snapshot) if snapshot is not None else nullcontext()
-            model = self._model
-            frozen = disable_running_stats(model) if model is not None else nullcontext()
-            self._perturbed_pass(closure, replay, frozen)
-        return loss
 
     @torch.no_grad()
     def _perturb(self, grad_scale: float | None) -> bool:
@@ -249,11 +225,9 @@ class BSAM(SAMBase):
         self._base().noisy = noisy
         grads = list(noisy.values())
         total = float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else 0.0
-        self._pending = {"grad_norm": total if grads else None, "reason": None}
+        self._pending = {"grad_norm": total, "reason": None}
         if not grads:
-            self._pending["reason"] = "no gradient"
-            self._phase = _UNPERTURBED
-            return False
+            return self._skip_perturbation("no gradient")
         if not math.isfinite(total):
             self._nonfinite_reason = self._pending["reason"] = "non-finite gradient at w + e"
             self._phase = _NONFINITE
@@ -262,11 +236,9 @@ class BSAM(SAMBase):
             rho = float(group["rho"])
             for p in group["params"]:
                 if p in noisy and self._is_selected(p):
-                    self._saved[p] = p.detach().clone()
+                    self._save_weights([p])
                     p.addcdiv_(noisy[p], self.state[p][_S], value=rho)
-        self._phase = _PERTURBED
-        self._any_perturbed = True
-        return True
+        return self._mark_perturbed()
 
     def _base(self) -> _BayesStep:
         base = self.base_optimizer
@@ -277,6 +249,7 @@ class BSAM(SAMBase):
         return list(self._base().noisy.values())
 
     def _discard_first_gradient(self) -> None:
+        super()._discard_first_gradient()
         if getattr(self, "_base_ready", False):
             self._base().noisy = {}
 
@@ -292,18 +265,13 @@ class BSAM(SAMBase):
         """The optimizer state ($s$, $g_m$, the groups) and the generator's state."""
         if self._noise_saved:
             raise RuntimeError("state_dict() called while the weights are noisy; finish the step.")
-        out = super().state_dict()
-        out[_RNG] = self._generator.get_state()
-        return out
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from `state_dict` (the generator's state too, when present)."""
         if self._noise_saved:
             raise RuntimeError("load_state_dict() called while the weights are noisy.")
-        rest = {k: v for k, v in state_dict.items() if k != _RNG}
-        super().load_state_dict(rest)
-        if _RNG in state_dict:
-            self._generator.set_state(state_dict[_RNG])
+        super().load_state_dict(state_dict)
 
     def __repr__(self) -> str:
         g = self.param_groups[0]

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import check_generator, check_interval
-from sharpgen.optim._batchnorm import disable_running_stats
+from sharpgen._validation import check_interval
 from sharpgen.optim._groups import PerturbSelector
 from sharpgen.optim._sam import SAM
 
@@ -87,6 +85,8 @@ class ESAM(SAM):
         Improved Training of Neural Networks*, ICLR, arXiv:2110.03141.
     """
 
+    _generator_key = _RNG
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -105,16 +105,11 @@ class ESAM(SAM):
     ) -> None:
         self._beta = check_interval("beta", beta, 0, 1, closed="(]")
         self._gamma = check_interval("gamma", gamma, 0, 1, closed="(]")
-        gen = check_generator(generator)
-        self._generator = gen if gen is not None else torch.Generator().manual_seed(0)
+        self._own_generator(generator)
+        self._before = torch.zeros(0)  # the per-sample losses at w of the current step
         super().__init__(
             params, base_optimizer, rho, adaptive=adaptive, eta=eta, norm=norm,
             perturb=perturb, model=model, **base_kwargs,
-        )  # fmt: skip
-
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return (
-            "rho", "beta", "gamma", "generator", "adaptive", "eta", "norm", "perturb", "model",
         )  # fmt: skip
 
     @torch.no_grad()
@@ -140,35 +135,24 @@ class ESAM(SAM):
             )
         return value
 
-    def _two_passes(self, closure: Callable[[], Any]) -> Any:
+    def _first_pass(self, closure: Callable[[], Any]) -> Any:
+        """Backward of the mean per-sample loss at $w$; returns that mean."""
         self.zero_grad()
         with torch.enable_grad():
             first = self._losses(closure())
             first.mean().backward()
-        before = first.detach()
-        if self._perturb(None):
-            frozen = (
-                disable_running_stats(self._model) if self._model is not None else nullcontext()
-            )
+        self._before = first.detach()
+        return self._before.mean()
 
-            def selected() -> None:
-                self.zero_grad()
-                after = self._losses(closure())
-                k = max(1, math.ceil(self._gamma * after.numel()))
-                idx = torch.topk(after.detach() - before, k, sorted=False).indices
-                after[idx].mean().backward()
+    def _second_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """Backward of the mean loss over the samples whose loss rose most (SDS)."""
+        before = self._before
 
-            self._perturbed_pass(selected, frozen)
-        return before.mean()
+        def selected() -> None:
+            self.zero_grad()
+            after = self._losses(closure())
+            k = max(1, math.ceil(self._gamma * after.numel()))
+            idx = torch.topk(after.detach() - before, k, sorted=False).indices
+            after[idx].mean().backward()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict and the generator's state."""
-        out = super().state_dict()
-        out[_RNG] = self._generator.get_state()
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from `state_dict` (the generator's state too, when present)."""
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != _RNG})
-        if _RNG in state_dict:
-            self._generator.set_state(state_dict[_RNG])
+        return selected

@@ -103,12 +103,6 @@ class FriendlySAM(SAM):
             perturb=perturb, model=model, same_dropout=same_dropout, **base_kwargs,
         )  # fmt: skip
 
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return (
-            "rho", "sigma", "lmbda", "adaptive", "eta", "norm", "perturb", "model",
-            "same_dropout",
-        )  # fmt: skip
-
     @torch.no_grad()
     def _ascent_directions(self, entries: list[GroupEntry]) -> list[GroupEntry]:
         self._new_m = {}

@@ -7,12 +7,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
 from sharpgen._validation import check_rho
 from sharpgen.optim._sam import SAM, PerturbSelector
-from sharpgen.sharpness._sam_kernel import check_eta
+from sharpgen.sharpness._sam_kernel import check_eta, total_dot
 
 __all__ = ["GSAM"]
 
@@ -80,6 +80,8 @@ class GSAM(SAM):
         Minimization Improves Sharpness-Aware Training*, ICLR.
     """
 
+    _keeps_first_gradient = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -110,14 +112,7 @@ class GSAM(SAM):
             "adaptive": adaptive,
             "eta": check_eta(eta),
         }
-        self._g0: dict[Tensor, Tensor] = {}
         self._build(params, base_optimizer, defaults, base_kwargs)
-
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return (
-            "rho_max", "rho_min", "alpha", "lr_max", "lr_min", "adaptive", "eta", "norm",
-            "perturb", "model", "same_dropout",
-        )  # fmt: skip
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -167,12 +162,6 @@ class GSAM(SAM):
         lr = min(max(float(group["lr"]), lr_min), lr_max)
         return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
 
-    def _save_first_gradient(self, params: list[Tensor]) -> None:
-        self._g0 = {p: p.grad.detach().clone() for p in params if p.grad is not None}
-
-    def _discard_first_gradient(self) -> None:
-        self._g0 = {}
-
     @torch.no_grad()
     def _combine_gradients(self) -> None:
         g0 = self._g0
@@ -190,13 +179,8 @@ class GSAM(SAM):
                     if g is None:
                         g = torch.zeros_like(gp)
                     entries.append((p, group["alpha"], g, gp))
-        device = entries[0][3].device
-        inner = torch.stack(
-            [torch.dot(g.reshape(-1), gp.reshape(-1)).to(device) for _, _, g, gp in entries]
-        ).sum()
-        gp_sq = torch.stack(
-            [torch.dot(gp.reshape(-1), gp.reshape(-1)).to(device) for _, _, _, gp in entries]
-        ).sum()
+        gs, gps = [g for _, _, g, _ in entries], [gp for _, _, _, gp in entries]
+        inner, gp_sq = total_dot(gs, gps), total_dot(gps, gps)
         coef = torch.where(gp_sq > 0, inner / gp_sq, torch.zeros_like(inner))
         for p, alpha, g, gp in entries:
             # g_p - alpha * (g - coef * g_p) = (1 + alpha * coef) * g_p - alpha * g, in place

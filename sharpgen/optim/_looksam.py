@@ -6,24 +6,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
 from sharpgen._validation import check_int, check_positive
 from sharpgen.optim._groups import PerturbSelector
 from sharpgen.optim._sam import SAM
-from sharpgen.optim._state import _UNPERTURBED
+from sharpgen.sharpness._sam_kernel import total_dot as _dot
 
 __all__ = ["LookSAM"]
 
 _GV = "looksam_gv"  # the key of the stored sharpness component in the optimizer state
-
-
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    r"""$\sum_i a_i^\top b_i$ over lists of tensors (on the first tensor's device)."""
-    device = a[0].device
-    pairs = zip(a, b, strict=True)
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).to(device) for x, y in pairs]).sum()
 
 
 class LookSAM(SAM):
@@ -92,6 +85,8 @@ class LookSAM(SAM):
         Minimization*, CVPR.
     """
 
+    _keeps_first_gradient = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -110,36 +105,21 @@ class LookSAM(SAM):
     ) -> None:
         k = check_int("k", k, minimum=1, hint="LookSAM takes a SAM step every k steps.")
         self._alpha = check_positive("alpha", alpha, allow_zero=True)
-        self._g0: dict[Tensor, Tensor] = {}
         super().__init__(
             params, base_optimizer, rho, adaptive=adaptive, eta=eta, norm=norm,
             perturb=perturb, model=model, same_dropout=same_dropout, interval=k, **base_kwargs,
         )  # fmt: skip
 
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return (
-            "rho", "k", "alpha", "adaptive", "eta", "norm", "perturb", "model", "same_dropout",
-        )  # fmt: skip
-
-    def _after_step(self, stepped: bool) -> None:
-        done = self._steps_done() + 1  # counted also for k = 1
-        for group in self.param_groups:
-            group["sam_steps"] = done
-
-    def _save_first_gradient(self, params: list[Tensor]) -> None:
-        self._g0 = {p: p.grad.detach().clone() for p in params if p.grad is not None}
-
-    def _discard_first_gradient(self) -> None:
-        self._g0 = {}
+    def _counts_steps(self) -> bool:
+        return True  # counted also for k = 1
 
     @torch.no_grad()
     def _combine_gradients(self) -> None:
         g0, self._g0 = self._g0, {}
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params, gs = self._params_with_grad()
         if not g0 or not params:
             return
-        gs = [p.grad for p in params]
-        g = [g0[p] if p in g0 else torch.zeros_like(p.grad) for p in params]
+        g = [g0[p] if p in g0 else torch.zeros_like(s) for p, s in zip(params, gs, strict=True)]
         g_sq = _dot(g, g)
         coef = torch.where(g_sq > 0, _dot(g, gs) / g_sq, torch.zeros_like(g_sq))
         gv = [s - coef.to(s.device) * q for s, q in zip(gs, g, strict=True)]
@@ -153,18 +133,16 @@ class LookSAM(SAM):
 
     @torch.no_grad()
     def _between_sam_steps(self) -> bool:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        stored = [p for p in params if _GV in self.state.get(p, {})]
+        params, grads = self._params_with_grad()
+        pairs = zip(params, grads, strict=True)
+        stored = [(p, g) for p, g in pairs if _GV in self.state.get(p, {})]
         reason = "LookSAM: no sharpness component yet"
         if stored and self._alpha > 0:
-            grads = [p.grad for p in params]
-            gv = [self.state[p][_GV] for p in stored]
+            gv = [self.state[p][_GV] for p, _ in stored]
             g_norm, gv_norm = _dot(grads, grads).sqrt(), _dot(gv, gv).sqrt()
             scale = torch.where(gv_norm > 0, self._alpha * g_norm / gv_norm, 0.0)
-            torch._foreach_add_([p.grad for p in stored], torch._foreach_mul(gv, scale))
+            torch._foreach_add_([g for _, g in stored], torch._foreach_mul(gv, scale))
             reason = "LookSAM: sharpness component reused"
         elif stored:
             reason = f"SAM every {self._interval} steps"
-        self._pending = {"grad_norm": None, "reason": reason}
-        self._phase = _UNPERTURBED
-        return False
+        return self._skip_perturbation(reason)

@@ -12,7 +12,6 @@ from torch.optim import Optimizer
 from sharpgen._validation import check_rho
 from sharpgen.optim._base import SAMBase
 from sharpgen.optim._groups import PerturbSelector
-from sharpgen.optim._state import _NONFINITE, _PERTURBED, _UNPERTURBED
 from sharpgen.sharpness._sam_kernel import sam_grad_norms, sam_perturb_, total_norm
 
 __all__ = ["MSAM"]
@@ -117,13 +116,6 @@ class MSAM(SAMBase):
                 "buffer); pass momentum=0.9, for example."
             )
 
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return ("rho", "perturb", "model")
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        if "rho" in group:
-            group["rho"] = check_rho(group["rho"])
-
     def _two_passes(self, closure: Callable[[], Any]) -> Any:
         if self._perturb(None):
             return self._perturbed_pass(closure)
@@ -143,25 +135,15 @@ class MSAM(SAMBase):
             if params:
                 entries.append((group["rho"], params, momenta))
         if not entries:
-            self._pending = {"grad_norm": None, "reason": "no momentum yet (or rho = 0)"}
-            self._phase = _UNPERTURBED
-            return False
+            return self._skip_perturbation("no momentum yet (or rho = 0)")
         norms: list[Tensor] = []
         for _, params, momenta in entries:
             norms += sam_grad_norms(params, momenta, foreach=True)
-        total = float(total_norm(norms))  # host synchronization: decides whether to perturb
-        self._pending = {"grad_norm": total, "reason": None}
-        if not total > 0 or total == float("inf"):
-            reason = "zero momentum" if total == 0 else "non-finite momentum"
-            self._pending["reason"] = reason
-            self._phase = _UNPERTURBED if total == 0 else _NONFINITE
-            if total != 0:
-                self._nonfinite_reason = reason
+        total = total_norm(norms)
+        if not self._accept_norm(total, zero="zero momentum", nonfinite="non-finite momentum"):
             return False
+        grad_norm = float(total)
         for rho, params, momenta in entries:
-            for p in params:
-                self._saved[p] = p.detach().clone()
-            sam_perturb_(params, momenta, rho=-rho, grad_norm=total, foreach=True)
-        self._phase = _PERTURBED
-        self._any_perturbed = True
-        return True
+            self._save_weights(params)
+            sam_perturb_(params, momenta, rho=-rho, grad_norm=grad_norm, foreach=True)
+        return self._mark_perturbed()

@@ -15,7 +15,6 @@ variant $\varepsilon = \rho T_w \operatorname{sign}(g)$, or $\varepsilon = \rho 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sharpgen._validation import check_int, check_rho
+from sharpgen._validation import check_bool, check_int, check_rho
 from sharpgen.optim._base import SAMBase
 from sharpgen.optim._groups import PerturbSelector
-from sharpgen.optim._state import _NONFINITE, _PERTURBED, _UNPERTURBED, SAMStepInfo
+from sharpgen.optim._state import SAMStepInfo
 from sharpgen.sharpness._sam_kernel import check_eta, sam_grad_norms, sam_perturb_, total_norm
 
 __all__ = ["SAM", "SAMStepInfo"]
@@ -157,12 +156,6 @@ class SAM(SAMBase):
         defaults = {"rho": check_rho(rho), "adaptive": adaptive, "eta": check_eta(eta)}
         self._build(params, base_optimizer, defaults, base_kwargs)
 
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return (
-            "rho", "adaptive", "eta", "normalize", "norm", "perturb", "model", "same_dropout",
-            "interval",
-        )  # fmt: skip
-
     # -- SAM every k steps ----------------------------------------------------------------
     def _steps_done(self) -> int:
         return int(self.param_groups[0].get("sam_steps", 0))
@@ -170,19 +163,22 @@ class SAM(SAMBase):
     def _is_sam_step(self) -> bool:
         return self._steps_done() % self._interval == 0
 
+    def _counts_steps(self) -> bool:
+        """Whether the step count is kept (``"sam_steps"`` in the groups)."""
+        return self._interval > 1
+
     def _after_step(self, stepped: bool) -> None:
-        if self._interval > 1:
+        if self._counts_steps():
             done = self._steps_done() + 1
             for group in self.param_groups:
                 group["sam_steps"] = done
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        if "rho" in group:
-            group["rho"] = check_rho(group["rho"])
+        super()._check_group(group)
         if "eta" in group:
             group["eta"] = check_eta(group["eta"])
-        if "adaptive" in group and not isinstance(group["adaptive"], bool):
-            raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}.")
+        if "adaptive" in group:
+            check_bool("adaptive", group["adaptive"])
 
     @torch.no_grad()
     def _perturb(self, grad_scale: float | None) -> bool:
@@ -222,9 +218,7 @@ class SAM(SAMBase):
 
     def _between_sam_steps(self) -> bool:
         """A step without perturbation (``interval > 1``): ``.grad`` is the final gradient."""
-        self._pending = {"grad_norm": None, "reason": f"SAM every {self._interval} steps"}
-        self._phase = _UNPERTURBED
-        return False
+        return self._skip_perturbation(f"SAM every {self._interval} steps")
 
     # -- building blocks of the first half (shared by the variants) --------------------------
     def _collect(self) -> tuple[list[GroupEntry], list[Tensor]]:
@@ -255,34 +249,7 @@ class SAM(SAMBase):
             reason = "rho = 0"
         else:
             reason = "no perturbed parameter has a gradient"
-        self._pending = {"grad_norm": None, "reason": reason}
-        self._phase = _UNPERTURBED
-        return False
-
-    def _accept_norm(self, total: Tensor, grad_scale: float | None) -> bool:
-        """Host synchronization on the gradient norm: perturb unless it is zero or not finite."""
-        total_f = float(total)
-        shown = total_f / grad_scale if grad_scale is not None else total_f
-        self._pending = {"grad_norm": shown, "reason": None}
-        if not math.isfinite(total_f):
-            self._pending["reason"] = "non-finite gradient at w"
-            self._nonfinite_reason = "non-finite gradient at w"
-            self._phase = _NONFINITE
-            return False
-        if shown == 0.0:
-            self._pending["reason"] = "zero gradient norm"
-            self._phase = _UNPERTURBED
-            return False
-        return True
-
-    def _save_weights(self, params: list[Tensor]) -> None:
-        for p in params:
-            self._saved[p] = p.detach().clone()
-
-    def _mark_perturbed(self) -> bool:
-        self._phase = _PERTURBED
-        self._any_perturbed = True
-        return True
+        return self._skip_perturbation(reason)
 
 
 def _check_grad_scale(grad_scale: float | None) -> float | None:

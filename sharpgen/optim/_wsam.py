@@ -75,6 +75,8 @@ class WSAM(SAM):
         Weighted Sharpness as a Regularization Term*, KDD.
     """
 
+    _keeps_first_gradient = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -96,24 +98,14 @@ class WSAM(SAM):
         )
         self._alpha = gamma / (1.0 - gamma)
         self._decouple = check_bool("decouple", decouple)
-        self._g0: dict[Tensor, Tensor] = {}
         self._sharp: dict[Tensor, Tensor] = {}
         super().__init__(
             params, base_optimizer, rho, adaptive=adaptive, eta=eta, norm=norm,
             perturb=perturb, model=model, same_dropout=same_dropout, **base_kwargs,
         )  # fmt: skip
 
-    def _sam_option_names(self) -> tuple[str, ...]:
-        return (
-            "rho", "gamma", "decouple", "adaptive", "eta", "norm", "perturb", "model",
-            "same_dropout",
-        )  # fmt: skip
-
-    def _save_first_gradient(self, params: list[Tensor]) -> None:
-        self._g0 = {p: p.grad.detach().clone() for p in params if p.grad is not None}
-
     def _discard_first_gradient(self) -> None:
-        self._g0 = {}
+        super()._discard_first_gradient()
         self._sharp = {}
 
     @torch.no_grad()

@@ -38,6 +38,7 @@ __all__ = [
     "sam_grad_norms",
     "sam_perturb_",
     "sam_perturbation_list",
+    "total_dot",
     "total_norm",
 ]
 
@@ -79,6 +80,13 @@ def total_norm(norms: Sequence[Tensor]) -> Tensor:
     r"""The global norm $\sqrt{\sum_i n_i^2}$ of per-tensor norms, on the first one's device."""
     device = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+def total_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    r"""$\sum_i a_i^\top b_i$ over parallel lists of tensors, on the first tensor's device."""
+    device = a[0].device
+    pairs = zip(a, b, strict=True)
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).to(device) for x, y in pairs]).sum()
 
 
 def _coefficient(

@@ -195,3 +195,20 @@ def test_two_call_style_equals_step_closure_bitwise(name):
         opt.second_step()
         for p, q in zip(ref.parameters(), model.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("cls", "own"),
+    [
+        (SAM, "rho, adaptive, eta, normalize, norm, perturb, model, same_dropout, interval"),
+        (LookSAM, "rho, k, alpha, adaptive, eta, norm, perturb, model, same_dropout"),
+        (WSAM, "rho, gamma, decouple, adaptive, eta, norm, perturb, model, same_dropout"),
+        (FriendlySAM, "rho, sigma, lmbda, adaptive, eta, norm, perturb, model, same_dropout"),
+        (MSAM, "rho, perturb, model"),
+    ],
+)
+def test_unknown_option_names_the_variants_own_options(cls, own):
+    w = nn.Parameter(torch.zeros(2, dtype=D))
+    message = rf"unknown option\(s\) \['foo'\]: not an option of SAM \({own}\) nor of SGD"
+    with pytest.raises(TypeError, match=message):
+        cls([w], torch.optim.SGD, lr=0.1, momentum=0.9, foo=1)
