@@ -2,7 +2,10 @@
 
 Run with the benchmark environment (which has loss-landscapes installed):
 
-    PYTHONPATH=$PWD /work/venv-bench/bin/python benchmarks/bench_landscape.py [--quick]
+    PYTHONPATH=$PWD /work/venv-bench/bin/python benchmarks/bench_landscape.py [--quick] \
+        [--rounds 3] [--models cnn,mlp,bias] [--out landscape.md]
+
+It prints a Markdown table (and writes it to ``--out``), with the load average before and after.
 
 Same model, same data and the same grid points for both: `loss_landscapes.random_plane`
 (filter normalization, 41 x 41 steps) is run once with its parameter vector recorded at every
@@ -10,8 +13,11 @@ evaluation; the two directions and the coefficients of its grid are recovered fr
 recording (its grid puts odd columns one step lower than even ones; this script reproduces
 that exactly), and `sharpgen.landscape` evaluates the same points through the same
 directions. Values must agree to float32 tolerance. Timing: rounds interleaved in one
-process, one thread each (`torch.set_num_threads(1)`), medians; `random_plane` writes
-weights into the model point by point, sharpgen batches points through `torch.func.vmap`.
+process, one thread each (`torch.set_num_threads(1)`), medians. `random_plane` writes
+weights into the model point by point and runs one forward pass (plus `.item()`) per point;
+sharpgen evaluates the first affine layer once per direction and, for a Sequential of
+standard layers, runs the rest point by point in channels-last layout with fused kernels
+(`sharpgen/landscape/_fastseq.py`); other models go through `torch.func.vmap`.
 
 Models: the ANCHORS.md small CNN (conv(3->4)+ReLU, maxpool, conv(4->32)+ReLU,
 linear(2048->10); 256 images 3x16x16, cross-entropy, 21,786 parameters), an MLP 20-64-64-10
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -150,21 +157,43 @@ def run(case, steps, rounds):
         ours()
         t_ours.append(time.perf_counter() - t)
     a, b = statistics.median(t_theirs), statistics.median(t_ours)
-    print(f"| {name} | {steps}x{steps} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x | "
-          f"{rel:.1e} (grid recovery {recon_err:.0e}) |", flush=True)  # fmt: skip
+    ratios = sorted(x / y for x, y in zip(t_theirs, t_ours, strict=True))
+    row = (f"| {name} | {steps}x{steps} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x | "
+           f"{ratios[0]:.2f}-{ratios[-1]:.2f}x | {rel:.1e} "
+           f"(grid recovery {recon_err:.0e}) |")  # fmt: skip
+    print(row, flush=True)
+    return row
+
+
+CASES = {"cnn": small_cnn, "mlp": mlp, "bias": bias_net}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="11 x 11 grids, one round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", default="cnn,mlp,bias", help="comma-separated: cnn,mlp,bias")
+    parser.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps, rounds = (11, 1) if args.quick else (41, args.rounds)
-    print("| model | grid | loss-landscapes | sharpgen | ratio | max rel. value difference |")
-    print("|---|---|---|---|---|---|")
-    for case in (small_cnn, mlp, bias_net):
-        run(case, steps, rounds)
+    lines = [
+        f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} "
+        f"({os.cpu_count()} cores, 1 thread each, {rounds} interleaved rounds, medians)",
+        "",
+        "| model | grid | loss-landscapes | sharpgen | ratio | ratio range | "
+        "max rel. value difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for key in args.models.split(","):
+        lines.append(run(CASES[key.strip()], steps, rounds))
+    after = f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    print(after)
+    lines += ["", after]
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

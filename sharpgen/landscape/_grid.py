@@ -20,11 +20,13 @@ from torch.func import functional_call
 
 from sharpgen.curvature import ModelObjective, dataset_reduce
 from sharpgen.curvature._data import num_samples
+from sharpgen.landscape._fastseq import FastPoints, compile_rest
 from sharpgen.sharpness._common import progress_bar
 
 __all__ = ["DEFAULT_MEMORY", "evaluate_points", "points_per_chunk"]
 
 DEFAULT_MEMORY = 256 * 2**20  # bytes per chunk of points (parameters + activations)
+FAST_CHUNK = 64  # points per progress-bar update on the point-by-point fast path
 
 
 def _call(model: nn.Module, full: dict[str, Tensor], inputs: Any) -> Any:
@@ -103,6 +105,7 @@ class _Evaluator:
         self.inputs = inputs
         self.split = split if isinstance(inputs, Tensor) else None
         self.head: Tensor | None = None
+        self.fast: FastPoints | None = None
         if self.split is not None:
             prefix, first, _ = self.split
             local = {n.split(".", 1)[1]: n for n, _ in first.named_parameters(prefix=prefix)}
@@ -118,9 +121,24 @@ class _Evaluator:
             self.steps = torch.stack(steps)  # (K, *head.shape)
             self.names = [n for n in theta if n not in local.values()]
             self.others = {n: t for n, t in others.items() if n not in local.values()}
+            self._compile(theta, others, D)
         else:
             self.names = list(theta)
         self.batched = torch.func.vmap(self._one)
+
+    def _compile(self, theta: dict[str, Tensor], others: dict[str, Tensor],
+                 D: dict[str, Tensor]) -> None:  # fmt: skip
+        """The point-by-point fast path of `_fastseq` when every later layer allows it."""
+        assert self.split is not None and self.head is not None
+        steps = compile_rest(self.split[2], "", self.head, {**others, **theta})
+        if steps is not None:
+            self.fast = FastPoints(steps, theta, others, D, self.head, self.steps, self._loss)
+
+    def _loss(self, out: Any) -> Any:
+        loss = self.obj.loss_fn(out, self.targets).reshape(())
+        if self.metric is None:
+            return (loss,)
+        return loss, torch.as_tensor(self.metric(out, self.targets)).reshape(()).to(loss.dtype)
 
     def _one(self, p: dict[str, Tensor], h: Any) -> Any:
         if self.split is not None:
@@ -128,12 +146,11 @@ class _Evaluator:
             out = functional_call(rest, {**self.others, **p}, (h,))
         else:
             out = _call(self.obj.model, {**self.others, **p}, self.inputs)
-        loss = self.obj.loss_fn(out, self.targets).reshape(())
-        if self.metric is None:
-            return (loss,)
-        return loss, torch.as_tensor(self.metric(out, self.targets)).reshape(()).to(loss.dtype)
+        return self._loss(out)
 
     def __call__(self, c: Tensor, buffers: Any) -> Any:
+        if self.fast is not None and not buffers:
+            return self.fast(c)
         pts = {n: self.theta[n].unsqueeze(0) + torch.tensordot(c, self.D[n], dims=([1], [0]))
                for n in self.names}  # fmt: skip
         for name, (base, delta) in (buffers or {}).items():
@@ -248,7 +265,7 @@ def evaluate_points(
     metric_acc = torch.zeros(M, dtype=obj.dtype, device=obj.device) if metric else None
     count = 0
     single = obj.single_batch and obj.process_group is None
-    plan = _Plan(M, chunk_size, max_chunk)
+    plan: _Plan | None = None
     with (
         obj.state(),
         torch.no_grad(),
@@ -260,6 +277,9 @@ def evaluate_points(
             n = num_samples(inputs)
             w = 1.0 if single else (float(n) if obj.reduction == "mean" else 1.0)
             ev = _Evaluator(obj, others, theta, D, inputs, targets, metric, split)
+            if plan is None:  # the fast path needs no tuning: no vmap, one point at a time
+                fixed = FAST_CHUNK if ev.fast is not None and chunk_size is None else chunk_size
+                plan = _Plan(M, fixed, max_chunk)
             for start, stop in plan.chunks():
                 c = C[start:stop]
                 tic = time.perf_counter()
