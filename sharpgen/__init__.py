@@ -62,6 +62,7 @@ from sharpgen.linalg import (
     lanczos,
     power_iteration,
     stochastic_lanczos_quadrature,
+    xdiag_diagonal,
     xtrace,
 )
 from sharpgen.models import (
@@ -138,6 +139,7 @@ __all__ = [
     "exact_diagonal",
     "hutchinson_diagonal",
     "diagpp_diagonal",
+    "xdiag_diagonal",
     "lanczos",
     "power_iteration",
     "stochastic_lanczos_quadrature",

@@ -9,6 +9,7 @@ from sharpgen.linalg._diagonal import (
     diagpp_diagonal,
     exact_diagonal,
     hutchinson_diagonal,
+    xdiag_diagonal,
 )
 from sharpgen.linalg._hutchinson import hutchinson_trace
 from sharpgen.linalg._hutchpp import hutchpp_trace
@@ -33,6 +34,7 @@ __all__ = [
     "exact_diagonal",
     "hutchinson_diagonal",
     "diagpp_diagonal",
+    "xdiag_diagonal",
     # eigenvalues
     "lanczos",
     "power_iteration",
