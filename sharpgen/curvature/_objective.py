@@ -30,9 +30,10 @@ from sharpgen.curvature._options import check_options
 from sharpgen.curvature._params import ParamSelection, check_point, select_params
 from sharpgen.curvature._products import block_views, product
 from sharpgen.curvature._reduce import check_finite, dataset_reduce
-from sharpgen.curvature._second_order import check_second_order, first_order_functions
+from sharpgen.curvature._second_order import check_second_order
 from sharpgen.curvature._sharding import without_sampler_padding
 from sharpgen.curvature._state import model_state_policy
+from sharpgen.curvature._validate import check_deterministic, checked_loss, validate_first_batch
 
 __all__ = ["ModelObjective"]
 
@@ -262,19 +263,7 @@ class ModelObjective:
         return functional_call(self.model, full, (inputs,))
 
     def _apply_loss(self, outputs: Any, targets: Any) -> Tensor:
-        loss = self.loss_fn(outputs, targets)
-        if not isinstance(loss, Tensor):
-            raise TypeError(
-                f"loss_fn must return a tensor, got {type(loss).__name__}; return "
-                "e.g. torch.nn.functional.cross_entropy(outputs, targets)."
-            )
-        if loss.numel() != 1:
-            raise ValueError(
-                f"loss_fn returned a tensor of shape {tuple(loss.shape)}; it must return a "
-                "scalar: the batch mean (reduction='mean', the default) or the batch sum "
-                "(pass reduction='sum')."
-            )
-        return loss.reshape(())
+        return checked_loss(self.loss_fn(outputs, targets))
 
     def batch_loss(
         self, params: Mapping[str, Tensor], inputs: Any, targets: Any, *, others: Any = None
@@ -305,24 +294,7 @@ class ModelObjective:
 
     # -- validation --------------------------------------------------------------------
     def _validate(self) -> None:
-        with self._state(), torch.enable_grad():
-            inputs, targets = self._batches.first()
-            check_devices(inputs, targets, 0, self.device)
-            p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
-            loss = self.batch_loss(p, inputs, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss on the first batch is {float(loss.detach())}; check the data for "
-                    "NaN/Inf, the model for overflow (try float64) and the parameters."
-                )
-            if not loss.requires_grad:
-                raise ValueError(
-                    f"the loss does not depend on the selected parameters "
-                    f"{list(self.params)[:6]}; select parameters the loss uses (params=...), "
-                    "and check that loss_fn does not detach the outputs."
-                )
-            if self.second_order != "ignore":
-                self._first_order = first_order_functions(loss, list(p.values()))
+        validate_first_batch(self)
 
     def check_second_order(self, where: str) -> None:
         """Act once on operations without a second derivative (see ``second_order``)."""
@@ -337,17 +309,7 @@ class ModelObjective:
         Raises:
             ValueError: If the two losses differ by more than ``1000 * eps`` (relative).
         """
-        first = self.loss()
-        second = self.loss()
-        tol = 1000 * torch.finfo(self.dtype).eps
-        if not torch.isclose(first, second, rtol=tol, atol=0.0):
-            raise ValueError(
-                f"the loss differs between two passes over the data ({float(first)!r} vs "
-                f"{float(second)!r}), so curvature products would be inconsistent. Make the "
-                "evaluation deterministic: switch off data augmentation, use a DataLoader with "
-                "shuffle=False (or a fixed list of batches), and keep dropout=False (and "
-                "bn='eval' or fixed batches)."
-            )
+        check_deterministic(self)
 
     # -- dataset quantities ------------------------------------------------------------
     def _finish(self, partials: list[Tensor], count: int, what: str) -> list[Tensor]:

@@ -1,0 +1,82 @@
+"""The checks of a `ModelObjective`: the loss's value, the first batch, determinism.
+
+They run before any curvature product (the first batch at construction, determinism on
+request), so that a bad model, loss or data set fails with a clear message instead of a
+wrong answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from sharpgen.curvature._data import check_devices
+from sharpgen.curvature._second_order import first_order_functions
+
+if TYPE_CHECKING:
+    from sharpgen.curvature._objective import ModelObjective
+
+__all__ = ["check_deterministic", "checked_loss", "validate_first_batch"]
+
+
+def checked_loss(loss: Any) -> Tensor:
+    """``loss`` as a 0-d tensor, or a `TypeError`/`ValueError` naming what ``loss_fn`` did."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"loss_fn must return a tensor, got {type(loss).__name__}; return "
+            "e.g. torch.nn.functional.cross_entropy(outputs, targets)."
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn returned a tensor of shape {tuple(loss.shape)}; it must return a "
+            "scalar: the batch mean (reduction='mean', the default) or the batch sum "
+            "(pass reduction='sum')."
+        )
+    return loss.reshape(())
+
+
+def validate_first_batch(obj: ModelObjective) -> None:
+    """Evaluate the loss on the first batch: finite, depending on the selected parameters.
+
+    Also records the operations without a second derivative the loss goes through (unless
+    ``second_order="ignore"``), for `ModelObjective.check_second_order`.
+    """
+    with obj.state(), torch.enable_grad():
+        inputs, targets = obj._batches.first()
+        check_devices(inputs, targets, 0, obj.device)
+        p = {n: t.detach().requires_grad_(True) for n, t in obj.params.items()}
+        loss = obj.batch_loss(p, inputs, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss on the first batch is {float(loss.detach())}; check the data for "
+                "NaN/Inf, the model for overflow (try float64) and the parameters."
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                f"the loss does not depend on the selected parameters "
+                f"{list(obj.params)[:6]}; select parameters the loss uses (params=...), "
+                "and check that loss_fn does not detach the outputs."
+            )
+        if obj.second_order != "ignore":
+            obj._first_order = first_order_functions(loss, list(p.values()))
+
+
+def check_deterministic(obj: ModelObjective) -> None:
+    """Evaluate the loss in two passes over the data and raise if they differ.
+
+    Raises:
+        ValueError: If the two losses differ by more than ``1000 * eps`` (relative).
+    """
+    first = obj.loss()
+    second = obj.loss()
+    tol = 1000 * torch.finfo(obj.dtype).eps
+    if not torch.isclose(first, second, rtol=tol, atol=0.0):
+        raise ValueError(
+            f"the loss differs between two passes over the data ({float(first)!r} vs "
+            f"{float(second)!r}), so curvature products would be inconsistent. Make the "
+            "evaluation deterministic: switch off data augmentation, use a DataLoader with "
+            "shuffle=False (or a fixed list of batches), and keep dropout=False (and "
+            "bn='eval' or fixed batches)."
+        )
