@@ -35,6 +35,8 @@ __all__ = [
     "forward",
     "loss_and_grad",
     "loss_derivatives",
+    "loss_slope",
+    "head",
     "trace_terms",
 ]
 
@@ -85,11 +87,39 @@ def _bn_stats(p: Params, X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _ln_parts(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Norm r of h, the clamped denominator and the "normalization active" mask."""
-    r = h.norm(dim=-1, keepdim=True)
-    active = r > eps
-    denom = torch.where(active, r, torch.full_like(r, eps))
-    return r, denom, active
+    r"""Norm r of h, the clamped denominator $\max(r, \varepsilon)$ and $[r > \varepsilon]$ (float).
+
+    The mask is ``sign(r - eps)`` clamped at 0 (exact: with gradual underflow ``r - eps > 0``
+    iff ``r > eps``); comparisons and ``where`` on bool tensors are several times slower than
+    these float operations on a CPU, and the per-step kernels call this 200 times an epoch.
+    """
+    r = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    return r, r.clamp_min(eps), (r - eps).sign_().clamp_min_(0.0)
+
+
+def head(h: Tensor, W2: Tensor, arch: str, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Output $f$, its derivative in the activations $h$ and the features $W_2$ multiplies.
+
+    Over the last dimension of ``h`` (``W2`` broadcasts against it): $f = W_2 \cdot h$ with
+    features $h$, or for ``simplified_ln`` $f = W_2 \cdot u$, $u = h/\max(\lVert h\rVert,
+    \varepsilon)$, $\partial f/\partial h = (W_2 - [\lVert h\rVert > \varepsilon]
+    (W_2\cdot u)\,u)/\max(\lVert h\rVert, \varepsilon)$ with features $u$. Shared by the
+    batched gradients here and the fused per-step kernels (`sharpgen.experiments._fused`).
+    """
+    if arch != "simplified_ln":
+        return (W2 * h).sum(-1), W2, h
+    _, denom, active = _ln_parts(h, eps)
+    u = h / denom
+    wu = (W2 * u).sum(-1, keepdim=True)
+    dh = torch.addcmul(W2, u, active * wu, value=-1.0).div_(denom)
+    return wu.squeeze(-1), dh, u
+
+
+def loss_slope(f: Tensor, y: Tensor, loss: str, label_smoothing: float = 0.0) -> Tensor:
+    r"""The loss derivative $\ell'(f)$ alone (`loss_derivatives`' second output)."""
+    if loss == "mse":
+        return 2.0 * (f - y)
+    return loss_derivatives(f, y, loss, label_smoothing)[1]
 
 
 def forward(p: Params, arch: str, X: Tensor, *, train_X: Tensor | None = None, eps: float = 1e-3):
@@ -103,14 +133,14 @@ def forward(p: Params, arch: str, X: Tensor, *, train_X: Tensor | None = None, e
         _, _, _, s_safe = _bn_stats(p, train_X)
         h = torch.relu(torch.einsum("rmd,rbd->rbm", p["W1"], X) + p["b1"][:, None, :])
         return torch.einsum("rm,rbm->rb", p["gamma"] * p["W2"] / s_safe, h)
+    h = torch.relu(_pre_activations(p, arch, X))
+    return head(h, p["W2"][:, None, :], arch, eps)[0]
+
+
+def _pre_activations(p: Params, arch: str, X: Tensor) -> Tensor:
+    """``W1 x (+ b1)`` of every run on its own inputs ``X: (R, B, d)``, shape ``(R, B, m)``."""
     z = torch.einsum("rmd,rbd->rbm", p["W1"], X)
-    if arch != "no_bias":
-        z = z + p["b1"][:, None, :]
-    h = torch.relu(z)
-    if arch == "simplified_ln":
-        _, denom, _ = _ln_parts(h, eps)
-        h = h / denom
-    return torch.einsum("rm,rbm->rb", p["W2"], h)
+    return z if arch == "no_bias" else z + p["b1"][:, None, :]
 
 
 def loss_and_grad(
@@ -153,21 +183,8 @@ def loss_and_grad(
         }
         return value.mean(dim=1), grads
     Xb = X[rows, idx]
-    z = torch.einsum("rmd,rbd->rbm", p["W1"], Xb)
-    if arch != "no_bias":
-        z = z + p["b1"][:, None, :]
-    h = torch.relu(z)
-    W2 = p["W2"][:, None, :]
-    if arch == "simplified_ln":
-        _, denom, active = _ln_parts(h, eps)
-        u = h / denom
-        f = (W2 * u).sum(-1)
-        dh = (W2 - active * (W2 * u).sum(-1, keepdim=True) * u) / denom
-        feat = u
-    else:
-        f = (W2 * h).sum(-1)
-        dh = W2
-        feat = h
+    z = _pre_activations(p, arch, Xb)
+    f, dh, feat = head(torch.relu(z), p["W2"][:, None, :], arch, eps)
     value, d1, _ = loss_derivatives(f, Y[rows, idx], loss, label_smoothing)
     w = d1 / B
     gz = (w[:, :, None] * dh) * (z > 0)
@@ -235,100 +252,21 @@ def trace_terms(
             )
         ).sum(-1)
     else:
-        z = torch.einsum("rmd,rnd->rnm", p["W1"], X)
-        if has_bias:
-            z = z + p["b1"][:, None, :]
+        z = _pre_activations(p, arch, X)
         mask = (z > 0).to(X.dtype)
         h = torch.relu(z)
         W2 = p["W2"][:, None, :]
+        f, dh, feat = head(h, W2, arch, eps)
         if arch == "simplified_ln":
-            r, denom, active = _ln_parts(h, eps)
-            u = h / denom
-            f = (W2 * u).sum(-1)
-            wu = (W2 * u).sum(-1, keepdim=True)
-            dh = (W2 - active * wu * u) / denom
-            feat = u
             # diagonal of the Hessian of w.h/||h|| in h (zero where the clamp is active)
-            rr = r.clamp_min(eps)
+            _, rr, active = _ln_parts(h, eps)
             wh = (W2 * h).sum(-1, keepdim=True)
             diag = -2 * W2 * h / rr**3 - wh / rr**3 + 3 * wh * h.square() / rr**5
             hess_f = (active * diag * mask).sum(-1) * xx
         else:
-            f = (W2 * h).sum(-1)
-            dh = W2.expand_as(h)
-            feat = h
+            dh = dh.expand_as(h)
             hess_f = torch.zeros_like(f)
         _, d1, d2 = loss_derivatives(f, Y, loss, label_smoothing)
         gsq = (dh.square() * mask).sum(-1) * xx + feat.square().sum(-1)
     gn = (d2 * gsq).mean(dim=1)
     return gn + (d1 * hess_f).mean(dim=1), gn
-
-
-def sam1_relu_step(
-    W1: Tensor,
-    b1: Tensor,
-    W2: Tensor,
-    x: Tensor,
-    y: Tensor,
-    xx: Tensor,
-    *,
-    arch: str,
-    lr: float,
-    rho: float,
-    loss: str = "mse",
-    label_smoothing: float = 0.0,
-    eps: float = 1e-3,
-) -> None:
-    r"""One in-place 1-SAM step of every run on one example each (architectures without BN).
-
-    ``W1: (R, m, d)``, ``b1, W2: (R, m)`` are updated in place; ``x: (R, d)``, ``y: (R,)`` are
-    each run's example and ``xx`` its $\lVert x\rVert^2$ plus 1 if the first layer has a bias.
-
-    The single-example gradient of a two-layer net is rank one in the first layer,
-    $\nabla_{W_1} \ell = g_z x^\top$ and $\nabla_{b_1} \ell = g_z$, so the ascent point's
-    pre-activations are $z + s\, g_z \lVert x' \rVert^2$ with $s = \rho / \lVert\nabla\ell\rVert$,
-    and $\lVert \nabla\ell \rVert^2 = \lVert g_z\rVert^2 \lVert x'\rVert^2 +
-    \lVert\nabla_{W_2}\ell\rVert^2$: only the final update touches the $m \times d$ weights.
-    A zero gradient skips the ascent (no division by zero).
-    """
-    has_bias = arch != "no_bias"
-    z = torch.bmm(W1, x.unsqueeze(2)).squeeze(2)
-    if has_bias:
-        z = z + b1
-    gz, gW2 = _relu_example_grad(z, W2, y, arch, loss, label_smoothing, eps)
-    if rho > 0:
-        sq = gz.square().sum(1) * xx + gW2.square().sum(1)
-        norm = sq.sqrt()
-        s = torch.where(norm > 0, rho / norm, torch.zeros_like(norm)).unsqueeze(1)
-        gz, gW2 = _relu_example_grad(
-            z + (s * xx.unsqueeze(1)) * gz, W2 + s * gW2, y, arch, loss, label_smoothing, eps
-        )
-    W1.baddbmm_(gz.unsqueeze(2), x.unsqueeze(1), alpha=-lr)
-    if has_bias:
-        b1.sub_(gz, alpha=lr)
-    W2.sub_(gW2, alpha=lr)
-
-
-def _relu_example_grad(z, W2, y, arch, loss, label_smoothing, eps):
-    """Gradient of one example's loss w.r.t. the pre-activations ``z`` and ``W2`` (rows = runs)."""
-    h = torch.relu(z)
-    if arch == "simplified_ln":
-        r = h.norm(dim=1, keepdim=True)
-        active = r > eps
-        denom = torch.where(active, r, torch.full_like(r, eps))
-        u = h / denom
-        wu = (W2 * u).sum(1, keepdim=True)
-        f = wu.squeeze(1)
-        dh = (W2 - active * wu * u) / denom
-        feat = u
-    else:
-        f = (W2 * h).sum(1)
-        dh = W2
-        feat = h
-    if loss == "mse":
-        d1 = 2.0 * (f - y)
-    else:
-        _, d1, _ = loss_derivatives(f, y, loss, label_smoothing)
-    d1 = d1.unsqueeze(1)
-    gz = torch.where(z > 0, d1 * dh, torch.zeros_like(z))
-    return gz, d1 * feat

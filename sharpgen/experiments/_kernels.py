@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from sharpgen.experiments._batched import forward, loss_and_grad, trace_terms, trainable_names
-from sharpgen.experiments._fused import sam1_bn_epoch, sam1_projected_epoch, sam1_rank_one_epoch
+from sharpgen.experiments._fused import Head, sam1_bn_epoch, sam1_rank_one_epoch
 from sharpgen.experiments._generic import (
     generic_forward,
     generic_loss_and_grad,
@@ -92,37 +92,19 @@ class ClosedFormKernels(Kernels):
         spec = self.spec
         if spec.method == "sgd" or spec.batch_size != 1:
             return None
-        kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing}
-        if spec.method == "projected_sam1":
-            if spec.arch == "simplified_bn":
+        hd = Head(spec.arch, spec.loss, spec.label_smoothing, spec.eps)
+        if spec.arch == "simplified_bn":
+            if spec.method == "projected_sam1":
                 return None
 
-            def projected(P, X, Y, idx, lr, rho):
-                sam1_projected_epoch(
-                    P,
-                    X,
-                    Y,
-                    idx[:, :, 0],
-                    arch=spec.arch,
-                    lr=lr,
-                    rho=rho,
-                    eps=spec.eps,
-                    radius=spec.projection_radius,
-                    **kw,
-                )
-
-            return projected
-        if spec.arch == "simplified_bn":
-
             def bn(P, X, Y, idx, lr, rho):
-                sam1_bn_epoch(P, X, Y, idx[:, :, 0], lr=lr, rho=rho, **kw)
+                sam1_bn_epoch(P, X, Y, idx[:, :, 0], hd=hd, lr=lr, rho=rho)
 
             return bn
+        radius = spec.projection_radius if spec.method == "projected_sam1" else None
 
         def rank_one(P, X, Y, idx, lr, rho):
-            sam1_rank_one_epoch(
-                P, X, Y, idx[:, :, 0], arch=spec.arch, lr=lr, rho=rho, eps=spec.eps, **kw
-            )
+            sam1_rank_one_epoch(P, X, Y, idx[:, :, 0], hd=hd, lr=lr, rho=rho, radius=radius)
 
         return rank_one
 

@@ -243,20 +243,10 @@ def test_zero_gradient_skips_the_ascent_without_nan():
     (X, Y, _, _), P, _ = make_runs(spec, [0])
     P["W1"].zero_()
     P["W2"].zero_()
-    from sharpgen.experiments._batched import sam1_relu_step
+    from sharpgen.experiments._fused import Head, sam1_rank_one_epoch
 
     before = {k: v.clone() for k, v in P.items()}
-    sam1_relu_step(
-        P["W1"],
-        P["b1"],
-        P["W2"],
-        X[:, 0],
-        Y[:, 0],
-        X[:, 0].square().sum(1),
-        arch="no_bias",
-        lr=0.1,
-        rho=0.1,
-    )
+    sam1_rank_one_epoch(P, X, Y, torch.zeros(1, 3, dtype=torch.long), hd=Head(), lr=0.1, rho=0.1)
     for k in P:
         assert torch.equal(P[k], before[k])
 
@@ -355,7 +345,7 @@ def test_logged_trace_equals_sharpgen_hessian_trace_exact(arch):
 @pytest.mark.parametrize("block", [1, 3, 7, 25])
 def test_fused_epochs_equal_the_reference_step(arch, loss, block):
     """Fused 1-SAM epochs (blocked rank-one updates; Sim-BN closed form) = the obvious step."""
-    from sharpgen.experiments._fused import sam1_bn_epoch, sam1_rank_one_epoch
+    from sharpgen.experiments._fused import Head, sam1_bn_epoch, sam1_rank_one_epoch
     from sharpgen.experiments._kernels import kernels_for
     from sharpgen.experiments._trainer import _epoch_indices, _sam_step
 
@@ -366,11 +356,42 @@ def test_fused_epochs_equal_the_reference_step(arch, loss, block):
     kernels = kernels_for(spec)
     for t in range(idx.shape[1]):
         _sam_step(spec, kernels, slow, X, Y, idx[:, t], 0.05, 0.1)
-    kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing}
+    hd = Head(arch, spec.loss, spec.label_smoothing, spec.eps)
     if arch == "simplified_bn":
-        sam1_bn_epoch(P, X, Y, idx[:, :, 0], lr=0.05, rho=0.1, **kw)
+        sam1_bn_epoch(P, X, Y, idx[:, :, 0], hd=hd, lr=0.05, rho=0.1)
     else:
-        sam1_rank_one_epoch(P, X, Y, idx[:, :, 0], arch=arch, lr=0.05, rho=0.1, block=block, **kw)
+        sam1_rank_one_epoch(P, X, Y, idx[:, :, 0], hd=hd, lr=0.05, rho=0.1, block=block)
     for k in P:
         torch.testing.assert_close(P[k], slow[k], rtol=1e-11, atol=1e-12)
     assert not torch.equal(P["W2"], make_runs(spec, [0, 1, 2])[1]["W2"])  # it moved
+
+
+def test_bn_zero_gradient_skips_the_ascent_without_nan():
+    # first layer zero: every neuron dead (s = 0), the Sim-BN gradient is exactly 0, no NaN
+    from sharpgen.experiments._fused import Head, sam1_bn_epoch
+
+    spec = _tiny("simplified_bn")
+    (X, Y, _, _), P, _ = make_runs(spec, [0, 1])
+    P["W1"].zero_()
+    P["b1"].zero_()
+    before = {k: v.clone() for k, v in P.items()}
+    sam1_bn_epoch(P, X, Y, torch.zeros(2, 3, dtype=torch.long), hd=Head(), lr=0.1, rho=0.1)
+    for k in P:
+        assert torch.equal(P[k], before[k])
+
+
+@pytest.mark.parametrize("arch", ["bias", "simplified_bn"])
+def test_nothing_but_the_history_grows_with_the_epochs(arch):
+    """Live tensors are the same after every epoch: buffers are per epoch call, not kept."""
+    import gc
+
+    spec = _tiny(arch, phases=(Phase(12, 0.02, 0.1),), eval_every=100)
+    counts = []
+
+    def count(_):
+        gc.collect()
+        counts.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o)))
+
+    train(spec, [0, 1], progress=count)
+    assert len(counts) == 12
+    assert counts[1:] == [counts[1]] * 11, counts
