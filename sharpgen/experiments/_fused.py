@@ -33,14 +33,23 @@ much as recomputing it (the Gram-matrix route $X' X'^\top H$ costs $n^2 m > n m 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sharpgen.experiments._batched import head, loss_slope
 
-__all__ = ["Head", "sam1_rank_one_epoch", "sam1_bn_epoch", "project", "ascent_scale"]
+__all__ = [
+    "Head",
+    "sam1_rank_one_epoch",
+    "sam1_bn_epoch",
+    "project",
+    "ascent_scale",
+    "compiled_example_grad",
+]
 
 BLOCK = 25
 
@@ -102,6 +111,22 @@ def _sam1_example_grad(
     return gz, gW2
 
 
+_COMPILED: dict[str, Any] = {}
+
+
+def compiled_example_grad() -> Callable[..., tuple[Tensor, Tensor]]:
+    """`torch.compile` of the rank-one per-step gradient, built once per process (lazily).
+
+    Measured on a 2-core CPU (docs/guide/reproduce.md, "torch.compile"): the ~30 elementwise
+    operations of a step fuse into a few loops; compiling takes 20-50 s per architecture and
+    recompiles for each new ``rho`` or shape. The Sim-BN step is not compiled: it is bound by
+    its four matrix products, and its compiled form was slower.
+    """
+    if "rank_one" not in _COMPILED:
+        _COMPILED["rank_one"] = torch.compile(_sam1_example_grad, dynamic=False)
+    return _COMPILED["rank_one"]
+
+
 def sam1_rank_one_epoch(
     P: dict[str, Tensor],
     X: Tensor,
@@ -113,6 +138,7 @@ def sam1_rank_one_epoch(
     rho: float,
     block: int = BLOCK,
     radius: float | None = None,
+    compile: bool = False,
 ) -> None:
     """One epoch of 1-SAM for every run, in place (no bias, bias, simplified LayerNorm).
 
@@ -127,7 +153,9 @@ def sam1_rank_one_epoch(
         block: Steps whose first-layer updates are applied together.
         radius: Projected 1-SAM (Fig. 6b): after every step, `project` the first layer onto
             the ball of this radius (the block is then 1 step).
+        compile: Use `compiled_example_grad` for the per-step gradient.
     """
+    example_grad = compiled_example_grad() if compile else _sam1_example_grad
     R = X.shape[0]
     rows = torch.arange(R, device=X.device)[:, None]
     Xe, Ye = X[rows, idx], Y[rows, idx]  # (R, S, d), (R, S)
@@ -144,7 +172,7 @@ def sam1_rank_one_epoch(
         Gb = torch.bmm(Xb, Xb.transpose(1, 2)).mul_(-lr)  # -lr x_s . x_t, (R, K, K)
         for j in range(K):
             z = Zs[:, j] + b1 if has_bias else Zs[:, j]
-            gz, gW2 = _sam1_example_grad(z, W2, Ye[:, start + j], xx[:, start + j], rho, hd)
+            gz, gW2 = example_grad(z, W2, Ye[:, start + j], xx[:, start + j], rho, hd)
             if j + 1 < K:  # the block's later pre-activations see this step's W1 update
                 Zs[:, j + 1 :].addcmul_(Gb[:, j + 1 :, j : j + 1], gz.unsqueeze(1))
             GZ[:, j] = gz

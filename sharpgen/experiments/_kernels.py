@@ -66,9 +66,10 @@ class Kernels:
 class ClosedFormKernels(Kernels):
     """The paper's two-layer ReLU nets: closed-form batched gradients and traces."""
 
-    def __init__(self, spec: ExperimentSpec) -> None:
+    def __init__(self, spec: ExperimentSpec, *, compile: bool = False) -> None:
         super().__init__(spec)
         self.kw = {"loss": spec.loss, "label_smoothing": spec.label_smoothing, "eps": spec.eps}
+        self.compile = compile
 
     def names(self, P: Params) -> tuple[str, ...]:
         return trainable_names(self.spec.arch)
@@ -101,10 +102,13 @@ class ClosedFormKernels(Kernels):
                 sam1_bn_epoch(P, X, Y, idx[:, :, 0], hd=hd, lr=lr, rho=rho)
 
             return bn
-        radius = spec.projection_radius if spec.method == "projected_sam1" else None
+        kw = {
+            "radius": spec.projection_radius if spec.method == "projected_sam1" else None,
+            "compile": self.compile,
+        }
 
         def rank_one(P, X, Y, idx, lr, rho):
-            sam1_rank_one_epoch(P, X, Y, idx[:, :, 0], hd=hd, lr=lr, rho=rho, radius=radius)
+            sam1_rank_one_epoch(P, X, Y, idx[:, :, 0], hd=hd, lr=lr, rho=rho, **kw)
 
         return rank_one
 
@@ -128,8 +132,12 @@ class AutogradKernels(Kernels):
         return trace, gn
 
 
-def kernels_for(spec: ExperimentSpec) -> Kernels:
-    """The kernels of ``spec``: closed form for two-layer ReLU nets, autograd otherwise."""
+def kernels_for(spec: ExperimentSpec, *, compile: bool = False) -> Kernels:
+    """The kernels of ``spec``: closed form for two-layer ReLU nets, autograd otherwise.
+
+    ``compile=True`` runs the rank-one nets' fused 1-SAM step through `torch.compile`
+    (`sharpgen.experiments._fused.compiled_example_grad`); it changes nothing elsewhere.
+    """
     if spec.activation != "relu" or spec.depth > 2:
         return AutogradKernels(spec)
-    return ClosedFormKernels(spec)
+    return ClosedFormKernels(spec, compile=compile)

@@ -308,6 +308,7 @@ def train(
     checkpoint_every_s: float = 30.0,
     progress: Callable[[int], None] | None = None,
     stop_after_epochs: int | None = None,
+    compile: bool = False,
 ) -> RunResult:
     r"""Train every seed's run of ``spec`` together, batched along a leading run dimension.
 
@@ -323,6 +324,10 @@ def train(
         progress: Called with the number of epochs just completed (e.g. ``tqdm.update``).
         stop_after_epochs: Stop (after checkpointing) once this many epochs are done in
             total; for tests and time-sliced jobs.
+        compile: Run the fused 1-SAM step of the no-bias, bias and simplified-LayerNorm nets
+            through `torch.compile` (20-50 s to compile on a CPU, then 1.3-1.5x faster per step
+            at 30 runs; worth it for runs of an hour or more). Results equal the eager ones to
+            float rounding, not bitwise.
 
     Returns:
         A `RunResult`.
@@ -342,7 +347,7 @@ def train(
         ((0, 1, 2), 2)
     """
     seeds = tuple(int(s) for s in seeds)
-    kernels = kernels_for(spec)
+    kernels = kernels_for(spec, compile=compile)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds!r} must be a non-empty sequence of distinct integers")
     state = None

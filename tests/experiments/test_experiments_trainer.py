@@ -395,3 +395,11 @@ def test_nothing_but_the_history_grows_with_the_epochs(arch):
     train(spec, [0, 1], progress=count)
     assert len(counts) == 12
     assert counts[1:] == [counts[1]] * 11, counts
+
+
+def test_compiled_rank_one_step_equals_the_eager_one():
+    spec = _tiny("simplified_ln", phases=(Phase(2, 0.05, 0.1),))
+    eager = train(spec, [0, 1]).params
+    compiled = train(spec, [0, 1], compile=True).params
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-12, atol=1e-13)
