@@ -93,7 +93,8 @@ def batched(arch: str, runs: int, *, compile: bool = False, width: int = 500):
         with torch.no_grad():
             t = clock()
             for _ in range(epochs):
-                run_epoch(spec, kernels, P, data[0], data[1], _epoch_indices(spec, gens), 1e-3, 0.05)
+                idx = _epoch_indices(spec, gens)
+                run_epoch(spec, kernels, P, data[0], data[1], idx, 1e-3, 0.05)
         return (clock() - t) / (epochs * spec.steps_per_epoch)
 
     timed(1)
@@ -187,9 +188,10 @@ def bn_profile(runs: int = 30) -> list[str]:
     return lines
 
 
-NO_KERNEL = {"view", "unsqueeze", "squeeze", "select", "slice", "transpose", "expand",
-             "as_strided", "reshape", "flatten", "empty", "empty_strided", "resolve_conj",
-             "resolve_neg", "alias", "t", "detach", "lift_fresh", "_unsafe_view", "permute"}  # fmt: skip
+NO_KERNEL = set(
+    "view unsqueeze squeeze select slice transpose expand as_strided reshape flatten empty "
+    "empty_strided resolve_conj resolve_neg alias t detach lift_fresh _unsafe_view permute".split()
+)
 
 
 def launches_per_step(spec: ExperimentSpec, runs: int = 3) -> float:
