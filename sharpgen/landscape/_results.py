@@ -20,8 +20,28 @@ def _axes(ax: Any, projection: str | None = None) -> Any:
     return fig.add_subplot(111, projection=projection) if projection else fig.add_subplot(111)
 
 
-@dataclass(frozen=True, repr=False)
-class Landscape1D:
+@dataclass(frozen=True, repr=False, kw_only=True)
+class _Landscape:
+    """The fields and checks that 1-D and 2-D landscapes share (see their docs)."""
+
+    loss: Tensor
+    metric: Tensor | None
+    center_loss: float
+    direction: str
+    normalization: str
+    num_loss_evals: int
+
+    def _values(self, metric: bool) -> Tensor:
+        """The loss, or the metric when asked (a clear error if none was computed)."""
+        if not metric:
+            return self.loss
+        if self.metric is None:
+            raise ValueError("this landscape has no metric; pass metric=... when computing it.")
+        return self.metric
+
+
+@dataclass(frozen=True, repr=False, kw_only=True)
+class Landscape1D(_Landscape):
     r"""Loss (and metric) along a line $\theta + t\,d$ (or an interpolation path).
 
     Attributes:
@@ -38,12 +58,6 @@ class Landscape1D:
     """
 
     coords: Tensor
-    loss: Tensor
-    metric: Tensor | None
-    center_loss: float
-    direction: str
-    normalization: str
-    num_loss_evals: int
     bn_stats: str | None = None
 
     @property
@@ -69,10 +83,8 @@ class Landscape1D:
         Returns:
             The matplotlib Figure.
         """
-        if metric and self.metric is None:
-            raise ValueError("this landscape has no metric; pass metric=... when computing it.")
+        values = self._values(metric)
         ax = _axes(ax)
-        values = self.metric if metric and self.metric is not None else self.loss
         x = self.coords.numpy()
         (line,) = ax.plot(x, values.numpy(), label=label)
         i = int(torch.argmin(self.loss))
@@ -84,8 +96,8 @@ class Landscape1D:
         return ax.figure
 
 
-@dataclass(frozen=True, repr=False)
-class Landscape2D:
+@dataclass(frozen=True, repr=False, kw_only=True)
+class Landscape2D(_Landscape):
     r"""Loss (and metric) on the plane $\theta + x\,d_1 + y\,d_2$.
 
     Attributes:
@@ -102,12 +114,6 @@ class Landscape2D:
 
     x: Tensor
     y: Tensor
-    loss: Tensor
-    metric: Tensor | None
-    center_loss: float
-    direction: str
-    normalization: str
-    num_loss_evals: int
     eigenvalues: Tensor | None = None
 
     @property
@@ -147,9 +153,7 @@ class Landscape2D:
         """
         if kind not in ("contour", "surface"):
             raise ValueError(f"kind must be 'contour' or 'surface', got {kind!r}.")
-        if metric and self.metric is None:
-            raise ValueError("this landscape has no metric; pass metric=... when computing it.")
-        Z = (self.metric if metric and self.metric is not None else self.loss).clone()
+        Z = self._values(metric).clone()
         if log:
             Z = Z.clamp_min(torch.finfo(torch.float64).tiny).log10()
         X, Y = torch.meshgrid(self.x, self.y, indexing="ij")

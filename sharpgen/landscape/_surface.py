@@ -3,7 +3,7 @@ r"""1-D and 2-D loss landscapes: $L(\theta + t d)$ and $L(\theta + x d_1 + y d_2
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +21,82 @@ from sharpgen.landscape._grid import DEFAULT_MEMORY, evaluate_points, points_per
 from sharpgen.landscape._results import Landscape1D, Landscape2D
 from sharpgen.sharpness._objective_arg import objective_of
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["loss_landscape_1d", "loss_landscape_2d"]
 
 Direction = str | Mapping[str, Tensor]
+
+
+class _GridOptions(TypedDict, total=False):
+    """Keyword options shared by `loss_landscape_1d` and `loss_landscape_2d`."""
+
+    metric: Callable[[Any, Any], Tensor] | None
+    generator: torch.Generator | None
+    chunk_size: int | None
+    memory: int
+    progress: bool
+    params: ParamSelection
+    bn: str
+    reduction: str
+    process_group: Any
+
+
+_DEFAULTS: dict[str, Any] = dict(
+    metric=None, generator=None, chunk_size=None, memory=DEFAULT_MEMORY, progress=False,
+    params=None, bn="eval", reduction="mean", process_group="auto",
+)  # fmt: skip
+
+
+def _options(where: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with their defaults, checked before any work is done."""
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"{where}() got unexpected keyword argument(s) {unknown}; the options are "
+            f"{sorted(_DEFAULTS)} besides the direction, normalization, span and grid ones."
+        )
+    opts = {**_DEFAULTS, **options}
+    opts["generator"] = check_generator(opts["generator"])
+    opts["memory"] = int(check_positive("memory", opts["memory"]))
+    if opts["chunk_size"] is not None:
+        opts["chunk_size"] = check_int("chunk_size", opts["chunk_size"])
+    return opts
+
+
+def _grid(
+    where: str,
+    model: Any,
+    loss_fn: Any,
+    data: Any,
+    opts: dict[str, Any],
+    how: Any,
+    k: int,
+    normalization: str | None,
+    one_dim: str,
+) -> tuple[ModelObjective, list[dict[str, Tensor]], str, str, Tensor | None]:
+    """Objective and directions of a landscape: ``(obj, dirs, kind, norm, eigs)``."""
+    obj = objective_of(model, loss_fn, data, opts["params"], bn=opts["bn"],
+                       reduction=opts["reduction"], process_group=opts["process_group"],
+                       where=where)  # fmt: skip
+    if obj.dropout:
+        raise ValueError(
+            f"{where} needs a deterministic loss; build the objective with dropout=False."
+        )
+    if k == 2 and isinstance(how, Mapping):
+        raise TypeError("directions must be 'random', 'hessian' or a pair of dicts, got one dict.")
+    return (obj, *_directions(obj, how, k, normalization, one_dim, opts["generator"]))
+
+
+def _evaluate(
+    where: str, obj: ModelObjective, dirs: list[dict[str, Tensor]], coeffs: Tensor,
+    opts: dict[str, Any],
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    return evaluate_points(obj, dirs, coeffs, metric=opts["metric"],
+                           chunk_size=opts["chunk_size"],
+                           max_chunk=points_per_chunk(obj, opts["memory"]),
+                           progress=opts["progress"], desc=where)  # fmt: skip
 
 
 def _span(name: str, span: Any) -> tuple[float, float]:
@@ -72,19 +145,6 @@ def _directions(
     return dirs, kind, norm, eigs
 
 
-def _setup(
-    model: Any, loss_fn: Any, data: Any, params: Any, bn: str, reduction: str,
-    process_group: Any, where: str,
-) -> ModelObjective:  # fmt: skip
-    obj = objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction,
-                       process_group=process_group, where=where)  # fmt: skip
-    if obj.dropout:
-        raise ValueError(
-            f"{where} needs a deterministic loss; build the objective with dropout=False."
-        )
-    return obj
-
-
 def loss_landscape_1d(
     model: nn.Module | ModelObjective,
     loss_fn: Callable[[Any, Any], Tensor] | None = None,
@@ -95,15 +155,7 @@ def loss_landscape_1d(
     one_dim: str = "zero",
     span: tuple[float, float] = (-1.0, 1.0),
     num_points: int = 51,
-    metric: Callable[[Any, Any], Tensor] | None = None,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
-    memory: int = DEFAULT_MEMORY,
-    progress: bool = False,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
-    process_group: Any = "auto",
+    **options: Unpack[_GridOptions],
 ) -> Landscape1D:
     r"""The loss along a line, $t \mapsto L(\theta + t\,d)$, on an even grid of ``span``.
 
@@ -129,23 +181,28 @@ def loss_landscape_1d(
             in Li et al.; ``"normalize"``; ``"keep"``).
         span: ``(low, high)`` of $t$.
         num_points: Grid points ($\ge 2$).
-        metric: Optional ``metric(outputs, targets)`` (e.g. accuracy) evaluated from the
-            same forward passes and combined over batches like the loss.
-        generator: Source of random directions; the global RNG is untouched when given.
-        chunk_size: Points per vectorized forward pass; None: tuned (see above).
-        memory: Byte budget of the largest chunk tried (parameters plus activations,
-            estimated from one forward pass).
-        progress: A tqdm bar over the chunks.
-        params: Parameter selection (the others stay fixed).
-        bn: ``"eval"`` or ``"batch"``.
-        reduction: ``"mean"`` or ``"sum"``.
-        process_group: See `sharpgen.ModelObjective`.
+        **options: The keyword options below, shared with `loss_landscape_2d`.
+
+    Keyword Args:
+        metric (Callable | None): Optional ``metric(outputs, targets)`` (e.g. accuracy)
+            evaluated from the same forward passes and combined over batches like the loss.
+        generator (torch.Generator | None): Source of random directions; the global RNG is
+            untouched when given.
+        chunk_size (int | None): Points per vectorized forward pass; None: tuned (see above).
+        memory (int): Byte budget of the largest chunk tried (parameters plus activations,
+            estimated from one forward pass; default 256 MiB).
+        progress (bool): A tqdm bar over the chunks.
+        params (ParamSelection): Parameter selection (the others stay fixed).
+        bn (str): ``"eval"`` (default) or ``"batch"``.
+        reduction (str): ``"mean"`` (default) or ``"sum"``.
+        process_group (Any): See `sharpgen.ModelObjective` (default ``"auto"``).
 
     Returns:
         A `Landscape1D` (``.plot()`` draws the curve with the minimum marked).
 
     Raises:
         ValueError: Bad ``span``/``num_points``/``direction``/``normalization``.
+        TypeError: An unknown keyword option.
 
     Examples:
         >>> import torch
@@ -164,16 +221,11 @@ def loss_landscape_1d(
     """
     lo, hi = _span("span", span)
     num_points = check_int("num_points", num_points, minimum=2)
-    generator = check_generator(generator)
-    memory = int(check_positive("memory", memory))
-    obj = _setup(model, loss_fn, data, params, bn, reduction, process_group, "loss_landscape_1d")
-    dirs, kind, norm, _ = _directions(obj, direction, 1, normalization, one_dim, generator)
+    opts = _options("loss_landscape_1d", options)
+    obj, dirs, kind, norm, _ = _grid("loss_landscape_1d", model, loss_fn, data, opts, direction,
+                                     1, normalization, one_dim)  # fmt: skip
     t = torch.linspace(lo, hi, num_points, dtype=torch.float64)
-    chunk = None if chunk_size is None else check_int("chunk_size", chunk_size)
-    max_chunk = points_per_chunk(obj, memory)
-    loss, met = evaluate_points(obj, dirs, t[:, None], metric=metric, chunk_size=chunk,
-                                max_chunk=max_chunk, progress=progress,
-                                desc="loss_landscape_1d")  # fmt: skip
+    loss, met = _evaluate("loss_landscape_1d", obj, dirs, t[:, None], opts)
     return Landscape1D(coords=t, loss=loss, metric=met, center_loss=float(obj.loss()),
                        direction=kind, normalization=norm, num_loss_evals=num_points)  # fmt: skip
 
@@ -188,23 +240,17 @@ def loss_landscape_2d(
     one_dim: str = "zero",
     span: Any = (-1.0, 1.0),
     num_points: int | tuple[int, int] = 41,
-    metric: Callable[[Any, Any], Tensor] | None = None,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
-    memory: int = DEFAULT_MEMORY,
-    progress: bool = False,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
-    process_group: Any = "auto",
+    **options: Unpack[_GridOptions],
 ) -> Landscape2D:
     r"""The loss on a plane, $(x, y) \mapsto L(\theta + x\,d_1 + y\,d_2)$, on an even grid.
 
     Directions: two independent random filter-normalized ones (``"random"``, default; Li
     et al. 2018), the top-2 Hessian eigenvectors (``"hessian"``; their eigenvalues are in
     the result) or two dicts from the caller. Evaluation, model contract, BatchNorm and
-    arguments as in `loss_landscape_1d`; ``span`` is one pair for both axes or a pair of
-    pairs, ``num_points`` one int or ``(nx, ny)``.
+    arguments (and the keyword ``**options``: ``metric``, ``generator``, ``chunk_size``,
+    ``memory``, ``progress``, ``params``, ``bn``, ``reduction``, ``process_group``) as in
+    `loss_landscape_1d`; ``span`` is one pair for both axes or a pair of pairs,
+    ``num_points`` one int or ``(nx, ny)``.
 
     Returns:
         A `Landscape2D` (``.plot("contour")`` or ``.plot("surface")``, minimum marked).
@@ -228,21 +274,14 @@ def loss_landscape_2d(
         else (_span("span", span),) * 2  # fmt: skip
     nx, ny = (num_points, num_points) if not isinstance(num_points, Sequence) else num_points
     nx, ny = check_int("num_points", nx, minimum=2), check_int("num_points", ny, minimum=2)
-    generator = check_generator(generator)
-    memory = int(check_positive("memory", memory))
-    obj = _setup(model, loss_fn, data, params, bn, reduction, process_group, "loss_landscape_2d")
-    if isinstance(directions, Mapping):
-        raise TypeError("directions must be 'random', 'hessian' or a pair of dicts, got one dict.")
-    dirs, kind, norm, eigs = _directions(obj, directions, 2, normalization, one_dim, generator)
+    opts = _options("loss_landscape_2d", options)
+    obj, dirs, kind, norm, eigs = _grid("loss_landscape_2d", model, loss_fn, data, opts,
+                                        directions, 2, normalization, one_dim)  # fmt: skip
     xs = torch.linspace(xlo, xhi, nx, dtype=torch.float64)
     ys = torch.linspace(ylo, yhi, ny, dtype=torch.float64)
     X, Y = torch.meshgrid(xs, ys, indexing="ij")
     coeffs = torch.stack([X.reshape(-1), Y.reshape(-1)], 1)
-    chunk = None if chunk_size is None else check_int("chunk_size", chunk_size)
-    max_chunk = points_per_chunk(obj, memory)
-    loss, met = evaluate_points(obj, dirs, coeffs, metric=metric, chunk_size=chunk,
-                                max_chunk=max_chunk, progress=progress,
-                                desc="loss_landscape_2d")  # fmt: skip
+    loss, met = _evaluate("loss_landscape_2d", obj, dirs, coeffs, opts)
     return Landscape2D(
         x=xs, y=ys, loss=loss.reshape(nx, ny),
         metric=None if met is None else met.reshape(nx, ny),

@@ -228,3 +228,15 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="direction\\['0.weight'\\] has shape"):
         theta = {n: p.detach() for n, p in model.named_parameters()}
         normalize_direction({n: torch.zeros(1, dtype=DT) for n in theta}, theta)
+
+
+def test_unknown_or_bad_options_are_refused_before_any_work():
+    model, (x, y) = cnn(), images()
+    with pytest.raises(TypeError, match=r"\['chunksize'\]"):
+        loss_landscape_1d(model, ce, (x, y), chunksize=4)
+    with pytest.raises(TypeError, match="got one dict"):
+        loss_landscape_2d(model, ce, (x, y), directions=random_direction(model, generator=_g(0)))
+    with pytest.raises(ValueError, match="memory"):
+        loss_landscape_2d(model, ce, (x, y), memory=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        loss_landscape_1d(model, ce, (x, y), chunk_size=0)
