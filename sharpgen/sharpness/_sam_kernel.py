@@ -147,6 +147,25 @@ def _directions(
     return result
 
 
+def _steps(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    rho: float,
+    grad_norm: float | Tensor | None,
+    *,
+    norm: str,
+    adaptive: bool,
+    eta: float,
+    normalize: bool,
+    grad_scale: float | None,
+    foreach: bool,
+) -> tuple[list[Tensor], float | Tensor]:
+    r"""The directions $d_i$ and the coefficient $c$ of $\varepsilon_i = c\, d_i$."""
+    coef = _coefficient(rho, grad_norm, norm=norm, normalize=normalize, grad_scale=grad_scale)
+    directions = _directions(params, grads, norm=norm, adaptive=adaptive, eta=eta, foreach=foreach)
+    return directions, coef
+
+
 def sam_perturb_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -182,12 +201,12 @@ def sam_perturb_(
         >>> w[0].tolist()
         [0.30000001192092896, 0.4000000059604645]
     """
-    coef = _coefficient(rho, grad_norm, norm=norm, normalize=normalize, grad_scale=grad_scale)
     with torch.no_grad():
-        directions = _directions(
-            params, grads, norm=norm, adaptive=adaptive, eta=eta, foreach=foreach
-        )
-        if isinstance(coef, Tensor):
+        directions, coef = _steps(
+            params, grads, rho, grad_norm, norm=norm, adaptive=adaptive, eta=eta,
+            normalize=normalize, grad_scale=grad_scale, foreach=foreach,
+        )  # fmt: skip
+        if isinstance(coef, Tensor):  # no host synchronization (usable under vmap)
             directions = [d * coef.to(d.device) for d in directions]
             coef = 1.0
         if foreach:
@@ -219,11 +238,11 @@ def sam_perturbation_list(
         >>> sam_perturbation_list(w, g, rho=0.5, grad_norm=None, norm="linf")[0].tolist()
         [0.5, -0.5]
     """
-    coef = _coefficient(rho, grad_norm, norm=norm, normalize=normalize, grad_scale=grad_scale)
     with torch.no_grad():
-        directions = _directions(
-            params, grads, norm=norm, adaptive=adaptive, eta=eta, foreach=False
-        )
+        directions, coef = _steps(
+            params, grads, rho, grad_norm, norm=norm, adaptive=adaptive, eta=eta,
+            normalize=normalize, grad_scale=grad_scale, foreach=False,
+        )  # fmt: skip
         return [
             (d * (coef.to(d.device) if isinstance(coef, Tensor) else coef)).to(dtype=p.dtype)
             for p, d in zip(params, directions, strict=True)
