@@ -15,7 +15,7 @@ A variant writes `_perturb` (usually from the building blocks `_accept_norm`,
 | `_first_pass(closure)` | the closure at $w$ | BSAM (at $w + e$), ESAM (per-sample losses) |
 | `_second_closure(closure)` | the closure | ESAM (the sharpest samples only) |
 | ``_keeps_first_gradient`` | ``False`` | GSAM, WSAM, LookSAM (``self._g0``) |
-| `_combine_gradients()` | nothing | GSAM, WSAM, LookSAM |
+| `_combine_gradients()` | nothing | GSAM, WSAM (from `_both_gradients`), LookSAM |
 | `_also_finite()` | ``[]`` | WSAM, BSAM |
 | `_after_step(stepped)` | nothing | SAM (``interval``), LookSAM, WSAM, BSAM |
 | ``_generator_key`` | ``None`` | BSAM, ESAM (the generator's state in the state dict) |
@@ -279,6 +279,26 @@ class SAMBase(SAMSetup):
     def _discard_first_gradient(self) -> None:
         """Drop what `_save_first_gradient` kept (at the start and the end of every step)."""
         self._g0 = {}
+
+    def _both_gradients(self) -> list[tuple[dict[str, Any], Tensor, Tensor, Tensor]]:
+        r"""``(group, p, g, g_eps)``: the gradients at $w$ and $w + \varepsilon$, consumed.
+
+        Every parameter with a gradient in either pass, a missing one counting as zero (a
+        missing ``.grad`` is set to that zero tensor); empty when no first gradient was kept.
+        """
+        g0, self._g0 = self._g0, {}
+        if not g0:
+            return []
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in g0 and p.grad is None:
+                    continue
+                if p.grad is None:
+                    p.grad = torch.zeros_like(g0[p])
+                g = g0[p] if p in g0 else torch.zeros_like(p.grad)
+                out.append((group, p, g, p.grad))
+        return out
 
     def _also_finite(self) -> list[Tensor]:
         """Hook: tensors besides ``.grad`` that must be finite for the step (WSAM's)."""

@@ -164,26 +164,13 @@ class GSAM(SAM):
 
     @torch.no_grad()
     def _combine_gradients(self) -> None:
-        g0 = self._g0
-        if not g0:
+        entries = self._both_gradients()  # (group, param, g at w, g_p at w + eps)
+        if not entries:
             return
-        entries = []  # (param, alpha, g at w, g at w + eps)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in g0 or p.grad is not None:
-                    g = g0.get(p)
-                    gp = p.grad
-                    if gp is None:
-                        gp = torch.zeros_like(g0[p])  # no gradient now: p is in g0
-                        p.grad = gp
-                    if g is None:
-                        g = torch.zeros_like(gp)
-                    entries.append((p, group["alpha"], g, gp))
         gs, gps = [g for _, _, g, _ in entries], [gp for _, _, _, gp in entries]
         inner, gp_sq = total_dot(gs, gps), total_dot(gps, gps)
         coef = torch.where(gp_sq > 0, inner / gp_sq, torch.zeros_like(inner))
-        for p, alpha, g, gp in entries:
+        for group, _, g, gp in entries:
             # g_p - alpha * (g - coef * g_p) = (1 + alpha * coef) * g_p - alpha * g, in place
+            alpha = group["alpha"]
             gp.mul_(1.0 + alpha * coef.to(gp.device)).add_(g, alpha=-alpha)
-            g0.pop(p, None)
-        self._g0 = {}

@@ -110,20 +110,12 @@ class WSAM(SAM):
 
     @torch.no_grad()
     def _combine_gradients(self) -> None:
-        g0, self._g0 = self._g0, {}
-        if not g0:
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p not in g0 and p.grad is None:
-                    continue
-                g = g0[p] if p in g0 else torch.zeros_like(p.grad)
-                gs = p.grad if p.grad is not None else torch.zeros_like(g)
-                if self._decouple:  # base step on g; g_s - g applied after it
-                    p.grad = g
-                    self._sharp[p] = gs.sub_(g)
-                else:  # g + alpha (g_s - g) = alpha g_s + (1 - alpha) g
-                    p.grad = gs.mul_(self._alpha).add_(g, alpha=1.0 - self._alpha)
+        for _, p, g, gs in self._both_gradients():
+            if self._decouple:  # base step on g; g_s - g applied after it
+                p.grad = g
+                self._sharp[p] = gs.sub_(g)
+            else:  # g + alpha (g_s - g) = alpha g_s + (1 - alpha) g
+                p.grad = gs.mul_(self._alpha).add_(g, alpha=1.0 - self._alpha)
 
     def _also_finite(self) -> list[Tensor]:
         return list(self._sharp.values())
