@@ -11,6 +11,8 @@ given kind of argument is accepted or refused the same way everywhere:
 - **bool** (`check_bool`): exactly ``True`` or ``False`` (not ``0``/``1``, not ``np.bool_``).
 - **choice** (`check_choice`): one of a fixed set of strings.
 - **generator** (`check_generator`): a `torch.Generator` or ``None``.
+- **tensor dict** (`check_tensor_dict`): a mapping name -> tensor (or ``None``) whose names
+  and shapes are those of a reference dict (the parameters).
 
 Errors are `TypeError` for a value of the wrong kind and `ValueError` for a value of the right
 kind out of range; each message names the argument, the value and the fix.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +36,7 @@ __all__ = [
     "check_optional_int",
     "check_positive",
     "check_rho",
+    "check_tensor_dict",
     "is_int",
 ]
 
@@ -165,3 +168,52 @@ def check_generator(generator: object) -> torch.Generator | None:
             "create one with torch.Generator().manual_seed(seed)."
         )
     return generator
+
+
+def check_tensor_dict(
+    name: str,
+    value: object,
+    reference: Mapping[str, Tensor],
+    *,
+    what: str,
+    hint: str,
+    reference_name: str = "",
+    finite: bool = False,
+) -> dict[str, Tensor]:
+    """Return the tensors of a dict name -> tensor (or ``None``) shaped like ``reference``.
+
+    Args:
+        name: The argument's name, used in the messages.
+        value: The dict to check.
+        reference: The dict whose names and shapes ``value`` must follow (the parameters).
+        what: What the names must be, for the message ("in params").
+        hint: The fix, appended to the message on unknown names.
+        reference_name: How the message names ``reference`` (``""``: "the parameter").
+        finite: Also refuse a tensor with NaN or Inf (`FloatingPointError`).
+
+    Raises:
+        TypeError: ``value`` is not a mapping, or an entry is neither a tensor nor ``None``.
+        ValueError: an unknown name, or a shape that differs from the reference's.
+        FloatingPointError: a non-finite entry (with ``finite``).
+    """
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict {{name: Tensor}}, got {type(value).__name__}.")
+    unknown = [k for k in value if k not in reference]
+    if unknown:
+        raise ValueError(f"{name} has keys that are not {what}: {unknown[:5]}; {hint}")
+    out = {}
+    for k, v in value.items():
+        if v is None:
+            continue
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name}[{k!r}] must be a Tensor or None, got {type(v).__name__}.")
+        if v.shape != reference[k].shape:
+            ref = f"{reference_name}[{k!r}]" if reference_name else "the parameter"
+            raise ValueError(
+                f"{name}[{k!r}] has shape {tuple(v.shape)} but {ref} has shape "
+                f"{tuple(reference[k].shape)}."
+            )
+        if finite and not bool(torch.isfinite(v).all()):
+            raise FloatingPointError(f"{name}[{k!r}] contains NaN or Inf.")
+        out[k] = v
+    return out

@@ -16,6 +16,7 @@ from sharpgen._validation import (
     check_optional_int,
     check_positive,
     check_rho,
+    check_tensor_dict,
 )
 
 DT = torch.float64
@@ -194,3 +195,22 @@ def test_sam_variants_take_numpy_scalars_by_the_same_rules():
         sg.FriendlySAM([w], torch.optim.SGD, lr=0.1, lmbda=1.0)
     with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\)"):
         sg.WSAM([w], torch.optim.SGD, lr=0.1, gamma=np.float64(1.0))
+
+
+def test_check_tensor_dict_one_rule_for_dicts_shaped_like_the_parameters():
+    params = {"a": torch.zeros(2), "b": torch.zeros(1, 3)}
+    kw = {"what": "in params", "hint": "pass the parameter dict.", "reference_name": "params"}
+    got = check_tensor_dict("grads", {"a": torch.ones(2), "b": None}, params, **kw)
+    assert list(got) == ["a"] and torch.equal(got["a"], torch.ones(2))
+    with pytest.raises(TypeError, match=r"grads must be a dict \{name: Tensor\}, got list"):
+        check_tensor_dict("grads", [torch.ones(2)], params, **kw)
+    with pytest.raises(ValueError, match=r"keys that are not in params: \['c'\]; pass the"):
+        check_tensor_dict("grads", {"c": torch.ones(1)}, params, **kw)
+    with pytest.raises(TypeError, match=r"grads\['a'\] must be a Tensor or None, got float"):
+        check_tensor_dict("grads", {"a": 1.0}, params, **kw)
+    with pytest.raises(ValueError, match=r"grads\['b'\] has shape \(3,\) but params\['b'\]"):
+        check_tensor_dict("grads", {"b": torch.ones(3)}, params, **kw)
+    nan = {"a": torch.tensor([0.0, float("nan")])}
+    assert "a" in check_tensor_dict("grads", nan, params, **kw)  # finiteness only on request
+    with pytest.raises(FloatingPointError, match=r"grads\['a'\] contains NaN or Inf"):
+        check_tensor_dict("grads", nan, params, **kw, finite=True)

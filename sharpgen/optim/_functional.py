@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen._validation import check_rho, is_int
+from sharpgen._validation import check_rho, check_tensor_dict, is_int
 from sharpgen.sharpness import sam_perturbation
 from sharpgen.sharpness._sam_kernel import check_eta, check_norm
 
@@ -217,28 +217,12 @@ def perturbed(model: nn.Module, eps: Mapping[str, Tensor | None]) -> Iterator[nn
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    if not isinstance(eps, Mapping):
-        raise TypeError(f"eps must be a dict {{name: Tensor}}, got {type(eps).__name__}.")
     named = dict(model.named_parameters())
-    unknown = [k for k in eps if k not in named]
-    if unknown:
-        raise ValueError(
-            f"eps has names that are not parameters of the model: {unknown[:5]}; valid names "
-            f"are those of model.named_parameters(), e.g. {list(named)[:5]}."
-        )
-    targets = []
-    for k, e in eps.items():
-        if e is None:
-            continue
-        if not isinstance(e, Tensor):
-            raise TypeError(f"eps[{k!r}] must be a Tensor or None, got {type(e).__name__}.")
-        if e.shape != named[k].shape:
-            raise ValueError(
-                f"eps[{k!r}] has shape {tuple(e.shape)}, the parameter has {tuple(named[k].shape)}."
-            )
-        if not bool(torch.isfinite(e).all()):
-            raise FloatingPointError(f"eps[{k!r}] contains NaN or Inf.")
-        targets.append((named[k], e))
+    hint = f"valid names are those of model.named_parameters(), e.g. {list(named)[:5]}."
+    given = check_tensor_dict(
+        "eps", eps, named, what="parameters of the model", hint=hint, finite=True
+    )
+    targets = [(named[k], e) for k, e in given.items()]
     saved = [p.detach().clone() for p, _ in targets]
     try:
         with torch.no_grad():

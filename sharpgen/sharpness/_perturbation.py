@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from sharpgen._validation import check_rho
+from sharpgen._validation import check_rho, check_tensor_dict
 from sharpgen.sharpness._sam_kernel import (
     check_eta,
     check_norm,
@@ -44,24 +44,10 @@ def _check_dicts(
         )
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict {{name: Tensor}}, got {type(params).__name__}.")
-    extra = [k for k in first if k not in params]
-    if extra:
-        raise ValueError(
-            f"{first_name} has keys that are not in params: {extra[:5]}; pass the matching "
-            "parameter dict (for example dict(model.named_parameters()))."
-        )
-    for k, v in first.items():
-        if v is None:
-            continue
-        if not isinstance(v, Tensor):
-            raise TypeError(
-                f"{first_name}[{k!r}] must be a Tensor or None, got {type(v).__name__}."
-            )
-        if v.shape != params[k].shape:
-            raise ValueError(
-                f"{first_name}[{k!r}] has shape {tuple(v.shape)} but params[{k!r}] has shape "
-                f"{tuple(params[k].shape)}."
-            )
+    hint = "pass the matching parameter dict (for example dict(model.named_parameters()))."
+    check_tensor_dict(
+        first_name, first, params, what="in params", hint=hint, reference_name="params"
+    )
 
 
 def _scaling(w: Tensor, adaptive: bool, eta: float) -> Tensor | None:
