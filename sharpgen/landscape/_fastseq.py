@@ -41,7 +41,7 @@ def to_channels_last(h: Tensor) -> Tensor:
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """``F.linear`` of a 2-D input; as $(W x^\top + b)^\top$ when there are 2-16 outputs.
+    r"""``F.linear`` of a 2-D input; as $(W x^\top + b)^\top$ when there are 2-16 outputs.
 
     One thread, measured: 256x2048 -> 10 outputs 1.5x and 512x64 -> 10 5x faster this way
     (the GEMM has the many inputs as its wide dimension); one output or many are not.
