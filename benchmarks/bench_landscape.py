@@ -3,7 +3,7 @@
 Run with the benchmark environment (which has loss-landscapes installed):
 
     PYTHONPATH=$PWD /work/venv-bench/bin/python benchmarks/bench_landscape.py [--quick] \
-        [--rounds 3] [--models cnn,mlp,bias] [--out landscape.md]
+        [--rounds 3] [--models cnn,mlp,bias] [--out landscape.md] [--anchor-channels-last]
 
 It prints a Markdown table (and writes it to ``--out``), with the load average before and after.
 
@@ -122,12 +122,11 @@ def unflat(vec, model):
     return out
 
 
-def run(case, steps, rounds):
+def run(case, steps, rounds, anchor_cl=False):
     name, model, loss_fn, x, y = case()
     ref, points = record_plane(model, loss_fn, x, y, steps)
     origin, d1, d2, C, recon_err = recover(points, steps)
     # sharpgen on the same points: a model at the grid origin, directions d1 and d2
-
     model0 = copy.deepcopy(model)
     with torch.no_grad():
         for n, p in model0.named_parameters():
@@ -137,29 +136,37 @@ def run(case, steps, rounds):
     loss, _ = evaluate_points(obj, dirs, C, chunk_size=16)
     mine = loss.reshape(steps, steps)
     rel = float(((mine - ref).abs() / ref.abs()).max())
+    # the anchor given channels-last images and weights (a layout a user could choose)
+    model_cl, x_cl = model, x
+    if anchor_cl and x.dim() == 4:
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
 
-    def theirs():
+    def theirs(m=model, inputs=x):
         torch.manual_seed(1)
-        m = loss_landscapes.metrics.Loss(loss_fn, x, y)
-        loss_landscapes.random_plane(model, m, distance=1, steps=steps, normalization="filter",
+        metric = loss_landscapes.metrics.Loss(loss_fn, inputs, y)
+        loss_landscapes.random_plane(m, metric, distance=1, steps=steps, normalization="filter",
                                      deepcopy_model=True)  # fmt: skip
 
     def ours():
         loss_landscape_2d(model, loss_fn, (x, y), num_points=steps,
                           generator=torch.Generator().manual_seed(0))  # fmt: skip
 
-    t_theirs, t_ours = [], []
+    fns = {"theirs": theirs, "ours": ours}
+    if model_cl is not model:
+        fns["theirs_cl"] = lambda: theirs(model_cl, x_cl)
+    times = {k: [] for k in fns}
     for _ in range(rounds):
-        t = time.perf_counter()
-        theirs()
-        t_theirs.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ours()
-        t_ours.append(time.perf_counter() - t)
-    a, b = statistics.median(t_theirs), statistics.median(t_ours)
-    ratios = sorted(x / y for x, y in zip(t_theirs, t_ours, strict=True))
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    a, b = med["theirs"], med["ours"]
+    ratios = sorted(x / y for x, y in zip(times["theirs"], times["ours"], strict=True))
+    cl = f"{med['theirs_cl']:.2f} s ({med['theirs_cl'] / b:.2f}x)" if "theirs_cl" in med else "-"
     row = (f"| {name} | {steps}x{steps} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x | "
-           f"{ratios[0]:.2f}-{ratios[-1]:.2f}x | {rel:.1e} "
+           f"{ratios[0]:.2f}-{ratios[-1]:.2f}x | {cl} | {rel:.1e} "
            f"(grid recovery {recon_err:.0e}) |")  # fmt: skip
     print(row, flush=True)
     return row
@@ -174,6 +181,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default="cnn,mlp,bias", help="comma-separated: cnn,mlp,bias")
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
+    parser.add_argument("--anchor-channels-last", action="store_true",
+                        help="also time loss-landscapes on a channels-last CNN")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps, rounds = (11, 1) if args.quick else (41, args.rounds)
@@ -182,12 +191,12 @@ def main():
         f"({os.cpu_count()} cores, 1 thread each, {rounds} interleaved rounds, medians)",
         "",
         "| model | grid | loss-landscapes | sharpgen | ratio | ratio range | "
-        "max rel. value difference |",
-        "|---|---|---|---|---|---|---|",
+        "loss-landscapes, channels-last (ratio) | max rel. value difference |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for key in args.models.split(","):
-        lines.append(run(CASES[key.strip()], steps, rounds))
+        lines.append(run(CASES[key.strip()], steps, rounds, args.anchor_channels_last))
     after = f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     print(after)
     lines += ["", after]
