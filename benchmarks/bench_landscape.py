@@ -13,7 +13,9 @@ evaluation; the two directions and the coefficients of its grid are recovered fr
 recording (its grid puts odd columns one step lower than even ones; this script reproduces
 that exactly), and `sharpgen.landscape` evaluates the same points through the same
 directions. Values must agree to float32 tolerance. Timing: rounds interleaved in one
-process, one thread each (`torch.set_num_threads(1)`), medians. `random_plane` writes
+process, one thread each (`torch.set_num_threads(1)`), medians of the CPU time of the process
+(`time.process_time`: on a shared machine wall-clock time moves with the other jobs; the
+wall-clock ratio is printed beside it). `random_plane` writes
 weights into the model point by point and runs one forward pass (plus `.item()`) per point;
 sharpgen evaluates the first affine layer once per direction and, for a Sequential of
 standard layers, runs the rest point by point in channels-last layout with fused kernels
@@ -156,17 +158,20 @@ def run(case, steps, rounds, anchor_cl=False):
     if model_cl is not model:
         fns["theirs_cl"] = lambda: theirs(model_cl, x_cl)
     times = {k: [] for k in fns}
+    walls = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t, w = time.process_time(), time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(time.process_time() - t)
+            walls[k].append(time.perf_counter() - w)
     med = {k: statistics.median(v) for k, v in times.items()}
     a, b = med["theirs"], med["ours"]
     ratios = sorted(x / y for x, y in zip(times["theirs"], times["ours"], strict=True))
+    wall = statistics.median(walls["theirs"]) / statistics.median(walls["ours"])
     cl = f"{med['theirs_cl']:.2f} s ({med['theirs_cl'] / b:.2f}x)" if "theirs_cl" in med else "-"
     row = (f"| {name} | {steps}x{steps} | {a:.2f} s | {b:.2f} s | {a / b:.2f}x | "
-           f"{ratios[0]:.2f}-{ratios[-1]:.2f}x | {cl} | {rel:.1e} "
+           f"{ratios[0]:.2f}-{ratios[-1]:.2f}x | {wall:.2f}x | {cl} | {rel:.1e} "
            f"(grid recovery {recon_err:.0e}) |")  # fmt: skip
     print(row, flush=True)
     return row
@@ -188,11 +193,12 @@ def main():
     steps, rounds = (11, 1) if args.quick else (41, args.rounds)
     lines = [
         f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} "
-        f"({os.cpu_count()} cores, 1 thread each, {rounds} interleaved rounds, medians)",
+        f"({os.cpu_count()} cores, 1 thread each, {rounds} interleaved rounds, medians of the "
+        "CPU time of this process; wall-clock ratio of the medians beside them)",
         "",
-        "| model | grid | loss-landscapes | sharpgen | ratio | ratio range | "
+        "| model | grid | loss-landscapes | sharpgen | ratio | ratio range | wall-clock ratio | "
         "loss-landscapes, channels-last (ratio) | max rel. value difference |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for key in args.models.split(","):
