@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from sharpgen._validation import is_int
 from sharpgen.curvature import ModelObjective, unflatten_params
 from sharpgen.linalg import EigenResult, LinearOperator, lanczos
+from sharpgen.linalg._lanczos import BOUNDS
 from sharpgen.sharpness._common import (
     MeasureSource,
     ProgressOperator,
@@ -76,6 +77,7 @@ def top_eigenvalues(
     max_basis: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    bound: str = "residual",
     **objective_options: Any,
 ) -> ModelEigenResult:
     r"""The ``k`` extreme eigenvalues of the loss Hessian $\nabla^2_\theta L(\theta)$ by Lanczos.
@@ -105,6 +107,12 @@ def top_eigenvalues(
         generator: Source of the random start vector; the global RNG is untouched when
             given.
         progress: Show a tqdm progress bar over the products.
+        bound: What the stopping rule compares with ``tol``: ``"residual"`` (default, the
+            guarantee above) or ``"gap"``, the quadratic error estimate
+            $\|r\|^2/\delta$ with the gap $\delta$ read from the other Ritz values (see
+            `sharpgen.linalg.lanczos`): 1-5 fewer products, an estimate rather than a
+            certificate (true errors below ``tol`` on every model of
+            ``benchmarks/bench_topk.py``).
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random; Lanczos then has no
@@ -148,6 +156,7 @@ def top_eigenvalues(
     k = check_int("k", k, hint="ask for at least one eigenvalue (k=1 for the top one).")
     tol = check_positive("tol", tol, hint="pass a relative tolerance such as 1e-3.")
     which = check_choice("which", which, WHICH)
+    bound = check_choice("bound", bound, BOUNDS)
     generator = check_generator(generator)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter)
@@ -163,7 +172,7 @@ def top_eigenvalues(
     with progress_bar(progress, total=max_iter, desc="top_eigenvalues", unit="matvec") as bar:
         res = lanczos(
             ProgressOperator(H, bar), k, which=which, tol=tol, max_iter=max_iter,
-            generator=generator, max_basis=max_basis,
+            generator=generator, max_basis=max_basis, bound=bound,
         )  # fmt: skip
     shapes = tuple((n, tuple(t.shape)) for n, t in H.params.items())
     return ModelEigenResult(

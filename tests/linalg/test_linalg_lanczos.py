@@ -229,3 +229,41 @@ def test_eigen_result_repr_names_the_subclass():
     text = repr(MyEigenResult(**fields))
     assert text.startswith("MyEigenResult(eigenvalues=[2, 1], which='largest'")
     assert "max_residual=3e-09" in text
+
+
+def test_error_bounds_closed_form():
+    from sharpgen.linalg._lanczos import error_bounds
+
+    theta = torch.tensor([10.0, 4.0, 3.5], dtype=torch.float64)
+    resid = torch.tensor([0.1, 0.2, 2.0], dtype=torch.float64)
+    assert torch.equal(error_bounds(theta, resid, "residual"), resid)
+    gap = error_bounds(theta, resid, "gap")
+    # theta_0: nearest other Ritz value moved by its residual: min(6 - 0.2, 6.5 - 2) = 4.5
+    assert math.isclose(float(gap[0]), 0.1**2 / 4.5, rel_tol=1e-12)
+    # theta_1: min(6 - 0.1, 0.5 - 2.0) < 0 -> no separation: the residual itself
+    assert float(gap[1]) == 0.2 and float(gap[2]) == 2.0
+    one = error_bounds(theta[:1], resid[:1], "gap")
+    assert torch.equal(one, resid[:1])
+
+
+@pytest.mark.parametrize("name", ["power_1", "close_gap", "outliers_negative"])
+@pytest.mark.parametrize("which", ["largest", "both_ends"])
+def test_gap_bound_stops_earlier_within_tol(name, which):
+    lam = SPECTRA[name]
+    A, _ = with_spectrum(lam, seed=7)
+    k, tol = 3, 1e-4
+    order = torch.sort(lam, descending=True).values
+    truth = order[:k] if which == "largest" else torch.cat([order[:2], order[-1:]])
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        res = lanczos(A, k, which=which, tol=tol, bound="gap", generator=gen)
+        ref = lanczos(A, k, which=which, tol=tol, generator=torch.Generator().manual_seed(seed))
+        assert res.converged and res.num_matvecs <= ref.num_matvecs
+        got = torch.sort(res.eigenvalues, descending=True).values
+        want = torch.sort(truth, descending=True).values
+        assert float(((got - want).abs() / want.abs()).max()) <= tol
+
+
+def test_unknown_bound_is_refused():
+    with pytest.raises(ValueError, match="bound"):
+        lanczos(torch.eye(4, dtype=torch.float64), 1, bound="cheap")

@@ -110,6 +110,16 @@ def test_top_eigenvalues_match_eigh(h, problem, k):
     assert torch.all(resid <= res.residuals * 1.01 + 1e-12)
 
 
+def test_top_eigenvalues_gap_bound_within_tol(h, problem):
+    model, data, H = problem
+    evals = torch.linalg.eigvalsh(H).flip(0)
+    tol = 1e-4
+    res = top_eigenvalues(model, h.mse, data, k=2, tol=tol, bound="gap", generator=h.g(0))
+    ref = top_eigenvalues(model, h.mse, data, k=2, tol=tol, generator=h.g(0))
+    assert res.converged and res.num_matvecs <= ref.num_matvecs
+    torch.testing.assert_close(res.eigenvalues, evals[:2], rtol=tol, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["func", "autograd", "auto-batches"])
 def test_top_eigenvalue_with_every_backend(h, problem, backend):
     # default ("auto", one batch) keeps the double-backward graph; these are the others
@@ -230,6 +240,7 @@ def test_trace_bad_input(kwargs, exc, match):
         ({"which": "top"}, ValueError,
          r"unknown which 'top'; valid choices are 'largest', 'smallest', 'both_ends', 'magnitude'"),
         ({"max_iter": 0}, ValueError, r"max_iter must be an int >= 1"),
+        ({"bound": "cheap"}, ValueError, r"unknown bound 'cheap'; valid choices are 'residual'"),
     ],
 )  # fmt: skip
 def test_eigen_bad_input(kwargs, exc, match):
