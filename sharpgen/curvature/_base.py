@@ -122,8 +122,10 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat_chunk(self, V: Tensor) -> Tensor:
         block = unflatten_params(V, self.params)
+        # the NaN/Inf check is LinearOperator.matmat's, once per product
         out, used = product(self.objective, self.kernel, block, None, backend=self._backend,
-                            cache=self.cache_graph, owner=type(self).__name__)  # fmt: skip
+                            cache=self.cache_graph, owner=type(self).__name__,
+                            check_finite=False)  # fmt: skip
         self._backend = used
         return out
 

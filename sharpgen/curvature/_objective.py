@@ -312,14 +312,17 @@ class ModelObjective:
         check_deterministic(self)
 
     # -- dataset quantities ------------------------------------------------------------
-    def _finish(self, partials: list[Tensor], count: int, what: str) -> list[Tensor]:
+    def _finish(
+        self, partials: list[Tensor], count: int, what: str, check: bool = True
+    ) -> list[Tensor]:
         if self.single_batch and self.process_group is None:
             # one local batch: the accumulators hold the batch quantity itself (weight 1)
             out, total = partials, count
         else:
             out, total = dataset_reduce(partials, count, self.reduction, self.process_group)
         self._num_samples = total
-        check_finite(out, what)
+        if check:
+            check_finite(out, what)
         return out
 
     def loss(self, params: Mapping[str, Tensor] | None = None) -> Tensor:

@@ -61,16 +61,19 @@ def product(
     backend: str,
     cache: bool,
     owner: str,
+    check_finite: bool = True,
 ) -> tuple[Tensor, str]:
     """The dataset product of ``kernel`` with the block ``V``, with backend fallbacks.
 
     Returns the ``(n, k)`` buffer and the backend that computed it; the objective
-    remembers the ``func_mode`` that worked.
+    remembers the ``func_mode`` that worked. ``check_finite=False`` leaves the NaN/Inf
+    check to the caller (a `LinearOperator` checks every product it returns).
     """
     obj.check_second_order(owner)
 
     def run(b: str, m: str) -> Tensor:
-        return block_product(obj, kernel, V, params, backend=b, mode=m, cache=cache)
+        return block_product(obj, kernel, V, params, backend=b, mode=m, cache=cache,
+                             check_finite=check_finite)  # fmt: skip
 
     backend = prefer_double_backward(backend, kernel.name, obj.device)
     buf, used, mode = run_with_fallback(run, backend, obj._func_mode, owner=owner)
@@ -88,6 +91,7 @@ def block_product(
     backend: str,
     mode: str,
     cache: bool,
+    check_finite: bool = True,
 ) -> Tensor:
     r"""One pass over the data: $\sum_b w_b\, K_b V$ reduced like the loss, as ``(n, k)``."""
     p = obj.resolve(params)
@@ -117,7 +121,7 @@ def block_product(
                 accumulate(acc, out, obj._weight(n), count == 0)
                 del out, apply
                 count += n
-    (buf,) = obj._finish([buf], count, kernel.what)
+    (buf,) = obj._finish([buf], count, kernel.what, check=check_finite)
     return buf
 
 
