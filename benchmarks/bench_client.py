@@ -1,6 +1,7 @@
 """A user-style client: a small BatchNorm CNN trained on scikit-learn's digits, PyHessian beside.
 
     PYTHONPATH=$PWD .venv-bench/bin/python benchmarks/bench_client.py [--quick] [--rounds 3]
+        [--trace] [--out client.md]
 
 The model (3,866 parameters: conv 1->8 3x3 + BatchNorm + ReLU, conv 8->16 3x3 + BatchNorm +
 ReLU, maxpool 2, linear 256->10) is trained for a few epochs with Adam on the first 1,000
@@ -17,8 +18,9 @@ Measured in one process, interleaved rounds (every operation once per round), me
   ``eigenvalues(top_n=...)`` (power iteration, its defaults tol 1e-3, maxIter 100): wall time,
   products and the true relative error of the worst eigenvalue against
   `lanczos(tol=1e-10)` on the same operator;
-* the trace: `hessian_trace` (default ``rtol=0.01``) against PyHessian's ``trace()``
-  (defaults), with the relative error against an exact trace (3,866 products, once);
+* with ``--trace``: the trace, `hessian_trace` (default ``rtol=0.01``) against PyHessian's
+  ``trace()`` (defaults), with the relative error against an exact trace (3,866 products,
+  once);
 * "one objective, several measures": `hessian_trace` (30 products), `top_eigenvalues`
   (k=5) and `spectral_density` (2 probes x 15 steps) in a row, on one `ModelObjective`
   (its kept graphs serve all three) against three calls with ``(model, loss_fn, loader)``;
@@ -32,7 +34,9 @@ The machine is a shared, loaded 2-core CPU: read ratios, not absolute times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import statistics
 import sys
 import time
@@ -103,7 +107,7 @@ def rel_err(values, truth):
     return max(abs(float(v) - float(t)) / abs(float(t)) for v, t in zip(values, truth, strict=True))
 
 
-def make_tasks(model, loader, ph, ph_count, quick):
+def make_tasks(model, loader, ph, ph_count, quick, trace=False):
     """The timed calls; each returns ``(values, products)``."""
 
     def eig_sharpgen(k):
@@ -147,8 +151,10 @@ def make_tasks(model, loader, ph, ph_count, quick):
     if not quick:
         tasks["top-5 sharpgen"] = lambda: eig_sharpgen(5)
         tasks["top-5 PyHessian"] = lambda: eig_pyhessian(5)
+    if trace:
         tasks["trace sharpgen"] = trace_sharpgen
         tasks["trace PyHessian"] = trace_pyhessian
+    if not quick:
         tasks["3 measures, separate calls"] = lambda: three_measures(None)
         tasks["3 measures, one objective"] = lambda: three_measures(
             ModelObjective(model, F.cross_entropy, loader)
@@ -217,7 +223,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds, no trace, no top-5")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--trace", action="store_true", help="also the trace (an exact reference)")
+    ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
+    load0 = " ".join(open("/proc/loadavg").read().split()[:3])
     torch.set_num_threads(1)
     rounds = 2 if args.quick else args.rounds
     model, loader = make_client()
@@ -227,7 +236,7 @@ def main() -> None:
     top = lanczos(H, k=5, tol=1e-10, generator=torch.Generator().manual_seed(0))
     top = top.eigenvalues.tolist()
     exact_trace = None
-    if not args.quick:
+    if args.trace:
         exact_trace = float(hessian_trace(model, F.cross_entropy, loader, exact_threshold=n))
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(n, generator=gen)
@@ -245,13 +254,19 @@ def main() -> None:
         "HVP sharpgen cache_graph=True": lambda: H_cached.matvec(v),
         "HVP PyHessian": lambda: ph.dataloader_hv_product(ph_v),
     }
-    tasks = make_tasks(model, loader, ph, ph_count, args.quick)
+    tasks = make_tasks(model, loader, ph, ph_count, args.quick, args.trace)
     results = run_rounds(ops, tasks, rounds)
-    print(
-        f"\n{n} parameters, DataLoader of 6 batches (192 x 5 + 40), float32, 1 thread, "
-        f"torch {torch.__version__}; medians of {rounds} interleaved rounds; loaded machine.\n"
-    )
-    report(results, ops, tasks, top, exact_trace)
+    load1 = " ".join(open("/proc/loadavg").read().split()[:3])
+    head = (f"{n} parameters, DataLoader of 6 batches (192 x 5 + 40), float32, 1 thread, "
+            f"torch {torch.__version__}; medians of {rounds} interleaved rounds; load average "
+            f"{load0} (start) / {load1} (end).")  # fmt: skip
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        report(results, ops, tasks, top, exact_trace)
+    text = head + "\n\n" + buf.getvalue()
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

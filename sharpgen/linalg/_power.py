@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,7 +82,7 @@ def power_iteration(
         w = op.matvec(v)
         theta = torch.dot(v, w)
         resid = torch.linalg.vector_norm(w - theta * v)
-        if resid <= convergence_thresholds(theta.reshape(1), tol, op.dtype)[0]:
+        if float(resid) <= convergence_thresholds(np.array([float(theta)]), tol, op.dtype)[0]:
             converged = True
             break
         norm = torch.linalg.vector_norm(w)
