@@ -1,7 +1,7 @@
 """Per-product kernels in raw torch, side by side with curvlinops and PyHessian's kept graph.
 
     PYTHONPATH=$PWD .venv-bench/bin/python benchmarks/bench_kernels.py [--quick]
-        [--models mlp,cnn,conv1m,mlp1m] [--k 32] [--rounds 5]
+        [--models mlp,cnn,conv1m,mlp1m] [--k 32] [--rounds 5] [--memory] [--out kernels.md]
 
 The evidence behind the backend rule of `sharpgen.curvature` (``backend="auto"``): for the
 anchors' MLP (6,154 parameters, 512 samples) and CNN (21,786 parameters, 256 images) and
@@ -14,6 +14,14 @@ the ~1M-parameter models of ``bench_curvature.py``, float32, 1 thread, the time 
   batched backward (``is_grads_batched=True``) on a kept graph or on a fresh one, ``vmap``
   over a ``vjp`` with the forward shared, ``vmap`` over ``jvp`` (curvlinops' way), ``vmap``
   over a linearized gradient, and curvlinops itself;
+* the same products through sharpgen's public operator, ``HessianOperator(...).matmat``
+  with the measures' settings (``backend="autograd", cache_graph=True``: every batch's
+  graph kept) and with the operator's defaults (graph built per call);
+* with ``--memory``: the peak memory of each block product, as the growth of the peak
+  resident set size (``ru_maxrss``) of a fresh subprocess over its set-up (model, data and
+  operators built first; the raw "kept" kernels' graph is built in the set-up, so it is
+  not counted, while the sharpgen operator's kept graph is built by its first call and is
+  counted);
 
 relative to one gradient, medians of interleaved rounds. The machine is shared and loaded:
 read the ratios.
@@ -80,6 +88,18 @@ def kernels(model, X, y, k):
     out["hvp dbl-backward"] = dbl
     kept = torch.autograd.grad(F.cross_entropy(model(X), y), params, create_graph=True)
     out["hvp kept graph"] = lambda: torch.autograd.grad(kept, params, v, retain_graph=True)
+    from sharpgen.curvature import HessianOperator
+
+    data = (X, y)
+    H_kept = HessianOperator(model, F.cross_entropy, data, backend="autograd", cache_graph=True,
+                             max_block=None)  # fmt: skip
+    H_default = HessianOperator(model, F.cross_entropy, data, max_block=None)
+    flat_v = torch.cat([t.reshape(-1) for t in v])
+    flat_V = torch.cat([t.reshape(k, -1) for t in V], 1).T.contiguous()
+    out["hvp sharpgen operator kept graph"] = lambda: H_kept.matvec(flat_v)
+    out["hvp sharpgen operator default"] = lambda: H_default.matvec(flat_v)
+    out[f"block{k} sharpgen operator kept graph"] = lambda: H_kept.matmat(flat_V)
+    out[f"block{k} sharpgen operator default"] = lambda: H_default.matmat(flat_V)
     out["hvp func rev (vjp)"] = lambda: vjp(gf, *params)[1](v)
     out["hvp func fwd (jvp)"] = lambda: jvp(gf, params, v)[1]
     _, lin = linearize(lambda *ps: gf(*ps), *params)
@@ -127,6 +147,48 @@ def kernels(model, X, y, k):
     return out, n
 
 
+MEMORY_KERNELS = (
+    "kept loop",
+    "curvlinops",
+    "sharpgen operator kept graph",
+    "sharpgen operator default",
+    "vmap(vjp) shared fwd",
+    "kept is_grads_batched",
+)
+
+
+def memory_worker(name: str, key: str, k: str) -> None:
+    """In a fresh process: set up, then print the growth of the peak RSS (KiB) over 2 calls."""
+    import resource
+
+    torch.set_num_threads(1)
+    short = {"anchor MLP 6k": "mlp", "anchor CNN 22k": "cnn", "conv 1.0M": "conv1m",
+             "MLP 670k": "mlp1m"}[name]  # fmt: skip
+    model, X, y = problems([short])[name]
+    fns, _ = kernels(model, X, y, int(k))
+    fn = fns[key]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"PEAK_KIB {after - before}")
+
+
+def memory_table(name: str, k: int) -> dict[str, float]:
+    """Peak-RSS growth (MiB) of each block kernel of MEMORY_KERNELS, one subprocess each."""
+    import subprocess
+
+    out = {}
+    for kernel in MEMORY_KERNELS:
+        key = f"block{k} {kernel}"
+        cmd = [sys.executable, __file__, "--memory-worker", name, key, str(k)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        for line in res.stdout.splitlines():
+            if line.startswith("PEAK_KIB"):
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
 def time_ops(fns, repeats):
     for fn in fns.values():
         fn()
@@ -145,7 +207,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="anchors' models only, 3 rounds")
+    ap.add_argument("--memory", action="store_true", help="peak memory of the block products")
+    ap.add_argument("--out", default=None, help="also write the Markdown tables here")
+    ap.add_argument("--memory-worker", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_worker:
+        return memory_worker(*args.memory_worker)
+    lines = [f"load average at the start: {' '.join(open('/proc/loadavg').read().split()[:3])}"]
     torch.set_num_threads(1)
     which = ["mlp", "cnn"] if args.quick else args.models.split(",")
     rounds = 3 if args.quick else args.rounds
@@ -154,13 +222,21 @@ def main() -> None:
         fns, n = kernels(model, X, y, k)
         t = time_ops(fns, rounds)
         g = t["grad"]
-        print(f"\n{name}: {n:,} parameters, batch {len(y)}; one gradient {g * 1e3:.2f} ms "
-              f"(median of {rounds} interleaved rounds, 1 thread, loaded machine)\n")  # fmt: skip
-        print("| kernel | time / gradient |\n|---|---|")
+        lines.append(
+            f"\n{name}: {n:,} parameters, batch {len(y)}; one gradient "
+            f"{g * 1e3:.2f} ms (median of {rounds} interleaved rounds, 1 thread)\n"
+        )
+        mem = memory_table(name, k) if args.memory else {}
+        lines.append("| kernel | time / gradient | peak memory (MiB) |\n|---|---|---|")
         for key, val in t.items():
             per = val / (k if key.startswith("block") else 1)
             unit = " per column" if key.startswith("block") else ""
-            print(f"| {key} | {per / g:.2f}x{unit} |", flush=True)
+            peak = f"{mem[key]:.1f}" if key in mem else ""
+            lines.append(f"| {key} | {per / g:.2f}x{unit} | {peak} |")
+        print("\n".join(lines[-len(t) - 2 :]), flush=True)
+    lines.append(f"\nload average at the end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
