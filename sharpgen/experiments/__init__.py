@@ -18,6 +18,7 @@ from sharpgen.experiments._report import (
     plot_results,
     plot_sweep,
     save_results,
+    sweep_table,
     table1,
 )
 from sharpgen.experiments._runner import run_experiments
@@ -45,6 +46,7 @@ __all__ = [
     "markdown_report",
     "plot_results",
     "plot_sweep",
+    "sweep_table",
     "save_results",
     "load_results",
     # flattest constructions (sharpgen measure)

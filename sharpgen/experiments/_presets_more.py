@@ -6,7 +6,7 @@ from typing import Any
 
 from sharpgen.experiments._spec import ExperimentSpec, Phase
 
-__all__ = ["LOGISTIC", "MEDIUM", "SWEEP_N", "SWEEP_SIZES"]
+__all__ = ["LOGISTIC", "MEDIUM", "SWEEP_N", "SWEEP_SIZES", "SWEEP_STEPS"]
 
 _E5 = 100_000
 
@@ -120,20 +120,22 @@ MEDIUM = (
     ),
 )
 
-SWEEP_SIZES = (25, 50, 100, 200, 400)
+SWEEP_SIZES = (25, 40, 50, 80, 100, 160, 200, 400)
+SWEEP_STEPS = 100_000
 
 SWEEP_N = tuple(
     ExperimentSpec(
         f"sweep-n{n}-{arch.replace('_', '-')}",
         arch,
         "sam1",
-        (Phase(max(100, 100_000 // n), 0.01, 0.05),),
+        (Phase(SWEEP_STEPS // n, 0.01, 0.05),),
         n=n,
-        eval_every=max(10, 100_000 // n // 10),
+        eval_every=max(1, SWEEP_STEPS // n // 10),
         paper="Thm. 3.1",
-        notes=f"Sample-complexity sweep: n = {n}, d = 30, 1-SAM lr 0.01 rho 0.05, 1e5 steps "
-        "per run (epochs = 1e5 / n), to compare the no-bias test error with Theorem 3.1's "
-        "O~(d/n) and with the bias net.",
+        notes=f"Sample-complexity sweep: n = {n}, d = 30, width 500, 1-SAM lr 0.01 rho 0.05 "
+        f"(Fig. 1b's setting), {SWEEP_STEPS} single-example steps per run (epochs = "
+        f"{SWEEP_STEPS} / n), to compare the test error of the no-bias net with Theorem "
+        "3.1's O~(d/n) and with the bias net.",
     )
     for n in SWEEP_SIZES
     for arch in ("no_bias", "bias")

@@ -18,6 +18,7 @@ __all__ = [
     "markdown_report",
     "plot_results",
     "plot_sweep",
+    "sweep_table",
     "save_results",
     "load_results",
 ]
@@ -178,6 +179,8 @@ def markdown_report(results: Sequence[RunResult], *, title: str = "sharpgen repr
             f"| {_ARCH_LABEL[row.arch]} | {flat} | {sam_gen} | {sam_acc} | {ratio} | {base_acc} "
             f"| {base_tr} | {mark}: {row.verdict} |"
         )
+    if not rows:
+        lines.append("| (no Table 1 experiment in these runs) | | | | | | | |")
     lines += [
         "",
         "The trace is the Hessian trace of the training loss at interpolation, "
@@ -189,6 +192,20 @@ def markdown_report(results: Sequence[RunResult], *, title: str = "sharpgen repr
         "BatchNorm; an infimum, not attained), 2 (simplified LayerNorm). Test accuracy: "
         "zero-one, sign(f) against y (f = 0 counts wrong).",
         "",
+    ]
+    sweep = sweep_table(results)
+    if sweep is not None:
+        lines += [
+            "## Sample-complexity sweep (Theorem 3.1)",
+            "",
+            "Final test zero-one error and test MSE of 1-SAM against the number of training "
+            "points n (mean [min, max] over seeds); Theorem 3.1 bounds the test MSE of "
+            "flattest no-bias interpolators by O~(d/n) once n = Omega(d log(d/delta)). Plot: "
+            "`sweep_n.png`.",
+            "",
+            sweep,
+        ]
+    lines += [
         "## Experiments",
         "",
         "| experiment | paper | arch | method | d | n | width | schedule (epochs: lr, ρ) | "
@@ -254,56 +271,94 @@ def plot_results(results: Sequence[RunResult], path: str | Path) -> Path:
         plt.close(fig)
 
 
+def _sweep_runs(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """The ``sweep-n`` runs per architecture, sorted by n."""
+    sweep = [r for r in results if r.spec.name.startswith("sweep-n")]
+    out = {}
+    for arch in ("no_bias", "bias"):
+        runs = sorted((r for r in sweep if r.spec.arch == arch), key=lambda r: r.spec.n)
+        if runs:
+            out[arch] = runs
+    return out
+
+
+def sweep_table(results: Sequence[RunResult]) -> str | None:
+    r"""The ``sweep-n`` runs as a Markdown table: final test error and MSE per n, next to $d/n$.
+
+    Returns None when there are no sweep runs. Each cell is the mean over seeds with the
+    [min, max] range.
+
+    Examples:
+        >>> sweep_table([]) is None
+        True
+    """
+    by_arch = _sweep_runs(results)
+    if not by_arch:
+        return None
+    cells: dict[tuple[int, str], RunResult] = {
+        (r.spec.n, arch): r for arch, runs in by_arch.items() for r in runs
+    }
+    d = next(iter(by_arch.values()))[0].spec.d
+    head = ["n", "d/n"]
+    for arch in by_arch:
+        head += [f"{_ARCH_LABEL[arch]}: test error", "test MSE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in sorted({n for n, _ in cells}):
+        row = [str(n), f"{d / n:.3f}"]
+        for arch in by_arch:
+            res = cells.get((n, arch))
+            if res is None:
+                row += ["–", "–"]
+                continue
+            row.append(_fmt([1.0 - a for a in res.final("test_accuracy")]))
+            row.append(_fmt(res.final("test_mse")))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_sweep(results: Sequence[RunResult], path: str | Path) -> Path | None:
-    r"""Final 1-SAM test error against n (log axes) per architecture, next to $d/n$.
+    r"""Final 1-SAM test error and test MSE against n (log axes) per architecture, next to $d/n$.
 
     Uses the runs whose names start with ``sweep-n`` (the ``sweep-n`` preset); returns None
-    when there are none. Each point is the mean over seeds, the bar the min-max range; the
-    dashed line is $d/n$, the rate of Theorem 3.1 (an $\tilde O(d/n)$ bound on the test MSE
-    of flattest no-bias interpolators, constants and log factors not known), drawn through
-    the no-bias point at the smallest n for reference only.
+    when there are none. Each point is the mean over seeds, the bar the min-max range; values
+    are floored at $10^{-4}$ so that zero shows on the log axis. The dashed line is $d/n$
+    itself (constant 1): Theorem 3.1 bounds the test MSE of flattest no-bias interpolators by
+    $\tilde O(d/n)$ once $n = \Omega(d\log(d/\delta))$, with constants and log factors not
+    known, so the line shows the rate, not a prediction.
     """
-    sweep = [r for r in results if r.spec.name.startswith("sweep-n")]
-    if not sweep:
+    by_arch = _sweep_runs(results)
+    if not by_arch:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    anchor = None
-    for arch in ("no_bias", "bias"):
-        runs = sorted((r for r in sweep if r.spec.arch == arch), key=lambda r: r.spec.n)
-        if not runs:
-            continue
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    floor = 1e-4
+    for arch, runs in by_arch.items():
         ns = [r.spec.n for r in runs]
-        errs = [[1.0 - a for a in r.final("test_accuracy")] for r in runs]
-        mean = [statistics.fmean(e) for e in errs]
-        low = [m - min(e) for m, e in zip(mean, errs, strict=True)]
-        high = [max(e) - m for m, e in zip(mean, errs, strict=True)]
-        ax.errorbar(
-            ns,
-            [max(m, 1e-4) for m in mean],
-            yerr=[low, high],
-            marker="o",
-            capsize=3,
-            label=f"{_ARCH_LABEL[arch]}, 1-SAM",
-        )
-        if arch == "no_bias":
-            anchor = (ns[0], max(mean[0], 1e-4), runs[0].spec.d)
-    if anchor is not None:
-        n0, e0, d = anchor
-        ns = sorted({r.spec.n for r in sweep})
-        ax.plot(ns, [e0 * n0 / n for n in ns], "k--", lw=1, label=f"d/n rate (d={d}), scaled")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training points n")
-    ax.set_ylabel("test zero-one error (floor 1e-4)")
-    ax.legend(fontsize=7)
+        for ax, values in (
+            (axes[0], [[1.0 - a for a in r.final("test_accuracy")] for r in runs]),
+            (axes[1], [r.final("test_mse") for r in runs]),
+        ):
+            mean = [max(statistics.fmean(v), floor) for v in values]
+            low = [m - max(min(v), floor) for m, v in zip(mean, values, strict=True)]
+            high = [max(max(v), floor) - m for m, v in zip(mean, values, strict=True)]
+            ax.errorbar(ns, mean, yerr=[low, high], marker="o", capsize=3, label=_ARCH_LABEL[arch])
+    ns = sorted({r.spec.n for runs in by_arch.values() for r in runs})
+    d = next(iter(by_arch.values()))[0].spec.d
+    for ax, label in ((axes[0], "test zero-one error"), (axes[1], "test MSE")):
+        ax.plot(ns, [d / n for n in ns], "k--", lw=1, label=f"d/n (d={d})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training points n")
+        ax.set_ylabel(f"{label} (floor {floor:g})")
+        ax.legend(fontsize=7)
+    axes[0].set_title("1-SAM, final epoch", fontsize=9)
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
+        return atomic_write(path, lambda handle: fig.savefig(handle, dpi=80, format="png"))
     finally:
         plt.close(fig)
 
