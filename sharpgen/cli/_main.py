@@ -10,6 +10,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["build_parser", "main"]
 
@@ -29,10 +30,17 @@ and how close is its Hessian trace to the known lower bound?
 Writes into --out: results.json (all metric histories), table1.png (test accuracy and trace
 against epoch), report.md (the tables), and checkpoints/ (for --resume).
 
-Presets: 'quick' (default; all four rows of Table 1, a few minutes on a 2-core CPU, with
-documented deviations from the paper), 'paper' (every run of the paper's Table 2 at full
-scale: days of CPU time, use a GPU), or single experiments such as 'paper-fig1b'.
-Run 'sharpgen reproduce --list' to see them all.
+Presets (run 'sharpgen reproduce --list' for every experiment and its settings):
+  quick           all four rows of Table 1 with documented deviations (default; ~1-3 min)
+  medium          the paper's sizes, what quick cannot show (~10 min idle, 2 jobs)
+  sweep-n         no-bias vs bias 1-SAM test error for n = 25..400, Thm 3.1 (~2 min idle)
+  paper           every run of the paper's Table 2 at full scale (days of CPU time; GPU)
+  paper-logistic  the logistic-loss runs with label smoothing (Figs. 8-10, full scale)
+or single experiments such as 'paper-fig1b'. Times are for the 2-core development machine
+without other load (see the guide, docs/guide/reproduce.md).
+
+Ctrl-C stops at once with exit status 130; finished epochs are kept in checkpoints and the
+same command plus --resume continues. Usage errors exit with status 2 and one line.
 """
 
 _EXAMPLES = """\
@@ -44,9 +52,16 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sharpgen`` argument parser (sub-commands ``reproduce`` and ``measure``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sharpgen",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,26 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(spec) -> tuple[str, str, str, str]:
+    """The ``--list`` columns of an experiment: figure, model, method, schedule."""
+    model = [spec.arch, f"d={spec.d}", f"n={spec.n}", f"m={spec.width}"]
+    model += [f"depth={spec.depth}"] if spec.depth > 2 else []
+    model += [spec.activation] if spec.activation != "relu" else []
+    model += [spec.data] if spec.data != "xor_cube" else []
+    if spec.loss == "logistic":
+        model.append(f"logistic p={spec.label_smoothing / 2:g}")
+    if spec.method == "sgd":
+        method = f"sgd batch={spec.batch_size} wd={spec.weight_decay:g}"
+        sched = " + ".join(f"{p.epochs} ep lr {p.lr:g}" for p in spec.phases)
+    else:
+        method = spec.method
+        sched = " + ".join(f"{p.epochs} ep lr {p.lr:g} rho {p.rho:g}" for p in spec.phases)
+    return spec.paper or "-", " ".join(model), method, sched
+
+
 def _list_presets() -> str:
     from sharpgen.experiments import PRESET_GROUPS, PRESETS
 
-    lines = ["groups:"]
+    width = max(len(name) for name in (*PRESETS, *PRESET_GROUPS)) + 2
+    lines = ["groups (sharpgen reproduce --preset GROUP):"]
     for name, members in PRESET_GROUPS.items():
-        lines.append(f"  {name:22s} {', '.join(members)}")
-    lines.append("experiments:")
-    for name, spec in PRESETS.items():
-        sched = " + ".join(f"{p.epochs} ep (lr {p.lr:g}, rho {p.rho:g})" for p in spec.phases)
-        extra = "".join(
-            [
-                f" depth={spec.depth}" if spec.depth > 2 else "",
-                f" {spec.activation}" if spec.activation != "relu" else "",
-                f" {spec.data}" if spec.data != "xor_cube" else "",
-            ]
-        )
-        lines.append(
-            f"  {name:22s} {spec.paper:8s} {spec.arch:14s} {spec.method:15s} d={spec.d} "
-            f"n={spec.n} m={spec.width}{extra} {sched}"
-        )
+        wrapped = textwrap.wrap(", ".join(members), 96 - width, break_on_hyphens=False)
+        lines.append(f"  {name:{width}s}{wrapped[0]}")
+        lines += [" " * (width + 2) + more for more in wrapped[1:]]
+    rows = {name: _describe(spec) for name, spec in PRESETS.items()}
+    cols = [max(len(row[i]) for row in rows.values()) for i in range(3)]
+    lines += ["", "experiments (paper figure, model, method, epochs with lr and rho):"]
+    for name, row in rows.items():
+        cells = "  ".join(f"{cell:{w}s}" for cell, w in zip(row, cols, strict=False))
+        lines.append(f"  {name:{width}s}{cells}  {row[3]}")
     return "\n".join(lines)
 
 
@@ -280,7 +307,12 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _interrupted(args: argparse.Namespace) -> int:
-    """The one line printed on Ctrl-C; exit status 130 (128 + SIGINT), as shells use."""
+    """The one line printed on Ctrl-C; exit status 130 (128 + SIGINT), as shells use.
+
+    Under ``torchrun`` only rank 0 prints it (every rank gets the signal).
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return 130
     if args.command == "reproduce":
         hint = (
             f"finished epochs are checkpointed in {Path(args.out) / 'checkpoints'} (at most "

@@ -8,6 +8,7 @@ import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,12 +18,20 @@ from sharpgen.experiments._trainer import RunResult, check_checkpoint, train
 __all__ = ["run_experiments", "check_resumable"]
 
 
-def _worker(spec_dict, seeds, device, checkpoint, resume, threads, progress_queue):
+_PROGRESS: Any = None  # a worker process's progress queue (set by _init_worker)
+
+
+def _init_worker(progress_queue: Any, threads: int) -> None:
+    global _PROGRESS
+    _PROGRESS = progress_queue
     torch.set_num_threads(threads)
+
+
+def _worker(spec_dict, seeds, device, checkpoint, resume):
     spec = ExperimentSpec.from_dict(spec_dict)
 
     def progress(k: int) -> None:
-        progress_queue.put((spec.name, k))
+        _PROGRESS.put((spec.name, k))
 
     try:
         result = train(
@@ -127,13 +136,14 @@ def check_resumable(
 def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result) -> None:
     """Train the experiments in ``jobs`` spawned processes.
 
-    On any exception (Ctrl-C) the workers are terminated at once; their last checkpoints are
-    intact because checkpoints are written atomically.
+    Progress comes back over one ``multiprocessing`` queue handed to the workers when they
+    start (no manager process: nothing is left for the interpreter to wait for at exit). On any
+    exception (Ctrl-C) the workers are terminated at once; their last checkpoints are intact
+    because checkpoints are written atomically.
     """
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")
-    manager = ctx.Manager()
-    q = manager.Queue()
+    q = ctx.Queue()
 
     def update_bars(block: bool) -> bool:
         try:
@@ -146,11 +156,12 @@ def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result
 
     # the longest experiments first, so the pool ends together
     order = sorted(specs, key=lambda s: -s.epochs * s.steps_per_epoch * _cost(s))
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    pool = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(q, threads)
+    )
     try:
         pending = {
-            pool.submit(_worker, s.to_dict(), list(seeds), device, ckpt(s), resume, threads, q)
-            for s in order
+            pool.submit(_worker, s.to_dict(), list(seeds), device, ckpt(s), resume) for s in order
         }
         while pending:
             update_bars(block=True)
@@ -174,7 +185,8 @@ def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result
     else:
         pool.shutdown()
     finally:
-        manager.shutdown()
+        q.close()
+        q.cancel_join_thread()
 
 
 def _cost(spec: ExperimentSpec) -> float:

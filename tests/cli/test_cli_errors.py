@@ -149,24 +149,51 @@ def test_ctrl_c_prints_one_line_with_how_to_resume(tmp_path, capsys, monkeypatch
     assert err[0].startswith("sharpgen reproduce: interrupted;") and "--resume" in err[0]
 
 
-def test_ctrl_c_on_a_real_run(tmp_path):
-    """SIGINT to a training process (two worker processes): one line, status 130, resumable."""
+def _group_processes(pgid: int) -> str:
+    ps = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(pgid)], capture_output=True)
+    return ps.stdout.decode()
+
+
+def _group_gone(pgid: int, timeout: float = 15.0) -> bool:
+    """Whether every process of the group has exited (zombies count as exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = _group_processes(pgid).splitlines()[1:]
+        if all(line.split()[1].startswith("Z") for line in lines):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("target", ["group", "parent"])
+def test_ctrl_c_on_a_real_run_then_resume(tmp_path, capsys, target):
+    """SIGINT during a real two-process run: one line, status 130, no hang; --resume continues.
+
+    ``group`` is Ctrl-C in a shell (the whole foreground process group gets SIGINT);
+    ``parent`` is ``kill -INT <pid>`` (only the main process gets it: it must stop its workers
+    itself and must not wait for them at exit).
+    """
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "sharpgen", "reproduce", "--preset", "paper-fig1b", "paper-fig4b"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    presets = ["--preset", FAST, "paper-fig1b"]  # a few-second run and a run of hours
+    cmd = [sys.executable, "-m", "sharpgen", "reproduce", *presets, "--seeds", "1"]
     proc = subprocess.Popen(
-        [*cmd, "--seeds", "1", "--out", str(out), "--no-progress", "--jobs", "2"],
+        [*cmd, "--out", str(out), "--no-progress", "--jobs", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
         text=True,
         start_new_session=True,  # its own process group, like a shell job
     )
-    deadline = time.monotonic() + 120
-    while not out.exists() and time.monotonic() < deadline:  # argument checks are done
-        time.sleep(0.1)
-    time.sleep(3.0)  # the workers are training
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C signals the whole foreground group
+    deadline = time.monotonic() + 240
+    while not (out / "results.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the short run is done and saved; the long one is training
+    assert (out / "results.json").exists(), "the short run did not finish in time"
+    time.sleep(1.0)
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
@@ -176,6 +203,30 @@ def test_ctrl_c_on_a_real_run(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("sharpgen reproduce: interrupted;") and "--resume" in lines[0]
+    assert _group_gone(proc.pid), _group_processes(proc.pid)  # nothing left behind
+    # the finished experiment resumes from its checkpoint without training again
+    first = json.loads((out / "results.json").read_text())[0]
+    assert (
+        main(
+            [
+                "reproduce",
+                *presets[:2],
+                "--seeds",
+                "1",
+                "--out",
+                str(out),
+                "--resume",
+                "--no-progress",
+                "--jobs",
+                "1",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    again = json.loads((out / "results.json").read_text())[0]
+    assert again["wall_time_s"] == first["wall_time_s"]
+    assert json.dumps(again["metrics"]) == json.dumps(first["metrics"])
 
 
 def test_measure_test_size_zero_draws_no_conclusion(capsys):

@@ -95,27 +95,117 @@ def test_table1_verdicts():
     assert "23.23 ± 0.25 [23.00, 23.50] / 22.27 = 1.043" in report
 
 
-def test_medium_logistic_and_sweep_presets():
-    from sharpgen.experiments import PRESET_GROUPS
-
-    medium = get_preset("medium")
-    archs = {(s.arch, s.data) for s in medium}
-    assert ("simplified_bn", "xor_cube") in archs and ("bias", "uniform_ball") in archs
-    bn = next(s for s in medium if s.arch == "simplified_bn")
+def test_medium_preset_shows_what_quick_cannot():
+    medium = {s.name: s for s in get_preset("medium")}
+    archs = {(s.arch, s.data) for s in medium.values()}
+    assert ("simplified_bn", "xor_cube") in archs
+    assert {("no_bias", "uniform_ball"), ("bias", "uniform_ball")} <= archs  # Figs. 7a/b
+    assert {s.paper for s in medium.values() if s.data == "uniform_ball"} == {"Fig. 7a", "Fig. 7b"}
+    bn = medium["medium-sim-bn-sam"]
     assert bn.width == 500  # the paper's width, unlike quick
-    ln = next(s for s in medium if s.arch == "simplified_ln")
+    ln = medium["medium-sim-ln-sam"]
     assert ln.method == "sam1" and ln.first_layer_init_scale == 0.01  # Fig. 6a, not 6b
-    bias = next(s for s in medium if s.arch == "bias" and s.method == "sam1" and s.d == 30)
-    assert bias.epochs >= 4000  # long enough to see the degradation the paper reports
-    for spec in get_preset("paper-logistic"):
-        assert spec.loss == "logistic" and spec.label_smoothing == 0.2
-        assert "ASSUMED" in spec.notes
+    assert ln.phases == (Phase(6000, 0.1, 0.1),)  # the paper's lr and rho
+    bias = medium["medium-bias-sam"]
+    assert bias.phases == (Phase(8000, 0.01, 0.05),)  # Fig. 4b's first phase ...
+    assert bias.epochs >= 2 * 4000  # ... to twice the epoch where the paper sees degradation
+    assert bias.epochs // bias.eval_every >= 40  # a curve, not two points
+    assert medium["medium-bias-gd"].epochs == bias.epochs
+    for spec in medium.values():
+        assert (spec.n, spec.width) == (100, 500)
+        assert spec.notes.startswith("medium preset")
+
+
+def test_logistic_presets_follow_the_papers_table_2():
+    p = {s.paper: s for s in get_preset("paper-logistic")}
+    assert sorted(p) == ["Fig. 10a", "Fig. 10b", "Fig. 8a", "Fig. 8b", "Fig. 9a", "Fig. 9b"]
+    assert (p["Fig. 8a"].method, p["Fig. 8a"].batch_size, p["Fig. 8a"].weight_decay) == (
+        "sgd",
+        10,
+        0.01,
+    )
+    assert p["Fig. 8a"].phases == (Phase(100_000, 0.1),)
+    assert p["Fig. 8b"].phases == (Phase(100_000, 0.1, 0.2),) and p["Fig. 8b"].arch == "no_bias"
+    assert (p["Fig. 9a"].batch_size, p["Fig. 9a"].weight_decay) == (1, 0.05)
+    assert p["Fig. 9a"].phases == (Phase(100_000, 0.01),)
+    assert p["Fig. 9b"].phases == (Phase(100_000, 0.1, 0.2),) and p["Fig. 9b"].arch == "bias"
+    assert p["Fig. 10a"].phases == (Phase(40_000, 0.1, 0.2),)
+    assert p["Fig. 10a"].arch == "simplified_bn"
+    assert p["Fig. 10b"].phases == (Phase(1000, 1.0, 0.5), Phase(100_000, 1.0, 1.0))
+    assert p["Fig. 10b"].first_layer_init_scale == 0.01
+    for spec in p.values():
+        assert spec.loss == "logistic" and (spec.d, spec.n, spec.width) == (30, 100, 500)
+        assert "p = 0.2" in spec.notes
+    # what the paper does not state stays marked
+    for fig in ("Fig. 8a", "Fig. 10a", "Fig. 10b"):
+        assert "ASSUMED" in p[fig].notes
+
+
+def test_logistic_smoothing_matches_the_papers_p():
+    """The paper's p = 0.2: the per-example loss is minimal at logit y * ln((1 - p) / p)."""
+    import torch
+
+    from sharpgen.experiments._batched import loss_derivatives
+
+    (spec,) = get_preset("paper-fig8b")
+    opt = math.log((1 - 0.2) / 0.2)  # ln 4
+    f = torch.tensor([opt, -opt, opt + 0.1, opt - 0.1], dtype=torch.float64)
+    y = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    _, d1, d2 = loss_derivatives(f, y, "logistic", spec.label_smoothing)
+    assert torch.allclose(d1[:2], torch.zeros(2, dtype=torch.float64), atol=1e-15)
+    assert d1[2] > 0 > d1[3]  # a minimum, not a maximum
+    assert float(d2[0]) == pytest.approx(0.2 * 0.8, rel=1e-12)  # p (1 - p), Lemma A.13
+
+
+def test_sweep_preset_same_steps_at_every_n():
     sweep = get_preset("sweep-n")
-    assert sorted({s.n for s in sweep}) == [25, 50, 100, 200, 400]
+    assert sorted({s.n for s in sweep}) == [25, 40, 50, 80, 100, 160, 200, 400]
     assert {s.arch for s in sweep} == {"no_bias", "bias"}
-    # the same number of 1-SAM steps at every n
-    assert {s.epochs * s.steps_per_epoch for s in sweep} == {100_000}
+    assert {(s.d, s.width, s.method) for s in sweep} == {(30, 500, "sam1")}
+    # the same number of 1-SAM steps at every n, and ten recorded points per run
+    assert {s.epochs * s.steps_per_epoch for s in sweep} == {40_000}
+    assert {s.epochs // s.eval_every for s in sweep} == {10}
     assert set(PRESET_GROUPS["sweep-n"]) == {s.name for s in sweep}
+
+
+def _shrunk(spec: ExperimentSpec) -> ExperimentSpec:
+    """The same experiment (model, loss, method, data, first phase) at toy size, one epoch."""
+    first = spec.phases[0]
+    return spec.replace(
+        d=min(spec.d, 6),
+        n=12,
+        width=16,
+        test_size=20,
+        batch_size=min(spec.batch_size, 12),
+        eval_every=1,
+        phases=(Phase(1, first.lr, first.rho),),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_trains_one_epoch_at_toy_size(name):
+    """Every option combination a preset uses runs end to end (closed-form or autograd)."""
+    from sharpgen.experiments import train
+
+    spec = _shrunk(PRESETS[name])
+    result = train(spec, [0, 1])
+    assert result.epochs == (0, 1) and result.steps == spec.steps_per_epoch
+    for metric in ("train_loss", "test_mse", "trace_gn"):
+        assert all(math.isfinite(v) for row in result.metrics[metric] for v in row), metric
+
+
+@pytest.mark.parametrize("group", ["medium", "sweep-n"])
+def test_medium_and_sweep_presets_run_at_full_size(group):
+    """The first epoch of the group's experiments, at their real size."""
+    from sharpgen.experiments import train
+
+    specs = get_preset(group)
+    if group == "sweep-n":  # the smallest and the largest training set
+        specs = [s for s in specs if s.n in (min(x.n for x in specs), max(x.n for x in specs))]
+    for spec in specs:
+        result = train(spec, [0], stop_after_epochs=1)
+        assert result.steps == spec.steps_per_epoch
+        assert math.isfinite(result.metrics["train_loss"][0][-1])
 
 
 def test_sweep_plot_and_table1_ignore_each_other(tmp_path):
