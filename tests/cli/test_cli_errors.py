@@ -275,3 +275,27 @@ def test_results_and_report_are_written_atomically(tmp_path, monkeypatch):
     assert path.read_text() == before
     assert json.loads(before)[0]["spec"]["name"] == FAST
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["reproduce", "--seeds", "x"], "sharpgen reproduce: error: argument --seeds: invalid int"),
+        (["reproduce", "--device", "tpu"], "sharpgen reproduce: error: argument --device"),
+        (["reproduce", "--jobs", "1.5"], "sharpgen reproduce: error: argument --jobs"),
+        (["reproduce", "--preset"], "sharpgen reproduce: error: argument --preset: expected"),
+        (["reproduce", "--bogus"], "sharpgen: error: unrecognized arguments: --bogus"),
+        (["frobnicate"], "sharpgen: error: argument COMMAND: invalid choice: 'frobnicate'"),
+        (["measure", "--d", "three"], "sharpgen measure: error: argument --d: invalid int"),
+    ],
+)
+def test_malformed_arguments_are_one_line_usage_errors(capsys, argv, expected):
+    """argparse's own errors: exit 2, one line that points to --help, no usage block."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(expected) and lines[0].endswith("--help'"), lines[0]
+    assert "Traceback" not in err and "usage:" not in err

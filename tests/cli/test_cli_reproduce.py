@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from sharpgen.cli import main
-from sharpgen.experiments import get_preset, load_results, preset_names, run_experiments
+from sharpgen.experiments import (
+    PRESETS,
+    get_preset,
+    load_results,
+    preset_names,
+    run_experiments,
+)
 
 FAST = ["tiny-no-bias-sam1", "tiny-bias-sam1", "tiny-bias-sgd"]
 
@@ -73,6 +79,9 @@ def test_help_texts(capsys):
     text = capsys.readouterr().out
     for phrase in ("--preset", "--seeds", "--device", "--out", "--resume", "quick", "Table 1"):
         assert phrase in text
+    for group in ("quick", "medium", "sweep-n", "paper", "paper-logistic"):
+        assert f"\n  {group} " in text  # every group is introduced, with its expected time
+    assert "130" in text and "--resume" in text  # what Ctrl-C does
     assert main([]) == 0
     top = capsys.readouterr().out
     assert "reproduce" in top and "measure" in top and "examples:" in top
@@ -83,6 +92,21 @@ def test_list_shows_every_preset(capsys):
     text = capsys.readouterr().out
     for name in preset_names():
         assert name in text
+    experiments = text.split("experiments (")[1].splitlines()[1:]
+    lines = {line.split()[0]: line for line in experiments}
+    assert set(lines) == set(PRESETS)
+    # the settings that tell the experiments apart are on their line
+    assert (
+        "logistic p=0.2" in lines["paper-fig8a"] and "sgd batch=10 wd=0.01" in lines["paper-fig8a"]
+    )
+    assert "1000 ep lr 1 rho 0.5 + 100000 ep lr 1 rho 1" in lines["paper-fig10b"]
+    assert (
+        "uniform_ball" in lines["medium-ball-bias-sam"] and "d=10" in lines["medium-ball-bias-sam"]
+    )
+    assert "sgd batch=100 wd=0.05" in lines["paper-fig4a"] and "rho" not in lines["paper-fig4a"]
+    # experiment columns line up
+    starts = {line.index("Fig. ") for name, line in lines.items() if name.startswith("paper-")}
+    assert len(starts) == 1
 
 
 def test_python_dash_m_entry_point():

@@ -30,6 +30,11 @@ def test_paper_presets_match_table_2():
     assert p["paper-fig7b"].data == "uniform_ball" and p["paper-fig7b"].d == 10
     assert (p["paper-fig5a"].activation, p["paper-fig5a"].batch_size) == ("softplus", 1)
     assert p["paper-fig5a"].weight_decay == 0.05 and p["paper-fig5a"].phases[0].lr == 0.001
+    assert p["paper-fig5b"].phases == (
+        Phase(100_000, 0.0005, 0.05),
+        Phase(100_000, 0.001, 0.1),
+        Phase(5000, 0.005, 1.0),
+    )
     assert (p["paper-fig11a"].depth, p["paper-fig11a"].weight_decay) == (3, 0.05)
     assert p["paper-fig11b"].phases == (Phase(100_000, 0.01, 0.05),)
     for name in PRESET_GROUPS["paper"]:
