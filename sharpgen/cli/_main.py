@@ -32,7 +32,7 @@ against epoch), report.md (the tables), and checkpoints/ (for --resume).
 
 Presets (run 'sharpgen reproduce --list' for every experiment and its settings):
   quick           all four rows of Table 1 with documented deviations (default; ~1-3 min)
-  medium          the paper's sizes, what quick cannot show (~10 min idle, 2 jobs)
+  medium          the paper's sizes, what quick cannot show (~7 min idle, 2 jobs)
   sweep-n         no-bias vs bias 1-SAM test error for n = 25..400, Thm 3.1 (~2 min idle)
   paper           every run of the paper's Table 2 at full scale (days of CPU time; GPU)
   paper-logistic  the logistic-loss runs with label smoothing (Figs. 8-10, full scale)
