@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,12 +36,9 @@ def _worker(spec_dict, seeds, device, checkpoint, resume):
     def progress(k: int) -> None:
         _PROGRESS.put((spec.name, k))
 
-    try:
-        result = train(
-            spec, seeds, device=device, checkpoint=checkpoint, resume=resume, progress=progress
-        )
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
-        return None
+    result = train(
+        spec, seeds, device=device, checkpoint=checkpoint, resume=resume, progress=progress
+    )
     return result.to_dict()
 
 
@@ -160,17 +160,16 @@ def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result
         max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(q, threads)
     )
     try:
-        pending = {
-            pool.submit(_worker, s.to_dict(), list(seeds), device, ckpt(s), resume) for s in order
-        }
+        with _sigint_ignored():  # the workers inherit it: Ctrl-C is the main process's job
+            pending = {
+                pool.submit(_worker, s.to_dict(), list(seeds), device, ckpt(s), resume)
+                for s in order
+            }
         while pending:
             update_bars(block=True)
             for fut in [f for f in pending if f.done()]:
                 pending.discard(fut)
-                payload = fut.result()
-                if payload is None:  # the worker was interrupted
-                    raise KeyboardInterrupt
-                res = RunResult.from_dict(payload)
+                res = RunResult.from_dict(fut.result())
                 results[res.spec.name] = res
                 if on_result is not None:
                     on_result(res)
@@ -187,6 +186,22 @@ def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result
     finally:
         q.close()
         q.cancel_join_thread()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while worker processes start, so that they inherit the ignoring.
+
+    Only in the main thread (where Python handles signals); elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _cost(spec: ExperimentSpec) -> float:
