@@ -164,9 +164,10 @@ def test_logistic_smoothing_matches_the_papers_p():
 
 def test_sweep_preset_same_steps_at_every_n():
     sweep = get_preset("sweep-n")
-    assert sorted({s.n for s in sweep}) == [25, 40, 50, 80, 100, 160, 200, 400]
+    assert sorted({s.n for s in sweep}) == [25, 50, 100, 200, 400]
     assert {s.arch for s in sweep} == {"no_bias", "bias"}
     assert {(s.d, s.width, s.method) for s in sweep} == {(30, 500, "sam1")}
+    assert {s.phases[0].lr for s in sweep} == {0.01} and {s.phases[0].rho for s in sweep} == {0.05}
     # the same number of 1-SAM steps at every n, and ten recorded points per run
     assert {s.epochs * s.steps_per_epoch for s in sweep} == {40_000}
     assert {s.epochs // s.eval_every for s in sweep} == {10}
