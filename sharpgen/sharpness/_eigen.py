@@ -171,7 +171,7 @@ def top_eigenvalues(
     H = source.hessian(single_vectors=True)
     with progress_bar(progress, total=max_iter, desc="top_eigenvalues", unit="matvec") as bar:
         res = lanczos(
-            ProgressOperator(H, bar), k, which=which, tol=tol, max_iter=max_iter,
+            ProgressOperator(H, bar) if progress else H, k, which=which, tol=tol, max_iter=max_iter,
             generator=generator, max_basis=max_basis, bound=bound,
         )  # fmt: skip
     shapes = tuple((n, tuple(t.shape)) for n, t in H.params.items())
