@@ -330,6 +330,7 @@ def plot_sweep(results: Sequence[RunResult], path: str | Path) -> Path | None:
     if not by_arch:
         return None
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -352,6 +353,8 @@ def plot_sweep(results: Sequence[RunResult], path: str | Path) -> Path | None:
         ax.plot(ns, [d / n for n in ns], "k--", lw=1, label=f"d/n (d={d})")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training points n")
         ax.set_ylabel(f"{label} (floor {floor:g})")
         ax.legend(fontsize=7)
