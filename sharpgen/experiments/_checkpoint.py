@@ -21,6 +21,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "restart_hint",
+    "spec_differences",
 ]
 
 
@@ -78,6 +79,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see `atomic_write`)."""
     data = text.encode("utf-8")
     return atomic_write(path, lambda handle: handle.write(data))
+
+
+def spec_differences(saved: Any, current: dict) -> list[str]:
+    """The settings in which a checkpoint's experiment differs from ``current``.
+
+    Both are `ExperimentSpec.to_dict` dicts; ``notes`` (free text, not part of the experiment)
+    is ignored. A ``saved`` that is not a dict differs in everything.
+
+    Examples:
+        >>> spec_differences({"lr": 1, "notes": "a"}, {"lr": 2, "notes": "b"})
+        ['lr']
+    """
+    if not isinstance(saved, dict):
+        return sorted(k for k in current if k != "notes")
+    keys = (set(saved) | set(current)) - {"notes"}
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
 def restart_hint(path: str | Path) -> str:

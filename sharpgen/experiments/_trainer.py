@@ -27,6 +27,7 @@ from sharpgen.experiments._checkpoint import (
     load_checkpoint,
     restart_hint,
     save_checkpoint,
+    spec_differences,
 )
 from sharpgen.experiments._fused import project
 from sharpgen.experiments._kernels import Kernels, kernels_for
@@ -288,11 +289,13 @@ def check_checkpoint(checkpoint: str | Path, spec: ExperimentSpec, seeds: Sequen
             f"checkpoint {checkpoint} is not a sharpgen trainer checkpoint (it lacks "
             f"{', '.join(missing[:3])}); {restart_hint(checkpoint)}"
         )
-    if state["spec"] != spec.to_dict() or tuple(state["seeds"]) != seeds:
+    differ = spec_differences(state["spec"], spec.to_dict())
+    if differ or tuple(state["seeds"]) != seeds:
         other = state["spec"].get("name", "?") if isinstance(state["spec"], dict) else "?"
+        what = f"; settings that differ: {', '.join(differ)}" if differ else ""
         raise CheckpointError(
             f"checkpoint {checkpoint} belongs to a different experiment or seeds ({other!r}, "
-            f"seeds {list(state['seeds'])}, not {spec.name!r}, seeds {list(seeds)}); "
+            f"seeds {list(state['seeds'])}, not {spec.name!r}, seeds {list(seeds)}{what}); "
             f"{restart_hint(checkpoint)}"
         )
     return state

@@ -103,6 +103,20 @@ def test_resume_refuses_a_checkpoint_of_another_experiment(tmp_path):
         train(SPEC.replace(name="other"), [0, 1], checkpoint=ckpt, resume=True)
     with pytest.raises(ValueError, match="different experiment or seeds"):
         train(SPEC, [0, 2], checkpoint=ckpt, resume=True)
+    # the message names the settings that differ
+    changed = SPEC.replace(phases=(Phase(40, 0.05, 0.2), Phase(40, 0.02, 0.1)), width=16)
+    with pytest.raises(ValueError, match="settings that differ: phases, width"):
+        train(changed, [0, 1], checkpoint=ckpt, resume=True)
+
+
+def test_resume_ignores_a_changed_note(tmp_path):
+    """``notes`` is commentary (a preset's text may be reworded), not part of the experiment."""
+    ckpt = tmp_path / "run.pt"
+    train(SPEC, [0, 1], checkpoint=ckpt, stop_after_epochs=3)
+    resumed = train(
+        SPEC.replace(notes="reworded"), [0, 1], checkpoint=ckpt, resume=True, stop_after_epochs=5
+    )
+    assert resumed.epochs[-1] == 5 and resumed.steps == 5 * SPEC.steps_per_epoch
 
 
 def test_atomic_save_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_path):
