@@ -1,6 +1,7 @@
 """Calibration of the trace estimators' standard errors, and the cost of stopping on ``rtol``.
 
     PYTHONPATH=$PWD python benchmarks/bench_trace_calibration.py [--quick] [--seeds 40]
+        [--estimators xtrace,hutchpp] [--matrices flat,CNN] [--out table.md]
 
 Matrices (float64, exact trace known): five synthetic spectra in a random orthogonal basis
 (n = 300: flat 1 + U(0, 1), 100/i, 100/i^2, low rank plus noise, indefinite linspace(-1, 2)),
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,50 +114,88 @@ def oracle_cost(budgets, rmses, target):
     return float(np.exp((math.log(target) - intercept) / slope))
 
 
+def select(names, wanted):
+    """The names containing one of the comma-separated substrings ``wanted`` (all if empty)."""
+    if not wanted:
+        return list(names)
+    keys = [w.strip() for w in wanted.split(",") if w.strip()]
+    return [n for n in names if any(k in n for k in keys)]
+
+
+def load():
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
+def rtol_for(mname, A, budgets, curves, seeds):
+    """The adaptive estimator's relative RMSE at 90 products (from part 1 when it ran)."""
+    key = (mname, "auto (adaptive)")
+    if key in curves:
+        curve = curves[key]
+    else:
+        truth = float(torch.trace(A))
+        curve = []
+        for b in budgets:
+            vals, _, _ = run(auto, A, seeds, num_matvecs=b)
+            curve.append(float(np.sqrt(np.mean((vals - truth) ** 2))) / abs(truth))
+    return float(f"{np.interp(math.log(90), np.log(budgets), curve):.1g}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="30 seeds, budgets 30 and 90, no rtol")
     ap.add_argument("--seeds", type=int, default=40)
+    ap.add_argument("--estimators", default="", help="comma-separated substrings, e.g. xtrace")
+    ap.add_argument("--matrices", default="", help="comma-separated substrings, e.g. flat,CNN")
+    ap.add_argument("--out", default="", help="also write the markdown tables to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = 30 if args.quick else args.seeds
     budgets = [30, 90] if args.quick else [24, 48, 90, 180, 360]
+    estimators = {k: ESTIMATORS[k] for k in select(ESTIMATORS, args.estimators)}
     t0 = time.perf_counter()
     mats = {**synthetic(), **digits_hessians()}
-    print(f"# seeds={seeds}, budgets={budgets}; float64, 1 thread; loaded shared 2-core machine")
-    print("\n## calibration: relative RMSE / rms(stderr)/RMSE / coverage of +-1.96 stderr\n")
-    print("| matrix | budget | " + " | ".join(ESTIMATORS) + " |")
-    print("|---|---|" + "---|" * len(ESTIMATORS))
+    mats = {k: mats[k] for k in select(mats, args.matrices)}
+    lines = []
+
+    def emit(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"seeds={seeds}, budgets={budgets}; float64, 1 thread; load {load()}")
+    emit("\n## calibration: relative RMSE / rms(stderr)/RMSE / coverage of +-1.96 stderr\n")
+    emit("| matrix | budget | " + " | ".join(estimators) + " |")
+    emit("|---|---|" + "---|" * len(estimators))
     curves = {}
     for mname, A in mats.items():
         truth = float(torch.trace(A))
         for b in budgets:
             cells = []
-            for ename, est in ESTIMATORS.items():
+            for ename, est in estimators.items():
                 vals, ses, _ = run(est, A, seeds, num_matvecs=b)
                 rmse = float(np.sqrt(np.mean((vals - truth) ** 2)))
                 ratio = float(np.sqrt(np.mean(ses**2))) / rmse if rmse > 0 else math.nan
                 cover = float(np.mean(np.abs(vals - truth) <= 1.96 * ses))
                 curves.setdefault((mname, ename), []).append(rmse / abs(truth))
                 cells.append(f"{rmse / abs(truth):.1e} / {ratio:.2f} / {cover:.2f}")
-            print(f"| {mname} | {b} | " + " | ".join(cells) + " |", flush=True)
+            emit(f"| {mname} | {b} | " + " | ".join(cells) + " |")
     if not args.quick:
-        print("\n## rtol stopping: products / oracle products (RMSE reached / rtol)\n")
-        print("| matrix | rtol | " + " | ".join(ESTIMATORS) + " |")
-        print("|---|---|" + "---|" * len(ESTIMATORS))
+        emit("\n## rtol stopping: products / oracle products (RMSE reached / rtol)\n")
+        emit("| matrix | rtol | " + " | ".join(estimators) + " |")
+        emit("|---|---|" + "---|" * len(estimators))
         for mname, A in mats.items():
             truth = float(torch.trace(A))
-            auto_curve = curves[(mname, "auto (adaptive)")]
-            rtol = float(f"{np.interp(math.log(90), np.log(budgets), auto_curve):.1g}")
+            rtol = rtol_for(mname, A, budgets, curves, seeds)
             cells = []
-            for ename, est in ESTIMATORS.items():
+            for ename, est in estimators.items():
                 oracle = oracle_cost(budgets, curves[(mname, ename)], rtol)
                 vals, _, spent = run(est, A, seeds, rtol=rtol, max_matvecs=2000)
                 rel = float(np.sqrt(np.mean((vals - truth) ** 2))) / abs(truth)
                 cells.append(f"{spent.mean() / oracle:.2f} ({spent.mean():.0f} / {oracle:.0f}; "
                              f"{rel / rtol:.2f})")  # fmt: skip
-            print(f"| {mname} | {rtol:g} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\n# total {time.perf_counter() - t0:.0f} s")
+            emit(f"| {mname} | {rtol:g} | " + " | ".join(cells) + " |")
+    emit(f"\ntotal {time.perf_counter() - t0:.0f} s; load at the end {load()}")
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

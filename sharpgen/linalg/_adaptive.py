@@ -189,9 +189,13 @@ def _target_budget(pilot: _Pilot, rtol: float, max_matvecs: int, start: int) -> 
         v_h, v_d = pilot.variances()
         cost_h = v_h / target_var  # products Hutchinson needs in all
         cost_d = 2 * s + v_d / target_var  # sketch + AQ + remainder
-        # geometric extrapolation of the remainder variance to a sketch twice as large
-        _, v_half = pilot.variances(s // 2)
-        ratio = min(1.0, v_d / v_half) if v_half > 0 else 1.0
+        # power-law extrapolation of the remainder variance to a sketch twice as large, from
+        # its local decay between 3s/4 and s probes (a sketch that already holds the
+        # dominant range, e.g. just past a rank edge, predicts no further gain)
+        prev = max(2, (3 * s) // 4)
+        _, v_prev = pilot.variances(prev)
+        decay = min(1.0, v_d / v_prev) if v_prev > 0 else 1.0
+        ratio = decay ** (math.log(2) / math.log(s / prev)) if s > prev else 1.0
         cost_2d = 4 * s + v_d * ratio / target_var
         room = 4 * s <= max_matvecs and 2 * s <= n
         if room and cost_2d < min(cost_d, cost_h) and cost_h > s:
@@ -218,9 +222,10 @@ def adaptive_trace(
     first $s$ of $m$ Hutchinson probes (see the module docstring for $v_H$ and $F_\perp$).
 
     Target ``rtol``: 16 sketch probes, doubled while a sketch twice as large is predicted to
-    reduce the total cost (remainder variance extrapolated geometrically from the sketch and
-    its first half); then the cheaper of the two predicted costs is run, adding probes in
-    rounds sized by the measured standard error (at most doubling) until
+    reduce the total cost (remainder variance extrapolated as a power of the sketch size
+    from its local decay between the first $3s/4$ probes and all $s$); then the cheaper of
+    the two predicted costs is run, adding probes in rounds sized by the measured standard
+    error (growing the products by at most 1.5 times per round) until
     ``stderr <= rtol * |value|`` or ``max_matvecs``. The arguments are validated by
     `sharpgen.linalg.trace`.
 

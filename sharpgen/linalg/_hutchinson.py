@@ -22,6 +22,9 @@ __all__ = ["hutchinson_trace"]
 
 #: Samples drawn before the relative-standard-error stopping test is first applied.
 MIN_ADAPTIVE_SAMPLES = 10
+#: Largest factor by which an ``rtol`` round grows the products spent so far: the last
+#: round overshoots the first sufficient budget by at most this factor.
+MAX_GROWTH = 1.5
 
 
 def mean_and_stderr(samples: Tensor) -> tuple[float, float]:
@@ -37,12 +40,13 @@ def next_round(count: int, stderr: float, target: float, minimum: int = 1) -> in
     """Samples to add so that ``stderr`` (of ``count`` samples) is predicted to reach ``target``.
 
     The standard error is taken to fall like ``1/sqrt(count)``; at least ``minimum``, at most
-    ``count`` (doubling).
+    ``(MAX_GROWTH - 1) * count`` (so the total grows by at most ``MAX_GROWTH``).
     """
+    most = max(minimum, math.ceil((MAX_GROWTH - 1) * count))
     if not math.isfinite(stderr) or target <= 0:
-        return max(count, minimum)
+        return most
     need = math.ceil(count * (stderr / target) ** 2) - count
-    return max(minimum, min(need, count))
+    return max(minimum, min(need, most))
 
 
 def hutchinson_trace(
@@ -71,7 +75,8 @@ def hutchinson_trace(
 
     Give either a fixed budget ``num_matvecs`` or a target relative standard error
     ``rtol``: then 10 probes are drawn, then rounds sized by the measured standard error
-    (the count predicted to reach the target, at most doubling, at most ``block_size``)
+    (the count predicted to reach the target, growing the total by at most 1.5 times, at
+    most ``block_size``)
     until ``stderr <= rtol * |value|`` or ``max_matvecs`` products are spent;
     ``converged`` says which happened.
 

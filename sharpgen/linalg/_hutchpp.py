@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from sharpgen.linalg._checks import check_choice, check_generator, resolve_budget
-from sharpgen.linalg._hutchinson import MIN_ADAPTIVE_SAMPLES, mean_and_stderr
+from sharpgen.linalg._hutchinson import MAX_GROWTH, MIN_ADAPTIVE_SAMPLES, mean_and_stderr
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
 from sharpgen.linalg._probes import DISTRIBUTIONS, draw_probes
 from sharpgen.linalg._results import TraceEstimate
@@ -65,6 +66,19 @@ class _HutchppState:
         return float(torch.trace(H)), samples
 
 
+def next_total(total: int, stderr: float, target: float) -> int:
+    """Budget of the next ``rtol`` round: at least 3 more products, at most 1.5 times as many.
+
+    The error is predicted to fall like ``1/m`` (the fast end of Hutch++'s range, reached
+    on decaying spectra), so the prediction undershoots rather than overshoots; the cap
+    bounds the overshoot of the last round.
+    """
+    most = max(total + 3, math.ceil(MAX_GROWTH * total))
+    if not math.isfinite(stderr) or target <= 0:
+        return most
+    return max(total + 3, min(most, math.ceil(total * stderr / target)))
+
+
 def hutchpp_trace(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,
@@ -88,9 +102,11 @@ def hutchpp_trace(
 
     The standard error is that of the remainder samples (the first term is exact given
     $Q$). For a budget $m$: ``m // 3`` sketch probes and ``m - 2 * (m // 3)`` remainder
-    probes. With ``rtol`` the three parts grow together, doubling the budget each round
-    (the remainder products $A G$ are kept, so earlier products are reused when the
-    sketch grows) until ``stderr <= rtol * |value|`` or ``max_matvecs``.
+    probes. With ``rtol`` the three parts grow together from 30 products, each round's
+    budget predicted from the error so far as if it fell like $1/m$ (so rounds undershoot
+    rather than overshoot) and at most 1.5 times the last (the remainder products $A G$
+    are kept, so earlier products are reused when the sketch grows), until
+    ``stderr <= rtol * |value|`` or ``max_matvecs``.
 
     A numerically rank-deficient sketch gives a smaller $Q$ and fewer products
     (``num_matvecs`` reports what was spent). On a flat spectrum Hutch++ is no better
@@ -155,7 +171,7 @@ def hutchpp_trace(
             if target >= max_matvecs or op.num_matvecs - start >= max_matvecs:
                 converged = False
                 break
-            target = min(2 * target, max_matvecs)
+            target = min(next_total(target, stderr, rtol * abs(trace_q + mean)), max_matvecs)
     mean, stderr = mean_and_stderr(samples)
     return TraceEstimate(
         value=trace_q + mean,
