@@ -212,6 +212,38 @@ def launches_per_step(spec: ExperimentSpec, runs: int = 3) -> float:
     return len(leaves) / spec.steps_per_epoch
 
 
+def _peak_rss_mb(arch: str, runs: int, epochs: int) -> float:
+    """Peak resident memory (MB) of a fresh process that trains ``runs`` runs of ``arch``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch; torch.set_num_threads(1)\n"
+        "from sharpgen.experiments import ExperimentSpec, Phase, train\n"
+        f"spec = ExperimentSpec('m', '{arch}', 'sam1', (Phase({epochs}, 1e-4, 0.05),),"
+        " eval_every=1)\n"
+        f"train(spec, list(range({runs})))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def memory_table() -> list[str]:
+    """Peak memory per run: (peak at R = 31 - peak at R = 1) / 30, after 2 and after 20 epochs."""
+    lines = [
+        "| architecture | peak per run, 2 epochs | peak per run, 20 epochs |",
+        "|---|---|---|",
+    ]
+    for arch in ARCHS:
+        cells = []
+        for epochs in (2, 20):
+            one, many = _peak_rss_mb(arch, 1, epochs), _peak_rss_mb(arch, 31, epochs)
+            cells.append(f"{(many - one) / 30:.2f} MB")
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _launches_and_flops(spec: ExperimentSpec, runs: int) -> tuple[float, float]:
     """Kernel launches (counted) and FLOPs (by formula) of one batched step."""
     m, d, n = spec.width, spec.d, spec.n
@@ -257,6 +289,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
     ap.add_argument("--profile", action="store_true", help="a Sim-BN profile")
     ap.add_argument("--compile", action="store_true", help="torch.compile: cost and speed-up")
+    ap.add_argument("--memory", action="store_true", help="peak memory per run (subprocesses)")
+    ap.add_argument("--skip-speed", action="store_true", help="no speed table, no estimate")
     ap.add_argument("--out", help="also write the Markdown tables to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -266,21 +300,27 @@ def main() -> None:
         print("\n".join(lines), flush=True)
         out.extend(lines)
 
-    emit(["## 1-SAM steps per second per run (d=30, n=100, m=500, float32)", ""])
-    lines, step_time = speed_table(1 if args.quick else args.rounds, args.quick)
-    emit(lines)
+    step_time = None
+    if not args.skip_speed:
+        emit(["## 1-SAM steps per second per run (d=30, n=100, m=500, float32)", ""])
+        lines, step_time = speed_table(1 if args.quick else args.rounds, args.quick)
+        emit(lines)
     if args.compile and not args.quick:
         emit(["", "## torch.compile of the fused step (R = 30)", ""])
         emit(compile_table(args.rounds))
     if args.profile:
         emit(["", "## Profile of one Sim-BN 1-SAM epoch (R = 30, 100 steps)", ""])
         emit(bn_profile(3 if args.quick else 30))
+    if args.memory:
+        emit(["", "## Peak memory per run (resident set, float32, 2000 test points)", ""])
+        emit(memory_table())
     if not (args.skip_quick or args.quick):
         t = time.perf_counter()
         run_experiments(get_preset("quick"), [0, 1, 2], jobs=2, progress=False)
         emit(["", f"Quick preset (3 seeds, 2 jobs): {time.perf_counter() - t:.1f} s wall"])
-    emit(["", "## Full-scale Table 1 estimate (paper presets, 3 seeds batched per preset)", ""])
-    emit(estimate_table(step_time))
+    if step_time is not None:
+        emit(["", "## Full-scale Table 1 estimate (paper presets, 3 seeds batched per preset)", ""])
+        emit(estimate_table(step_time))
     emit(["", f"load average at the end: {load()}"])
     if args.out:
         with open(args.out, "w") as f:
