@@ -128,8 +128,15 @@ class _Evaluator:
 
     def _compile(self, theta: dict[str, Tensor], others: dict[str, Tensor],
                  D: dict[str, Tensor]) -> None:  # fmt: skip
-        """The point-by-point fast path of `_fastseq` when every later layer allows it."""
+        """The point-by-point fast path of `_fastseq` when every later layer allows it.
+
+        CPU only: it was measured there (forward passes are the cost, batching points does
+        not pay); on an accelerator a small model is launch-bound and the batched ``vmap``
+        path, whose chunk size is tuned, is kept.
+        """
         assert self.split is not None and self.head is not None
+        if self.head.device.type != "cpu":
+            return
         steps = compile_rest(self.split[2], "", self.head, {**others, **theta})
         if steps is not None:
             self.fast = FastPoints(steps, theta, others, D, self.head, self.steps, self._loss)
