@@ -18,10 +18,10 @@ the ~1M-parameter models of ``bench_curvature.py``, float32, 1 thread, the time 
   with the measures' settings (``backend="autograd", cache_graph=True``: every batch's
   graph kept) and with the operator's defaults (graph built per call);
 * with ``--memory``: the peak memory of each block product, as the growth of the peak
-  resident set size (``ru_maxrss``) of a fresh subprocess over its set-up (model, data and
-  operators built first; the raw "kept" kernels' graph is built in the set-up, so it is
-  not counted, while the sharpgen operator's kept graph is built by its first call and is
-  counted);
+  resident set size (``VmHWM``, reset after the set-up) of a fresh subprocess over its
+  resident set after the set-up (model, data and operators built first; the raw "kept"
+  kernels' graph is built in the set-up, so it is not counted, while the sharpgen
+  operator's kept graph is built by its first call and is counted);
 
 relative to one gradient, medians of interleaved rounds. The machine is shared and loaded:
 read the ratios.
@@ -158,31 +158,36 @@ MEMORY_KERNELS = (
 
 
 def memory_worker(name: str, key: str, k: str) -> None:
-    """In a fresh process: set up, then print the growth of the peak RSS (KiB) over 2 calls."""
-    import resource
-
+    """In a fresh process: set up, reset the peak RSS, run twice, print the peak's growth."""
     torch.set_num_threads(1)
     short = {"anchor MLP 6k": "mlp", "anchor CNN 22k": "cnn", "conv 1.0M": "conv1m",
              "MLP 670k": "mlp1m"}[name]  # fmt: skip
     model, X, y = problems([short])[name]
     fns, _ = kernels(model, X, y, int(k))
     fn = fns[key]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = BC._status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
+        fh.write("5")
     fn()
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"PEAK_KIB {after - before}")
+    print(f"PEAK_KIB {BC._status_kib('VmHWM') - before}")
 
 
 def memory_table(name: str, k: int) -> dict[str, float]:
-    """Peak-RSS growth (MiB) of each block kernel of MEMORY_KERNELS, one subprocess each."""
+    """Peak-RSS growth (MiB) of each block kernel of MEMORY_KERNELS, one subprocess each.
+
+    A fixed mmap threshold makes glibc return every large tensor's memory to the OS on
+    free, so the resident set tracks live tensors (as in ``bench_curvature.py``).
+    """
+    import os
     import subprocess
 
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = {}
     for kernel in MEMORY_KERNELS:
         key = f"block{k} {kernel}"
         cmd = [sys.executable, __file__, "--memory-worker", name, key, str(k)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         for line in res.stdout.splitlines():
             if line.startswith("PEAK_KIB"):
                 out[key] = int(line.split()[1]) / 1024
