@@ -112,6 +112,26 @@ def test_rtol_mode_reaches_the_target_or_says_not_converged(estimator):
     assert "converged=False" in repr(capped)
 
 
+@pytest.mark.parametrize("estimator", [hutchpp_trace, xtrace], ids=lambda f: f.__name__)
+def test_rtol_spends_at_most_1_5_times_the_oracle_budget(estimator):
+    # the oracle: the fixed budget (66) whose RMSE over 60 seeds defines rtol; stopping on
+    # the stderr must spend on average at most 1.5x that (doubling rounds, 30 -> 60 -> 120
+    # for Hutch++ and 16 -> ... -> 128 for XTrace, overshot) and reach an RMSE within 1.5x rtol
+    lam = SPECTRA["power_2"]
+    A = with_spectrum(lam, seed=9)
+    truth = float(lam.sum())
+    _, fixed, _ = run(estimator, A, 66, seeds=60)
+    rtol = float((fixed - truth).pow(2).mean().sqrt()) / truth
+    res = [
+        estimator(A, rtol=rtol, max_matvecs=1000, generator=torch.Generator().manual_seed(500 + s))
+        for s in range(60)
+    ]
+    spent = sum(r.num_matvecs for r in res) / len(res)
+    values = torch.tensor([r.value for r in res], dtype=torch.float64)
+    assert spent <= 1.5 * 66, spent
+    assert float((values - truth).pow(2).mean().sqrt()) / truth <= 1.5 * rtol
+
+
 def test_low_rank_is_exact_for_the_sketching_estimators():
     lam = torch.zeros(N, dtype=torch.float64)
     lam[:5] = torch.tensor([9.0, 5.0, -3.0, 2.0, 1.0])
