@@ -41,7 +41,7 @@ def assign(specs: Sequence[ExperimentSpec], world: int) -> list[list[int]]:
     Examples:
         >>> from sharpgen.experiments import get_preset
         >>> assign(get_preset("tiny"), 2)
-        [[3, 4], [0, 1, 2]]
+        [[4, 1], [3, 0, 2]]
     """
     load = [0.0] * world
     out: list[list[int]] = [[] for _ in range(world)]
