@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from sharpgen._validation import check_choice, check_generator, check_int, check_positive
 from sharpgen.curvature import ModelObjective, unflatten_params
-from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import EigenResult, lanczos
 from sharpgen.linalg._diagonal import (
     diagpp_diagonal,
@@ -22,7 +22,6 @@ from sharpgen.linalg._diagonal import (
 )
 from sharpgen.linalg._probes import draw_probes
 from sharpgen.sharpness._common import progress_bar
-from sharpgen.sharpness._objective_arg import objective_of
 from sharpgen.sharpness._operators import BlockOperator, ObjectiveOperator
 
 __all__ = [
@@ -133,11 +132,6 @@ class HessianDiagonal:
         )
 
 
-def _objective(model: Any, loss_fn: Any, data: Any, params: Any, bn: str, reduction: str,
-               where: str) -> ModelObjective:  # fmt: skip
-    return objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction, where=where)
-
-
 def block_traces(
     model: nn.Module | ModelObjective,
     loss_fn: Callable[[Any, Any], Tensor] | None = None,
@@ -149,9 +143,7 @@ def block_traces(
     exact_threshold: int = 2000,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
+    **objective_options: Any,
 ) -> BlockTraces:
     r"""Traces of the Hessian's diagonal blocks (per layer), which sum to the trace.
 
@@ -173,9 +165,10 @@ def block_traces(
         exact_threshold: Largest parameter count ``"auto"`` treats exactly.
         generator: Source of the probes.
         progress: A tqdm bar over the products.
-        params: Parameter selection.
-        bn: ``"eval"`` or ``"batch"``.
-        reduction: ``"mean"`` or ``"sum"``.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         A `BlockTraces` (``.plot()`` draws a bar chart).
@@ -192,7 +185,7 @@ def block_traces(
     method = check_choice("method", method, ("auto", "exact", "hutchinson"))
     num_matvecs = check_int("num_matvecs", num_matvecs, minimum=2)
     generator = check_generator(generator)
-    obj = _objective(model, loss_fn, data, params, bn, reduction, "block_traces")
+    obj = resolve_objective(model, loss_fn, data, objective_options, where="block_traces")
     groups = resolve_blocks(obj.params, blocks)
     op = ObjectiveOperator(obj, "hvp")
     p = op.shape[0]
@@ -241,9 +234,7 @@ def hessian_diagonal(
     exact_threshold: int = 2000,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
+    **objective_options: Any,
 ) -> HessianDiagonal:
     r"""The diagonal of the Hessian, $H_{ii} = \partial^2 L / \partial\theta_i^2$.
 
@@ -266,9 +257,10 @@ def hessian_diagonal(
         exact_threshold: Largest parameter count ``"auto"`` treats exactly.
         generator: Source of the probes.
         progress: A tqdm bar (exact method).
-        params: Parameter selection.
-        bn: ``"eval"`` or ``"batch"``.
-        reduction: ``"mean"`` or ``"sum"``.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         A `HessianDiagonal` (dicts shaped like the parameters).
@@ -288,7 +280,7 @@ def hessian_diagonal(
     """
     method = check_choice("method", method, ("auto", "exact", "hutchinson", "diagpp", "xdiag"))
     generator = check_generator(generator)
-    obj = _objective(model, loss_fn, data, params, bn, reduction, "hessian_diagonal")
+    obj = resolve_objective(model, loss_fn, data, objective_options, where="hessian_diagonal")
     op = ObjectiveOperator(obj, "hvp")
     if method == "auto":
         method = "exact" if op.shape[0] <= exact_threshold else "diagpp"
@@ -318,9 +310,7 @@ def block_top_eigenvalues(
     k: int = 1,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
+    **objective_options: Any,
 ) -> dict[str, EigenResult]:
     r"""The top eigenvalues of each diagonal block $H_{bb}$ (the Hessian of one layer).
 
@@ -337,9 +327,10 @@ def block_top_eigenvalues(
         k: Eigenvalues per block.
         tol: Relative accuracy (see `sharpgen.lanczos`).
         generator: Source of the start vectors.
-        params: Parameter selection.
-        bn: ``"eval"`` or ``"batch"``.
-        reduction: ``"mean"`` or ``"sum"``.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         Block name -> `sharpgen.EigenResult` (eigenvectors over the block's parameters).
@@ -357,7 +348,7 @@ def block_top_eigenvalues(
     k = check_int("k", k)
     tol = check_positive("tol", tol)
     generator = check_generator(generator)
-    obj = _objective(model, loss_fn, data, params, bn, reduction, "block_top_eigenvalues")
+    obj = resolve_objective(model, loss_fn, data, objective_options, where="block_top_eigenvalues")
     groups = resolve_blocks(obj.params, blocks)
     out = {}
     for name, names in groups.items():

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 
 from sharpgen.curvature import ModelObjective, dataset_reduce
 from sharpgen.curvature._data import num_samples
-from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import TraceEstimate
 from sharpgen.sharpness._common import (
     check_choice,
@@ -29,7 +29,6 @@ from sharpgen.sharpness._common import (
     check_int,
     check_positive,
 )
-from sharpgen.sharpness._objective_arg import objective_of
 from sharpgen.sharpness._operators import ObjectiveOperator, operator_trace
 
 __all__ = [
@@ -56,11 +55,7 @@ def ggn_trace(
     generator: torch.Generator | None = None,
     progress: bool = False,
     exact_threshold: int = 2000,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    dropout: bool = False,
-    reduction: str = "mean",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> TraceEstimate:
     r"""Trace of the generalized Gauss-Newton matrix, $\operatorname{tr} G$.
 
@@ -83,11 +78,10 @@ def ggn_trace(
         generator: Source of the probes; the global RNG is untouched when given.
         progress: A tqdm bar over the exact products.
         exact_threshold: Largest parameter count ``"auto"`` computes exactly.
-        params: Parameter selection (see `sharpgen.select_params`).
-        bn: ``"eval"`` or ``"batch"``.
-        dropout: Keep dropout active; default off.
-        reduction: ``"mean"`` or ``"sum"``.
-        process_group: See `sharpgen.ModelObjective`.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         A `sharpgen.TraceEstimate`.
@@ -113,9 +107,7 @@ def ggn_trace(
     if rtol is not None:
         rtol = check_positive("rtol", rtol)
     generator = check_generator(generator)
-    obj = objective_of(model, loss_fn, data, params, bn=bn, dropout=dropout,
-                       reduction=reduction, process_group=process_group,
-                       where="ggn_trace")  # fmt: skip
+    obj = resolve_objective(model, loss_fn, data, objective_options, where="ggn_trace")
     return operator_trace(
         ObjectiveOperator(obj, "ggn"), method=method, num_matvecs=num_matvecs, rtol=rtol,
         max_matvecs=max_matvecs, generator=generator, exact_threshold=exact_threshold,
@@ -169,10 +161,7 @@ def empirical_fisher_trace(
     data: Any = None,
     *,
     chunk_size: int = 64,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> TraceEstimate:
     r"""Trace of the empirical Fisher, $\operatorname{tr} F = \frac1N\sum_i \|\nabla\ell_i\|^2$.
 
@@ -188,10 +177,10 @@ def empirical_fisher_trace(
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch or an iterable of batches.
         chunk_size: Samples per vectorized per-sample-gradient call.
-        params: Parameter selection.
-        bn: Must be ``"eval"`` (per-sample losses need fixed normalization statistics).
-        reduction: ``"mean"`` or ``"sum"``, see above.
-        process_group: See `sharpgen.ModelObjective`.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         A `sharpgen.TraceEstimate` with ``method="per-sample"`` and ``stderr=0``;
@@ -215,8 +204,8 @@ def empirical_fisher_trace(
         approximation for natural gradient descent", NeurIPS 2019.
     """
     chunk_size = check_int("chunk_size", chunk_size)
-    obj = objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction,
-                       process_group=process_group, where="empirical_fisher_trace")  # fmt: skip
+    obj = resolve_objective(model, loss_fn, data, objective_options,
+                            where="empirical_fisher_trace")  # fmt: skip
     _check_per_sample(obj, "empirical_fisher_trace")
     p = obj.params
 
@@ -277,10 +266,7 @@ def fisher_rao_norm(
     data: Any = None,
     *,
     fisher: str = "ggn",
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> FisherRaoNorm:
     r"""Fisher-Rao norm $\|\theta\|_{fr}^2 = \theta^\top M\,\theta$ (Liang et al. 2019).
 
@@ -305,10 +291,10 @@ def fisher_rao_norm(
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         data: One batch or an iterable of batches.
         fisher: ``"ggn"`` (default) or ``"empirical"``.
-        params: Parameter selection ($\theta$ is the selected parameters).
-        bn: ``"eval"`` (``"batch"`` only with ``fisher="ggn"``).
-        reduction: ``"mean"`` or ``"sum"`` (the sum drops the $\frac1N$).
-        process_group: See `sharpgen.ModelObjective`.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         A `FisherRaoNorm`.
@@ -332,8 +318,7 @@ def fisher_rao_norm(
         generalization measures and where to find them", ICLR 2020.
     """
     fisher = check_choice("fisher", fisher, FISHER_KINDS)
-    obj = objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction,
-                       process_group=process_group, where="fisher_rao_norm")  # fmt: skip
+    obj = resolve_objective(model, loss_fn, data, objective_options, where="fisher_rao_norm")
     p = obj.params
     if fisher == "ggn":
         out = obj.ggn_vp({n: t.unsqueeze(0) for n, t in p.items()})

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective
+from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import LinearOperator, TraceEstimate
 from sharpgen.sharpness._common import check_generator, check_int, check_positive
-from sharpgen.sharpness._objective_arg import objective_of
 from sharpgen.sharpness._operators import BlockOperator, ObjectiveOperator, operator_trace
 
 __all__ = ["relative_flatness"]
@@ -46,9 +46,7 @@ def relative_flatness(
     generator: torch.Generator | None = None,
     exact_threshold: int = 2000,
     progress: bool = False,
-    bn: str = "eval",
-    reduction: str = "mean",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> TraceEstimate:
     r"""Relative flatness $\kappa_{Tr}$ of one layer (Petzka et al. 2021).
 
@@ -88,9 +86,10 @@ def relative_flatness(
         generator: Source of the probes.
         exact_threshold: Largest layer size ``"auto"`` treats exactly.
         progress: A tqdm bar over the exact products.
-        bn: ``"eval"`` or ``"batch"``.
-        reduction: ``"mean"`` or ``"sum"``.
-        process_group: See `sharpgen.ModelObjective`.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         A `sharpgen.TraceEstimate` of $\kappa_{Tr}$.
@@ -127,11 +126,17 @@ def relative_flatness(
                 f"{list(model.params)[:6]}; build the objective with params=[{name!r}] or "
                 "pass (model, loss_fn, data)."
             )
-        obj = model
+        obj = resolve_objective(model, loss_fn, data, objective_options,
+                                where="relative_flatness")  # fmt: skip
         inner: LinearOperator = BlockOperator(obj, [name])
     else:
-        obj = objective_of(model, loss_fn, data, [name], bn=bn, reduction=reduction,
-                           process_group=process_group, where="relative_flatness")  # fmt: skip
+        if "params" in objective_options:
+            raise TypeError(
+                "relative_flatness got params=...; it selects the weight of `layer` itself, "
+                "so drop params (or pass a ready objective)."
+            )
+        obj = resolve_objective(model, loss_fn, data, {**objective_options, "params": [name]},
+                                where="relative_flatness")  # fmt: skip
         inner = ObjectiveOperator(obj, "hvp")
     W = obj.params[name]
     M = W.reshape(W.shape[0], -1) if W.ndim > 1 else W.reshape(1, -1)

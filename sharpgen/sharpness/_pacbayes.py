@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective, flatten_params, unflatten_params
-from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.sharpness._common import (
     check_bool,
     check_generator,
@@ -19,7 +19,6 @@ from sharpgen.sharpness._common import (
     check_positive,
     progress_bar,
 )
-from sharpgen.sharpness._objective_arg import objective_of
 
 __all__ = ["PacBayesSigma", "pac_bayes_sigma"]
 
@@ -131,10 +130,7 @@ def pac_bayes_sigma(
     rtol: float = 0.02,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    params: ParamSelection = None,
-    bn: str = "eval",
-    reduction: str = "mean",
-    process_group: Any = "auto",
+    **objective_options: Any,
 ) -> PacBayesSigma:
     r"""PAC-Bayes flatness: largest $\sigma$ with $\mathbb{E}_u L(\theta+u) - L(\theta) \le$ target.
 
@@ -173,10 +169,10 @@ def pac_bayes_sigma(
         rtol: Relative width of the final bracket.
         generator: Source of the draws; the global RNG is untouched when given.
         progress: A tqdm bar over the draws.
-        params: Parameter selection (which parameters are perturbed).
-        bn: ``"eval"`` or ``"batch"``.
-        reduction: ``"mean"`` or ``"sum"``.
-        process_group: See `sharpgen.ModelObjective`.
+        **objective_options: With a model: the keyword arguments of
+            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
+            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
+            ``func_mode``, ``vectorize``.
 
     Returns:
         A `PacBayesSigma` (``.plot()`` draws the increases it measured).
@@ -214,8 +210,7 @@ def pac_bayes_sigma(
         raise ValueError(f"sigma_max={sigma_max} must exceed sigma_init={sigma_init}.")
     rtol = check_positive("rtol", rtol)
     generator = check_generator(generator)
-    obj = objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction,
-                       process_group=process_group, where="pac_bayes_sigma")  # fmt: skip
+    obj = resolve_objective(model, loss_fn, data, objective_options, where="pac_bayes_sigma")
     flat = flatten_params(obj.params)
     scale = flat.abs() if magnitude_aware else torch.ones_like(flat)
     eps_used = eps if magnitude_aware else 0.0
