@@ -3,8 +3,8 @@ bitwise model-state check (one definition for every test folder).
 
 Fixtures: ``gen`` (a seeded generator), ``state_check`` (``check = state_check(model)``
 snapshots, ``check()`` asserts bitwise equality), and the namespaces ``cv`` (the curvature
-cases) and ``h`` (the sharpness problems); conftest modules are not importable, hence the
-namespaces.
+cases) and ``h`` (the sharpness problems and the optimizer closures); conftest modules are not
+importable, hence the namespaces.
 """
 
 from __future__ import annotations
@@ -213,6 +213,44 @@ def mse(outputs, targets):
     return torch.nn.functional.mse_loss(outputs, targets)
 
 
+def spd_quadratic(seed: int = 0, n: int = 5):
+    r"""$L(w) = \frac12 (w - c)^\top A (w - c)$, $A = M M^\top + I$ symmetric positive definite
+    (gradient $A (w - c)$): returns ``(w, A, c)`` with ``w`` a float64 ``nn.Parameter``."""
+    g = _g(seed)
+    m = torch.randn(n, n, generator=g, dtype=DT)
+    a = m @ m.T + torch.eye(n, dtype=DT)
+    c = torch.randn(n, generator=g, dtype=DT)
+    w = nn.Parameter(torch.randn(n, generator=g, dtype=DT))
+    return w, a, c
+
+
+def quadratic_closure(opt, w, a, c):
+    """The optimizer closure of ``spd_quadratic``: zero the gradients, loss, backward."""
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (w - c) @ a @ (w - c)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def mse_closure(model, opt, x, y, scale: float = 1.0, hook=None):
+    """The optimizer closure of ``scale * mean((model(x) - y)^2)``; ``hook()`` runs after the
+    backward pass."""
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean() * scale
+        loss.backward()
+        if hook is not None:
+            hook()
+        return loss
+
+    return closure
+
+
 # -- the model-state check ------------------------------------------------------------------------
 def _snapshot(model: nn.Module) -> dict:
     params = []
@@ -306,9 +344,13 @@ class _Helpers:
     regression_data = staticmethod(_sharpness_data)
     mse = staticmethod(mse)
     dense_hessian = staticmethod(_dense_hessian_of_batch)
+    spd_quadratic = staticmethod(spd_quadratic)
+    quadratic_closure = staticmethod(quadratic_closure)
+    mse_closure = staticmethod(mse_closure)
 
 
 @pytest.fixture(scope="session")
 def h():
-    """The sharpness problems: quadratics, scaled MLPs and the dense truth."""
+    """The sharpness problems (quadratics, scaled MLPs, the dense truth) and the optimizer
+    closures of the tests in tests/optim."""
     return _Helpers

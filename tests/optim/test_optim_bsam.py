@@ -10,27 +10,8 @@ from sharpgen.optim import BSAM
 D = torch.float64
 
 
-def quadratic(seed: int = 0, n: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(n, n, generator=g, dtype=D)
-    a = m @ m.T + torch.eye(n, dtype=D)
-    c = torch.randn(n, generator=g, dtype=D)
-    w = torch.nn.Parameter(torch.randn(n, generator=g, dtype=D))
-    return w, a, c
-
-
-def closure_for(opt, w, a, c):
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * (w - c) @ a @ (w - c)
-        loss.backward()
-        return loss
-
-    return closure
-
-
-def test_bsam_steps_equal_the_paper_update():
-    w, a, c = quadratic()
+def test_bsam_steps_equal_the_paper_update(h):
+    w, a, c = h.spd_quadratic()
     n_data, lr, rho, b1, b2, delta, gamma, s0 = 10, 0.05, 0.1, 0.8, 0.9, 1e-2, 0.1, 2.0
     opt = BSAM(
         [w], num_data=n_data, lr=lr, rho=rho, betas=(b1, b2), weight_decay=delta,
@@ -39,7 +20,7 @@ def test_bsam_steps_equal_the_paper_update():
     gen = torch.Generator().manual_seed(7)
     wh, s, gm = w.detach().clone(), torch.full((5,), s0, dtype=D), torch.zeros(5, dtype=D)
     for _ in range(3):
-        opt.step(closure_for(opt, w, a, c))
+        opt.step(h.quadratic_closure(opt, w, a, c))
         e = torch.randn(5, generator=gen, dtype=D) / (n_data * s).sqrt()
         g = a @ (wh + e - c)
         g_eps = a @ (wh + rho * g / s - c)
@@ -51,14 +32,14 @@ def test_bsam_steps_equal_the_paper_update():
     assert opt.last_step_info.stepped and opt.last_step_info.perturbed
 
 
-def test_bsam_two_call_style_equals_closure_bitwise():
-    w, a, c = quadratic(1)
+def test_bsam_two_call_style_equals_closure_bitwise(h):
+    w, a, c = h.spd_quadratic(1)
     ref = torch.nn.Parameter(w.detach().clone())
     kw = {"num_data": 20, "lr": 0.05, "rho": 0.1}
     opt = BSAM([w], generator=torch.Generator().manual_seed(2), **kw)
     ref_opt = BSAM([ref], generator=torch.Generator().manual_seed(2), **kw)
     for _ in range(3):
-        ref_opt.step(closure_for(ref_opt, ref, a, c))
+        ref_opt.step(h.quadratic_closure(ref_opt, ref, a, c))
         opt.zero_grad()
         opt.sample_noise()
         (0.5 * (w - c) @ a @ (w - c)).backward()
@@ -68,11 +49,11 @@ def test_bsam_two_call_style_equals_closure_bitwise():
         assert torch.equal(w, ref)
 
 
-def test_bsam_leaves_the_global_rng_alone():
-    w, a, c = quadratic(2)
+def test_bsam_leaves_the_global_rng_alone(h):
+    w, a, c = h.spd_quadratic(2)
     opt = BSAM([w], num_data=10)
     state = torch.get_rng_state()
-    opt.step(closure_for(opt, w, a, c))
+    opt.step(h.quadratic_closure(opt, w, a, c))
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -85,13 +66,13 @@ def test_bsam_leaves_the_global_rng_alone():
         ({"num_data": 5, "rho": -1.0}, "rho"),
     ],
 )
-def test_bsam_bad_options_are_named(kwargs, match):
-    w, _, _ = quadratic()
+def test_bsam_bad_options_are_named(h, kwargs, match):
+    w, _, _ = h.spd_quadratic()
     with pytest.raises(ValueError, match=match):
         BSAM([w], **kwargs)
 
 
-def test_bsam_generator_type_is_checked():
-    w, _, _ = quadratic()
+def test_bsam_generator_type_is_checked(h):
+    w, _, _ = h.spd_quadratic()
     with pytest.raises(TypeError, match="generator"):
         BSAM([w], num_data=5, generator=0)  # type: ignore[arg-type]

@@ -59,42 +59,30 @@ def make_data(seed: int = 1, n: int = 8):
     return torch.randn(n, 3, generator=g, dtype=D), torch.randn(n, 2, generator=g, dtype=D)
 
 
-def closure_for(model, opt, x, y, hook=None):
-    def closure():
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        if hook is not None:
-            hook()
-        return loss
-
-    return closure
-
-
 @pytest.mark.parametrize("name", BUILDERS)
-def test_lr_zero_leaves_weights_bit_identical(name):
+def test_lr_zero_leaves_weights_bit_identical(h, name):
     model = make_model()
     before = copy.deepcopy(model.state_dict())
     opt = BUILDERS[name](model.parameters(), model, lr=0.0, momentum=0.9)
     x, y = make_data()
     for _ in range(4):
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(h.mse_closure(model, opt, x, y))
         assert opt.last_step_info.stepped
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
 @pytest.mark.parametrize("name", BUILDERS)
-def test_state_dict_resume_equals_uninterrupted_run_bitwise(name):
+def test_state_dict_resume_equals_uninterrupted_run_bitwise(h, name):
     x, y = make_data()
     ref = make_model()
     ref_opt = BUILDERS[name](ref.parameters(), ref, **KW)
     for _ in range(6):
-        ref_opt.step(closure_for(ref, ref_opt, x, y))
+        ref_opt.step(h.mse_closure(ref, ref_opt, x, y))
     model = make_model()
     opt = BUILDERS[name](model.parameters(), model, **KW)
     for _ in range(3):
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(h.mse_closure(model, opt, x, y))
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -104,40 +92,40 @@ def test_state_dict_resume_equals_uninterrupted_run_bitwise(name):
     opt2 = BUILDERS[name](resumed.parameters(), resumed, lr=1.0, momentum=0.1)
     opt2.load_state_dict(ckpt["opt"])
     for _ in range(3):
-        opt2.step(closure_for(resumed, opt2, x, y))
+        opt2.step(h.mse_closure(resumed, opt2, x, y))
     for p, q in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("name", BUILDERS)
-def test_non_finite_gradient_skips_the_step_and_recovers(name):
+def test_non_finite_gradient_skips_the_step_and_recovers(h, name):
     model = make_model()
     x, y = make_data()
     opt = BUILDERS[name](model.parameters(), model, **KW)
     for _ in range(2):  # momentum / sharpness state exists
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(h.mse_closure(model, opt, x, y))
     before = copy.deepcopy(model.state_dict())
 
     def poison():
         model[0].weight.grad[0, 0] = float("nan")
 
-    opt.step(closure_for(model, opt, x, y, hook=poison))
+    opt.step(h.mse_closure(model, opt, x, y, hook=poison))
     assert not opt.last_step_info.stepped
     assert "non-finite" in opt.last_step_info.reason
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for _ in range(3):
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(h.mse_closure(model, opt, x, y))
         assert opt.last_step_info.stepped
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", BUILDERS)
-def test_exception_in_the_perturbed_pass_restores_the_weights(name):
+def test_exception_in_the_perturbed_pass_restores_the_weights(h, name):
     model = make_model()
     x, y = make_data()
     opt = BUILDERS[name](model.parameters(), model, **KW)
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(h.mse_closure(model, opt, x, y))
     raised = 0
     for _ in range(4):  # SAM steps and, for the efficient variants, one-pass steps
         before = copy.deepcopy(model.state_dict())
@@ -145,7 +133,7 @@ def test_exception_in_the_perturbed_pass_restores_the_weights(name):
         def closure():
             if opt.perturbed:
                 raise KeyError("boom")
-            return closure_for(model, opt, x, y)()
+            return h.mse_closure(model, opt, x, y)()
 
         try:
             opt.step(closure)
@@ -154,31 +142,31 @@ def test_exception_in_the_perturbed_pass_restores_the_weights(name):
             for k, v in model.state_dict().items():
                 assert torch.equal(v, before[k]), k
             assert not opt.perturbed
-            opt.step(closure_for(model, opt, x, y))  # usable afterwards
+            opt.step(h.mse_closure(model, opt, x, y))  # usable afterwards
     assert raised >= 2
 
 
 @pytest.mark.parametrize("name", BUILDERS)
-def test_batchnorm_statistics_are_updated_once_per_step(name):
+def test_batchnorm_statistics_are_updated_once_per_step(h, name):
     model = make_model(bn=True)
     x, y = make_data()
     opt = BUILDERS[name](model.parameters(), model, **KW)
     for _ in range(3):
         bn = model[1]
         tracked = int(bn.num_batches_tracked)
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(h.mse_closure(model, opt, x, y))
         assert int(bn.num_batches_tracked) == tracked + 1
 
 
 @pytest.mark.parametrize("name", BUILDERS)
-def test_two_call_style_equals_step_closure_bitwise(name):
+def test_two_call_style_equals_step_closure_bitwise(h, name):
     x, y = make_data()
     ref = make_model()
     ref_opt = BUILDERS[name](ref.parameters(), ref, **KW)
     model = make_model()
     opt = BUILDERS[name](model.parameters(), model, **KW)
     for _ in range(5):
-        ref_opt.step(closure_for(ref, ref_opt, x, y))
+        ref_opt.step(h.mse_closure(ref, ref_opt, x, y))
         opt.zero_grad()
         if name == "bsam":  # noise, backward at w + e, perturb, backward at w + eps
             opt.sample_noise()

@@ -28,16 +28,6 @@ def make_data(seed: int = 1, n: int = 6):
     return torch.randn(n, 3, generator=g, dtype=D), torch.randn(n, 2, generator=g, dtype=D)
 
 
-def closure_for(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        return loss
-
-    return closure
-
-
 def flat(d):
     return torch.cat([v.reshape(-1) for v in d.values()])
 
@@ -64,7 +54,7 @@ def hand_gsam(model, x, y, rho, alpha, lr, adaptive=False, eta=0.0):
 
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("style", ["closure", "two_call"])
-def test_one_step_equals_hand_computed_gsam(adaptive, style):
+def test_one_step_equals_hand_computed_gsam(h, adaptive, style):
     model = make_mlp()
     x, y = make_data()
     rho_max, rho_min, lr_max, lr = 0.2, 0.02, 1.0, 0.4
@@ -76,11 +66,11 @@ def test_one_step_equals_hand_computed_gsam(adaptive, style):
     )  # fmt: skip
     assert opt.current_rho() == [pytest.approx(rho_t, rel=1e-15)]
     if style == "closure":
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(h.mse_closure(model, opt, x, y))
     else:
-        closure_for(model, opt, x, y)()
+        h.mse_closure(model, opt, x, y)()
         assert opt.first_step(zero_grad=True)
-        closure_for(model, opt, x, y)()
+        h.mse_closure(model, opt, x, y)()
         opt.second_step()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-13, atol=1e-14)
@@ -107,14 +97,14 @@ def test_quadratic_closed_form():
     torch.testing.assert_close(w.detach(), w0 - lr * final, rtol=1e-14, atol=1e-15)
 
 
-def test_alpha_zero_is_sam_with_the_scheduled_rho():
+def test_alpha_zero_is_sam_with_the_scheduled_rho(h):
     x, y = make_data()
     a, b = make_mlp(), make_mlp()
     gsam = GSAM(a.parameters(), torch.optim.SGD, rho_max=0.1, alpha=0.0, lr=0.2)
     sam = SAM(b.parameters(), torch.optim.SGD, rho=0.1, lr=0.2)
     for _ in range(3):
-        gsam.step(closure_for(a, gsam, x, y))
-        sam.step(closure_for(b, sam, x, y))
+        gsam.step(h.mse_closure(a, gsam, x, y))
+        sam.step(h.mse_closure(b, sam, x, y))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -159,7 +149,7 @@ def test_parameter_without_gradient_in_pass_two():
     )
 
 
-def test_state_dict_resume_bitwise_with_scheduler():
+def test_state_dict_resume_bitwise_with_scheduler(h):
     x, y = make_data()
 
     def build(model):
@@ -171,12 +161,12 @@ def test_state_dict_resume_bitwise_with_scheduler():
     ref = make_mlp()
     opt, sched = build(ref)
     for _ in range(6):
-        opt.step(closure_for(ref, opt, x, y))
+        opt.step(h.mse_closure(ref, opt, x, y))
         sched.step()
     model = make_mlp()
     opt, sched = build(model)
     for _ in range(3):
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(h.mse_closure(model, opt, x, y))
         sched.step()
     buf = io.BytesIO()
     torch.save([model.state_dict(), opt.state_dict(), sched.state_dict()], buf)
@@ -188,7 +178,7 @@ def test_state_dict_resume_bitwise_with_scheduler():
     opt.load_state_dict(os_)
     sched.load_state_dict(ss)
     for _ in range(3):
-        opt.step(closure_for(resumed, opt, x, y))
+        opt.step(h.mse_closure(resumed, opt, x, y))
         sched.step()
     for p, q in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -10,32 +10,13 @@ from sharpgen.optim import SAM, LookSAM
 D = torch.float64
 
 
-def quadratic(seed: int = 0, n: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(n, n, generator=g, dtype=D)
-    a = m @ m.T + torch.eye(n, dtype=D)
-    c = torch.randn(n, generator=g, dtype=D)
-    w = torch.nn.Parameter(torch.randn(n, generator=g, dtype=D))
-    return w, a, c
-
-
-def closure_for(opt, w, a, c):
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * (w - c) @ a @ (w - c)
-        loss.backward()
-        return loss
-
-    return closure
-
-
-def test_looksam_steps_equal_the_paper_update():
-    w, a, c = quadratic()
+def test_looksam_steps_equal_the_paper_update(h):
+    w, a, c = h.spd_quadratic()
     lr, rho, alpha, k = 0.05, 0.2, 0.7, 2
     opt = LookSAM([w], torch.optim.SGD, rho=rho, k=k, alpha=alpha, lr=lr)
     wh, gv = w.detach().clone(), None
     for t in range(5):
-        opt.step(closure_for(opt, w, a, c))
+        opt.step(h.quadratic_closure(opt, w, a, c))
         g = a @ (wh - c)
         if t % k == 0:  # SAM step; keep the part of g_s orthogonal to g
             gs = a @ (wh + rho * g / g.norm() - c)
@@ -50,8 +31,8 @@ def test_looksam_steps_equal_the_paper_update():
 
 
 @pytest.mark.parametrize("interval", [1, 3])
-def test_sam_every_k_steps_is_sam_then_base_steps(interval):
-    w, a, c = quadratic(1)
+def test_sam_every_k_steps_is_sam_then_base_steps(h, interval):
+    w, a, c = h.spd_quadratic(1)
     lr, rho = 0.05, 0.3
     opt = SAM([w], torch.optim.SGD, rho=rho, lr=lr, interval=interval)
     same = LookSAM(
@@ -64,10 +45,10 @@ def test_sam_every_k_steps_is_sam_then_base_steps(interval):
 
         def closure():
             calls.append(1)
-            return closure_for(opt, w, a, c)()
+            return h.quadratic_closure(opt, w, a, c)()
 
         opt.step(closure)
-        same.step(closure_for(same, ref, a, c))
+        same.step(h.quadratic_closure(same, ref, a, c))
         g = a @ (wh - c)
         final = a @ (wh + rho * g / g.norm() - c) if t % interval == 0 else g
         wh = wh - lr * final
@@ -81,8 +62,8 @@ def test_sam_every_k_steps_is_sam_then_base_steps(interval):
         assert "sam_steps" not in opt.param_groups[0]
 
 
-def test_looksam_errors():
-    w, _, _ = quadratic()
+def test_looksam_errors(h):
+    w, _, _ = h.spd_quadratic()
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         LookSAM([w], torch.optim.SGD, k=0, lr=0.1)
     with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):

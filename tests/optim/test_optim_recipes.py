@@ -30,24 +30,14 @@ def data(n=8, d=3, k=2, seed=1, dtype=D):
     return torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, k, generator=g, dtype=dtype)
 
 
-def closure_for(model, opt, x, y, scale=1.0):
-    def closure():
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean() * scale
-        loss.backward()
-        return loss
-
-    return closure
-
-
 # -- BatchNorm ---------------------------------------------------------------------------------
-def test_batchnorm_buffers_updated_once_per_step_at_w():
+def test_batchnorm_buffers_updated_once_per_step_at_w(h):
     model = seeded(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(D))
     x, y = data()
     reference = copy.deepcopy(model)
     reference(x)  # one training forward at w: the buffers a base optimizer step leaves
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0, model=model)
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(h.mse_closure(model, opt, x, y))
     assert opt.last_step_info.perturbed
     bn, ref_bn = model[1], reference[1]
     assert int(bn.num_batches_tracked) == 1
@@ -98,7 +88,7 @@ class Masks(nn.Module):
 
 
 @pytest.mark.parametrize("same", [True, False])
-def test_same_dropout_replays_the_masks_and_leaves_rng_as_after_one_pass(same):
+def test_same_dropout_replays_the_masks_and_leaves_rng_as_after_one_pass(h, same):
     torch.manual_seed(0)
     model = seeded(Masks())
     x, y = data()
@@ -107,7 +97,7 @@ def test_same_dropout_replays_the_masks_and_leaves_rng_as_after_one_pass(same):
     torch.nn.Dropout(0.5)(torch.ones(x.shape[0], 6, dtype=D))  # what one pass consumes
     after_one_pass = torch.get_rng_state()
     torch.set_rng_state(state)
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(h.mse_closure(model, opt, x, y))
     assert len(model.masks) == 2
     assert torch.equal(model.masks[0], model.masks[1]) == same
     if same:
@@ -153,7 +143,7 @@ def test_grad_scaler_skips_the_step_on_overflow_in_either_pass(inject):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_grad_scaler_step_equals_unscaled_step(normalize):
+def test_grad_scaler_step_equals_unscaled_step(h, normalize):
     x, y = data(dtype=torch.float32)
     a = seeded(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
     b = copy.deepcopy(a)
@@ -161,13 +151,13 @@ def test_grad_scaler_step_equals_unscaled_step(normalize):
     opt_b = SAM(b.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, normalize=normalize)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     amp_step(a, opt_a, scaler, x, y, autocast=False)  # exact power-of-two scaling
-    opt_b.step(closure_for(b, opt_b, x, y))
+    opt_b.step(h.mse_closure(b, opt_b, x, y))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 # -- gradient accumulation -----------------------------------------------------------------------
-def test_accumulation_per_micro_batch_is_m_sam():
+def test_accumulation_per_micro_batch_is_m_sam(h):
     model = seeded(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D))
     x, y = data(n=8)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -179,7 +169,7 @@ def test_accumulation_per_micro_batch_is_m_sam():
     expected = sam_gradient(loss_fn, params, (x, y), 0.2, micro_batch=4)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.5)
     for i in range(2):
-        opt.accumulate(closure_for(model, opt, x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4], 0.5))
+        opt.accumulate(h.mse_closure(model, opt, x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4], 0.5))
     opt.step()
     assert opt.last_step_info.micro_batches == 2
     for n, p in model.named_parameters():
@@ -188,7 +178,7 @@ def test_accumulation_per_micro_batch_is_m_sam():
         )
 
 
-def test_accumulation_global_perturbation_equals_full_batch_sam():
+def test_accumulation_global_perturbation_equals_full_batch_sam(h):
     x, y = data(n=8)
     a = seeded(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D))
     b = copy.deepcopy(a)
@@ -205,18 +195,18 @@ def test_accumulation_global_perturbation_equals_full_batch_sam():
         return total
 
     opt_a.step(accumulating_closure)
-    opt_b.step(closure_for(b, opt_b, x, y))
+    opt_b.step(h.mse_closure(b, opt_b, x, y))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-14)
 
 
-def test_accumulate_skips_when_a_micro_batch_is_non_finite():
+def test_accumulate_skips_when_a_micro_batch_is_non_finite(h):
     model = seeded(nn.Sequential(nn.Linear(3, 2)).to(D))
     x, y = data(n=4)
     before = copy.deepcopy(model.state_dict())
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.5)
-    opt.accumulate(closure_for(model, opt, x[:2], y[:2]))
-    opt.accumulate(closure_for(model, opt, x[2:], y[2:], scale=float("nan")))
+    opt.accumulate(h.mse_closure(model, opt, x[:2], y[:2]))
+    opt.accumulate(h.mse_closure(model, opt, x[2:], y[2:], scale=float("nan")))
     opt.step()
     assert not opt.last_step_info.stepped
     for k, v in model.state_dict().items():
@@ -225,7 +215,7 @@ def test_accumulate_skips_when_a_micro_batch_is_non_finite():
 
 # -- schedulers, clipping ------------------------------------------------------------------------
 @pytest.mark.parametrize("style", ["closure", "two_call"])
-def test_lr_scheduler_without_warnings_and_lr_reaches_base(style):
+def test_lr_scheduler_without_warnings_and_lr_reaches_base(h, style):
     model = seeded(nn.Sequential(nn.Linear(3, 2)).to(D))
     x, y = data()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
@@ -234,11 +224,11 @@ def test_lr_scheduler_without_warnings_and_lr_reaches_base(style):
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         for _ in range(3):
             if style == "closure":
-                opt.step(closure_for(model, opt, x, y))
+                opt.step(h.mse_closure(model, opt, x, y))
             else:
-                closure_for(model, opt, x, y)()
+                h.mse_closure(model, opt, x, y)()
                 opt.first_step(zero_grad=True)
-                closure_for(model, opt, x, y)()
+                h.mse_closure(model, opt, x, y)()
                 opt.second_step()
             sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
@@ -251,12 +241,12 @@ def test_lr_scheduler_without_warnings_and_lr_reaches_base(style):
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
     eps = sam_perturbation(grad(f)(w), w, 0.1)
     gp = grad(f)({k: w[k] + eps[k] for k in w})
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(h.mse_closure(model, opt, x, y))
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), w[n] - lr * gp[n], rtol=1e-13, atol=1e-15)
 
 
-def test_clipping_the_final_gradient_with_a_base_pre_hook():
+def test_clipping_the_final_gradient_with_a_base_pre_hook(h):
     model = seeded(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D))
     x, y = data()
 
@@ -274,7 +264,7 @@ def test_clipping_the_final_gradient_with_a_base_pre_hook():
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     opt.base_optimizer.register_step_pre_hook(clip_final_gradient)
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(h.mse_closure(model, opt, x, y))
     clip = max_norm / (float(norm) + 1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), w[n] - 0.1 * clip * gp[n], rtol=1e-12, atol=1e-14)

@@ -10,24 +10,15 @@ from sharpgen.optim import SAM, WSAM, FriendlySAM
 D = torch.float64
 
 
-def quadratic(seed: int = 0, n: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(n, n, generator=g, dtype=D)
-    a = m @ m.T + torch.eye(n, dtype=D)
-    c = torch.randn(n, generator=g, dtype=D)
-    w = torch.nn.Parameter(torch.randn(n, generator=g, dtype=D))
-    return w, a, c
-
-
 @pytest.mark.parametrize("decouple", [True, False])
-def test_wsam_steps_equal_the_paper_update(decouple):
-    w, a, c = quadratic()
+def test_wsam_steps_equal_the_paper_update(h, decouple):
+    w, a, c = h.spd_quadratic()
     lr, mu, rho, gamma = 0.05, 0.9, 0.2, 0.8
     alpha = gamma / (1 - gamma)
     opt = WSAM([w], torch.optim.SGD, rho=rho, gamma=gamma, decouple=decouple, lr=lr, momentum=mu)
     wh, v = w.detach().clone(), None
     for _ in range(3):
-        opt.step(closure_for(opt, w, a, c))
+        opt.step(h.quadratic_closure(opt, w, a, c))
         g = a @ (wh - c)
         gs = a @ (wh + rho * g / g.norm() - c)
         fed = g if decouple else g + alpha * (gs - g)
@@ -38,19 +29,19 @@ def test_wsam_steps_equal_the_paper_update(decouple):
         torch.testing.assert_close(w.detach(), wh, rtol=1e-13, atol=1e-14)
 
 
-def test_wsam_gamma_half_coupled_is_sam():
-    w, a, c = quadratic(1)
+def test_wsam_gamma_half_coupled_is_sam(h):
+    w, a, c = h.spd_quadratic(1)
     ref = torch.nn.Parameter(w.detach().clone())
     opt = WSAM([w], torch.optim.SGD, rho=0.3, gamma=0.5, decouple=False, lr=0.05)
     sam = SAM([ref], torch.optim.SGD, rho=0.3, lr=0.05)
     for _ in range(3):
-        opt.step(closure_for(opt, w, a, c))
-        sam.step(closure_for(sam, ref, a, c))
+        opt.step(h.quadratic_closure(opt, w, a, c))
+        sam.step(h.quadratic_closure(sam, ref, a, c))
         torch.testing.assert_close(w, ref, rtol=1e-14, atol=1e-15)
 
 
-def test_friendly_sam_steps_equal_the_paper_update():
-    w, a, c = quadratic(2)
+def test_friendly_sam_steps_equal_the_paper_update(h):
+    w, a, c = h.spd_quadratic(2)
     lr, rho, sigma, lmbda = 0.05, 0.2, 1.0, 0.9
     noise = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=D)
     opt = FriendlySAM([w], torch.optim.SGD, rho=rho, sigma=sigma, lmbda=lmbda, lr=lr)
@@ -73,29 +64,19 @@ def test_friendly_sam_steps_equal_the_paper_update():
         torch.testing.assert_close(opt.state[w]["fsam_momentum"], m, rtol=1e-13, atol=1e-15)
 
 
-def test_friendly_sam_sigma_zero_is_sam():
-    w, a, c = quadratic(4)
+def test_friendly_sam_sigma_zero_is_sam(h):
+    w, a, c = h.spd_quadratic(4)
     ref = torch.nn.Parameter(w.detach().clone())
     opt = FriendlySAM([w], torch.optim.SGD, rho=0.3, sigma=0.0, lr=0.05)
     sam = SAM([ref], torch.optim.SGD, rho=0.3, lr=0.05)
     for _ in range(3):
-        opt.step(closure_for(opt, w, a, c))
-        sam.step(closure_for(sam, ref, a, c))
+        opt.step(h.quadratic_closure(opt, w, a, c))
+        sam.step(h.quadratic_closure(sam, ref, a, c))
         assert torch.equal(w, ref)
 
 
-def closure_for(opt, w, a, c):
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * (w - c) @ a @ (w - c)
-        loss.backward()
-        return loss
-
-    return closure
-
-
-def test_errors():
-    w, _, _ = quadratic()
+def test_errors(h):
+    w, _, _ = h.spd_quadratic()
     with pytest.raises(ValueError, match="gamma must be in"):
         WSAM([w], torch.optim.SGD, gamma=1.0, lr=0.1)
     with pytest.raises(TypeError, match="decouple must be a bool"):
