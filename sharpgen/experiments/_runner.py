@@ -30,16 +30,13 @@ def _init_worker(progress_queue: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker(spec_dict, seeds, device, checkpoint, resume):
+def _worker(spec_dict: dict, seeds: list[int], options: dict[str, Any]) -> dict:
     spec = ExperimentSpec.from_dict(spec_dict)
 
     def progress(k: int) -> None:
         _PROGRESS.put((spec.name, k))
 
-    result = train(
-        spec, seeds, device=device, checkpoint=checkpoint, resume=resume, progress=progress
-    )
-    return result.to_dict()
+    return train(spec, seeds, progress=progress, **options).to_dict()
 
 
 def run_experiments(
@@ -52,6 +49,7 @@ def run_experiments(
     jobs: int = 1,
     progress: bool = True,
     on_result: Callable[[RunResult], None] | None = None,
+    compile: bool = False,
 ) -> list[RunResult]:
     """Train every experiment (each with all seeds batched) and return results in order.
 
@@ -65,6 +63,9 @@ def run_experiments(
             gets ``max(1, cpu_count // jobs)`` threads). ``jobs=1`` trains in this process.
         progress: Show tqdm progress bars (one per experiment, in epochs).
         on_result: Called with each result as soon as it is complete.
+        compile: Passed to `train`: the fused 1-SAM step of the no-bias, bias and
+            simplified-LayerNorm nets through `torch.compile` (compiled once per process;
+            the Sim-BN step is never compiled).
 
     Raises:
         CheckpointError: With ``resume``, if an existing checkpoint is unreadable or belongs to
@@ -86,27 +87,23 @@ def run_experiments(
                 total=spec.epochs, desc=spec.name, unit="ep", position=i, leave=True
             )
 
-    def ckpt(spec):
-        return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{spec.name}.pt"
+    def options(spec: ExperimentSpec) -> dict[str, Any]:
+        """The keyword arguments of `train` for ``spec``, but ``progress``."""
+        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{spec.name}.pt"
+        return {"device": device, "checkpoint": ckpt, "resume": resume, "compile": compile}
 
     results: dict[str, RunResult] = {}
     try:
         if jobs == 1 or device != "cpu" or len(specs) == 1:
             for spec in specs:
                 bar = bars.get(spec.name)
-                res = train(
-                    spec,
-                    seeds,
-                    device=device,
-                    checkpoint=ckpt(spec),
-                    resume=resume,
-                    progress=bar.update if bar is not None else None,
-                )
+                update = bar.update if bar is not None else None
+                res = train(spec, seeds, progress=update, **options(spec))
                 results[spec.name] = res
                 if on_result is not None:
                     on_result(res)
         else:
-            _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result)
+            _run_pool(specs, seeds, options, jobs, bars, results, on_result)
     finally:
         for bar in bars.values():
             bar.close()
@@ -133,7 +130,7 @@ def check_resumable(
             check_checkpoint(path, spec, seeds)
 
 
-def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result) -> None:
+def _run_pool(specs, seeds, options, jobs, bars, results, on_result) -> None:
     """Train the experiments in ``jobs`` spawned processes.
 
     Progress comes back over one ``multiprocessing`` queue handed to the workers when they
@@ -161,10 +158,7 @@ def _run_pool(specs, seeds, device, ckpt, resume, jobs, bars, results, on_result
     )
     try:
         with _sigint_ignored():  # the workers inherit it: Ctrl-C is the main process's job
-            pending = {
-                pool.submit(_worker, s.to_dict(), list(seeds), device, ckpt(s), resume)
-                for s in order
-            }
+            pending = {pool.submit(_worker, s.to_dict(), list(seeds), options(s)) for s in order}
         while pending:
             update_bars(block=True)
             for fut in [f for f in pending if f.done()]:

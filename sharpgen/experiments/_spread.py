@@ -65,6 +65,7 @@ def run_spread(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    compile: bool = False,
 ) -> list[RunResult] | None:
     """Train ``specs`` over the processes of a ``torchrun`` job; results on rank 0.
 
@@ -78,6 +79,7 @@ def run_spread(
         checkpoint_dir: Shared directory of the per-experiment checkpoints.
         resume: Continue every experiment from its checkpoint.
         progress: Progress bars (rank 0 only).
+        compile: Passed to `run_experiments` (`torch.compile` of the rank-one 1-SAM step).
 
     Returns:
         On rank 0 one `RunResult` per experiment in the order of ``specs``; None elsewhere.
@@ -107,6 +109,7 @@ def run_spread(
                 resume=resume,
                 jobs=1,
                 progress=progress and rank == 0,
+                compile=compile,
             )
             payload: tuple[str, Any] = (
                 "ok",

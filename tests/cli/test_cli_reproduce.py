@@ -56,6 +56,24 @@ def test_reproduce_writes_results_plots_and_a_report_that_matches_them(tmp_path,
         assert b["wall_time_s"] == a["wall_time_s"]  # nothing was trained again
 
 
+@pytest.mark.parametrize("flag", [[], ["--compile"]])
+def test_compile_flag_is_train_compile(tmp_path, capsys, monkeypatch, flag):
+    import sharpgen.experiments._runner as runner
+
+    real, seen = runner.train, []
+
+    def recording(spec, seeds, **kwargs):
+        seen.append((spec.name, kwargs["compile"]))
+        return real(spec, seeds, **{**kwargs, "compile": False})  # the mapping, not the compile
+
+    monkeypatch.setattr(runner, "train", recording)
+    names = ["tiny-no-bias-sam1", "tiny-simplified-bn-sam1"]
+    args = ["reproduce", "--preset", *names, "--seeds", "1", "--out", str(tmp_path / "out")]
+    assert main([*args, "--no-progress", "--jobs", "1", *flag]) == 0
+    capsys.readouterr()
+    assert seen == [(name, bool(flag)) for name in names]
+
+
 def test_unknown_preset_lists_the_valid_ones(tmp_path, capsys):
     assert main(["reproduce", "--preset", "paper-fig99", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -79,6 +97,8 @@ def test_help_texts(capsys):
     text = capsys.readouterr().out
     for phrase in ("--preset", "--seeds", "--device", "--out", "--resume", "quick", "Table 1"):
         assert phrase in text
+    compile_help = " ".join(text.split("--compile  ")[1].split("--list")[0].split())
+    assert "torch.compile" in compile_help and "simplified-BatchNorm step is not" in compile_help
     for group in ("quick", "medium", "sweep-n", "paper", "paper-logistic"):
         assert f"\n  {group} " in text  # every group is introduced, with its expected time
     assert "130" in text and "--resume" in text  # what Ctrl-C does
