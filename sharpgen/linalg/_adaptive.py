@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from sharpgen.linalg._hutchinson import MIN_ADAPTIVE_SAMPLES, mean_and_stderr, next_round
-from sharpgen.linalg._hutchpp import _HutchppState
+from sharpgen.linalg._hutchpp import _HutchppState, deflated_samples
 from sharpgen.linalg._operator import LinearOperator
 from sharpgen.linalg._probes import draw_probes
 from sharpgen.linalg._results import TraceEstimate
 from sharpgen.linalg._sketch import extend_basis
 
-__all__ = ["adaptive_trace", "loo_residual_sq"]
+__all__ = ["adaptive_trace", "doubling_factor", "loo_residual_sq"]
 
 #: Sketch probes drawn before the first decision in ``rtol`` mode.
 PILOT_PROBES = 16
@@ -134,33 +134,89 @@ def _run_hutchpp(
     scale = float(torch.linalg.vector_norm(pilot.Y, dim=0).max())
     state.Q = extend_basis(state.Q, pilot.Y, scale)
     state.Z = op.matmat(state.Q) if state.Q.shape[1] else state.Z
+    state.Y = pilot.Y
     state.scale = scale
-    left = budget - (op.num_matvecs - start)
     converged = True
     if rtol is None:
-        state.grow(0, left)
+        state.grow(0, budget - (op.num_matvecs - start))
     else:
-        state.grow(0, max(1, min(left, first_round)))
-        while True:
-            trace_q, samples = state.estimate()
-            mean, stderr = mean_and_stderr(samples)
-            value = trace_q + mean
-            if samples.numel() >= MIN_ADAPTIVE_SAMPLES and stderr <= rtol * abs(value):
-                break
-            left = budget - (op.num_matvecs - start)
-            if left <= 0:
-                converged = False
-                break
-            k = next_round(samples.numel(), stderr, rtol * abs(value), 1)
-            if samples.numel() < MIN_ADAPTIVE_SAMPLES:
-                k = max(k, MIN_ADAPTIVE_SAMPLES - samples.numel())
-            state.grow(0, min(left, k))
+        converged = _grow_to_rtol(state, rtol, budget, start, first_round)
     trace_q, samples = state.estimate()
     mean, stderr = mean_and_stderr(samples)
     return TraceEstimate(
         value=trace_q + mean, stderr=stderr, num_matvecs=op.num_matvecs - start,
         method="hutchpp", samples=samples.detach(), converged=converged, rtol=rtol,
     )  # fmt: skip
+
+
+def _grow_to_rtol(
+    state: _HutchppState, rtol: float, budget: int, start: int, first_round: int
+) -> bool:
+    """Add remainder probes (or double the sketch, when predicted to pay) until ``rtol``."""
+    op = state.op
+    state.grow(0, max(1, min(budget - (op.num_matvecs - start), first_round)))
+    while True:
+        trace_q, samples = state.estimate()
+        mean, stderr = mean_and_stderr(samples)
+        target = rtol * abs(trace_q + mean)
+        count = samples.numel()
+        if count >= MIN_ADAPTIVE_SAMPLES and stderr <= target:
+            return True
+        left = budget - (op.num_matvecs - start)
+        if left <= 0:
+            return False
+        if _doubling_pays(state, count, stderr, target, left):
+            state.grow(state.Y.shape[1], 0)
+            continue
+        k = next_round(count, stderr, target, 1)
+        if count < MIN_ADAPTIVE_SAMPLES:
+            k = max(k, MIN_ADAPTIVE_SAMPLES - count)
+        state.grow(0, min(left, k))
+
+
+def doubling_factor(state: _HutchppState) -> float:
+    r"""Predicted factor on Hutch++'s remainder variance if its sketch of $s$ probes doubled.
+
+    The remainder samples already drawn are recomputed, without products, for the nested
+    sketches of the first $c \in \{s/2, 3s/4\}$ sketch products ($A Q_c = Z Q^\top Q_c$,
+    since $Q_c$ lies in the span of $Q$). Each $c$ gives the power-law extrapolation
+    $(v_s / v_c)^{\log 2 / \log(s/c)}$ of the measured remainder variances; the larger is
+    returned (at most 1). So a one-off drop across a rank edge, which a larger sketch does
+    not repeat, is not extrapolated once the sketch is a third past it. (The leave-one-out
+    residual the first decision uses cannot serve here: just past a rank edge it overstates
+    the remainder several times, since the other columns carry noise into the projection.)
+    """
+    s = state.Y.shape[1]
+    _, samples = state.estimate()
+    if samples.numel() < 2:
+        return 1.0
+    v_s = float(samples.var())
+    empty = state.Q[:, :0]
+    factors = []
+    for c in sorted({s // 2, (3 * s) // 4}):
+        if c < 2 or c >= s:
+            continue
+        Q_c = extend_basis(empty, state.Y[:, :c], state.scale)
+        _, sub = deflated_samples(Q_c, state.Z @ (state.Q.T @ Q_c), state.G, state.AG)
+        v_c = float(sub.var())
+        if v_c > 0:
+            factors.append(min(1.0, v_s / v_c) ** (math.log(2) / math.log(s / c)))
+    return max(factors, default=1.0)
+
+
+def _doubling_pays(
+    state: _HutchppState, count: int, stderr: float, target: float, left: int
+) -> bool:
+    """Is doubling the sketch ($2s$ products) predicted to cost less than staying with it?"""
+    s = state.Y.shape[1]
+    n = state.op.shape[0]
+    if count < 2 or 2 * s > left or state.Q.shape[1] + s > n or not target > 0:
+        return False
+    need = count * (stderr / target) ** 2  # remainder samples the current sketch needs
+    if need - count <= 2 * s:
+        return False
+    grown = 2 * s + max(0.0, need * doubling_factor(state) - count)
+    return grown < need - count
 
 
 def _fixed_budget(pilot: _Pilot, budget: int, start: int) -> TraceEstimate:
@@ -197,13 +253,14 @@ def _target_budget(pilot: _Pilot, rtol: float, max_matvecs: int, start: int) -> 
         decay = min(1.0, v_d / v_prev) if v_prev > 0 else 1.0
         ratio = decay ** (math.log(2) / math.log(s / prev)) if s > prev else 1.0
         cost_2d = 4 * s + v_d * ratio / target_var
+        if cost_d < cost_h and 2 * s < max_matvecs:
+            # the first round at most s probes: v_d overstates the remainder near a rank edge
+            first = max(MIN_ADAPTIVE_SAMPLES, min(s, math.ceil(v_d / target_var / 2)))
+            return _run_hutchpp(pilot, rtol, max_matvecs, start, first)
         room = 4 * s <= max_matvecs and 2 * s <= n
-        if room and cost_2d < min(cost_d, cost_h) and cost_h > s:
+        if room and cost_2d < cost_h and cost_h > s:
             pilot.grow(s)
             continue
-        if cost_d < cost_h and 2 * s < max_matvecs:
-            first = max(MIN_ADAPTIVE_SAMPLES, math.ceil(v_d / target_var / 2))
-            return _run_hutchpp(pilot, rtol, max_matvecs, start, first)
         return _run_hutchinson(pilot, rtol, max_matvecs, start)
 
 
@@ -221,12 +278,16 @@ def adaptive_trace(
     $m - 2s$ probes) is used when $2F_\perp/(m - 2s) < v_H/m$, else the sketch probes are the
     first $s$ of $m$ Hutchinson probes (see the module docstring for $v_H$ and $F_\perp$).
 
-    Target ``rtol``: 16 sketch probes, doubled while a sketch twice as large is predicted to
-    reduce the total cost (remainder variance extrapolated as a power of the sketch size
-    from its local decay between the first $3s/4$ probes and all $s$); then the cheaper of
-    the two predicted costs is run, adding probes in rounds sized by the measured standard
-    error (growing the products by at most 1.5 times per round) until
-    ``stderr <= rtol * |value|`` or ``max_matvecs``. The arguments are validated by
+    Target ``rtol``: 16 sketch probes. Hutch++ is run when its predicted cost (with the
+    pessimistic $2F_\perp$) is below Hutchinson's; otherwise the sketch is doubled while a
+    sketch twice as large is predicted to make Hutch++ the cheaper (remainder variance
+    extrapolated as a power of the sketch size from its local decay between the first
+    $3s/4$ probes and all $s$), and Hutchinson is run when it never is. Both add probes in
+    rounds sized by the measured standard error (growing the samples by at most 1.5 times
+    per round) until ``stderr <= rtol * |value|`` or ``max_matvecs``. Hutch++'s first
+    round is at most $s$ remainder probes; before each further round it doubles its sketch
+    instead when `doubling_factor`, measured on the remainder probes already drawn,
+    predicts that this costs fewer products in all. The arguments are validated by
     `sharpgen.linalg.trace`.
 
     The returned ``method`` is ``"hutchinson"`` or ``"hutchpp"``; both report the standard

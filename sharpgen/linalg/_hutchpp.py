@@ -19,7 +19,11 @@ __all__ = ["hutchpp_trace"]
 
 
 class _HutchppState:
-    """Sketch basis ``Q``, ``Z = A Q``, Hutchinson probes ``G`` and ``A G``, grown in rounds."""
+    """Sketch basis ``Q``, ``Z = A Q``, Hutchinson probes ``G`` and ``A G``, grown in rounds.
+
+    ``Y`` keeps the sketch products $A S$ in the order drawn (nested sub-sketches of its
+    first columns lie in the span of ``Q``).
+    """
 
     def __init__(self, op: LinearOperator, distribution: str, generator: torch.Generator | None):
         self.op = op
@@ -27,7 +31,7 @@ class _HutchppState:
         self.generator = generator
         n = op.shape[0]
         empty = torch.empty(n, 0, dtype=op.dtype, device=op.device)
-        self.Q, self.Z, self.G, self.AG = empty, empty, empty, empty
+        self.Q, self.Z, self.G, self.AG, self.Y = empty, empty, empty, empty, empty
         self.scale = 0.0
 
     def _draw(self, k: int) -> Tensor:
@@ -45,6 +49,7 @@ class _HutchppState:
         num_sketch = min(num_sketch, n - self.Q.shape[1])
         if num_sketch > 0:
             Y = self.op.matmat(self._draw(num_sketch))
+            self.Y = torch.cat([self.Y, Y], dim=1)
             self.scale = max(self.scale, float(torch.linalg.vector_norm(Y, dim=0).max()))
             Q_add = extend_basis(self.Q, Y, self.scale)
             if Q_add.shape[1]:
@@ -56,14 +61,20 @@ class _HutchppState:
             self.G = torch.cat([self.G, G], dim=1)
 
     def estimate(self) -> tuple[float, Tensor]:
-        H = self.Q.T @ self.Z
-        H = (H + H.T) / 2
-        C = self.Q.T @ self.G
-        # g^T (I - QQ^T) A (I - QQ^T) g = g^T A g - 2 (Z^T g)^T (Q^T g) + (Q^T g)^T H (Q^T g)
-        samples = (
-            (self.G * self.AG).sum(0) - 2 * ((self.Z.T @ self.G) * C).sum(0) + (C * (H @ C)).sum(0)
-        )
-        return float(torch.trace(H)), samples
+        return deflated_samples(self.Q, self.Z, self.G, self.AG)
+
+
+def deflated_samples(Q: Tensor, Z: Tensor, G: Tensor, AG: Tensor) -> tuple[float, Tensor]:
+    r"""$\operatorname{tr}(Q^\top A Q)$ and the samples $g^\top (I-QQ^\top) A (I-QQ^\top) g$.
+
+    ``Z`` is $AQ$ and ``AG`` is $AG$ (for the columns $g$ of ``G``): no product is needed.
+    """
+    H = Q.T @ Z
+    H = (H + H.T) / 2
+    C = Q.T @ G
+    # g^T (I - QQ^T) A (I - QQ^T) g = g^T A g - 2 (Z^T g)^T (Q^T g) + (Q^T g)^T H (Q^T g)
+    samples = (G * AG).sum(0) - 2 * ((Z.T @ G) * C).sum(0) + (C * (H @ C)).sum(0)
+    return float(torch.trace(H)), samples
 
 
 def next_total(total: int, stderr: float, target: float) -> int:

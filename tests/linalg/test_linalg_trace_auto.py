@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sharpgen.linalg import as_linear_operator, hutchinson_trace, trace
-from sharpgen.linalg._adaptive import loo_residual_sq
+from sharpgen.linalg._adaptive import doubling_factor, loo_residual_sq
+from sharpgen.linalg._hutchpp import _HutchppState
 
 N = 150
 I = torch.arange(1, N + 1, dtype=torch.float64)
@@ -161,6 +162,54 @@ def test_adaptive_rtol_reaches_the_target_without_overspending(spectrum):
     assert rmse <= 0.015  # the target, up to the sampling error of stopping on an estimate
     capped = trace(A, rtol=1e-9, max_matvecs=40, generator=torch.Generator().manual_seed(0))
     assert not capped.converged and capped.num_matvecs <= 40
+
+
+# a rank edge: 10 eigenvalues of 100 over a noise floor of 0.1 * U(0, 1), as in the benchmark
+RANK_EDGE = torch.where(I <= 10, 100.0, 0.0) + 0.1 * FLAT.sub(1)
+
+
+@pytest.mark.parametrize(("spectrum", "oracle"), [("rank_edge", 48), ("power_2", 90)])
+def test_adaptive_rtol_spends_at_most_1_5_times_an_oracle_stop_and_its_stderr_holds(
+    spectrum, oracle
+):
+    # the oracle stop: the fixed budget whose RMSE over 60 seeds defines rtol. Before the
+    # measured sketch doubling the rank edge cost 2.1x it (the sketch grew from 16 to 32 on
+    # the leave-one-out residual, which overstates the remainder just past the edge by 5x,
+    # and the first remainder round was sized from that) and 100/i^2 1.2x
+    lam = RANK_EDGE if spectrum == "rank_edge" else SPECTRA[spectrum]
+    A = with_spectrum(lam, seed=10)
+    truth = float(lam.sum())
+    _, fixed, _ = runs(A, 60, num_matvecs=oracle, exact_threshold=0)
+    rtol = float((fixed - truth).pow(2).mean().sqrt()) / truth
+    kw = {"rtol": rtol, "max_matvecs": 2000, "exact_threshold": 0}
+    res = [trace(A, generator=torch.Generator().manual_seed(700 + s), **kw) for s in range(60)]
+    spent = sum(r.num_matvecs for r in res) / len(res)
+    values = torch.tensor([r.value for r in res], dtype=torch.float64)
+    stderrs = torch.tensor([r.stderr for r in res], dtype=torch.float64)
+    rmse = float((values - truth).pow(2).mean().sqrt())
+    assert all(r.method == "hutchpp" and r.converged for r in res)
+    assert spent <= 1.5 * oracle, spent
+    assert rmse / truth <= 1.5 * rtol
+    # the stderr of a stopped run is still calibrated (60 seeds: ~9% sampling error)
+    assert 0.7 <= float(stderrs.pow(2).mean().sqrt()) / rmse <= 1.5
+
+
+def _state_with_sketch(A, sketch, remainder, seed):
+    state = _HutchppState(as_linear_operator(A), "rademacher", torch.Generator().manual_seed(seed))
+    state.grow(sketch, remainder)
+    return state
+
+
+def test_doubling_factor_sees_a_rank_edge_and_a_power_law():
+    # past a rank edge a larger sketch removes only noise: no gain predicted. On 100/i^2 the
+    # remainder variance (sum of lambda_i^2 beyond the sketch) falls like s^-3: about 1/8
+    edge = [doubling_factor(_state_with_sketch(with_spectrum(RANK_EDGE, 11), 16, 16, s))
+            for s in range(5)]  # fmt: skip
+    power = [doubling_factor(_state_with_sketch(with_spectrum(DECAYING, 11), 16, 16, s))
+             for s in range(5)]  # fmt: skip
+    assert min(edge) >= 0.5, edge
+    assert max(power) <= 0.45, power
+    assert doubling_factor(_state_with_sketch(with_spectrum(DECAYING, 11), 16, 1, 0)) == 1.0
 
 
 def test_adaptive_is_deterministic_and_leaves_the_global_rng_alone():
