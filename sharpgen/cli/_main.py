@@ -40,7 +40,9 @@ or single experiments such as 'paper-fig1b'. Times are for the 2-core developmen
 without other load (see the guide, docs/guide/reproduce.md).
 
 Ctrl-C stops at once with exit status 130; finished epochs are kept in checkpoints and the
-same command plus --resume continues. Usage errors exit with status 2 and one line.
+same command plus --resume continues. Usage errors exit with status 2 and one line. An
+experiment that diverges is marked FAILED in the report while the others still run; the
+command then exits with status 1 and one line naming it.
 """
 
 _EXAMPLES = """\
@@ -260,6 +262,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         "resume": args.resume,
         "progress": not args.no_progress,
         "compile": args.compile,
+        "keep_going": True,  # a diverged experiment is reported; the others still train
     }
     try:
         if world > 1:  # launched by torchrun: experiments spread over the processes
@@ -271,23 +274,34 @@ def _reproduce(args: argparse.Namespace) -> int:
             results = run_experiments(specs, seeds, jobs=jobs, on_result=keep, **options)
     except CheckpointError as exc:
         return _fail("reproduce", str(exc))
-    except FloatingPointError as exc:
-        print(f"sharpgen reproduce: {exc}", file=sys.stderr)
-        return 1
-    save_results(results, out / "results.json")
-    plot_results(results, out / "table1.png")
+    written = [save_results(results, out / "results.json")]
+    finished = [r for r in results if r.error is None]
+    if finished:
+        written.append(plot_results(finished, out / "table1.png"))
     sweep = plot_sweep(results, out / "sweep_n.png")
     report = markdown_report(results, title=f"sharpgen reproduce --preset {' '.join(args.preset)}")
     report += (
         f"\nTotal wall time: {time.perf_counter() - start:.1f} s on {args.device} "
         f"({f'{world} torchrun processes' if world > 1 else f'{jobs} parallel job(s)'}), "
-        f"{len(seeds)} seeds.\n\n![plots](table1.png)\n"
+        f"{len(seeds)} seeds.\n" + ("\n![plots](table1.png)\n" if finished else "")
     )
-    atomic_write_text(out / "report.md", report)
+    written.append(atomic_write_text(out / "report.md", report))
     print(report)
-    extra = f", {sweep}" if sweep is not None else ""
-    print(f"wrote {out / 'results.json'}, {out / 'table1.png'}, {out / 'report.md'}{extra}")
-    return 0
+    print("wrote " + ", ".join(str(path) for path in [*written, *([sweep] if sweep else [])]))
+    return _failure_summary(results, out / "report.md")
+
+
+def _failure_summary(results: Sequence, report: Path) -> int:
+    """Exit status 1 with one line naming the failed experiments, 0 when none failed."""
+    failed = [r.spec.name for r in results if r.error is not None]
+    if not failed:
+        return 0
+    print(
+        f"sharpgen reproduce: {len(failed)} of {len(results)} experiments failed (diverged): "
+        f"{', '.join(failed)}; the others finished; see {report}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -342,8 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 on a failed (diverged) run, 2 on a usage error (one line
-        ``sharpgen <command>: error: ...`` on stderr, no traceback), 130 on Ctrl-C.
+        0 on success; 1 when an experiment failed (diverged: it is marked in the report, the
+        others still ran, and one line on stderr names it); 2 on a usage error (one line
+        ``sharpgen <command>: error: ...`` on stderr, no traceback); 130 on Ctrl-C.
     """
     parser = build_parser()
     args = parser.parse_args(argv)

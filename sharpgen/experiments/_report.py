@@ -81,11 +81,13 @@ def table1(results: Sequence[RunResult]) -> list[Table1Row]:
     """Group runs by architecture and decide, per row, whether the paper's outcome showed.
 
     Only two-layer ReLU runs on xor data with the MSE loss enter Table 1; per architecture the
-    first 1-SAM run and the first GD/SGD run are used.
+    first 1-SAM run and the first GD/SGD run are used. Failed runs (``error`` set) are left out.
     """
     by_arch: dict[str, dict[str, RunResult]] = {}
     for res in results:
         s = res.spec
+        if res.error is not None:
+            continue  # diverged: no metrics to judge
         if (s.data, s.depth, s.activation, s.loss) != ("xor_cube", 2, "relu", "mse"):
             continue  # Table 1 is about two-layer ReLU nets on xor data with the MSE loss
         if s.name.startswith("sweep-"):
@@ -144,15 +146,83 @@ def table1(results: Sequence[RunResult]) -> list[Table1Row]:
 
 
 def markdown_report(results: Sequence[RunResult], *, title: str = "sharpgen reproduce") -> str:
-    """The measured Table 1 next to the paper's, per-experiment details and settings."""
+    """The measured Table 1 next to the paper's, per-experiment details and settings.
+
+    Failed (diverged) experiments are listed first, marked **FAILED**, and left out of the
+    tables; Table 1 is left out when no run belongs to it (a ``sweep-n``-only report).
+    """
     rows = table1(results)
+    done = [r for r in results if r.error is None]
     lines = [
         f"# {title}",
         "",
         "Wen, Li & Ma (2023), *Sharpness Minimization Algorithms Do Not Only Minimize Sharpness "
-        "To Achieve Better Generalization*, Table 1, measured from the training runs below. "
-        "Numbers are mean ± standard deviation [min, max] over seeds, at the last epoch.",
+        f"To Achieve Better Generalization*{', Table 1,' if rows else ','} measured from the "
+        "training runs below. Numbers are mean ± standard deviation [min, max] over seeds, at "
+        "the last epoch.",
         "",
+        *_failed_section(results),
+        *_table1_section(rows),
+        "The trace is the Hessian trace of the training loss at interpolation, "
+        "$(1/n)\\sum_i \\ell''(f_i)\\lVert\\nabla_\\theta f(x_i)\\rVert^2$ (the Gauss-Newton "
+        "part, Lemma 4.1; for the two ReLU nets without normalization it is the exact trace "
+        "everywhere; the exact trace including the residual term is in `results.json` as "
+        "`trace`). Lower bounds (`sharpgen.theory.trace_lower_bound`, on each run's "
+        "training set): $4\\sqrt d$ (no bias), $4\\sqrt{d+1}$ (bias), 4 (simplified "
+        "BatchNorm; an infimum, not attained), 2 (simplified LayerNorm). Test accuracy: "
+        "zero-one, sign(f) against y (f = 0 counts wrong).",
+        "",
+    ]
+    sweep = sweep_table(done)
+    if sweep is not None:
+        lines += [
+            "## Sample-complexity sweep (Theorem 3.1)",
+            "",
+            "Final test zero-one error and test MSE of 1-SAM against the number of training "
+            "points n (mean [min, max] over seeds); Theorem 3.1 bounds the test MSE of "
+            "flattest no-bias interpolators by O~(d/n) once n = Omega(d log(d/delta)). Plot: "
+            "`sweep_n.png`.",
+            "",
+            sweep,
+        ]
+    lines += [
+        "## Experiments",
+        "",
+        "| experiment | paper | arch | method | d | n | width | schedule (epochs: lr, ρ) | "
+        "seeds | final train loss | final test accuracy | final trace | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_experiment_row(res) for res in results),
+    ]
+    notes = [f"- **{r.spec.name}**: {r.spec.notes}" for r in results if r.spec.notes]
+    if notes:
+        lines += ["", "## Deviations from the paper", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _failed_section(results: Sequence[RunResult]) -> list[str]:
+    """The report's list of failed experiments (none: no lines)."""
+    failed = [r for r in results if r.error is not None]
+    if not failed:
+        return []
+    lines = [
+        "## Failed experiments",
+        "",
+        f"**FAILED: {len(failed)} of {len(results)} experiments** did not finish; they are left "
+        "out of the tables and plots below.",
+        "",
+    ]
+    for res in failed:
+        seeds = ", ".join(str(s) for s in res.seeds)
+        paper = f"{res.spec.paper}, " if res.spec.paper else ""
+        lines.append(f"- **FAILED** `{res.spec.name}` ({paper}seeds {seeds}): {res.error}")
+    return [*lines, ""]
+
+
+def _table1_section(rows: Sequence[Table1Row]) -> list[str]:
+    """The measured Table 1 next to the paper's (no rows: no lines)."""
+    if not rows:
+        return []
+    lines = [
         "## Table 1",
         "",
         "| architecture | paper: all flattest minimizers generalize? | paper: 1-SAM "
@@ -179,61 +249,37 @@ def markdown_report(results: Sequence[RunResult], *, title: str = "sharpgen repr
             f"| {_ARCH_LABEL[row.arch]} | {flat} | {sam_gen} | {sam_acc} | {ratio} | {base_acc} "
             f"| {base_tr} | {mark}: {row.verdict} |"
         )
-    if not rows:
-        lines.append("| (no Table 1 experiment in these runs) | | | | | | | |")
-    lines += [
-        "",
-        "The trace is the Hessian trace of the training loss at interpolation, "
-        "$(1/n)\\sum_i \\ell''(f_i)\\lVert\\nabla_\\theta f(x_i)\\rVert^2$ (the Gauss-Newton "
-        "part, Lemma 4.1; for the two ReLU nets without normalization it is the exact trace "
-        "everywhere; the exact trace including the residual term is in `results.json` as "
-        "`trace`). Lower bounds (`sharpgen.theory.trace_lower_bound`, on each run's "
-        "training set): $4\\sqrt d$ (no bias), $4\\sqrt{d+1}$ (bias), 4 (simplified "
-        "BatchNorm; an infimum, not attained), 2 (simplified LayerNorm). Test accuracy: "
-        "zero-one, sign(f) against y (f = 0 counts wrong).",
-        "",
-    ]
-    sweep = sweep_table(results)
-    if sweep is not None:
-        lines += [
-            "## Sample-complexity sweep (Theorem 3.1)",
-            "",
-            "Final test zero-one error and test MSE of 1-SAM against the number of training "
-            "points n (mean [min, max] over seeds); Theorem 3.1 bounds the test MSE of "
-            "flattest no-bias interpolators by O~(d/n) once n = Omega(d log(d/delta)). Plot: "
-            "`sweep_n.png`.",
-            "",
-            sweep,
-        ]
-    lines += [
-        "## Experiments",
-        "",
-        "| experiment | paper | arch | method | d | n | width | schedule (epochs: lr, ρ) | "
-        "seeds | final train loss | final test accuracy | final trace | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for res in results:
-        s = res.spec
-        sched = "; ".join(f"{p.epochs}: {p.lr:g}, {p.rho:g}" for p in s.phases)
-        if s.method == "sgd":
-            sched += f" (batch {s.batch_size}, wd {s.weight_decay:g})"
-        lines.append(
-            f"| {s.name} | {s.paper} | {s.arch} | {s.method} | {s.d} | {s.n} | {s.width} | "
-            f"{sched} | {len(res.seeds)} | {_fmt(res.final('train_loss'), 4)} | "
-            f"{_fmt(res.final('test_accuracy'))} | {_fmt(res.final('trace_gn'), 2)} | "
-            f"{res.wall_time_s:.1f} s |"
+    return [*lines, ""]
+
+
+def _experiment_row(res: RunResult) -> str:
+    """One experiment's line of the report's Experiments table (**FAILED** if it failed)."""
+    s = res.spec
+    sched = "; ".join(f"{p.epochs}: {p.lr:g}, {p.rho:g}" for p in s.phases)
+    if s.method == "sgd":
+        sched += f" (batch {s.batch_size}, wd {s.weight_decay:g})"
+    if res.error is not None:
+        final = "**FAILED** (see above) | – | –"
+    else:
+        final = (
+            f"{_fmt(res.final('train_loss'), 4)} | {_fmt(res.final('test_accuracy'))} | "
+            f"{_fmt(res.final('trace_gn'), 2)}"
         )
-    notes = [f"- **{r.spec.name}**: {r.spec.notes}" for r in results if r.spec.notes]
-    if notes:
-        lines += ["", "## Deviations from the paper", "", *notes]
-    return "\n".join(lines) + "\n"
+    return (
+        f"| {s.name} | {s.paper} | {s.arch} | {s.method} | {s.d} | {s.n} | {s.width} | "
+        f"{sched} | {len(res.seeds)} | {final} | {res.wall_time_s:.1f} s |"
+    )
 
 
 def plot_results(results: Sequence[RunResult], path: str | Path) -> Path:
     """Test accuracy and trace against epoch, one column per architecture (PNG).
 
-    Each line is the mean over seeds, the band the min-max range.
+    Each line is the mean over seeds, the band the min-max range. Failed runs (``error``
+    set) are left out; at least one run must have finished.
     """
+    results = [r for r in results if r.error is None]
+    if not results:
+        raise ValueError("plot_results: no finished run to plot (every run failed)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +319,7 @@ def plot_results(results: Sequence[RunResult], path: str | Path) -> Path:
 
 def _sweep_runs(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     """The ``sweep-n`` runs per architecture, sorted by n."""
-    sweep = [r for r in results if r.spec.name.startswith("sweep-n")]
+    sweep = [r for r in results if r.spec.name.startswith("sweep-n") and r.error is None]
     out = {}
     for arch in ("no_bias", "bias"):
         runs = sorted((r for r in sweep if r.spec.arch == arch), key=lambda r: r.spec.n)

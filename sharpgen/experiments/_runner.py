@@ -8,6 +8,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,13 +31,31 @@ def _init_worker(progress_queue: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker(spec_dict: dict, seeds: list[int], options: dict[str, Any]) -> dict:
+def _train_one(
+    spec: ExperimentSpec,
+    seeds: Sequence[int],
+    options: dict[str, Any],
+    keep_going: bool,
+    progress: Callable[[int], None] | None,
+) -> RunResult:
+    """`train` one experiment; with ``keep_going`` a divergence becomes a failed `RunResult`."""
+    start = time.perf_counter()
+    try:
+        return train(spec, seeds, progress=progress, **options)
+    except FloatingPointError as exc:
+        if not keep_going:
+            raise
+        wall = time.perf_counter() - start
+        return RunResult(spec, tuple(seeds), (), {}, (), wall, 0, error=str(exc))
+
+
+def _worker(spec_dict: dict, seeds: list[int], options: dict[str, Any], keep_going: bool) -> dict:
     spec = ExperimentSpec.from_dict(spec_dict)
 
     def progress(k: int) -> None:
         _PROGRESS.put((spec.name, k))
 
-    return train(spec, seeds, progress=progress, **options).to_dict()
+    return _train_one(spec, seeds, options, keep_going, progress).to_dict()
 
 
 def run_experiments(
@@ -50,6 +69,7 @@ def run_experiments(
     progress: bool = True,
     on_result: Callable[[RunResult], None] | None = None,
     compile: bool = False,
+    keep_going: bool = False,
 ) -> list[RunResult]:
     """Train every experiment (each with all seeds batched) and return results in order.
 
@@ -66,10 +86,14 @@ def run_experiments(
         compile: Passed to `train`: the fused 1-SAM step of the no-bias, bias and
             simplified-LayerNorm nets through `torch.compile` (compiled once per process;
             the Sim-BN step is never compiled).
+        keep_going: An experiment that diverges (`train` raises `FloatingPointError`) comes
+            back as a `RunResult` whose ``error`` says why, without metrics, and the other
+            experiments still train; without it the error propagates at once.
 
     Raises:
         CheckpointError: With ``resume``, if an existing checkpoint is unreadable or belongs to
             another experiment or other seeds (checked for every experiment before training).
+        FloatingPointError: Without ``keep_going``, for the first experiment that diverges.
 
     Returns:
         One `RunResult` per experiment, in the order of ``specs``.
@@ -98,12 +122,12 @@ def run_experiments(
             for spec in specs:
                 bar = bars.get(spec.name)
                 update = bar.update if bar is not None else None
-                res = train(spec, seeds, progress=update, **options(spec))
+                res = _train_one(spec, seeds, options(spec), keep_going, update)
                 results[spec.name] = res
                 if on_result is not None:
                     on_result(res)
         else:
-            _run_pool(specs, seeds, options, jobs, bars, results, on_result)
+            _run_pool(specs, seeds, options, keep_going, jobs, bars, results, on_result)
     finally:
         for bar in bars.values():
             bar.close()
@@ -130,7 +154,7 @@ def check_resumable(
             check_checkpoint(path, spec, seeds)
 
 
-def _run_pool(specs, seeds, options, jobs, bars, results, on_result) -> None:
+def _run_pool(specs, seeds, options, keep_going, jobs, bars, results, on_result) -> None:
     """Train the experiments in ``jobs`` spawned processes.
 
     Progress comes back over one ``multiprocessing`` queue handed to the workers when they
@@ -158,7 +182,10 @@ def _run_pool(specs, seeds, options, jobs, bars, results, on_result) -> None:
     )
     try:
         with _sigint_ignored():  # the workers inherit it: Ctrl-C is the main process's job
-            pending = {pool.submit(_worker, s.to_dict(), list(seeds), options(s)) for s in order}
+            pending = {
+                pool.submit(_worker, s.to_dict(), list(seeds), options(s), keep_going)
+                for s in order
+            }
         while pending:
             update_bars(block=True)
             for fut in [f for f in pending if f.done()]:

@@ -66,6 +66,7 @@ def run_spread(
     resume: bool = False,
     progress: bool = True,
     compile: bool = False,
+    keep_going: bool = False,
 ) -> list[RunResult] | None:
     """Train ``specs`` over the processes of a ``torchrun`` job; results on rank 0.
 
@@ -80,13 +81,15 @@ def run_spread(
         resume: Continue every experiment from its checkpoint.
         progress: Progress bars (rank 0 only).
         compile: Passed to `run_experiments` (`torch.compile` of the rank-one 1-SAM step).
+        keep_going: Passed to `run_experiments`: a diverged experiment comes back as a failed
+            `RunResult` and the others still train.
 
     Returns:
         On rank 0 one `RunResult` per experiment in the order of ``specs``; None elsewhere.
 
     Raises:
-        FloatingPointError, CheckpointError: On rank 0, if any rank's experiment diverged or
-            had a bad checkpoint (the other ranks return None).
+        FloatingPointError, CheckpointError: On rank 0, if any rank's experiment diverged
+            (without ``keep_going``) or had a bad checkpoint (the other ranks return None).
     """
     import torch.distributed as dist
 
@@ -110,6 +113,7 @@ def run_spread(
                 jobs=1,
                 progress=progress and rank == 0,
                 compile=compile,
+                keep_going=keep_going,
             )
             payload: tuple[str, Any] = (
                 "ok",

@@ -70,6 +70,8 @@ class RunResult:
         steps: Optimizer steps taken by every run.
         params: Final parameters, stacked over runs (``W1 (R, m, d)``, ``b1``, ``gamma``,
             ``W2 (R, m)``); not part of `to_dict`.
+        error: Why the experiment failed (it diverged), or None; a failed result has no
+            metrics (``run_experiments(..., keep_going=True)`` returns one).
     """
 
     spec: ExperimentSpec
@@ -80,6 +82,7 @@ class RunResult:
     wall_time_s: float
     steps: int
     params: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)
+    error: str | None = None
 
     def final(self, name: str) -> list[float]:
         """The last recorded value of a metric, per seed."""
@@ -87,7 +90,7 @@ class RunResult:
 
     def to_dict(self) -> dict:
         """A JSON-serializable dict (``from_dict`` inverts it)."""
-        return {
+        out = {
             "spec": self.spec.to_dict(),
             "seeds": list(self.seeds),
             "epochs": list(self.epochs),
@@ -96,6 +99,7 @@ class RunResult:
             "wall_time_s": self.wall_time_s,
             "steps": self.steps,
         }
+        return out if self.error is None else {**out, "error": self.error}
 
     @classmethod
     def from_dict(cls, data: dict) -> RunResult:
@@ -108,6 +112,7 @@ class RunResult:
             lower_bound=tuple(data["lower_bound"]),
             wall_time_s=data["wall_time_s"],
             steps=data["steps"],
+            error=data.get("error"),
         )
 
 

@@ -16,7 +16,17 @@ import pytest
 import torch
 
 from sharpgen.cli import main
-from sharpgen.experiments import get_preset, save_checkpoint, save_results, train
+from sharpgen.experiments import (
+    ExperimentSpec,
+    Phase,
+    RunResult,
+    get_preset,
+    load_results,
+    run_experiments,
+    save_checkpoint,
+    save_results,
+    train,
+)
 
 FAST = "tiny-no-bias-sam1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -299,3 +309,71 @@ def test_malformed_arguments_are_one_line_usage_errors(capsys, argv, expected):
     assert len(lines) == 1, err
     assert lines[0].startswith(expected) and lines[0].endswith("--help'"), lines[0]
     assert "Traceback" not in err and "usage:" not in err
+
+
+# -- one diverging experiment does not stop the others -------------------------------------------
+DIVERGES = ExperimentSpec(  # full-batch GD at lr 50: non-finite weights by the first evaluation
+    "tiny-diverges", "no_bias", "sgd", (Phase(20, 50.0),), d=6, n=24, width=32, batch_size=24,
+    test_size=50, eval_every=5,
+)  # fmt: skip
+
+
+@pytest.fixture
+def diverging_preset(monkeypatch):
+    import sharpgen.experiments._presets as presets
+
+    monkeypatch.setitem(presets.PRESETS, DIVERGES.name, DIVERGES)
+    return DIVERGES.name
+
+
+def test_one_diverged_experiment_is_reported_the_others_finish(tmp_path, capsys, diverging_preset):
+    out = tmp_path / "out"
+    names = [FAST, diverging_preset, "tiny-bias-sgd"]
+    args = ["reproduce", "--preset", *names, "--seeds", "2", "--out", str(out), "--no-progress"]
+    assert main([*args, "--jobs", "1"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0] == (
+        f"sharpgen reproduce: 1 of 3 experiments failed (diverged): {diverging_preset}; "
+        f"the others finished; see {out / 'report.md'}"
+    )
+    results = load_results(out / "results.json")
+    assert [r.spec.name for r in results] == names
+    failed = results[1]
+    assert failed.error is not None and "non-finite by epoch 5" in failed.error
+    assert failed.metrics == {} and failed.seeds == (0, 1)
+    for res in (results[0], results[2]):  # trained to the end
+        assert res.error is None and res.epochs[-1] == res.spec.epochs
+    report = (out / "report.md").read_text()
+    assert report in captured.out
+    assert "## Failed experiments" in report
+    assert f"- **FAILED** `{diverging_preset}` (seeds 0, 1): {failed.error}" in report
+    row = next(line for line in report.splitlines() if line.startswith(f"| {diverging_preset} "))
+    assert "**FAILED**" in row
+    assert "| 2-layer, no bias |" in report  # Table 1 from the runs that finished
+    assert (out / "table1.png").stat().st_size > 10_000
+
+
+def test_every_experiment_diverged(tmp_path, capsys, diverging_preset):
+    out = tmp_path / "out"
+    args = ["reproduce", "--preset", diverging_preset, "--out", str(out), "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of 1 experiments failed (diverged): tiny-diverges" in err[0]
+    assert load_results(out / "results.json")[0].error is not None
+    assert "**FAILED: 1 of 1 experiments**" in (out / "report.md").read_text()
+    assert not (out / "table1.png").exists()  # nothing to plot
+
+
+def test_keep_going_in_worker_processes_and_the_default_raises():
+    specs = [DIVERGES, *get_preset(FAST)]
+    with pytest.raises(FloatingPointError, match="tiny-diverges: parameters became non-finite"):
+        run_experiments(specs, [0], jobs=1, progress=False)
+    results = run_experiments(specs, [0], jobs=2, progress=False, keep_going=True)
+    assert [r.spec.name for r in results] == [DIVERGES.name, FAST]
+    assert "non-finite" in results[0].error and results[1].error is None
+    assert results[1].epochs[-1] == results[1].spec.epochs
+    again = RunResult.from_dict(json.loads(json.dumps(results[0].to_dict())))
+    assert again == results[0]  # the failure survives results.json
+    assert "error" not in results[1].to_dict()  # finished runs are written as before

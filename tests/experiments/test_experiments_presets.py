@@ -238,3 +238,11 @@ def test_sweep_plot_and_table1_ignore_each_other(tmp_path):
     path = plot_sweep(runs, tmp_path / "sweep.png")
     assert path is not None and path.stat().st_size > 5_000
     assert plot_sweep(runs[:0], tmp_path / "none.png") is None
+    # a sweep-only report has no (empty) Table 1; one Table-1 run brings it back
+    report = markdown_report(runs)
+    assert "## Table 1" not in report and "Table 1," not in report
+    assert "generalizes? |" not in report  # no Table 1 header row either
+    assert "## Sample-complexity sweep" in report and "| 8 | 0.625 |" in report
+    with_row = markdown_report([*runs, _result("no_bias", "sam1", [1.0, 1.0], [30, 31])])
+    assert "## Table 1" in with_row and "Table 1," in with_row
+    assert with_row.count("| 2-layer, no bias |") == 1
