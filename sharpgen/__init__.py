@@ -6,6 +6,7 @@ The public API is re-exported here, grouped by layer; the implementation lives i
 `sharpgen.data`, `sharpgen.theory` and `sharpgen.experiments`.
 """
 
+from sharpgen import _startup  # first: Ctrl-C in the command line while PyTorch imports
 from sharpgen._version import __version__
 from sharpgen.curvature import (
     GGNOperator,
@@ -127,6 +128,8 @@ from sharpgen.theory import (
     two_layer_interpolation_trace,
     zero_one_error,
 )
+
+_startup.end()  # the imports are done: Ctrl-C is a KeyboardInterrupt again
 
 __all__ = [
     "__version__",

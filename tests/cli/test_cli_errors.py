@@ -377,3 +377,97 @@ def test_keep_going_in_worker_processes_and_the_default_raises():
     again = RunResult.from_dict(json.loads(json.dumps(results[0].to_dict())))
     assert again == results[0]  # the failure survives results.json
     assert "error" not in results[1].to_dict()  # finished runs are written as before
+
+
+# -- Ctrl-C while PyTorch is still importing ---------------------------------------------------
+# A sitecustomize on PYTHONPATH holds the import of torch (first touched by `import sharpgen`)
+# in a sleep and says so in a file: the SIGINT then arrives mid-import, however loaded the
+# machine is.
+SLOW_TORCH = """
+import importlib.abc, os, pathlib, sys, time
+
+class _SlowTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            pathlib.Path(os.environ["SLOW_TORCH_MARK"]).write_text("importing torch")
+            time.sleep(120)
+        return None
+
+sys.meta_path.insert(0, _SlowTorch())
+"""
+# what pip writes as the `sharpgen` console script (project.scripts: sharpgen.cli:main)
+CONSOLE_SCRIPT = """import sys
+from sharpgen.cli import main
+if __name__ == "__main__":
+    sys.argv[0] = sys.argv[0].removesuffix(".exe")
+    sys.exit(main())
+"""
+
+
+def _interrupt_while_importing(tmp_path, argv):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_TORCH)
+    mark = tmp_path / "mark"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]),
+        "SLOW_TORCH_MARK": str(mark),
+    }
+    env.pop("RANK", None)
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(argv, stdout=pipe, stderr=pipe, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mark.exists(), proc.communicate(timeout=10)
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("entry", ["python -m sharpgen", "console script"])
+def test_ctrl_c_while_torch_imports_is_one_line_and_status_130(tmp_path, entry):
+    if entry == "console script":
+        script = tmp_path / "bin" / "sharpgen"
+        script.parent.mkdir()
+        script.write_text(CONSOLE_SCRIPT)
+        argv = [sys.executable, str(script)]
+    else:
+        argv = [sys.executable, "-m", "sharpgen"]
+    code, out, err = _interrupt_while_importing(tmp_path, [*argv, "reproduce", "--list"])
+    assert code == 130, err
+    assert err == "sharpgen: interrupted while starting (importing PyTorch); nothing was written\n"
+    assert out == ""
+
+
+def test_ctrl_c_while_a_library_user_imports_sharpgen_is_still_keyboard_interrupt(tmp_path):
+    argv = [sys.executable, "-c", "import sharpgen"]
+    code, _, err = _interrupt_while_importing(tmp_path, argv)
+    assert code != 130 and err.rstrip().endswith("KeyboardInterrupt"), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "orig", "cli"),
+    [
+        (["/usr/local/bin/sharpgen", "reproduce"], ["python", "/usr/local/bin/sharpgen"], True),
+        (["C:\\env\\Scripts\\sharpgen.exe"], [], True),
+        (["-m", "reproduce"], ["python", "-m", "sharpgen", "reproduce"], True),
+        (["-m"], ["python", "-u", "-W", "ignore", "-X", "dev", "-m", "sharpgen"], True),
+        (["-m"], ["python", "-msharpgen"], True),
+        (["-m"], ["python", "-m", "sharpgen.cli"], False),
+        (["-m"], ["python", "-m", "pytest", "-m", "sharpgen"], False),
+        (["-c"], ["python", "-c", "import sharpgen", "-m", "sharpgen"], False),
+        (["train.py"], ["python", "train.py", "-m", "sharpgen"], False),
+        (["/home/me/sharpgen_runs.py"], ["python", "/home/me/sharpgen_runs.py"], False),
+    ],
+)
+def test_started_as_cli(argv, orig, cli):
+    from sharpgen._startup import started_as_cli
+
+    assert started_as_cli(argv, orig) is cli
