@@ -10,7 +10,9 @@ directions as a dict name -> ``(k, *shape)``):
     (reverse-over-reverse; exact because the Hessian is symmetric). ``mode="fwd"``: the jvp
     of ``torch.func.grad`` (forward-over-reverse).
   - ``backend="autograd"``: double backward; the gradient graph
-    (``create_graph=True``) is built once per batch and each column is one more backward.
+    (``create_graph=True``) is built once per batch and each column is one more backward,
+    or a chunk of columns one batched backward (``is_grads_batched``) where a probe of the
+    objective found that faster (`sharpgen.curvature._columns`).
 
 * `ggn_kernel` -- $J_b^\top H_{\ell,b} J_b\, V$, the generalized Gauss-Newton product, with
   $J_b = \partial f_b / \partial \theta$ and $H_{\ell,b} = \nabla^2_f \ell(f_b, y_b)$.
@@ -23,7 +25,7 @@ A kernel is called as ``kernel(objective, others, p, inputs, targets, backend=..
 keep=...)`` and returns ``apply(V)``; whatever ``apply`` closes over (a gradient graph, a
 ``vjp``) is reused for every column and every later call, which is how the graph cache of
 `sharpgen.curvature._products` keeps a graph (``keep=True``). ``apply`` returns a dict of
-``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column dicts (column loops).
+``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column dicts (double backward).
 Batches are combined, weighted and reduced by `sharpgen.curvature._products`; which backend
 and mode run is decided in `sharpgen.curvature._backend`.
 
@@ -39,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
+
+from sharpgen.curvature._columns import Column, ColumnPlan, column_plan, take_columns
 
 if TYPE_CHECKING:
     from sharpgen.curvature._objective import ModelObjective
@@ -146,15 +150,17 @@ def _live(grads: tuple[Tensor | None, ...]) -> list[tuple[int, Tensor]]:
     return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
 
-def _column_loop(
+def _by_columns(
+    plan: ColumnPlan,
     p: dict[str, Tensor],
     live: list[tuple[int, Tensor]],
-    column: Callable[[list[Tensor], bool], tuple[Tensor, ...]],
+    column: Column,
+    keep: bool,
 ) -> BatchProduct:
-    """``apply(V)`` by double backward: ``column(v, last)`` for each of the ``k`` columns.
+    """``apply(V)`` by double backward: the ``k`` columns by loop or batched, by ``plan``.
 
-    ``v`` holds the column's entries for the parameters with a live gradient (in the
-    order of ``live``); without any, the product is zero.
+    ``column`` takes the entries of the parameters with a live gradient (in the order of
+    ``live``); without any, the product is zero. See `sharpgen.curvature._columns`.
     """
     names = list(p)
 
@@ -162,14 +168,29 @@ def _column_loop(
         k = next(iter(V.values())).shape[0]
         if not live:
             return zeros_block(p, k)
-        columns = []
         with torch.enable_grad():
-            for j in range(k):
-                v = [V[names[i]][j].contiguous() for i, _ in live]
-                columns.append(dict(zip(names, column(v, j == k - 1), strict=True)))
-        return columns
+            cols = take_columns(plan, [V[names[i]] for i, _ in live], column, keep)
+        return [dict(zip(names, c, strict=True)) for c in cols]
 
     return apply
+
+
+def _grads(
+    outputs: list[Tensor] | Tensor,
+    inputs: list[Tensor],
+    v: list[Tensor] | Tensor,
+    batched: bool,
+    *,
+    retain: bool = True,
+) -> list[Tensor]:
+    """``torch.autograd.grad`` with zeros for unused inputs, per column or batched."""
+    grads = torch.autograd.grad(outputs, inputs, v, retain_graph=retain, allow_unused=True,
+                                is_grads_batched=batched)  # fmt: skip
+    lead = (next(iter(v)) if isinstance(v, list) else v).shape[:1] if batched else ()
+    return [
+        g if g is not None else x.new_zeros((*lead, *x.shape))
+        for g, x in zip(grads, inputs, strict=True)
+    ]
 
 
 # -- the Hessian -----------------------------------------------------------------------------
@@ -200,12 +221,10 @@ def hessian_kernel(
     params = list(preq.values())
     live_grads = [g for _, g in live]
 
-    def column(v: list[Tensor], last: bool) -> tuple[Tensor, ...]:
-        return torch.autograd.grad(
-            live_grads, params, v, retain_graph=keep or not last, materialize_grads=True
-        )
+    def column(v: list[Tensor], retain: bool, batched: bool) -> list[Tensor]:
+        return _grads(live_grads, params, v, batched, retain=retain)
 
-    return _column_loop(p, live, column)
+    return _by_columns(column_plan(obj, "hvp"), p, live, column, keep)
 
 
 # -- the generalized Gauss-Newton matrix -------------------------------------------------------
@@ -276,12 +295,12 @@ def _ggn_autograd(
     params = list(preq.values())
     live_grads = [g for _, g in live]
 
-    def column(v: list[Tensor], last: bool) -> tuple[Tensor, ...]:
-        (jv,) = torch.autograd.grad(live_grads, u, v, retain_graph=True)
-        (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
-        return torch.autograd.grad(outputs, params, hjv, retain_graph=True, materialize_grads=True)
+    def column(v: list[Tensor], retain: bool, batched: bool) -> list[Tensor]:
+        (jv,) = _grads(live_grads, [u], v, batched)
+        (hjv,) = _grads(gl, [o], jv, batched)
+        return _grads(outputs, params, hjv, batched)
 
-    return _column_loop(p, live, column)
+    return _by_columns(column_plan(obj, "ggn"), p, live, column, True)
 
 
 HESSIAN = Kernel("hvp", "Hessian-vector product", hessian_kernel)

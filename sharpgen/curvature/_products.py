@@ -11,13 +11,16 @@ reducing it at the objective's one reduction point. The graph cache keeps every 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import saved_tensors_hooks
 
 from sharpgen._distributed import check_ranks_agree
 from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
+from sharpgen.curvature._columns import SavedBytes, column_plan, probes
 from sharpgen.curvature._data import num_samples
 from sharpgen.curvature._kernels import BatchProduct, Kernel, accumulate
 
@@ -101,7 +104,7 @@ def block_product(
         what = {"the first block of vectors (same probes/seed?)": block}
         check_ranks_agree(obj.process_group, what, where=f"ModelObjective.{kernel.name}")
         obj._tangents_checked = True
-    W = {n: V[n] for n in p}
+    W = {n: V[n].contiguous() for n in p}  # one copy, not one per column
     buf = torch.empty((obj.numel, k), dtype=obj.dtype, device=obj.device)
     acc = block_views(buf, p)
     count = 0
@@ -156,19 +159,8 @@ def _kept(obj: ModelObjective, key: tuple[Any, ...] | None) -> Any:
     return cached[1]
 
 
-class _SavedBytes:
-    """Counts the bytes of the distinct storages autograd saves while a graph is built."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: set[int] = set()
-
-    def pack(self, t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.bytes += storage.nbytes()
-        return t
+def _unpack(t: Tensor) -> Tensor:
+    return t
 
 
 def _build(
@@ -185,28 +177,30 @@ def _build(
     A kept graph is built reverse-over-reverse (for ``backend="func"`` its ``vjp`` closure
     holds the graph; one batch only). For several batches the bytes autograd saves are
     counted while the graphs are built; above `GRAPH_CACHE_BYTES` they are dropped and the
-    objective remembers not to keep them for this ``key``.
+    objective remembers not to keep them for this ``key``. While the objective's
+    `~sharpgen.curvature._columns.ColumnPlan` is undecided, the first batch's saved bytes
+    size its batched backward (double backward only: ``torch.func`` refuses the hooks).
     """
     if key is not None:
         obj._graph_cache = None  # free old graphs before building new ones
     store: list[tuple[BatchProduct, int]] | None = [] if key is not None else None
-    counter = _SavedBytes()
+    counter = SavedBytes()
+    plan = column_plan(obj, kernel.name)
+    # the saved bytes size the batched backward of an undecided plan (first batch only)
+    measure = backend == "autograd" and probes(plan, obj.device)
     for inputs, targets in obj.batches():
         n = num_samples(inputs)
-        if store is None:
-            yield kernel.build(obj, others, p, inputs, targets, backend=backend, mode=mode,
-                               keep=False), n  # fmt: skip
-            continue
-        if obj.single_batch:
-            apply = kernel.build(obj, others, p, inputs, targets, backend=backend, mode="rev",
-                                 keep=True)  # fmt: skip
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-                apply = kernel.build(obj, others, p, inputs, targets, backend=backend,
-                                     mode="rev", keep=True)  # fmt: skip
-        store.append((apply, n))
-        if counter.bytes > GRAPH_CACHE_BYTES:
-            store = None
+        keep = store is not None
+        count = measure or (keep and not obj.single_batch)
+        with saved_tensors_hooks(counter.pack, _unpack) if count else nullcontext():
+            apply = kernel.build(obj, others, p, inputs, targets, backend=backend,
+                                 mode="rev" if keep else mode, keep=keep)  # fmt: skip
+        if measure:
+            plan.column_bytes, measure = max(2 * counter.bytes, 1), False
+        if store is not None:
+            store.append((apply, n))
+            if counter.bytes > GRAPH_CACHE_BYTES:
+                store = None
         yield apply, n
     if key is not None:
         obj._graph_cache = (key, store if store is not None else ())
