@@ -14,9 +14,10 @@ from sharpgen.curvature._backend import check_backend
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
 from sharpgen.curvature._kernels import Kernel
 from sharpgen.curvature._params import ParamSelection
-from sharpgen.curvature._products import product
+from sharpgen.curvature._products import kept_matvec, product
 from sharpgen.curvature._resolve import ready_objective, resolve_objective
 from sharpgen.linalg import LinearOperator
+from sharpgen.linalg._operator import check_product
 
 __all__ = ["CurvatureOperator"]
 
@@ -113,6 +114,22 @@ class CurvatureOperator(LinearOperator):
         return self.flatten(self.objective.gradient())
 
     # -- products ----------------------------------------------------------------------
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return ``A @ v`` for a vector ``v`` of shape ``(n,)``; counts one product.
+
+        With ``cache_graph=True`` and the graphs kept, the product is one backward pass
+        per batch through them and one concatenation (no block buffers), with the same
+        checks: input, a still valid cache, finiteness.
+        """
+        if self.cache_graph and isinstance(v, Tensor) and v.ndim == 1:
+            self._check_input(v, "v")
+            out = kept_matvec(self.objective, self.kernel, v.contiguous(), self._backend)
+            if out is not None:
+                self.num_matvecs += 1
+                check_product(out)
+                return out
+        return super().matvec(v)
+
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
         step = k if self.max_block is None else self.max_block

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from sharpgen.curvature._base import CurvatureOperator
 from sharpgen.curvature._kernels import HESSIAN
+from sharpgen.curvature._products import kept_gradient
 
 __all__ = ["HessianOperator"]
 
@@ -95,3 +98,16 @@ class HessianOperator(CurvatureOperator):
     """
 
     kernel = HESSIAN
+
+    def gradient(self) -> Tensor:
+        """Flat gradient of the dataset loss at the base point.
+
+        With ``cache_graph=True`` and double backward it is read off the kept gradient
+        graphs (built now if they are not yet): free when products follow. Otherwise one
+        pass over the data.
+        """
+        if self.cache_graph:
+            g = kept_gradient(self.objective, self.kernel, self._backend)
+            if g is not None:
+                return g
+        return super().gradient()

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GGN",
     "HESSIAN",
+    "ColumnProduct",
     "Kernel",
     "accumulate",
     "apply_block",
@@ -150,29 +151,50 @@ def _live(grads: tuple[Tensor | None, ...]) -> list[tuple[int, Tensor]]:
     return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
 
-def _by_columns(
-    plan: ColumnPlan,
-    p: dict[str, Tensor],
-    live: list[tuple[int, Tensor]],
-    column: Column,
-    keep: bool,
-) -> BatchProduct:
+class ColumnProduct:
     """``apply(V)`` by double backward: the ``k`` columns by loop or batched, by ``plan``.
 
     ``column`` takes the entries of the parameters with a live gradient (in the order of
     ``live``); without any, the product is zero. See `sharpgen.curvature._columns`.
+    `single` is the product with one vector given as one tensor per parameter (the lean
+    path of `sharpgen.curvature._products.kept_matvec`); ``gradient`` is the batch
+    gradient the graph was built from (detached, zeros for unused parameters), or None.
     """
-    names = list(p)
 
-    def apply(V: dict[str, Tensor]) -> Any:
+    def __init__(
+        self,
+        plan: ColumnPlan,
+        p: dict[str, Tensor],
+        live: list[tuple[int, Tensor]],
+        column: Column,
+        keep: bool,
+        gradient: list[Tensor] | None = None,
+    ) -> None:
+        self.plan, self.p, self.column, self.keep = plan, p, column, keep
+        self.names = list(p)
+        self.live = [i for i, _ in live]
+        self.gradient = gradient
+
+    def __call__(self, V: dict[str, Tensor]) -> Any:
         k = next(iter(V.values())).shape[0]
-        if not live:
-            return zeros_block(p, k)
+        if not self.live:
+            return zeros_block(self.p, k)
+        names = self.names
         with torch.enable_grad():
-            cols = take_columns(plan, [V[names[i]] for i, _ in live], column, keep)
+            cols = take_columns(self.plan, [V[names[i]] for i in self.live], self.column,
+                                self.keep)  # fmt: skip
         return [dict(zip(names, c, strict=True)) for c in cols]
 
-    return apply
+    def single(self, v: list[Tensor]) -> list[Tensor] | None:
+        """The product with one vector (``v``: one contiguous tensor per parameter, in order).
+
+        Returns one tensor per parameter, or None for a zero product (no live gradient).
+        The graph is kept (``retain_graph``), as for a kept ``apply``.
+        """
+        if not self.live:
+            return None
+        with torch.enable_grad():
+            return self.column([v[i] for i in self.live], True, False)
 
 
 def _grads(
@@ -224,7 +246,11 @@ def hessian_kernel(
     def column(v: list[Tensor], retain: bool, batched: bool) -> list[Tensor]:
         return _grads(live_grads, params, v, batched, retain=retain)
 
-    return _by_columns(column_plan(obj, "hvp"), p, live, column, keep)
+    # the gradient is a by-product of the graph (a detached view, no copy)
+    gradient = [
+        torch.zeros_like(t) if g is None else g.detach() for t, g in zip(params, grads, strict=True)
+    ]
+    return ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient)
 
 
 # -- the generalized Gauss-Newton matrix -------------------------------------------------------
@@ -300,7 +326,7 @@ def _ggn_autograd(
         (hjv,) = _grads(gl, [o], jv, batched)
         return _grads(outputs, params, hjv, batched)
 
-    return _by_columns(column_plan(obj, "ggn"), p, live, column, True)
+    return ColumnProduct(column_plan(obj, "ggn"), p, live, column, True)
 
 
 HESSIAN = Kernel("hvp", "Hessian-vector product", hessian_kernel)

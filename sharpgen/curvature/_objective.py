@@ -172,7 +172,8 @@ class ModelObjective:
         first = next(iter(self.params.values()))
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
-        self.numel: int = sum(t.numel() for t in self.params.values())
+        self.sizes: list[int] = [t.numel() for t in self.params.values()]
+        self.numel: int = sum(self.sizes)
         self._batches = as_batches(without_sampler_padding(data))
         self._num_samples: int | None = None
         self._func_mode = "rev" if func_mode == "reverse" else "fwd"

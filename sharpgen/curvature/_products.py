@@ -22,12 +22,12 @@ from sharpgen._distributed import check_ranks_agree
 from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
 from sharpgen.curvature._columns import SavedBytes, column_plan, probes
 from sharpgen.curvature._data import num_samples
-from sharpgen.curvature._kernels import BatchProduct, Kernel, accumulate
+from sharpgen.curvature._kernels import BatchProduct, ColumnProduct, Kernel, accumulate
 
 if TYPE_CHECKING:
     from sharpgen.curvature._objective import ModelObjective
 
-__all__ = ["block_product", "block_views", "product"]
+__all__ = ["block_product", "block_views", "kept_gradient", "kept_matvec", "product"]
 
 
 def block_views(buf: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -126,6 +126,73 @@ def block_product(
                 count += n
     (buf,) = obj._finish([buf], count, kernel.what, check=check_finite)
     return buf
+
+
+def kept_matvec(obj: ModelObjective, kernel: Kernel, v: Tensor, backend: str) -> Tensor | None:
+    """One flat vector through the kept double-backward graphs, or None where there are none.
+
+    The lean single-vector path of a kept graph: per batch one ``torch.autograd.grad``
+    through the kept graph and one ``torch.cat``, without the block machinery of
+    `block_product` (views of ``(n, k)`` buffers, per-column dicts). It applies only where
+    `block_product` would use the same kept graphs (same cache key, so a changed buffer or
+    non-selected parameter is noticed; no process group) and gives the same product; the
+    caller checks finiteness. None: take `product`.
+    """
+    cached = obj._graph_cache
+    if cached is None or obj.process_group is not None or not cached[1]:
+        return None
+    store = cached[1]
+    if not isinstance(store[0][0], ColumnProduct):
+        return None
+    backend = prefer_double_backward(backend, kernel.name, obj.device)
+    if cached[0] != _cache_key(obj, kernel, backend):
+        return None
+    views = [piece.view(t.shape) for piece, t in zip(v.split(obj.sizes), obj.params.values(),
+                                                           strict=True)]  # fmt: skip
+    out: Tensor | None = None
+    count = 0
+    for apply, n in store:
+        grads = apply.single(views)
+        if grads is not None:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            w = obj._weight(n)
+            if out is None:
+                out = flat if w == 1.0 else flat.mul_(w)
+            else:
+                out.add_(flat, alpha=w)
+        count += n
+    if out is None:
+        out = torch.zeros_like(v)
+    return obj._finish([out], count, kernel.what, check=False)[0]
+
+
+def kept_gradient(obj: ModelObjective, kernel: Kernel, backend: str) -> Tensor | None:
+    """The flat dataset gradient read off the kept double-backward graphs, built if needed.
+
+    The ``create_graph`` backward that builds a kept graph computes the batch gradient on
+    the way, so with the graphs kept (or about to be) the gradient costs nothing extra.
+    None where no graph would be kept for ``backend`` (then a gradient is a pass of its own).
+    """
+    backend = prefer_double_backward(backend, kernel.name, obj.device)
+    if backend != "autograd" or not _may_keep(obj, True, None, backend):
+        return None
+    obj.check_second_order("HessianOperator")
+    key = _cache_key(obj, kernel, backend)
+    kept = _kept(obj, key)
+    out = torch.zeros(obj.numel, dtype=obj.dtype, device=obj.device)
+    count = 0
+    with nullcontext() if kept else obj.state():
+        # () marks graphs too large to keep: build them one by one for their gradients
+        batches = kept or _build(obj, kernel, None if kept == () else key, obj._others(),
+                                 obj.params, backend, "rev")  # fmt: skip
+        for apply, n in batches:
+            gradient = apply.gradient if isinstance(apply, ColumnProduct) else None
+            if gradient is None:
+                return None
+            out.add_(torch.cat([g.reshape(-1) for g in gradient]), alpha=obj._weight(n))
+            count += n
+            del apply
+    return obj._finish([out], count, "gradient")[0]
 
 
 #: Most bytes the kept gradient graphs of all batches may hold (tensors saved for the

@@ -26,6 +26,19 @@ from sharpgen._validation import is_int
 __all__ = ["LinearOperator", "as_linear_operator"]
 
 
+def check_product(out: Tensor) -> None:
+    """Raise `FloatingPointError` if a product holds NaN or Inf.
+
+    One reduction is much cheaper than an elementwise check; a non-finite sum is confirmed
+    elementwise (a finite product can overflow its sum).
+    """
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        raise FloatingPointError(
+            "the operator product contains NaN or Inf; check the model, the loss and "
+            "the data for non-finite values (or use float64)."
+        )
+
+
 class LinearOperator:
     r"""A square linear operator $A \in \mathbb{R}^{n \times n}$ acting on torch tensors.
 
@@ -102,13 +115,7 @@ class LinearOperator:
             raise ValueError(f"V must be 2-D of shape (n, k), got shape {tuple(V.shape)}.")
         out = self._matmat(V)
         self.num_matvecs += V.shape[1]
-        # One reduction is much cheaper than an elementwise check; a non-finite sum is
-        # confirmed elementwise (a finite product can overflow its sum).
-        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-            raise FloatingPointError(
-                "the operator product contains NaN or Inf; check the model, the loss and "
-                "the data for non-finite values (or use float64)."
-            )
+        check_product(out)
         return out
 
     def matvec(self, v: Tensor) -> Tensor:
