@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sharpgen.cli import main
@@ -57,3 +58,29 @@ def test_torchrun_two_processes_equals_one_process_bitwise(tmp_path, capsys):
     for x, y in zip(b, resumed, strict=True):
         assert json.dumps(x["metrics"]) == json.dumps(y.metrics)
         assert y.wall_time_s == x["wall_time_s"]
+
+
+def test_spread_keeps_going_past_a_diverged_experiment(tmp_path):
+    """The gather of a failed result (one-process gloo group); without keep_going it raises."""
+    import torch.distributed as dist
+
+    from sharpgen.experiments import ExperimentSpec, Phase
+    from sharpgen.experiments._spread import run_spread
+
+    diverges = ExperimentSpec(  # full-batch GD at lr 50: non-finite by the first evaluation
+        "tiny-diverges", "no_bias", "sgd", (Phase(10, 50.0),), d=6, n=24, width=32,
+        batch_size=24, test_size=50, eval_every=5,
+    )  # fmt: skip
+    specs = [*get_preset("tiny-bias-sgd"), diverges]
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        results = run_spread(specs, [0, 1], progress=False, keep_going=True)
+        assert results is not None and [r.spec.name for r in results] == [s.name for s in specs]
+        assert results[0].error is None and results[0].epochs[-1] == specs[0].epochs
+        assert "tiny-diverges: parameters became non-finite" in results[1].error
+        with pytest.raises(FloatingPointError, match="tiny-diverges: parameters became"):
+            run_spread(specs, [0, 1], progress=False)
+    finally:
+        dist.destroy_process_group()
