@@ -41,7 +41,7 @@ class CurvatureOperator(LinearOperator):
         *,
         backend: str | None = None,
         check_deterministic: bool = False,
-        cache_graph: bool = False,
+        cache_graph: bool | str = "auto",
         max_block: int | None = 16,
         **objective_options: Any,
     ) -> None:
@@ -52,7 +52,8 @@ class CurvatureOperator(LinearOperator):
             raise ValueError(
                 f"max_block must be a positive int or None (no limit), got {max_block!r}."
             )
-        check_bool("cache_graph", cache_graph)
+        if cache_graph != "auto" and not isinstance(cache_graph, bool):
+            raise TypeError(f"cache_graph must be True, False or 'auto', got {cache_graph!r}.")
         if params is not None:
             objective_options["params"] = params
         if backend is not None and ready_objective(model) is None:
@@ -64,7 +65,7 @@ class CurvatureOperator(LinearOperator):
         self._backend = backend if backend is not None else self.objective.backend
         obj = self.objective
         several = obj.bn == "eval" and not obj.dropout and self._backend != "func"
-        if cache_graph and not obj.single_batch and not several:
+        if cache_graph is True and not obj.single_batch and not several:
             warnings.warn(
                 "cache_graph=True keeps the gradient graphs of several batches only with "
                 "bn='eval', dropout=False and double backward (backend 'autograd', or 'auto' "
@@ -147,5 +148,5 @@ class CurvatureOperator(LinearOperator):
         return out
 
     def clear_cache(self) -> None:
-        """Drop the gradient graph kept by ``cache_graph=True``."""
+        """Drop the gradient graphs kept between products (``cache_graph``)."""
         self.objective.clear_cache()

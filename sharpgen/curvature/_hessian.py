@@ -36,14 +36,18 @@ class HessianOperator(CurvatureOperator):
       ``benchmarks/bench_kernels.py``); elsewhere ``"func"``, falling back to
       ``"autograd"`` with a ``RuntimeWarning`` on the first product if ``torch.func`` fails.
 
-    With ``cache_graph=True`` the gradient graph is kept between calls (as PyHessian does
-    for one batch) and each product is one more backward pass (reverse-over-reverse; for
-    ``"func"`` through ``torch.func.vjp`` of ``torch.func.grad``, one batch only). With
-    ``"autograd"`` on several batches (BatchNorm on running statistics, no dropout) every
-    batch's graph is kept while their saved tensors total at most 1 GiB; products through
-    kept graphs neither touch the model nor iterate the data. The graphs are rebuilt when
-    the model's non-selected parameters or buffers change in place, and hold the
-    activations' memory until `clear_cache`.
+    By default (``cache_graph="auto"``) the gradient graph is kept between calls (as
+    PyHessian does for one batch) and each product is one more backward pass
+    (reverse-over-reverse; for ``"func"`` through ``torch.func.vjp`` of
+    ``torch.func.grad``, one batch only). With ``"autograd"`` on several batches
+    (BatchNorm on running statistics, no dropout) every batch's graph is kept while their
+    saved tensors total at most 1 GiB; products through kept graphs neither touch the model
+    nor iterate the data. The graphs are rebuilt when the model's non-selected parameters
+    or buffers, or the tensors of a single batch, are written in place; they hold the
+    activations' memory (about what one product needs) until `clear_cache` or until the
+    operator is dropped. ``"auto"`` keeps nothing with ``dropout=True`` (every product
+    draws new masks), ``True`` keeps even then (one mask for all products), ``False``
+    builds the graph on every product.
 
     The vectors are flat: entry order is the order of `params` (see `flatten_params`);
     use `flatten` / `unflatten` to convert.
@@ -60,8 +64,8 @@ class HessianOperator(CurvatureOperator):
             ``"auto"`` unless it was built with another).
         check_deterministic: Evaluate the loss in two passes at construction and raise if
             they differ (augmentation, dropout, shuffling).
-        cache_graph: Keep the gradient graphs between products (see above; memory stays
-            allocated until `clear_cache`).
+        cache_graph: ``"auto"`` (default), ``True`` or ``False``: keep the gradient graphs
+            between products (see above; memory stays allocated until `clear_cache`).
         max_block: At most this many columns of a block go through ``vmap`` in one pass
             over the data (memory grows with it); wider blocks are split. ``None``: no
             limit.

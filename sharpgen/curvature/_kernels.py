@@ -82,11 +82,16 @@ class KernelFn(Protocol):
 
 @dataclass(frozen=True)
 class Kernel:
-    """A named per-batch product: ``build`` is the kernel, ``what`` names it in errors."""
+    """A named per-batch product: ``build`` is the kernel, ``what`` names it in errors.
+
+    ``func_keeps``: whether the ``backend="func"`` ``apply`` may be kept between products
+    (it must not call the model: a kept ``apply`` runs outside the objective's state).
+    """
 
     name: str
     what: str
     build: KernelFn
+    func_keeps: bool = True
 
 
 # -- building blocks -----------------------------------------------------------------------
@@ -330,4 +335,5 @@ def _ggn_autograd(
 
 
 HESSIAN = Kernel("hvp", "Hessian-vector product", hessian_kernel)
-GGN = Kernel("ggn", "GGN-vector product", ggn_kernel)
+# the func GGN's apply runs the model's forward (torch.func.jvp) at every product
+GGN = Kernel("ggn", "GGN-vector product", ggn_kernel, func_keeps=False)

@@ -62,7 +62,7 @@ def product(
     params: Mapping[str, Tensor] | None,
     *,
     backend: str,
-    cache: bool,
+    cache: bool | str,
     owner: str,
     check_finite: bool = True,
 ) -> tuple[Tensor, str]:
@@ -93,7 +93,7 @@ def block_product(
     *,
     backend: str,
     mode: str,
-    cache: bool,
+    cache: bool | str,
     check_finite: bool = True,
 ) -> Tensor:
     r"""One pass over the data: $\sum_b w_b\, K_b V$ reduced like the loss, as ``(n, k)``."""
@@ -108,7 +108,10 @@ def block_product(
     buf = torch.empty((obj.numel, k), dtype=obj.dtype, device=obj.device)
     acc = block_views(buf, p)
     count = 0
-    key = _cache_key(obj, kernel, backend) if _may_keep(obj, cache, params, backend) else None
+    # a kept func graph is reverse-over-reverse: "auto" leaves func_mode="forward" as asked
+    func_ok = kernel.func_keeps and (cache is True or mode == "rev")
+    keep = _may_keep(obj, cache, params, backend) and (backend != "func" or func_ok)
+    key = _cache_key(obj, kernel, backend) if keep else None
     kept = _kept(obj, key)
     if kept:  # backward passes through kept graphs only: the model is not touched
         for apply, n in kept:
@@ -201,14 +204,15 @@ GRAPH_CACHE_BYTES = 1 << 30
 
 
 def _may_keep(
-    obj: ModelObjective, cache: bool, params: Mapping[str, Tensor] | None, backend: str
+    obj: ModelObjective, cache: bool | str, params: Mapping[str, Tensor] | None, backend: str
 ) -> bool:
     """Whether graphs may be kept (at the base point; see `_build`).
 
     For several batches only when every pass sees the same function (BatchNorm on running
-    statistics, no dropout).
+    statistics, no dropout). ``cache="auto"`` (the operators' default) keeps them where
+    ``True`` would, except with dropout (whose every product draws new masks).
     """
-    if not cache or params is not None:
+    if not cache or params is not None or (cache == "auto" and obj.dropout):
         return False
     # torch.func refuses the hooks that measure a graph's memory: one batch only
     several = backend == "autograd" and obj.bn == "eval" and not obj.dropout
@@ -276,9 +280,24 @@ def _build(
 def _cache_key(obj: ModelObjective, kernel: Kernel, backend: str) -> tuple[Any, ...]:
     """What a kept graph depends on: the kernel, the backend and the model's other tensors.
 
-    The other tensors are the non-selected parameters and the buffers, by identity and
-    version counter.
+    The other tensors are the non-selected parameters, the buffers and, for one batch, the
+    tensors of the batch, by identity and version counter (a batch written in place, or a
+    training step on a non-selected parameter, rebuilds the graph). The selected
+    parameters are the objective's own copies: a step on the model does not move them.
     """
     tensors: list[Tensor] = [t for n, t in obj.model.named_parameters() if n not in obj.params]
     tensors += list(obj.model.buffers())
+    if obj.single_batch:
+        tensors += _tensors(obj.data)
     return (kernel.name, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
+
+
+def _tensors(data: Any) -> list[Tensor]:
+    """The tensors of a batch (nested tuples, lists and dicts)."""
+    if isinstance(data, Tensor):
+        return [data]
+    if isinstance(data, Mapping):
+        data = list(data.values())
+    if isinstance(data, (tuple, list)):
+        return [t for item in data for t in _tensors(item)]
+    return []
