@@ -15,13 +15,17 @@ the ~1M-parameter models of ``bench_curvature.py``, float32, 1 thread, the time 
   over a ``vjp`` with the forward shared, ``vmap`` over ``jvp`` (curvlinops' way), ``vmap``
   over a linearized gradient, and curvlinops itself;
 * the same products through sharpgen's public operator, ``HessianOperator(...).matmat``
-  with the measures' settings (``backend="autograd", cache_graph=True``: every batch's
-  graph kept) and with the operator's defaults (graph built per call);
+  with the operator's defaults (``cache_graph="auto"``: the graph kept, double backward on
+  a CPU, the columns of a block looped) and with ``cache_graph=False`` (graph built per
+  call), and the ratios of the targets (block per column against curvlinops, one product
+  against PyHessian's kept graph);
 * with ``--memory``: the peak memory of each block product, as the growth of the peak
   resident set size (``VmHWM``, reset after the set-up) of a fresh subprocess over its
   resident set after the set-up (model, data and operators built first; the raw "kept"
   kernels' graph is built in the set-up, so it is not counted, while the sharpgen
   operator's kept graph is built by its first call and is counted);
+* with ``--probe-cpu``: the operators probe loop against batched backward on the CPU too
+  (``PROBE_ON_CPU``), and the choice each made is printed;
 
 relative to one gradient, medians of interleaved rounds. The machine is shared and loaded:
 read the ratios.
@@ -91,18 +95,22 @@ def kernels(model, X, y, k):
     from sharpgen.curvature import HessianOperator
 
     data = (X, y)
-    H_kept = HessianOperator(model, F.cross_entropy, data, backend="autograd", cache_graph=True,
-                             max_block=None)  # fmt: skip
+    # the defaults keep the graph (cache_graph="auto"); "per call" builds it every product
     H_default = HessianOperator(model, F.cross_entropy, data, max_block=None)
+    H_call = HessianOperator(model, F.cross_entropy, data, cache_graph=False, max_block=None)
+    DEFAULT_OPERATOR[:] = [H_default]
     flat_v = torch.cat([t.reshape(-1) for t in v])
     flat_V = torch.cat([t.reshape(k, -1) for t in V], 1).T.contiguous()
-    out["hvp sharpgen operator kept graph"] = lambda: H_kept.matvec(flat_v)
     out["hvp sharpgen operator default"] = lambda: H_default.matvec(flat_v)
-    out[f"block{k} sharpgen operator kept graph"] = lambda: H_kept.matmat(flat_V)
+    out["hvp sharpgen operator per call"] = lambda: H_call.matvec(flat_v)
     out[f"block{k} sharpgen operator default"] = lambda: H_default.matmat(flat_V)
-    out["hvp func rev (vjp)"] = lambda: vjp(gf, *params)[1](v)
-    out["hvp func fwd (jvp)"] = lambda: jvp(gf, params, v)[1]
-    _, lin = linearize(lambda *ps: gf(*ps), *params)
+    out[f"block{k} sharpgen operator per call"] = lambda: H_call.matmat(flat_V)
+    # torch.func on detached parameters (as sharpgen's func backend and curvlinops, under
+    # no_grad): no outer autograd graph is recorded
+    fp = tuple(p.detach() for p in params)
+    out["hvp func rev (vjp)"] = lambda: vjp(gf, *fp)[1](v)
+    out["hvp func fwd (jvp)"] = lambda: jvp(gf, fp, v)[1]
+    _, lin = linearize(lambda *ps: gf(*ps), *fp)
     out["hvp linearized jvp"] = lambda: lin(*v)
 
     # blocks
@@ -124,13 +132,11 @@ def kernels(model, X, y, k):
     out[f"block{k} dbl is_grads_batched"] = dbl_batched
 
     def vmap_vjp():
-        _, fn = vjp(gf, *params)
+        _, fn = vjp(gf, *fp)
         return vmap(fn)(V)
 
     out[f"block{k} vmap(vjp) shared fwd"] = vmap_vjp
-    out[f"block{k} vmap(jvp) curvlinops-style"] = lambda: vmap(lambda *vs: jvp(gf, params, vs)[1])(
-        *V
-    )
+    out[f"block{k} vmap(jvp) curvlinops-style"] = lambda: vmap(lambda *vs: jvp(gf, fp, vs)[1])(*V)
     out[f"block{k} vmap(linearized jvp)"] = lambda: vmap(lin)(*V)
     try:
         from curvlinops import HessianLinearOperator
@@ -150,8 +156,8 @@ def kernels(model, X, y, k):
 MEMORY_KERNELS = (
     "kept loop",
     "curvlinops",
-    "sharpgen operator kept graph",
     "sharpgen operator default",
+    "sharpgen operator per call",
     "vmap(vjp) shared fwd",
     "kept is_grads_batched",
 )
@@ -206,6 +212,27 @@ def time_ops(fns, repeats):
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
+#: The defaults' operator of the last `kernels` call (its column plan is printed).
+DEFAULT_OPERATOR: list = []
+
+
+def summary(t: dict[str, float], k: int) -> list[str]:
+    """The targets' ratios: sharpgen's defaults against curvlinops and PyHessian's way."""
+    pairs = [
+        (f"block of {k} per column, sharpgen defaults / curvlinops (target <= 1)",
+         f"block{k} sharpgen operator default", f"block{k} curvlinops"),
+        ("one product, sharpgen defaults / PyHessian's kept graph (target <= 1)",
+         "hvp sharpgen operator default", "hvp kept graph"),
+        ("one product, sharpgen graph per call / PyHessian's kept graph",
+         "hvp sharpgen operator per call", "hvp kept graph"),
+    ]  # fmt: skip
+    out = [""]
+    for label, a, b in pairs:
+        if a in t and b in t:
+            out.append(f"- {label}: {t[a] / t[b]:.2f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mlp,cnn,conv1m,mlp1m")
@@ -214,10 +241,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="anchors' models only, 3 rounds")
     ap.add_argument("--memory", action="store_true", help="peak memory of the block products")
     ap.add_argument("--out", default=None, help="also write the Markdown tables here")
+    ap.add_argument("--probe-cpu", action="store_true", help="probe loop vs batched on the CPU")
     ap.add_argument("--memory-worker", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_worker:
         return memory_worker(*args.memory_worker)
+    if args.probe_cpu:
+        import sharpgen.curvature._columns as columns
+
+        columns.PROBE_ON_CPU = True
     lines = [f"load average at the start: {' '.join(open('/proc/loadavg').read().split()[:3])}"]
     torch.set_num_threads(1)
     which = ["mlp", "cnn"] if args.quick else args.models.split(",")
@@ -227,6 +259,7 @@ def main() -> None:
         fns, n = kernels(model, X, y, k)
         t = time_ops(fns, rounds)
         g = t["grad"]
+        start = len(lines)
         lines.append(
             f"\n{name}: {n:,} parameters, batch {len(y)}; one gradient "
             f"{g * 1e3:.2f} ms (median of {rounds} interleaved rounds, 1 thread)\n"
@@ -238,7 +271,13 @@ def main() -> None:
             unit = " per column" if key.startswith("block") else ""
             peak = f"{mem[key]:.1f}" if key in mem else ""
             lines.append(f"| {key} | {per / g:.2f}x{unit} | {peak} |")
-        print("\n".join(lines[-len(t) - 2 :]), flush=True)
+        lines += summary(t, k)
+        if args.probe_cpu:
+            from sharpgen.curvature._columns import column_plan
+
+            plan = column_plan(DEFAULT_OPERATOR[0].objective, "hvp")
+            lines.append(f"- column plan of the defaults (probed on the CPU): {plan}")
+        print("\n".join(lines[start:]), flush=True)
     lines.append(f"\nload average at the end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
