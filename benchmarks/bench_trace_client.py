@@ -1,7 +1,7 @@
 """The default `hessian_trace` on the user-style client against PyHessian's default `trace()`.
 
     PYTHONPATH=$PWD .venv-bench/bin/python benchmarks/bench_trace_client.py [--seeds 4]
-        [--reference-matvecs 400 | --exact | --reference VALUE,STDERR] [--rtol 0.03]
+        [--reference-matvecs 400 | --exact | --reference VALUE,STDERR] [--rtol 0.03,0.1]
         [--out table.md]
 
 The client is `bench_client.py`'s: a BatchNorm CNN (3,866 parameters) trained on scikit-learn's
@@ -12,8 +12,9 @@ Reference trace: `hessian_trace(method="exact")` with ``--exact`` (3,866 product
 resolution). Then, for each seed, interleaved in one process: `hessian_trace` with its
 defaults (``rtol=0.01``; the probes from ``torch.Generator().manual_seed(seed)``) and
 PyHessian's ``trace()`` with its defaults (``maxIter=100, tol=1e-3``; ``torch.manual_seed``).
-Reported per library: products, wall time, the true relative error (per seed and the RMSE over
-seeds), and the reported relative stderr (sharpgen only; PyHessian reports none).
+``--rtol`` adds `hessian_trace(rtol=R)` rows, one per comma-separated value. Reported per
+library: products, wall time, the true relative error (per seed and the RMSE over seeds), the
+reported relative stderr (sharpgen only; PyHessian reports none) and the method sharpgen used.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
         "--reference", default="", help="VALUE,STDERR of a reference computed before (skips it)"
     )
     ap.add_argument(
-        "--rtol", type=float, default=0.0, help="also run hessian_trace(rtol=RTOL) per seed"
+        "--rtol", default="", help="also run hessian_trace(rtol=R) per seed, e.g. 0.03,0.1"
     )
     ap.add_argument("--out", default="", help="also write the markdown table to this file")
     args = ap.parse_args()
@@ -70,11 +71,12 @@ def main() -> None:
     else:
         ref, ref_se, ref_how = reference(model, loader, args.exact, args.reference_matvecs)
     ph, ph_count = pyhessian_for(model, loader)
-    rows: dict[str, list[tuple[int, float, float, float]]] = {"sharpgen": [], "PyHessian": []}
-    variants = {"sharpgen": {}}
-    if args.rtol:
-        variants[f"sharpgen rtol={args.rtol:g}"] = {"rtol": args.rtol}
-        rows[f"sharpgen rtol={args.rtol:g}"] = []
+    variants: dict[str, dict[str, float]] = {"sharpgen": {}}
+    for r in (float(x) for x in args.rtol.split(",") if x.strip()):
+        variants[f"sharpgen rtol={r:g}"] = {"rtol": r}
+    rows: dict[str, list[tuple[int, float, float, float]]] = {n: [] for n in variants}
+    rows["PyHessian"] = []
+    methods: dict[str, set[str]] = {n: set() for n in variants}
     for seed in range(args.seeds):
         for name, kwargs in variants.items():
             t0 = time.perf_counter()
@@ -84,6 +86,7 @@ def main() -> None:
             )  # fmt: skip
             wall = time.perf_counter() - t0
             rel_se = res.stderr / abs(res.value)
+            methods[name].add(res.method)
             rows[name].append((res.num_matvecs, wall, (res.value - ref) / ref, rel_se))
         ph_count.n = 0
         torch.manual_seed(seed)
@@ -97,8 +100,8 @@ def main() -> None:
         f"{args.seeds} seeds; float32, 1 thread, torch {torch.__version__}; load {load}",
         "",
         "| library | products (per seed) | wall s (median) | rel. error per seed | "
-        "rel. RMSE | reported rel. stderr (median) |",
-        "|---|---|---|---|---|---|",
+        "rel. RMSE | reported rel. stderr (median) | method |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         rmse = math.sqrt(statistics.mean(e[2] ** 2 for e in r))
@@ -107,12 +110,19 @@ def main() -> None:
             f"| {name} | {', '.join(str(e[0]) for e in r)} | "
             f"{statistics.median(e[1] for e in r):.2f} | "
             f"{', '.join(f'{e[2]:+.1e}' for e in r)} | {rmse:.1e} | "
-            f"{'-' if math.isnan(se) else f'{se:.1e}'} |"
+            f"{'-' if math.isnan(se) else f'{se:.1e}'} | "
+            f"{'/'.join(sorted(methods.get(name, {'hutchinson'})))} |"
         )
     ratio = statistics.median(e[1] for e in rows["sharpgen"]) / statistics.median(
         e[1] for e in rows["PyHessian"]
     )
     lines.append(f"\nwall time sharpgen default / PyHessian (medians): {ratio:.2f}")
+    for name in list(variants)[1:]:
+        r = statistics.median(e[1] for e in rows[name]) / statistics.median(
+            e[1] for e in rows["PyHessian"]
+        )
+        lines.append(f"wall time {name} / PyHessian (medians): {r:.2f}")
+    lines.append(f"load at the end {Path('/proc/loadavg').read_text().split()[0]}")
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
