@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sharpgen.linalg._hutchinson import MIN_ADAPTIVE_SAMPLES, mean_and_stderr, next_round
-from sharpgen.linalg._hutchpp import _HutchppState, deflated_samples
+from sharpgen.linalg._hutchpp import _HutchppState
 from sharpgen.linalg._operator import LinearOperator
 from sharpgen.linalg._probes import draw_probes
 from sharpgen.linalg._results import TraceEstimate
@@ -174,33 +174,44 @@ def _grow_to_rtol(
         state.grow(0, min(left, k))
 
 
+def _remainder_frobenius(Q: Tensor, Z: Tensor, G: Tensor, AG: Tensor) -> float:
+    r"""$\frac1N \sum_j \|R g_j\|^2$, unbiased for $\|R\|_F^2$, $R = (I-QQ^\top)A(I-QQ^\top)$.
+
+    $R g = (I - QQ^\top)(Ag - Z Q^\top g)$ with ``Z`` $= AQ$: no product is needed.
+    """
+    W = AG - Z @ (Q.T @ G)
+    W = W - Q @ (Q.T @ W)
+    return float((W * W).sum(0).mean())
+
+
 def doubling_factor(state: _HutchppState) -> float:
     r"""Predicted factor on Hutch++'s remainder variance if its sketch of $s$ probes doubled.
 
-    The remainder samples already drawn are recomputed, without products, for the nested
-    sketches of the first $c \in \{s/2, 3s/4\}$ sketch products ($A Q_c = Z Q^\top Q_c$,
-    since $Q_c$ lies in the span of $Q$). Each $c$ gives the power-law extrapolation
-    $(v_s / v_c)^{\log 2 / \log(s/c)}$ of the measured remainder variances; the larger is
-    returned (at most 1). So a one-off drop across a rank edge, which a larger sketch does
-    not repeat, is not extrapolated once the sketch is a third past it. (The leave-one-out
-    residual the first decision uses cannot serve here: just past a rank edge it overstates
-    the remainder several times, since the other columns carry noise into the projection.)
+    The remainder probes $g_j$ already drawn measure $F_c = \|R_c\|_F^2$, the Frobenius norm
+    of the remainder left by the nested sketch of the first $c$ sketch products, for
+    $c \in \{s/2, 3s/4, s\}$ ($A Q_c = Z Q^\top Q_c$, since $Q_c$ lies in the span of $Q$:
+    no products). Each $c < s$ gives the power-law extrapolation
+    $(F_s / F_c)^{\log 2 / \log(s/c)}$; the larger is returned (at most 1). So a one-off
+    drop across a rank edge, which a larger sketch does not repeat, is not extrapolated once
+    the sketch is a third past it. The Frobenius norms, averages of $n$-dimensional squared
+    norms, are far less noisy than the sample variances of a few quadratic forms. (The
+    leave-one-out residual the first decision uses cannot serve here: just past a rank edge
+    it overstates the remainder several times, since the other columns carry noise into the
+    projection.)
     """
     s = state.Y.shape[1]
-    _, samples = state.estimate()
-    if samples.numel() < 2:
+    if state.G.shape[1] < 1:
         return 1.0
-    v_s = float(samples.var())
+    f_s = _remainder_frobenius(state.Q, state.Z, state.G, state.AG)
     empty = state.Q[:, :0]
     factors = []
     for c in sorted({s // 2, (3 * s) // 4}):
         if c < 2 or c >= s:
             continue
         Q_c = extend_basis(empty, state.Y[:, :c], state.scale)
-        _, sub = deflated_samples(Q_c, state.Z @ (state.Q.T @ Q_c), state.G, state.AG)
-        v_c = float(sub.var())
-        if v_c > 0:
-            factors.append(min(1.0, v_s / v_c) ** (math.log(2) / math.log(s / c)))
+        f_c = _remainder_frobenius(Q_c, state.Z @ (state.Q.T @ Q_c), state.G, state.AG)
+        if f_c > 0:
+            factors.append(min(1.0, f_s / f_c) ** (math.log(2) / math.log(s / c)))
     return max(factors, default=1.0)
 
 
