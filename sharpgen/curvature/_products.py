@@ -22,6 +22,7 @@ from sharpgen._distributed import check_ranks_agree
 from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
 from sharpgen.curvature._columns import SavedBytes, column_plan, probes
 from sharpgen.curvature._data import num_samples
+from sharpgen.curvature._graph_key import graph_key
 from sharpgen.curvature._kernels import BatchProduct, ColumnProduct, Kernel, accumulate
 
 if TYPE_CHECKING:
@@ -278,26 +279,5 @@ def _build(
 
 
 def _cache_key(obj: ModelObjective, kernel: Kernel, backend: str) -> tuple[Any, ...]:
-    """What a kept graph depends on: the kernel, the backend and the model's other tensors.
-
-    The other tensors are the non-selected parameters, the buffers and, for one batch, the
-    tensors of the batch, by identity and version counter (a batch written in place, or a
-    training step on a non-selected parameter, rebuilds the graph). The selected
-    parameters are the objective's own copies: a step on the model does not move them.
-    """
-    tensors: list[Tensor] = [t for n, t in obj.model.named_parameters() if n not in obj.params]
-    tensors += list(obj.model.buffers())
-    if obj.single_batch:
-        tensors += _tensors(obj.data)
-    return (kernel.name, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
-
-
-def _tensors(data: Any) -> list[Tensor]:
-    """The tensors of a batch (nested tuples, lists and dicts)."""
-    if isinstance(data, Tensor):
-        return [data]
-    if isinstance(data, Mapping):
-        data = list(data.values())
-    if isinstance(data, (tuple, list)):
-        return [t for item in data for t in _tensors(item)]
-    return []
+    """What a kept graph depends on (see `sharpgen.curvature._graph_key.graph_key`)."""
+    return graph_key(obj, kernel.name, backend)

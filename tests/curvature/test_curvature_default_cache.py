@@ -77,9 +77,10 @@ def test_a_step_on_the_model_leaves_the_operator_at_its_point(cv, builds):
     assert builds["n"] == 1
 
 
-@pytest.mark.parametrize("change", ["step", "in place", "data", "buffer"])
+@pytest.mark.parametrize("change", ["step", "in place", "replaced", "data", "buffer"])
 def test_what_the_graph_reads_from_outside_rebuilds_it(cv, builds, change):
-    """A step on a non-selected parameter, a write into it or into the batch or a buffer."""
+    """A step on a non-selected parameter, a write into it, a new one, a write into the
+    batch or into a buffer."""
     model, (x, y) = cv.make_convbn(), cv.image_data()
     x = x.clone()
     H = HessianOperator(model, F.cross_entropy, (x, y), params=["fc.weight", "fc.bias"])
@@ -94,6 +95,8 @@ def test_what_the_graph_reads_from_outside_rebuilds_it(cv, builds, change):
     with torch.no_grad():
         if change == "in place":
             model.conv.weight.mul_(1.5)
+        elif change == "replaced":
+            model.conv.weight = torch.nn.Parameter(model.conv.weight * 1.5)
         elif change == "data":
             x.mul_(2.0)
         elif change == "buffer":
@@ -132,3 +135,17 @@ def test_cache_graph_must_be_a_bool_or_auto(cv):
     model, data = cv.make_mlp(), cv.regression_data()
     with pytest.raises(TypeError, match="cache_graph must be True, False or 'auto', got 'yes'"):
         HessianOperator(model, F.mse_loss, data, cache_graph="yes")
+
+
+def test_a_replaced_selected_parameter_rebuilds_once_with_the_same_products(cv, builds):
+    model, (x, y) = cv.make_mlp(), cv.regression_data()
+    H = HessianOperator(model, F.mse_loss, (x, y))
+    v = _v(H)
+    before = H.matvec(v)
+    first = next(n for n, _ in model.named_parameters())
+    module_name, attr = first.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    setattr(module, attr, torch.nn.Parameter(getattr(module, attr).detach() * 2.0))
+    torch.testing.assert_close(H.matvec(v), before, rtol=0, atol=0)  # the operator's copies
+    torch.testing.assert_close(H.matvec(v), before, rtol=0, atol=0)
+    assert builds["n"] == 2

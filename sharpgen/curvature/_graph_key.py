@@ -1,0 +1,69 @@
+"""What a kept gradient graph depends on, read cheaply before every product through it."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from sharpgen.curvature._objective import ModelObjective
+
+__all__ = ["graph_key"]
+
+#: The model's selected parameter objects per objective (held, so that their ids stay theirs).
+_SELECTED: weakref.WeakKeyDictionary[object, list[Tensor]] = weakref.WeakKeyDictionary()
+
+
+def graph_key(obj: ModelObjective, kernel: str, backend: str) -> tuple[Any, ...]:
+    """The kernel, the backend and the identity and version counter of every other tensor.
+
+    The other tensors are the model's non-selected parameters, its buffers and, for one
+    batch, the tensors of the batch: a batch written in place, a training step on a
+    non-selected parameter or a replaced tensor changes the key. The selected parameters
+    are the objective's own copies (a step on the model does not move them); they are
+    recognised by the objects the model held at the first key, so a selected parameter
+    replaced later counts as another tensor (one rebuild, never a stale graph). The
+    modules are walked directly (no names built): this runs before every kept product.
+    """
+    selected = _SELECTED.get(obj)
+    if selected is None:
+        selected = [t for n, t in obj.model.named_parameters() if n in obj.params]
+        _SELECTED[obj] = selected
+    skip = {id(t) for t in selected}
+    ids: list[int] = []
+    versions: list[int] = []
+    for module in _modules(obj.model):
+        for t in module._parameters.values():
+            if t is not None and id(t) not in skip:
+                ids.append(id(t))
+                versions.append(t._version)
+        for t in module._buffers.values():
+            if t is not None:
+                ids.append(id(t))
+                versions.append(t._version)
+    if obj.single_batch:
+        for t in _tensors(obj.data):
+            ids.append(id(t))
+            versions.append(t._version)
+    return (kernel, backend, tuple(ids), tuple(versions))
+
+
+def _modules(module: nn.Module) -> Iterator[nn.Module]:
+    yield module
+    for child in module._modules.values():
+        if child is not None:
+            yield from _modules(child)
+
+
+def _tensors(data: Any) -> list[Tensor]:
+    """The tensors of a batch (nested tuples, lists and dicts)."""
+    if isinstance(data, Tensor):
+        return [data]
+    if isinstance(data, Mapping):
+        data = list(data.values())
+    if isinstance(data, (tuple, list)):
+        return [t for item in data for t in _tensors(item)]
+    return []
