@@ -33,22 +33,13 @@ def graph_key(obj: ModelObjective, kernel: str, backend: str) -> tuple[Any, ...]
         selected = [t for n, t in obj.model.named_parameters() if n in obj.params]
         _SELECTED[obj] = selected
     skip = {id(t) for t in selected}
-    ids: list[int] = []
-    versions: list[int] = []
+    tensors: list[Tensor] = []
     for module in _modules(obj.model):
-        for t in module._parameters.values():
-            if t is not None and id(t) not in skip:
-                ids.append(id(t))
-                versions.append(t._version)
-        for t in module._buffers.values():
-            if t is not None:
-                ids.append(id(t))
-                versions.append(t._version)
+        tensors += [p for p in module._parameters.values() if p is not None and id(p) not in skip]
+        tensors += [b for b in module._buffers.values() if b is not None]
     if obj.single_batch:
-        for t in _tensors(obj.data):
-            ids.append(id(t))
-            versions.append(t._version)
-    return (kernel, backend, tuple(ids), tuple(versions))
+        tensors += _tensors(obj.data)
+    return (kernel, backend, tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
 
 
 def _modules(module: nn.Module) -> Iterator[nn.Module]:
