@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sharpgen.linalg import as_linear_operator, hutchinson_trace, hutchpp_trace, xtrace
@@ -182,6 +182,7 @@ def test_xtrace_rounds_an_odd_budget_down_and_rademacher_is_unbiased():
 
 
 @settings(max_examples=20, deadline=None)
+@example(n=6, rank=4, seed=110)  # the Rademacher counterexample
 @given(n=st.integers(6, 40), rank=st.integers(1, 4), seed=st.integers(0, 10_000))
 def test_property_sketching_estimators_are_exact_below_the_sketch_rank(n, rank, seed):
     g = torch.Generator().manual_seed(seed)
@@ -191,9 +192,11 @@ def test_property_sketching_estimators_are_exact_below_the_sketch_rank(n, rank, 
     A = (A + A.T) / 2
     truth = float(A.trace())
     scale = float(A.abs().sum())
-    assert hutchpp_trace(A, num_matvecs=15, generator=g).value == pytest.approx(
-        truth, abs=1e-9 * scale
-    )
+    # Gaussian sketches: a Rademacher sketch of 5 columns in R^6 loses a direction of a
+    # rank-4 range with positive probability (seed 110, n=6, rank=4), so exactness is an
+    # almost-sure property of Gaussian sketches only.
+    est = hutchpp_trace(A, num_matvecs=15, distribution="gaussian", generator=g)
+    assert est.value == pytest.approx(truth, abs=1e-9 * scale)
     assert xtrace(A, num_matvecs=12, generator=g).value == pytest.approx(truth, abs=1e-9 * scale)
 
 
