@@ -87,8 +87,9 @@ def error_bounds(theta: np.ndarray, resid: np.ndarray, bound: str) -> np.ndarray
     dist = np.abs(theta[:, None] - theta[None, :]) - resid[None, :]
     np.fill_diagonal(dist, np.inf)
     delta = dist.min(axis=1)
-    quadratic = resid**2 / np.maximum(delta, np.finfo(np.float64).tiny)
-    return np.where(delta > resid, np.minimum(resid, quadratic), resid)
+    isolated = delta > resid  # then delta > 0 and resid**2 / delta < resid: no overflow
+    quadratic = np.divide(resid**2, delta, out=resid.copy(), where=isolated)
+    return np.minimum(resid, quadratic)
 
 
 def lanczos(
