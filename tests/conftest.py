@@ -307,6 +307,21 @@ def state_check():
     return make
 
 
+class CountingBatches:
+    """A re-iterable list of batches that counts how often it is iterated."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 class _Cases:
     make_mlp = staticmethod(make_mlp)
     regression_data = staticmethod(regression_data)
@@ -317,6 +332,7 @@ class _Cases:
     DictInput = DictInput
     dict_data = staticmethod(dict_data)
     dense_hessian = staticmethod(dense_hessian)
+    CountingBatches = CountingBatches
 
 
 @pytest.fixture

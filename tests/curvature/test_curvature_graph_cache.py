@@ -11,21 +11,6 @@ from sharpgen.curvature._backend import plan_backend
 DT = torch.float64
 
 
-class CountingBatches:
-    """A re-iterable list of batches that counts how often it is iterated."""
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.passes = 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 def loader(cv, sizes=(4, 4, 3)):
     x, y = cv.image_data(n=sum(sizes))
     out, start = [], 0
@@ -46,7 +31,7 @@ def test_kept_graphs_of_several_batches_give_the_dense_hessian(cv, state_check, 
         model, batches, loss = cv.make_mlp(), mlp_loader(cv), F.mse_loss
     else:
         model, batches, loss = cv.make_convbn(), loader(cv), F.cross_entropy
-    data = CountingBatches(batches)
+    data = cv.CountingBatches(batches)
     check = state_check(model)
     H = HessianOperator(model, loss, data, backend="autograd", cache_graph=True, max_block=8)
     before = data.passes
@@ -62,7 +47,7 @@ def test_kept_graphs_of_several_batches_give_the_dense_hessian(cv, state_check, 
 def test_a_changed_buffer_rebuilds_the_graphs(cv):
     model = cv.make_convbn()
     batches = loader(cv)
-    data = CountingBatches(batches)
+    data = cv.CountingBatches(batches)
     H = HessianOperator(model, F.cross_entropy, data, backend="autograd", cache_graph=True)
     v = torch.randn(H.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))
     H.matvec(v)
@@ -77,7 +62,7 @@ def test_a_changed_buffer_rebuilds_the_graphs(cv):
 def test_graphs_over_the_memory_budget_are_not_kept(cv, monkeypatch):
     monkeypatch.setattr(products, "GRAPH_CACHE_BYTES", 0)
     model = cv.make_mlp()
-    data = CountingBatches(mlp_loader(cv))
+    data = cv.CountingBatches(mlp_loader(cv))
     H = HessianOperator(model, F.mse_loss, data, backend="autograd", cache_graph=True)
     v = torch.randn(H.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))
     first = H.matvec(v)
@@ -90,7 +75,7 @@ def test_graphs_over_the_memory_budget_are_not_kept(cv, monkeypatch):
 @pytest.mark.parametrize("options", [{"bn": "batch"}, {"dropout": True}, {"backend": "func"}])
 def test_no_graphs_kept_when_passes_may_differ_or_memory_cannot_be_counted(cv, options):
     model = cv.make_convbn()
-    data = CountingBatches(loader(cv))
+    data = cv.CountingBatches(loader(cv))
     options = {"backend": "autograd", **options}
     H = HessianOperator(model, F.cross_entropy, data, cache_graph=True, **options)
     v = torch.randn(H.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))

@@ -12,21 +12,6 @@ from sharpgen.curvature import HessianOperator
 DT = torch.float64
 
 
-class CountingBatches:
-    """A re-iterable list of batches that counts how often it is iterated."""
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.passes = 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 def split(x, y, sizes=(4, 4, 3)):
     out, start = [], 0
     for s in sizes:  # an uneven last batch
@@ -81,7 +66,7 @@ def test_lean_path_gives_the_dense_product(cv, state_check, monkeypatch, name, r
 
 def test_lean_path_notices_a_replaced_or_changed_buffer(cv):
     model, data, loss = case(cv, "convbn loader")
-    counted = CountingBatches(data)
+    counted = cv.CountingBatches(data)
     H = HessianOperator(model, loss, counted, backend="autograd", cache_graph=True)
     v = vec(H.shape[0])
     H.matvec(v)
@@ -118,7 +103,7 @@ def test_lean_path_checks_finiteness_and_input(cv):
 @pytest.mark.parametrize("name", ["mlp one batch", "mlp loader", "convbn loader"])
 def test_gradient_from_kept_graphs_is_the_gradient_at_no_extra_pass(cv, state_check, name):
     model, data, loss = case(cv, name)
-    counted = CountingBatches(batches_of(data))
+    counted = cv.CountingBatches(batches_of(data))
     H = HessianOperator(model, loss, counted if name != "mlp one batch" else data,
                         backend="autograd", cache_graph=True)  # fmt: skip
     check = state_check(model)
