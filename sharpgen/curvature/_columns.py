@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sharpgen.curvature._objective import ModelObjective
 
 __all__ = [
     "BATCHED_BYTES",
@@ -88,18 +91,14 @@ class ColumnPlan:
         return max(1, min(k, BATCHED_BYTES // self.column_bytes))
 
 
-_PLANS: weakref.WeakKeyDictionary[object, dict[str, ColumnPlan]] = weakref.WeakKeyDictionary()
-
-
 def probes(plan: ColumnPlan, device: torch.device) -> bool:
     """Whether ``plan`` is still to be probed on ``device`` (its graphs' bytes are needed)."""
     return plan.choice is None and (device.type != "cpu" or PROBE_ON_CPU)
 
 
-def column_plan(owner: object, kernel: str) -> ColumnPlan:
+def column_plan(owner: ModelObjective, kernel: str) -> ColumnPlan:
     """The `ColumnPlan` of ``owner`` (an objective) for the kernel named ``kernel``."""
-    plans = _PLANS.setdefault(owner, {})
-    return plans.setdefault(kernel, ColumnPlan())
+    return owner._column_plans.setdefault(kernel, ColumnPlan())
 
 
 class SavedBytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +11,6 @@ if TYPE_CHECKING:
     from sharpgen.curvature._objective import ModelObjective
 
 __all__ = ["graph_key"]
-
-#: The model's selected parameter objects per objective (held, so that their ids stay theirs).
-_SELECTED: weakref.WeakKeyDictionary[object, list[Tensor]] = weakref.WeakKeyDictionary()
 
 
 def graph_key(obj: ModelObjective, kernel: str, backend: str) -> tuple[Any, ...]:
@@ -28,10 +24,10 @@ def graph_key(obj: ModelObjective, kernel: str, backend: str) -> tuple[Any, ...]
     replaced later counts as another tensor (one rebuild, never a stale graph). The
     modules are walked directly (no names built): this runs before every kept product.
     """
-    selected = _SELECTED.get(obj)
+    selected = obj._selected_objects  # held by the objective, so their ids stay theirs
     if selected is None:
         selected = [t for n, t in obj.model.named_parameters() if n in obj.params]
-        _SELECTED[obj] = selected
+        obj._selected_objects = selected
     skip = {id(t) for t in selected}
     tensors: list[Tensor] = []
     for module in _modules(obj.model):

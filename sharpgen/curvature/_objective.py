@@ -179,6 +179,10 @@ class ModelObjective:
         self._func_mode = "rev" if func_mode == "reverse" else "fwd"
         self.vectorize: bool = self.device.type != "cpu" if vectorize is None else vectorize
         self._graph_cache: Any = None
+        # per kernel name: how block columns go through a graph (`_columns.column_plan`)
+        self._column_plans: dict[str, Any] = {}
+        # the model's selected parameter objects at the first graph key (`_graph_key`)
+        self._selected_objects: list[Tensor] | None = None
         self._tangents_checked = False
         self.second_order = second_order
         self.exact_second_order: bool | None = None  # known at the first curvature product
