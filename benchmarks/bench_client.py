@@ -24,9 +24,12 @@ Measured in one process, interleaved rounds (every operation once per round), me
 * "one objective, several measures": `hessian_trace` (30 products), `top_eigenvalues`
   (k=5) and `spectral_density` (2 probes x 15 steps) in a row, on one `ModelObjective`
   (its kept graphs serve all three) against three calls with ``(model, loss_fn, loader)``;
-* the fixed cost of a call: a `top_eigenvalues` call minus its products (the first one
-  builds the kept graphs, costing an uncached product; the others cost a kept-graph
-  product), as a fraction of the call.
+* the fixed cost of a call: the default `top_eigenvalues(k=1)` call against a complete
+  plain-torch Lanczos timed as one call (``plain_lanczos.plain_top1``: the loader read and
+  every batch's graph built inside the call, the same number of products from the same
+  gradient start, checked once to give the same eigenvalue), in ``--pairs`` back-to-back
+  pairs per round, the order alternating; fixed cost = (sharpgen - plain) / sharpgen, the
+  median over all pairs (shared with ``bench_topk.py``).
 
 The machine is a shared, loaded 2-core CPU: read ratios, not absolute times.
 """
@@ -49,6 +52,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from plain_lanczos import check_agrees, plain_top1  # noqa: E402
 
 from sharpgen import hessian_trace, spectral_density, top_eigenvalues  # noqa: E402
 from sharpgen.curvature import HessianOperator, ModelObjective  # noqa: E402
@@ -107,6 +114,65 @@ def rel_err(values, truth):
     return max(abs(float(v) - float(t)) / abs(float(t)) for v, t in zip(values, truth, strict=True))
 
 
+def top1_and_floor(model, data, what):
+    """The default sharpgen top-1 call and its plain-torch floor (same products, same start).
+
+    Runs both once, untimed, and stops if their eigenvalues differ by more than 2e-4
+    (relative): then the floor would not be doing the same work. Returns ``(ours, plain,
+    products, agreement)``; ``ours()`` and ``plain()`` return ``(seconds, build_seconds)``,
+    build_seconds None for sharpgen.
+    """
+
+    def call():
+        res = top_eigenvalues(model, F.cross_entropy, data, k=1, tol=1e-3,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return float(res.eigenvalues[0]), res.num_matvecs
+
+    value, products = call()
+    agreement = check_agrees(plain_top1(model, F.cross_entropy, data, products)[0], value, what)
+
+    def ours():
+        t0 = time.perf_counter()
+        call()
+        return time.perf_counter() - t0, None
+
+    def plain():
+        t0 = time.perf_counter()
+        _, build = plain_top1(model, F.cross_entropy, data, products)
+        return time.perf_counter() - t0, build
+
+    return ours, plain, products, agreement
+
+
+def time_pairs(ours, plain, count, out):
+    """``count`` back-to-back (sharpgen, plain) pairs, the order alternating; appends to out."""
+    for i in range(count):
+        if i % 2:
+            (t_p, build), (t_o, _) = plain(), ours()
+        else:
+            (t_o, _), (t_p, build) = ours(), plain()
+        out.append((t_o, t_p, build))
+
+
+def fixed_cost(pairs, products):
+    """The fixed cost of a call from the timed pairs, as a Markdown row's cells."""
+    fracs = sorted((o - p) / o for o, p, _ in pairs)
+    t_o = statistics.median(o for o, _, _ in pairs)
+    t_p = statistics.median(p for _, p, _ in pairs)
+    build = statistics.median(b for _, _, b in pairs)
+    q1, q3 = fracs[len(fracs) // 4], fracs[(3 * len(fracs)) // 4]
+    return (f"{t_o * 1e3:.1f} ms | {t_p * 1e3:.1f} ms (build {build * 1e3:.1f} ms + {products} "
+            f"products {(t_p - build) / products * 1e3:.1f} ms each) | "
+            f"**{100 * statistics.median(fracs):.0f}%** ({100 * q1:.0f}% to {100 * q3:.0f}%, "
+            f"{len(fracs)} pairs)")  # fmt: skip
+
+
+FIXED_HEAD = (
+    "| problem | sharpgen top-1 call | plain-torch Lanczos, same products and start | "
+    "fixed cost: median (quartiles) of (sharpgen - plain) / sharpgen |\n|---|---|---|---|"
+)
+
+
 def make_tasks(model, loader, ph, ph_count, quick, trace=False):
     """The timed calls; each returns ``(values, products)``."""
 
@@ -162,12 +228,18 @@ def make_tasks(model, loader, ph, ph_count, quick, trace=False):
     return tasks
 
 
-def run_rounds(ops, tasks, rounds):
-    """Interleaved rounds: every operation and task once per round."""
-    results: dict[str, list] = {}
+def run_rounds(ops, tasks, rounds, floor=None):
+    """Interleaved rounds: every operation and task once per round, then the floor's pairs.
+
+    ``floor`` is ``(ours, plain, pairs)`` (see `top1_and_floor`); its pairs go to
+    ``results["fixed cost pairs"]``.
+    """
+    results: dict[str, list] = {"fixed cost pairs": []}
     for fn in ops.values():
         fn()
     for _ in range(rounds):
+        if floor is not None:
+            time_pairs(*floor, results["fixed cost pairs"])
         for name, fn in ops.items():
             t0 = time.perf_counter()
             fn()
@@ -187,7 +259,7 @@ def task_error(name, vals, top, exact_trace):
     return rel_err(sorted(vals, reverse=True), top[: len(vals)])
 
 
-def report(results, ops, tasks, top, exact_trace):
+def report(results, ops, tasks, top, exact_trace, floor_products=None):
     med = {k: statistics.median(results[k]) for k in ops}
     g = med["gradient over the loader"]
     print("| quantity | value |\n|---|---|")
@@ -212,11 +284,9 @@ def report(results, ops, tasks, top, exact_trace):
     for label, a, b in pairs:
         if a in summary and b in summary:
             print(f"| {label} | {summary[a][0] / summary[b][0]:.2f} |")
-    t1, c1 = summary["top-1 sharpgen"]
-    # the first product builds the kept graphs (an uncached product), the others reuse them
-    fixed = t1 - med["HVP sharpgen default"] - (c1 - 1) * med["HVP sharpgen cache_graph=True"]
-    print(f"| top-1 sharpgen: fixed cost (call minus products) | {fixed:.2f} s = "
-          f"{100 * fixed / t1:.0f}% of the call |")  # fmt: skip
+    if results["fixed cost pairs"]:
+        print("\n" + FIXED_HEAD)
+        print(f"| client | {fixed_cost(results['fixed cost pairs'], floor_products)} |")
 
 
 def main() -> None:
@@ -224,6 +294,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 rounds, no trace, no top-5")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--trace", action="store_true", help="also the trace (an exact reference)")
+    ap.add_argument("--pairs", type=int, default=4, help="fixed-cost pairs per round")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
     load0 = " ".join(open("/proc/loadavg").read().split()[:3])
@@ -255,14 +326,20 @@ def main() -> None:
         "HVP PyHessian": lambda: ph.dataloader_hv_product(ph_v),
     }
     tasks = make_tasks(model, loader, ph, ph_count, args.quick, args.trace)
-    results = run_rounds(ops, tasks, rounds)
+    ours, plain, products, agreement = top1_and_floor(model, loader, "client")
+    results = run_rounds(ops, tasks, rounds, (ours, plain, args.pairs))
     load1 = " ".join(open("/proc/loadavg").read().split()[:3])
     head = (f"{n} parameters, DataLoader of 6 batches (192 x 5 + 40), float32, 1 thread, "
             f"torch {torch.__version__}; medians of {rounds} interleaved rounds; load average "
             f"{load0} (start) / {load1} (end).")  # fmt: skip
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        report(results, ops, tasks, top, exact_trace)
+        report(results, ops, tasks, top, exact_trace, products)
+    print(
+        f"\nThe plain-torch floor's top eigenvalue agrees with sharpgen's to {agreement:.1e} "
+        "(relative).",
+        file=buf,
+    )
     text = head + "\n\n" + buf.getvalue()
     print("\n" + text)
     if args.out:

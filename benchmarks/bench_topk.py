@@ -1,7 +1,7 @@
 """Top-k eigenvalues against PyHessian, and the fixed cost of a `top_eigenvalues` call.
 
     PYTHONPATH=$PWD .venv-bench/bin/python benchmarks/bench_topk.py [--quick] [--rounds 3]
-        [--problems mlp,cnn,client] [--out topk.md]
+        [--pairs 4] [--problems mlp,cnn,client] [--out topk.md]
 
 Problems (float32, 1 thread, eval mode):
 
@@ -21,13 +21,20 @@ Timed in one process, interleaved rounds (every call once per round), medians:
   ``hessian`` object (which builds the kept graph of one batch) included;
 * the true relative error of the worst of the k values against `lanczos` at ``tol=1e-9``
   on the same operator (computed once, not timed);
-* the fixed cost of a call: a ``top_eigenvalues(k=1)`` call minus its floor in plain torch,
-  ``build + c * kept``: ``build`` is one forward and one ``create_graph`` backward per
-  batch (what the first product costs on top of a kept-graph product) and ``kept`` one
-  backward per batch through the kept graphs, timed in the same rounds (5 repetitions per
-  round, medians). What is left is
-  everything sharpgen adds: objective set-up, validation, the state snapshot, the checks,
-  flattening and Lanczos itself.
+* the fixed cost of a call: the default ``top_eigenvalues(k=1)`` call against a complete
+  plain-torch Lanczos timed as one call (``plain_lanczos.plain_top1``, no sharpgen in it:
+  the data read and every batch's ``create_graph`` gradient graph built inside the call,
+  Lanczos with full reorthogonalization for exactly sharpgen's number of products from the
+  same gradient start, the tridiagonal eigenvalue at the end; checked once to agree with
+  sharpgen's eigenvalue to 2e-4), in ``--pairs`` back-to-back pairs per round, the order
+  alternating; fixed cost = (sharpgen - plain) / sharpgen, the median over all pairs (the
+  helpers are ``bench_client.py``'s). What is left is everything sharpgen adds: objective
+  set-up and validation, the state snapshot, the checks, flattening, Lanczos' stopping test;
+* the oracle stop of top-1: the fewest products (gradient start, the plain Lanczos' Ritz
+  values) whose true relative error is <= 1e-3, beside the product counts of sharpgen's two
+  stopping rules and PyHessian's; its count over PyHessian's is a lower bound of the top-1
+  time ratio at per-product parity, printed beside the measured ratios and the timed plain
+  Lanczos stopped by the oracle.
 
 The machine is a shared, loaded 2-core CPU: read ratios, not absolute times.
 """
@@ -52,7 +59,8 @@ sys.path.insert(0, str(ROOT.parent))
 warnings.filterwarnings("ignore")
 
 import bench_estimators as BE  # noqa: E402
-from bench_client import make_client  # noqa: E402
+from bench_client import FIXED_HEAD, fixed_cost, make_client, time_pairs, top1_and_floor  # noqa: E402
+from plain_lanczos import oracle_products, plain_top1  # noqa: E402
 
 from sharpgen import top_eigenvalues  # noqa: E402
 from sharpgen.curvature import HessianOperator  # noqa: E402
@@ -111,33 +119,7 @@ class PyHessianCall:
         return vals, self.n
 
 
-def floor_ops(model, data):
-    """Plain-torch build of every batch's gradient graph, and one product through them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = [data] if isinstance(data, tuple) else list(data)
-    total = sum(len(y) for _, y in batches)
-    v = [torch.randn_like(p) for p in params]
-
-    def build():
-        graphs = []
-        for X, y in batches:
-            loss = F.cross_entropy(model(X), y) * (len(y) / total)
-            graphs.append(torch.autograd.grad(loss, params, create_graph=True))
-        return graphs
-
-    kept = build()
-
-    def product():
-        out = [torch.zeros_like(p) for p in params]
-        for g in kept:
-            for o, h in zip(out, torch.autograd.grad(g, params, v, retain_graph=True), strict=True):
-                o.add_(h)
-        return out
-
-    return {"build graphs": build, "kept product": product}
-
-
-def tasks_for(model, data, ks, quick):
+def tasks_for(model, data, ks):
     ph = PyHessianCall(model, data)
 
     def ours(k, bound, start="auto"):
@@ -160,29 +142,40 @@ def tasks_for(model, data, ks, quick):
     return tasks
 
 
-def run_rounds(ops, tasks, rounds):
-    res: dict[str, list] = {}
-    for fn in list(ops.values()) + list(tasks.values()):
+def run_rounds(tasks, rounds, floor):
+    """Interleaved rounds: every task once, then the fixed cost's pairs (``floor``)."""
+    res: dict[str, list] = {"fixed cost pairs": []}
+    for fn in tasks.values():
         fn()  # warm-up
     for _ in range(rounds):
-        for name, fn in {**ops, **tasks}.items():
-            # the floor's operations are short: 5 repetitions per round
-            for _ in range(1 if name in tasks else 5):
-                t0 = time.perf_counter()
-                out = fn()
-                dt = time.perf_counter() - t0
-                res.setdefault(name, []).append((dt, out) if name in tasks else dt)
+        for name, fn in tasks.items():
+            t0 = time.perf_counter()
+            out = fn()
+            res.setdefault(name, []).append((time.perf_counter() - t0, out))
+        time_pairs(*floor, res["fixed cost pairs"])
     return res
 
 
-def measure(name, model, data, ks, rounds, quick):
+def oracle(model, data, truth, products):
+    """The oracle stop of top-1 (gradient start) and the plain Lanczos stopped there."""
+    ritz, _ = plain_top1(model, F.cross_entropy, data, max(40, 2 * products), ritz=True)
+    n = oracle_products(ritz, truth)
+
+    def run():
+        return [plain_top1(model, F.cross_entropy, data, n)[0]], n
+
+    return n, run
+
+
+def measure(name, model, data, ks, rounds, pairs):
     H = HessianOperator(model, F.cross_entropy, data, backend="autograd", cache_graph=True)
     ref = lanczos(H, k=max(ks) + 1, tol=1e-9, max_iter=400,
                   generator=torch.Generator().manual_seed(5)).eigenvalues  # fmt: skip
     H.clear_cache()
-    ops = floor_ops(model, data)
-    tasks = tasks_for(model, data, ks, quick)
-    res = run_rounds(ops, tasks, rounds)
+    ours, plain, n_res, agreement = top1_and_floor(model, data, name)
+    tasks = tasks_for(model, data, ks)
+    n_oracle, tasks["top-1 plain torch, oracle stop"] = oracle(model, data, float(ref[0]), n_res)
+    res = run_rounds(tasks, rounds, (ours, plain, pairs))
     rows, times = [], {}
     for key in tasks:
         t = statistics.median(r[0] for r in res[key])
@@ -195,38 +188,59 @@ def measure(name, model, data, ks, rounds, quick):
         base = times[f"top-{k} PyHessian"][0]
         for key in [c for c in tasks if c.startswith(f"top-{k} sharpgen")]:
             rows.append(f"| {name} | {key} / PyHessian | {times[key][0] / base:.2f} | | |")
-    build = statistics.median(res["build graphs"])
-    kept = statistics.median(res["kept product"])
-    t1, c1 = times["top-1 sharpgen residual"]
-    floor = build + c1 * kept
-    fixed = t1 - floor
-    rows.append(f"| {name} | fixed cost of top-1 (call {t1:.3f} s - floor {floor:.3f} s = "
-                f"build {build * 1e3:.1f} ms + {c1} x kept {kept * 1e3:.1f} ms) | "
-                f"{100 * fixed / t1:.0f}% of the call | | |")  # fmt: skip
-    return rows
+    fixed = f"| {name} | {fixed_cost(res['fixed cost pairs'], n_res)} |"
+    # at per-product parity: the plain call's build and per-product time for both counts
+    t_p = statistics.median(p for _, p, _ in res["fixed cost pairs"])
+    build = statistics.median(b for _, _, b in res["fixed cost pairs"])
+    per = (t_p - build) / n_res
+    t_ph, n_ph = times["top-1 PyHessian"]
+    parity = (build + n_oracle * per) / (build + n_ph * per)
+    ratio = {key[6:]: times[key][0] / t_ph for key in times if key.startswith("top-1")}
+    bound = (f"| {name} | {n_oracle} / {n_res} / {times['top-1 sharpgen gap'][1]} / {n_ph} | "
+             f"**{n_oracle / n_ph:.2f}** | {parity:.2f} | "
+             f"{ratio['plain torch, oracle stop']:.2f} | "
+             f"{ratio['sharpgen residual']:.2f} / {ratio['sharpgen gap']:.2f} |")  # fmt: skip
+    return rows, fixed, bound, agreement
+
+
+BOUND_HEAD = (
+    "| problem | top-1 products: oracle / residual / gap / PyHessian | lower bound of the time "
+    "ratio, oracle / PyHessian products | (build + oracle x P) / (build + PyHessian's x P), "
+    "plain torch's build and P | measured: plain torch stopped by the oracle / PyHessian | "
+    "measured: sharpgen residual / gap over PyHessian |\n|---|---|---|---|---|---|"
+)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 round, top-1 only")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=4, help="fixed-cost pairs per round")
     ap.add_argument("--problems", default="mlp,cnn,client")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rounds = 1 if args.quick else args.rounds
+    pairs = 2 if args.quick else args.pairs
     ks = (1,) if args.quick else (1, 5)
     load0 = open("/proc/loadavg").read().split()[:3]
     lines = ["| problem | call | time | products | true rel. error |", "|---|---|---|---|---|"]
+    fixed, bounds, agree = [FIXED_HEAD], [BOUND_HEAD], []
     for name, (model, data) in problems(args.problems.split(",")).items():
-        rows = measure(name, model, data, ks, rounds, args.quick)
-        print("\n".join(rows), flush=True)
+        rows, f, b, a = measure(name, model, data, ks, rounds, pairs)
+        print("\n".join([*rows, f, b]), flush=True)
         lines += rows
+        fixed.append(f)
+        bounds.append(b)
+        agree.append(f"{a:.0e}")
     load1 = open("/proc/loadavg").read().split()[:3]
     loads = f"load average {' '.join(load0)} (start) / {' '.join(load1)} (end)"
     head = (f"float32, 1 thread, torch {torch.__version__}; medians of {rounds} interleaved "
             f"rounds; {loads}.")  # fmt: skip
-    text = head + "\n\n" + "\n".join(lines) + "\n"
+    note = (f"The plain-torch floor's top eigenvalue agreed with sharpgen's to "
+            f"{', '.join(agree)} (relative).")  # fmt: skip
+    parts = [head, "\n".join(lines), "\n".join(fixed), "\n".join(bounds), note]
+    text = "\n\n".join(parts) + "\n"
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)
