@@ -26,7 +26,7 @@ Timed in one process, interleaved rounds (every call once per round), medians:
   the data read and every batch's ``create_graph`` gradient graph built inside the call,
   Lanczos with full reorthogonalization for exactly sharpgen's number of products from the
   same gradient start, the tridiagonal eigenvalue at the end; checked once to agree with
-  sharpgen's eigenvalue to 2e-4), in ``--pairs`` back-to-back pairs per round, the order
+  sharpgen's eigenvalue to 2e-4), in ``--pairs`` back-to-back pairs per round, strictly
   alternating; fixed cost = (sharpgen - plain) / sharpgen, the median over all pairs (the
   helpers are ``bench_client.py``'s). What is left is everything sharpgen adds: objective
   set-up and validation, the state snapshot, the checks, flattening, Lanczos' stopping test;

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds .venv-bench: sharpgen plus the anchor libraries it is measured against
 # (pyhessian, hessian-eigenthings, curvlinops-for-pytorch, pytorch-optimizer).
-# Some anchors require torch >= 2.14, so this environment may get a newer torch than the
-# test environment; every benchmark runs all libraries in ONE process on the SAME torch,
+# It gets the test environment's torch (TORCH overrides it; the anchors ask for >= 2.3 at
+# most); every benchmark runs all libraries in ONE process on the SAME torch,
 # so the ratios it reports compare like with like. CI does not build this environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
