@@ -147,10 +147,10 @@ def top1_and_floor(model, data, what):
 def time_pairs(ours, plain, count, out):
     """``count`` back-to-back (sharpgen, plain) pairs, appended to out.
 
-    Strictly alternating (sharpgen, plain, sharpgen, plain, ...): every call follows a call
-    of the other kind. A call that follows one of its own kind finds the allocator's blocks
-    laid out for it and ran about 10% faster on the client, so flipping the order inside
-    pairs biased the fraction by the order.
+    Strictly alternating (sharpgen, plain, sharpgen, plain, ...): each call follows a call
+    of the other kind. On the client a call that followed one of its own kind ran faster:
+    with the order flipped inside the pairs, the fraction differed by about 9 points
+    between the two orders.
     """
     for _ in range(count):
         (t_o, _), (t_p, build) = ours(), plain()
