@@ -160,6 +160,8 @@ def oracle(model, data, truth, products):
     """The oracle stop of top-1 (gradient start) and the plain Lanczos stopped there."""
     ritz, _ = plain_top1(model, F.cross_entropy, data, max(40, 2 * products), ritz=True)
     n = oracle_products(ritz, truth)
+    if n is None:
+        raise SystemExit(f"no Ritz value within 1e-3 of {truth} after {len(ritz)} products")
 
     def run():
         return [plain_top1(model, F.cross_entropy, data, n)[0]], n
