@@ -241,8 +241,12 @@ def hessian_kernel(
         one = second_order(f, p, mode)
         return lambda V: apply_block(one, V, obj.vectorize)
     with torch.enable_grad():
-        preq = _requiring_grad(p)
-        loss = obj.batch_loss(preq, inputs, targets, others=others)
+        first = obj._take_first_graph(p, inputs)  # the validation's forward, if still valid
+        if first is not None:
+            preq, loss = first.params, first.loss
+        else:
+            preq = _requiring_grad(p)
+            loss = obj.batch_loss(preq, inputs, targets, others=others)
         grads = torch.autograd.grad(loss, list(preq.values()), create_graph=True, allow_unused=True)
     live = _live(grads)
     params = list(preq.values())

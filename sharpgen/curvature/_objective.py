@@ -33,7 +33,13 @@ from sharpgen.curvature._reduce import check_finite, dataset_reduce
 from sharpgen.curvature._second_order import check_second_order
 from sharpgen.curvature._sharding import without_sampler_padding
 from sharpgen.curvature._state import model_state_policy
-from sharpgen.curvature._validate import check_deterministic, checked_loss, validate_first_batch
+from sharpgen.curvature._validate import (
+    FirstGraph,
+    check_deterministic,
+    checked_loss,
+    first_graph_key,
+    validate_first_batch,
+)
 
 __all__ = ["ModelObjective"]
 
@@ -187,6 +193,8 @@ class ModelObjective:
         self.second_order = second_order
         self.exact_second_order: bool | None = None  # known at the first curvature product
         self._first_order: list[str] = []
+        # the validation's loss and graph, kept for the first build (`keeping_first_graph`)
+        self._first_graph: FirstGraph | None = None
         self._validate()
         if group is not None:
             shapes = [(n, tuple(t.shape)) for n, t in self.params.items()]
@@ -300,6 +308,17 @@ class ModelObjective:
     # -- validation --------------------------------------------------------------------
     def _validate(self) -> None:
         validate_first_batch(self)
+
+    def _take_first_graph(self, p: Mapping[str, Tensor], inputs: Any) -> FirstGraph | None:
+        """The kept validation graph if it is the loss at ``p`` on ``inputs`` (used once).
+
+        It is that loss when ``p`` is the base point, ``inputs`` the batch it saw and
+        nothing it depends on was written or replaced since (`first_graph_key`).
+        """
+        first, self._first_graph = self._first_graph, None
+        if first is None or p is not self.params or inputs is not first.inputs:
+            return None
+        return first if first_graph_key(self) == first.key else None
 
     def check_second_order(self, where: str) -> None:
         """Act once on operations without a second derivative (see ``second_order``)."""
@@ -446,3 +465,4 @@ class ModelObjective:
     def clear_cache(self) -> None:
         """Drop a cached gradient graph (see ``cache`` in `hvp`)."""
         self._graph_cache = None
+        self._first_graph = None

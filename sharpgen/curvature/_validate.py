@@ -7,18 +7,78 @@ wrong answer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from sharpgen.curvature._data import check_devices
+from sharpgen.curvature._graph_key import graph_key
 from sharpgen.curvature._second_order import first_order_functions
 
 if TYPE_CHECKING:
     from sharpgen.curvature._objective import ModelObjective
 
-__all__ = ["check_deterministic", "checked_loss", "validate_first_batch"]
+__all__ = [
+    "FirstGraph",
+    "check_deterministic",
+    "checked_loss",
+    "first_graph_key",
+    "keeping_first_graph",
+    "validate_first_batch",
+]
+
+#: Whether objectives built now keep their validation graph for the first build.
+_KEEP_FIRST: ContextVar[bool] = ContextVar("sharpgen_keep_first_graph", default=False)
+
+
+@contextmanager
+def keeping_first_graph() -> Iterator[None]:
+    """Context: a one-batch objective built inside keeps its validation graph (`FirstGraph`).
+
+    For the measures, which build an objective and at once build the batch's gradient
+    graph: the forward pass of the validation then serves as the graph's forward pass
+    (one forward per call instead of two). An objective built elsewhere keeps nothing, so
+    an objective that a caller holds does not hold a graph.
+    """
+    token = _KEEP_FIRST.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_FIRST.reset(token)
+
+
+@dataclass
+class FirstGraph:
+    """The validated loss of a one-batch objective, kept for its first graph build.
+
+    Attributes:
+        params: The leaves the loss was built on (detached aliases of the objective's
+            ``params`` that require grad).
+        loss: The batch loss, with its graph.
+        inputs: The batch inputs the loss saw (compared by identity).
+        key: `first_graph_key` when the loss was built.
+    """
+
+    params: dict[str, Tensor]
+    loss: Tensor
+    inputs: Any
+    key: tuple[Any, ...]
+
+
+def first_graph_key(obj: ModelObjective) -> tuple[Any, ...]:
+    """What the validation graph depends on: the graph key's tensors and the base point.
+
+    The graph key (`sharpgen.curvature._graph_key.graph_key`) covers the model's other
+    tensors and the batch; the version counters of the objective's own parameter copies
+    cover an in-place write to the base point.
+    """
+    _, _, ids, versions = graph_key(obj, "", "")
+    return ids, versions, tuple(t._version for t in obj.params.values())
 
 
 def checked_loss(loss: Any) -> Tensor:
@@ -41,7 +101,9 @@ def validate_first_batch(obj: ModelObjective) -> None:
     """Evaluate the loss on the first batch: finite, depending on the selected parameters.
 
     Also records the operations without a second derivative the loss goes through (unless
-    ``second_order="ignore"``), for `ModelObjective.check_second_order`.
+    ``second_order="ignore"``), for `ModelObjective.check_second_order`. Inside
+    `keeping_first_graph`, a one-batch objective without dropout keeps the loss and its
+    graph as ``obj._first_graph`` for its first graph build.
     """
     with obj.state(), torch.enable_grad():
         inputs, targets = obj._batches.first()
@@ -61,6 +123,9 @@ def validate_first_batch(obj: ModelObjective) -> None:
             )
         if obj.second_order != "ignore":
             obj._first_order = first_order_functions(loss, list(p.values()))
+    keep = obj.single_batch and not obj.dropout and obj.process_group is None
+    if keep and _KEEP_FIRST.get():
+        obj._first_graph = FirstGraph(p, loss, inputs, first_graph_key(obj))
 
 
 def check_deterministic(obj: ModelObjective) -> None:

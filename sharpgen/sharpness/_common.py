@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from sharpgen.curvature._backend import plan_backend
 from sharpgen.curvature._base import CurvatureOperator
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.curvature._resolve import check_objective_args
+from sharpgen.curvature._validate import keeping_first_graph
 from sharpgen.linalg import LinearOperator
 
 __all__ = [
@@ -125,10 +126,16 @@ class MeasureSource:
         """The data as the caller gave it."""
         return self.ready.data if self.ready is not None else self.data
 
-    def objective(self) -> ModelObjective:
-        """The objective (built on the first call for the convenience form)."""
+    def objective(self, *, keep_first_graph: bool = False) -> ModelObjective:
+        """The objective (built on the first call for the convenience form).
+
+        ``keep_first_graph``: the caller builds the batch's gradient graph at once, so a
+        one-batch objective keeps its validation graph for that build (one forward pass
+        instead of two; see `sharpgen.curvature._validate.keeping_first_graph`).
+        """
         if self.ready is None:
-            self.ready = ModelObjective(self.model, self.loss_fn, self.data, **self.options)
+            with keeping_first_graph() if keep_first_graph else nullcontext():
+                self.ready = ModelObjective(self.model, self.loss_fn, self.data, **self.options)
         return self.ready
 
     def objective_on(self, data: Any) -> ModelObjective:
@@ -146,7 +153,8 @@ class MeasureSource:
         """
         if self.given_operator is not None:
             return self.given_operator
-        obj = self.objective()
+        # a kept double-backward graph starts from the validation's forward pass
+        obj = self.objective(keep_first_graph=self.options.get("backend", "auto") != "func")
         backend, cache = plan_backend(
             obj.backend, single_vectors=single_vectors, single_batch=obj.single_batch
         )

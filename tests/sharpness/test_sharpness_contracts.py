@@ -102,7 +102,7 @@ def test_state_untouched_generator_isolated_and_deterministic(state_check, name)
 
 
 class _FailingLoss:
-    """A loss that raises on its ``fail_at``-th call."""
+    """A loss that raises on its ``fail_at``-th call or in its first backward pass."""
 
     def __init__(self, fail_at: int) -> None:
         self.calls = 0
@@ -112,15 +112,22 @@ class _FailingLoss:
         self.calls += 1
         if self.calls >= self.fail_at:
             raise ValueError("boom")
-        return _mse(out, y)
+        loss = _mse(out, y)
+        if loss.requires_grad:
+            loss.register_hook(self._boom)
+        return loss
+
+    @staticmethod
+    def _boom(grad):
+        raise ValueError("boom")
 
 
 @pytest.mark.parametrize("name", list(MEASURES))
 def test_state_restored_after_an_exception(state_check, name):
     model = _bn_model()
     check = state_check(model)
-    # call 1 validates the objective; call 2 is inside the first product (with kept graphs
-    # the measures evaluate the loss only once more per batch)
+    # call 1 validates the objective; the first backward pass or call 2 is inside the first
+    # product (on one batch the measures build the first graph from the validation's loss)
     with pytest.raises(ValueError, match="boom"):
         MEASURES[name](model, _FailingLoss(2), _data(), torch.Generator().manual_seed(0))
     check()
