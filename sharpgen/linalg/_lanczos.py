@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,25 +55,27 @@ def orthogonalize(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns ``(w_perp, V w)``.
     """
+    Vt = V.T
     h = V @ w
-    w = w - h @ V
+    w = torch.addmv(w, Vt, h, alpha=-1.0)  # w - V^T h in one call
     h2 = V @ w
-    return w - h2 @ V, h + h2
+    return torch.addmv(w, Vt, h2, alpha=-1.0), h + h2
 
 
-def convergence_thresholds(theta: np.ndarray, tol: float, dtype: torch.dtype) -> np.ndarray:
-    r"""Residual thresholds $\mathrm{tol}\,\max(|\theta|, \sqrt{\epsilon}\,s)/(1+\mathrm{tol})$.
+def convergence_threshold(value: float, scale: float, tol: float, dtype: torch.dtype) -> float:
+    r"""The residual threshold $\mathrm{tol}\,\max(|\theta|, \sqrt{\epsilon}\,s)/(1+\mathrm{tol})$.
 
-    The projected problem is a few dozen numbers: it is solved in NumPy on the host, where
-    each step costs a fraction of the same torch calls.
+    ``value`` is the Ritz value $\theta$, ``scale`` the largest $|\theta_j|$ ($s$) and
+    $\epsilon$ the machine epsilon of ``dtype``.
     """
-    scale = float(np.abs(theta).max()) if theta.size else 0.0
     floor = math.sqrt(torch.finfo(dtype).eps) * scale
-    return tol * np.maximum(np.abs(theta), floor) / (1.0 + tol)
+    return tol * max(abs(value), floor) / (1.0 + tol)
 
 
-def error_bounds(theta: np.ndarray, resid: np.ndarray, bound: str) -> np.ndarray:
-    r"""The error bound of every Ritz value that the stopping rule compares with ``tol``.
+def error_bounds(
+    theta: Sequence[float], resid: Sequence[float], bound: str, idx: Sequence[int] | None = None
+) -> list[float]:
+    r"""The error bounds of the Ritz values ``idx`` (default: all) that the stopping rule uses.
 
     ``"residual"``: $\|r_i\|$, a distance to the spectrum that holds for any symmetric
     $A$. ``"gap"``: $\min(\|r_i\|, \|r_i\|^2/\delta_i)$ with the gap estimate
@@ -81,15 +83,30 @@ def error_bounds(theta: np.ndarray, resid: np.ndarray, bound: str) -> np.ndarray
     when $\delta_i \le \|r_i\|$): the quadratic bound for an isolated eigenvalue
     (Kato-Temple), with the gap read from the other Ritz values, each moved towards
     $\theta_i$ by its own residual.
+
+    The projected problem is a few dozen numbers, handled as Python floats: between two
+    products, each NumPy call on them cost several times its own arithmetic.
     """
-    if bound == "residual" or theta.size == 1:
-        return resid
-    dist = np.abs(theta[:, None] - theta[None, :]) - resid[None, :]
-    np.fill_diagonal(dist, np.inf)
-    delta = dist.min(axis=1)
-    isolated = delta > resid  # then delta > 0 and resid**2 / delta < resid: no overflow
-    quadratic = np.divide(resid**2, delta, out=resid.copy(), where=isolated)
-    return np.minimum(resid, quadratic)
+    m = len(theta)
+    out = []
+    for i in range(m) if idx is None else idx:
+        r = resid[i]
+        if bound == "gap" and m > 1:
+            delta = min(abs(theta[i] - theta[j]) - resid[j] for j in range(m) if j != i)
+            if delta > r:  # then delta > 0 and r**2 / delta < r: no overflow
+                r = r * r / delta
+        out.append(r)
+    return out
+
+
+def _wanted(theta: list[float], which: str) -> list[int]:
+    """`wanted_order` for ascending Ritz values as a list (no NumPy call)."""
+    m = len(theta)
+    if which == "largest":
+        return list(range(m - 1, -1, -1))
+    if which == "smallest":
+        return list(range(m))
+    return wanted_order(np.asarray(theta), which).tolist()
 
 
 def lanczos(
@@ -243,21 +260,25 @@ def lanczos(
         w = op.matvec(V[j])
         steps += 1
         w, h = orthogonalize(w, V[: j + 1])
-        h64 = h.to(dtype=torch.float64, device="cpu").numpy()
-        T[: j + 1, j] = h64
-        T[j, : j + 1] = h64
-        beta = float(torch.linalg.vector_norm(w))
+        # the new row of T and ||w|| reach the host in one transfer; eigh reads the lower
+        # triangle of T only
+        row = torch.cat((h, torch.linalg.vector_norm(w).reshape(1)))
+        row64 = row.to(dtype=torch.float64, device="cpu").numpy()
+        beta = float(row64[-1])
+        T[j, : j + 1] = row64[:-1]
         m = j + 1
-        theta, S = np.linalg.eigh(T[:m, :m])
-        resid = beta * np.abs(S[m - 1, :])
-        order = wanted_order(theta, which)
-        invariant = beta <= 100 * eps * max(float(np.abs(theta).max()), eps) * math.sqrt(n)
+        theta, S = np.linalg.eigh(T[:m, :m])  # ascending
+        ritz, last = theta.tolist(), S[m - 1].tolist()
+        scale = max(abs(ritz[0]), abs(ritz[-1]))
+        invariant = beta <= 100 * eps * max(scale, eps) * math.sqrt(n)
         # an exactly invariant Krylov space sees one copy of each eigenvalue: extend it once
         # with a fresh random vector before accepting convergence (finds double eigenvalues)
         if m >= k and (not invariant or breakdowns > 0 or m == n):
-            idx = order[:k]
-            thresholds = convergence_thresholds(theta, tol, dtype)[idx]
-            if bool((error_bounds(theta, resid, bound)[idx] <= thresholds).all()):
+            idx = _wanted(ritz, which)[:k]
+            resid = [beta * abs(x) for x in last]
+            errors = error_bounds(ritz, resid, bound, idx)
+            if all(e <= convergence_threshold(ritz[i], scale, tol, dtype)
+                   for e, i in zip(errors, idx, strict=True)):  # fmt: skip
                 converged = True
                 break
         if steps >= max_iter or m == n:
@@ -270,9 +291,9 @@ def lanczos(
             r, _ = orthogonalize(r, V[:m])
             new = r / torch.linalg.vector_norm(r)
         else:
-            new = w / beta
+            new = w.div_(beta)  # w is this step's own tensor
         if m == max_basis:
-            keep = order[: k + (m - k) // 2]
+            keep = wanted_order(theta, which)[: k + (m - k) // 2]
             S_keep = torch.from_numpy(S[:, keep]).to(dtype=dtype, device=device)
             V[: keep.size] = S_keep.T @ V[:m]
             T[:] = 0.0
@@ -284,6 +305,7 @@ def lanczos(
         V[j] = new
 
     m = j + 1
+    resid = beta * np.abs(S[m - 1, :])
     idx = wanted_order(theta, which)[: min(k, m)]
     idx = idx[output_order(theta[idx], which)]
     X = V[:m].T @ torch.from_numpy(S[:, idx]).to(dtype=dtype, device=device)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from sharpgen.linalg._checks import check_generator, check_positive_float, check_positive_int
-from sharpgen.linalg._lanczos import convergence_thresholds
+from sharpgen.linalg._lanczos import convergence_threshold
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
 from sharpgen.linalg._probes import random_unit_vector
 from sharpgen.linalg._results import EigenResult
@@ -82,7 +81,8 @@ def power_iteration(
         w = op.matvec(v)
         theta = torch.dot(v, w)
         resid = torch.linalg.vector_norm(w - theta * v)
-        if float(resid) <= convergence_thresholds(np.array([float(theta)]), tol, op.dtype)[0]:
+        value = float(theta)
+        if float(resid) <= convergence_threshold(value, abs(value), tol, op.dtype):
             converged = True
             break
         norm = torch.linalg.vector_norm(w)
