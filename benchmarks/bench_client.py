@@ -1,7 +1,7 @@
 """A user-style client: a small BatchNorm CNN trained on scikit-learn's digits, PyHessian beside.
 
     PYTHONPATH=$PWD .venv-bench/bin/python benchmarks/bench_client.py [--quick] [--rounds 3]
-        [--trace] [--out client.md]
+        [--trace] [--pairs 8] [--out client.md]
 
 The model (3,866 parameters: conv 1->8 3x3 + BatchNorm + ReLU, conv 8->16 3x3 + BatchNorm +
 ReLU, maxpool 2, linear 256->10) is trained for a few epochs with Adam on the first 1,000
@@ -297,7 +297,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 rounds, no trace, no top-5")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--trace", action="store_true", help="also the trace (an exact reference)")
-    ap.add_argument("--pairs", type=int, default=4, help="fixed-cost pairs per round")
+    ap.add_argument("--pairs", type=int, default=8, help="fixed-cost pairs per round")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
     load0 = " ".join(open("/proc/loadavg").read().split()[:3])

@@ -1,7 +1,7 @@
 """Top-k eigenvalues against PyHessian, and the fixed cost of a `top_eigenvalues` call.
 
     PYTHONPATH=$PWD .venv-bench/bin/python benchmarks/bench_topk.py [--quick] [--rounds 3]
-        [--pairs 4] [--problems mlp,cnn,client] [--out topk.md]
+        [--pairs 8] [--problems mlp,cnn,client] [--out topk.md]
 
 Problems (float32, 1 thread, eval mode):
 
@@ -217,7 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 round, top-1 only")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--pairs", type=int, default=4, help="fixed-cost pairs per round")
+    ap.add_argument("--pairs", type=int, default=8, help="fixed-cost pairs per round")
     ap.add_argument("--problems", default="mlp,cnn,client")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
