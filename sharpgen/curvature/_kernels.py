@@ -161,9 +161,11 @@ class ColumnProduct:
 
     ``column`` takes the entries of the parameters with a live gradient (in the order of
     ``live``); without any, the product is zero. See `sharpgen.curvature._columns`.
-    `single` is the product with one vector given as one tensor per parameter (the lean
-    path of `sharpgen.curvature._products.kept_matvec`); ``gradient`` is the batch
-    gradient the graph was built from (detached, zeros for unused parameters), or None.
+    `single` is the product with one vector given as one tensor per parameter;
+    ``flat``, where the kernel has one, the product with one flat vector as one flat
+    tensor (both the lean path of `sharpgen.curvature._products.kept_matvec`).
+    ``gradient`` is the batch gradient the graph was built from (detached, zeros for
+    unused parameters), or None.
     """
 
     def __init__(
@@ -174,11 +176,13 @@ class ColumnProduct:
         column: Column,
         keep: bool,
         gradient: list[Tensor] | None = None,
+        flat: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.plan, self.p, self.column, self.keep = plan, p, column, keep
         self.names = list(p)
         self.live = [i for i, _ in live]
         self.gradient = gradient
+        self.flat = flat if live else None
 
     def __call__(self, V: dict[str, Tensor]) -> Any:
         k = next(iter(V.values())).shape[0]
@@ -259,7 +263,32 @@ def hessian_kernel(
     gradient = [
         torch.zeros_like(t) if g is None else g.detach() for t, g in zip(params, grads, strict=True)
     ]
-    return ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient)
+    return ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient,
+                         _flat_product(grads, params))  # fmt: skip
+
+
+def _flat_product(
+    grads: tuple[Tensor | None, ...], params: list[Tensor]
+) -> Callable[[Tensor], Tensor]:
+    r"""$v \mapsto H v$ for flat vectors through the gradient graph, one backward per call.
+
+    The gradient is concatenated once, with its graph (zeros for the parameters without a
+    live gradient), so a flat $v$ is the backward's seed as it is: no split into
+    per-parameter views and one shape check instead of one per parameter.
+    """
+    flat: list[Tensor] = []
+
+    def apply(v: Tensor) -> Tensor:
+        if not flat:
+            with torch.enable_grad():
+                parts = [g if g is not None and g.requires_grad else t.new_zeros(t.shape)
+                         for g, t in zip(grads, params, strict=True)]  # fmt: skip
+                flat.append(torch.cat([g.reshape(-1) for g in parts]))
+        out = torch.autograd.grad(flat[0], params, v, retain_graph=True, allow_unused=True)
+        return torch.cat([t.new_zeros(t.numel()) if g is None else g.reshape(-1)
+                          for g, t in zip(out, params, strict=True)])  # fmt: skip
+
+    return apply
 
 
 # -- the generalized Gauss-Newton matrix -------------------------------------------------------

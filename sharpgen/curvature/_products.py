@@ -136,7 +136,10 @@ def kept_matvec(obj: ModelObjective, kernel: Kernel, v: Tensor, backend: str) ->
     """One flat vector through the kept double-backward graphs, or None where there are none.
 
     The lean single-vector path of a kept graph: per batch one ``torch.autograd.grad``
-    through the kept graph and one ``torch.cat``, without the block machinery of
+    through the kept graph seeded with ``v`` itself (the Hessian's kept graph ends in the
+    concatenated gradient, see ``_flat_product`` in `sharpgen.curvature._kernels`; other
+    kernels split ``v`` into per-parameter views) and one ``torch.cat``, without the block
+    machinery of
     `block_product` (views of ``(n, k)`` buffers, per-column dicts). It applies only where
     `block_product` would use the same kept graphs (same cache key, so a changed buffer or
     non-selected parameter is noticed; no process group) and gives the same product; the
@@ -151,14 +154,11 @@ def kept_matvec(obj: ModelObjective, kernel: Kernel, v: Tensor, backend: str) ->
     backend = prefer_double_backward(backend, kernel.name, obj.device)
     if cached[0] != _cache_key(obj, kernel, backend):
         return None
-    views = [piece.view(t.shape) for piece, t in zip(v.split(obj.sizes), obj.params.values(),
-                                                           strict=True)]  # fmt: skip
     out: Tensor | None = None
     count = 0
     for apply, n in store:
-        grads = apply.single(views)
-        if grads is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = apply.flat(v) if apply.flat is not None else _single(obj, apply, v)
+        if flat is not None:
             w = obj._weight(n)
             if out is None:
                 out = flat if w == 1.0 else flat.mul_(w)
@@ -168,6 +168,14 @@ def kept_matvec(obj: ModelObjective, kernel: Kernel, v: Tensor, backend: str) ->
     if out is None:
         out = torch.zeros_like(v)
     return obj._finish([out], count, kernel.what, check=False)[0]
+
+
+def _single(obj: ModelObjective, apply: ColumnProduct, v: Tensor) -> Tensor | None:
+    """`ColumnProduct.single` on per-parameter views of ``v``, flattened (None: zero)."""
+    views = [piece.view(t.shape) for piece, t in zip(v.split(obj.sizes), obj.params.values(),
+                                                           strict=True)]  # fmt: skip
+    grads = apply.single(views)
+    return None if grads is None else torch.cat([g.reshape(-1) for g in grads])
 
 
 def kept_gradient(obj: ModelObjective, kernel: Kernel, backend: str) -> Tensor | None:
