@@ -132,3 +132,53 @@ def test_gradient_without_kept_graphs(cv, monkeypatch):
             warnings.simplefilter("ignore", UserWarning)  # no graphs kept: warned, tested elsewhere
             H = HessianOperator(model, loss, data, cache_graph=bool(options), **options)
         torch.testing.assert_close(H.gradient(), truth, rtol=1e-12, atol=1e-14)
+
+
+class _ConstantShift(torch.nn.Module):
+    """``tanh(lin(x)) + c``: under a mean loss the gradient of ``c`` is a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.c = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) + self.c
+
+
+def _mean_out(outputs, targets):
+    return outputs.mean()
+
+
+@pytest.mark.parametrize("name", ["unused parameter", "constant gradient"])
+def test_lean_path_with_parameters_without_a_live_gradient(cv, name):
+    # the flat product seeds zeros for them: their rows and columns of H are zero
+    if name == "unused parameter":
+        torch.manual_seed(0)
+        model, loss = cv.FrozenUnused().to(DT), F.mse_loss
+    else:
+        torch.manual_seed(0)
+        model, loss = _ConstantShift().to(DT), _mean_out
+    data = cv.regression_data(n=7)
+    dense = cv.dense_hessian(model, loss, [data])
+    H = HessianOperator(model, loss, data, backend="autograd", cache_graph=True)
+    H.matvec(vec(H.shape[0], 0))  # builds the graph
+    for seed in range(2):
+        v = vec(H.shape[0], seed)
+        torch.testing.assert_close(H.matvec(v), dense @ v, rtol=1e-8, atol=1e-10)
+    apply = H.objective._graph_cache[1][0][0]
+    assert apply.flat is not None  # the flat path was taken
+    assert len(apply.live) == len(H.params) - 1  # with one parameter without a live gradient
+
+
+def test_lean_path_of_a_kernel_without_a_flat_product(cv):
+    # the GGN's kept graphs take the per-parameter views; the block path is the reference
+    from sharpgen.curvature import GGNOperator
+
+    model, data = cv.make_mlp(), split(*cv.regression_data(n=11))
+    G = GGNOperator(model, F.mse_loss, data, backend="autograd", cache_graph=True)
+    v = vec(G.shape[0], 3)
+    first = G.matvec(v)  # builds the graphs
+    assert G.objective._graph_cache[1][0][0].flat is None
+    torch.testing.assert_close(G.matvec(v), first, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(G.matmat(v[:, None])[:, 0], first, rtol=1e-10, atol=1e-12)
