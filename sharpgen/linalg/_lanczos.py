@@ -274,11 +274,11 @@ def lanczos(
         # an exactly invariant Krylov space sees one copy of each eigenvalue: extend it once
         # with a fresh random vector before accepting convergence (finds double eigenvalues)
         if m >= k and (not invariant or breakdowns > 0 or m == n):
-            idx = _wanted(ritz, which)[:k]
+            wanted = _wanted(ritz, which)[:k]
             resid = [beta * abs(x) for x in last]
-            errors = error_bounds(ritz, resid, bound, idx)
+            errors = error_bounds(ritz, resid, bound, wanted)
             if all(e <= convergence_threshold(ritz[i], scale, tol, dtype)
-                   for e, i in zip(errors, idx, strict=True)):  # fmt: skip
+                   for e, i in zip(errors, wanted, strict=True)):  # fmt: skip
                 converged = True
                 break
         if steps >= max_iter or m == n:
