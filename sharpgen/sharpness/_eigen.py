@@ -24,7 +24,14 @@ from sharpgen.sharpness._common import (
     progress_bar,
 )
 
-__all__ = ["START", "WHICH", "ModelEigenResult", "gradient_start", "top_eigenvalues"]
+__all__ = [
+    "START",
+    "WHICH",
+    "ModelEigenResult",
+    "gradient_start",
+    "top_eigenvalues",
+    "warm_start",
+]
 
 WHICH = ("largest", "smallest", "both_ends", "magnitude")
 START = ("auto", "gradient", "random")
@@ -46,6 +53,29 @@ def gradient_start(
     r = random_unit_vector(gradient.numel(), generator=generator, dtype=gradient.dtype,
                            device=gradient.device)  # fmt: skip
     return gradient / norm + mix * r
+
+
+def warm_start(start: Tensor, p: int, generator: torch.Generator | None) -> Tensor:
+    r"""The start $u/\|u\| + 0.3\, r/\|r\|$ from a flat vector ``start`` of length ``p``.
+
+    Raises:
+        TypeError: If ``start`` is not a floating-point tensor.
+        ValueError: If its shape is not ``(p,)``, or it is zero or not finite.
+    """
+    if not start.is_floating_point():
+        raise TypeError(f"start must be a floating-point tensor, got dtype {start.dtype}.")
+    if tuple(start.shape) != (p,):
+        raise ValueError(
+            f"start must be a flat vector of shape ({p},) (one entry per selected "
+            f"parameter), got shape {tuple(start.shape)}; pass a previous result's "
+            "eigenvectors[:, 0]."
+        )
+    v0 = gradient_start(start.detach(), generator)
+    if v0 is None:
+        raise ValueError(
+            "start must be a finite nonzero vector; pass start='auto' for the default start."
+        )
+    return v0
 
 
 def _start_vector(
@@ -114,7 +144,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     progress: bool = False,
     bound: str = "residual",
-    start: str = "auto",
+    start: str | Tensor = "auto",
     **objective_options: Any,
 ) -> ModelEigenResult:
     r"""The ``k`` extreme eigenvalues of the loss Hessian $\nabla^2_\theta L(\theta)$ by Lanczos.
@@ -173,7 +203,11 @@ def top_eigenvalues(
             (see the note above); ``"random"``, $r$ alone; ``"auto"`` (default):
             ``"gradient"`` for ``k=1`` with ``which="largest"`` or ``"magnitude"`` on the
             Hessian of a model, ``"random"`` otherwise. A zero or non-finite gradient
-            falls back to ``"random"``.
+            falls back to ``"random"``. Or a warm start: a flat tensor $u$ of shape
+            ``(p,)``, typically the previous call's ``eigenvectors[:, 0]`` while training,
+            and then $v_0 = u/\|u\| + 0.3\, r/\|r\|$. `SharpnessTracker` does this
+            between its measurements: 25-40% fewer products than the gradient start on
+            the anchors' MLP and CNN (see the curvature guide).
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random; Lanczos then has no
@@ -230,9 +264,13 @@ def top_eigenvalues(
             "all eigenvalues compute the dense Hessian (HessianOperator(...).to_dense()) and "
             "use torch.linalg.eigvalsh."
         )
-    start = check_choice("start", start, START)
+    warm = None
+    if isinstance(start, Tensor):  # checked before any forward pass
+        warm = warm_start(start.to(device=source.device), p, generator)
+    else:
+        start = check_choice("start", start, START)
     H = source.hessian(single_vectors=True)
-    v0 = _start_vector(H, start, k, which, generator)
+    v0 = warm if warm is not None else _start_vector(H, str(start), k, which, generator)
     with progress_bar(progress, total=max_iter, desc="top_eigenvalues", unit="matvec") as bar:
         res = lanczos(
             ProgressOperator(H, bar) if progress else H, k, which=which, tol=tol, max_iter=max_iter,

@@ -113,3 +113,55 @@ def test_start_is_checked(h):
     H = HessianOperator(model, loss, data)
     assert top_eigenvalues(H, k=1, start="gradient", generator=h.g(0)).converged
     assert top_eigenvalues(ggn, k=1, generator=h.g(0)).converged
+
+
+def test_warm_start_from_the_top_eigenvector_needs_fewer_products(h):
+    model, loss, data, A = h.quadratic_problem(EIGS)
+    evals, evecs = torch.linalg.eigh(A)
+    counts = {}
+    for name, start in (("warm", evecs[:, -1]), ("random", "random")):
+        res = top_eigenvalues(model, loss, data, k=1, tol=1e-6, start=start, generator=h.g(2))
+        assert res.converged
+        assert res.eigenvalues[0].item() == pytest.approx(float(evals[-1]), rel=1e-6)
+        counts[name] = res.num_matvecs
+    assert counts["warm"] < counts["random"]
+
+
+def test_warm_start_along_the_second_eigenvector_still_finds_the_top_five(h):
+    # the random part keeps every eigenvector in the Krylov space
+    model, loss, data, A = h.quadratic_problem(EIGS)
+    evals, evecs = torch.linalg.eigh(A)
+    res = top_eigenvalues(model, loss, data, k=5, tol=1e-8, start=evecs[:, -2].float(),
+                          generator=h.g(3))  # fmt: skip
+    torch.testing.assert_close(res.eigenvalues, evals.flip(0)[:5], rtol=1e-7, atol=0)
+
+
+def test_warm_start_is_drawn_from_the_generator_only(h):
+    model, loss, data, A = h.quadratic_problem(EIGS)
+    u = torch.linspace(1.0, 2.0, len(EIGS), dtype=h.DT)
+    v0 = eigen.warm_start(u, len(EIGS), h.g(0))
+    torch.testing.assert_close(v0, eigen.gradient_start(u, h.g(0)), rtol=0, atol=0)
+    rng = torch.get_rng_state()
+    a = top_eigenvalues(model, loss, data, k=1, start=u, generator=h.g(4))
+    b = top_eigenvalues(model, loss, data, k=1, start=u, generator=h.g(4))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and a.num_matvecs == b.num_matvecs
+
+
+@pytest.mark.parametrize(
+    ("start", "error", "match"),
+    [
+        (torch.ones(3, dtype=torch.float64), ValueError, r"shape \(14,\)"),
+        (torch.ones(14, 1, dtype=torch.float64), ValueError, r"eigenvectors\[:, 0\]"),
+        (torch.ones(14, dtype=torch.int64), TypeError, "floating-point"),
+        (torch.zeros(14, dtype=torch.float64), ValueError, "finite nonzero"),
+        (torch.full((14,), float("nan"), dtype=torch.float64), ValueError, "finite nonzero"),
+    ],
+)
+def test_a_warm_start_is_checked_before_any_forward_pass(h, start, error, match):
+    model, loss, data, A = h.quadratic_problem(EIGS)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(error, match=match):
+        top_eigenvalues(model, loss, data, k=1, start=start, generator=h.g(0))
+    assert calls == []

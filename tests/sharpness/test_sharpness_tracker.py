@@ -172,3 +172,34 @@ def test_plot_overlays_two_runs_with_stderr_bands(h):
     with pytest.raises(ValueError, match=r"axes has 1 entries for 2 keys"):
         runs[0].plot(axes=[ax])
     plt.close(fig2)
+
+
+def test_top_eigenvalue_is_warm_started_from_the_previous_measurement(h, monkeypatch):
+    import sharpgen.sharpness._tracker as tracker_module
+
+    seen = []
+    real = tracker_module.top_eigenvalues
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("start"))
+        out = real(*args, **kwargs)
+        seen.append(out.eigenvectors[:, 0].clone())
+        return out
+
+    monkeypatch.setattr(tracker_module, "top_eigenvalues", spy)
+    model, batch = h.make_mlp(0), h.regression_data(8)
+    tracker = SharpnessTracker(model, h.mse, batch, every=1, measures=("top_eigenvalue",),
+                               generator=h.g(0))  # fmt: skip
+    first, second = tracker.step(0), tracker.step(1)
+    assert seen[0] is None  # the first measurement: the default start
+    assert torch.equal(seen[2], seen[1])  # the second: the first one's top eigenvector
+    direct = top_eigenvalues(model, h.mse, batch, 1, tol=1e-6, generator=h.g(9))
+    for record in (first, second):
+        assert record["top_eigenvalue"] == pytest.approx(float(direct.eigenvalues[0]), rel=2e-3)
+    options = {"top_eigenvalue": {"start": "auto"}}
+    cold = SharpnessTracker(model, h.mse, batch, every=1, measures=("top_eigenvalue",),
+                            options=options, generator=h.g(0))  # fmt: skip
+    seen.clear()
+    cold.step(0)
+    cold.step(1)
+    assert seen[0] == "auto" and seen[2] == "auto"
