@@ -284,9 +284,7 @@ def _flat_product(
                 parts = [g if g is not None and g.requires_grad else t.new_zeros(t.shape)
                          for g, t in zip(grads, params, strict=True)]  # fmt: skip
                 flat.append(torch.cat([g.reshape(-1) for g in parts]))
-        out = torch.autograd.grad(flat[0], params, v, retain_graph=True, allow_unused=True)
-        return torch.cat([t.new_zeros(t.numel()) if g is None else g.reshape(-1)
-                          for g, t in zip(out, params, strict=True)])  # fmt: skip
+        return torch.cat([g.reshape(-1) for g in _grads(flat[0], params, v, False)])
 
     return apply
 

@@ -206,8 +206,8 @@ def top_eigenvalues(
             falls back to ``"random"``. Or a warm start: a flat tensor $u$ of shape
             ``(p,)``, typically the previous call's ``eigenvectors[:, 0]`` while training,
             and then $v_0 = u/\|u\| + 0.3\, r/\|r\|$. `SharpnessTracker` does this
-            between its measurements: 25-40% fewer products than the gradient start on
-            the anchors' MLP and CNN (see the curvature guide).
+            between its measurements: 24-39% fewer products than the gradient start on
+            the anchors' MLP and CNN (see the tracker section of the measuring guide).
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random; Lanczos then has no

@@ -56,7 +56,8 @@ class SharpnessTracker:
       Lanczos is warm-started from the previous measurement's top eigenvector
       (``start=`` that vector, plus a random part; pass ``options={"top_eigenvalue":
       {"start": "auto"}}`` for a cold start): the top eigenvector moves slowly during
-      training, and in our runs this took 25-40% fewer products than the gradient start.
+      training, and in ``benchmarks/bench_tracker_warm.py`` this took 24-39% fewer products
+      than the gradient start.
     * ``"sam"``: `sam_sharpness` with ``rho=0.05``, one SAM step (``sam``).
     * ``"average"``: `average_sharpness` with ``rho=0.01, num_samples=16`` (``average``,
       ``average_stderr``).
