@@ -15,24 +15,53 @@ On a CPU the forward passes are the cost of a landscape, and batching grid point
 * each point is one Python-level pass over a precompiled list of kernels, without
   ``functional_call``'s module swapping.
 
-Every rewrite is exact up to the order of floating-point sums. Models with any other
-layer (or hooks, or buffers) take the general ``vmap`` path.
+Every rewrite is exact up to the order of floating-point sums. Both the affine split and
+the kernels evaluate the layers one after another, which is what ``model(x)`` computes only
+for a plain ``nn.Sequential`` (`is_plain_sequential`); any other model, and one with another
+layer (or buffers), takes the general ``vmap`` path over ``functional_call(model, ...)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FastPoints", "compile_rest", "to_channels_last"]
+__all__ = ["FastPoints", "compile_rest", "is_plain_sequential", "to_channels_last"]
 
 Kernel = Callable[[Tensor, list[Tensor]], Tensor]
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU,
                 nn.Softplus, nn.Identity, nn.Dropout)  # fmt: skip
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs more than ``m.forward`` (hooks, or an instance ``forward``)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m))
+
+
+def is_plain_sequential(model: nn.Module) -> TypeGuard[nn.Sequential]:
+    """Whether ``model(x)`` is provably its children applied one after another.
+
+    True only for an ``nn.Sequential`` of that exact class (a subclass may have its own
+    ``forward``), with no forward or forward-pre hooks on it or any submodule, no global
+    module hooks (``register_module_forward_hook``), no submodule used twice and no
+    parameter shared between two places (tied weights). Whatever a fast path built on its
+    children computes is then what ``model(x)`` computes.
+    """
+    if type(model) is not nn.Sequential:
+        return False
+    g = torch.nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
+        return False
+    mods = list(model.modules(remove_duplicate=False))
+    if len({id(m) for m in mods}) != len(mods) or any(_hooked(m) for m in mods):
+        return False
+    params = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    return len({id(p) for p in params}) == len(params)
 
 
 def to_channels_last(h: Tensor) -> Tensor:
@@ -76,7 +105,7 @@ def _is_pool2x2(m: nn.Module) -> bool:
 
 
 def _supported(m: nn.Module) -> bool:
-    if m._forward_hooks or m._forward_pre_hooks or list(m.buffers(recurse=False)):
+    if _hooked(m) or list(m.buffers(recurse=False)):
         return False
     if isinstance(m, _CONV):
         return m.padding_mode == "zeros" and type(m) in _CONV

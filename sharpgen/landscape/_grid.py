@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from sharpgen.curvature import ModelObjective, dataset_reduce
 from sharpgen.curvature._data import num_samples
-from sharpgen.landscape._fastseq import FastPoints, compile_rest
+from sharpgen.landscape._fastseq import FastPoints, compile_rest, is_plain_sequential
 from sharpgen.sharpness._common import progress_bar
 
 __all__ = ["DEFAULT_MEMORY", "evaluate_points", "points_per_chunk"]
@@ -68,18 +68,20 @@ def points_per_chunk(obj: ModelObjective, memory: int) -> int:
 
 
 def _affine_split(model: nn.Module, buffers: Any) -> tuple[str, nn.Module, nn.Module] | None:
-    r"""``(name, first, rest)`` when ``model`` is a Sequential starting with an affine layer.
+    r"""``(name, first, rest)`` when ``model`` is a plain Sequential starting with an affine layer.
 
     The first layer of a Sequential is then affine in its parameters given the inputs,
     $f(x; W_0 + \sum_k c_k D_k) = f(x; W_0) + \sum_k c_k f(x; D_k)$ (bias included in
     $D_k$), so its output at every grid point is a combination of $K + 1$ outputs computed
-    once per batch, and only the rest of the network runs per point.
+    once per batch, and only the rest of the network runs per point. Running the layers
+    one by one is ``model(x)`` only for a plain Sequential (`is_plain_sequential`: its own
+    class, no hooks, no layer used twice, no shared parameters); any other model is None.
     """
-    if not isinstance(model, nn.Sequential) or len(model) < 2 or buffers:
+    if not is_plain_sequential(model) or len(model) < 2 or buffers:
         return None
     name, first = next(iter(model.named_children()))
     affine = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if type(first) not in affine or first._forward_hooks or first._forward_pre_hooks:
+    if type(first) not in affine:
         return None
     if isinstance(first, nn.modules.conv._ConvNd) and first.padding_mode != "zeros":
         return None

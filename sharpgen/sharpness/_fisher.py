@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from sharpgen.curvature import ModelObjective, dataset_reduce
 from sharpgen.curvature._data import num_samples
+from sharpgen.curvature._reduce import check_finite
 from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import TraceEstimate
 from sharpgen.sharpness._common import (
@@ -188,6 +189,7 @@ def empirical_fisher_trace(
 
     Raises:
         ValueError: ``bn="batch"``, invalid ``chunk_size`` or model/data arguments.
+        FloatingPointError: A per-sample gradient of any batch holds NaN or Inf.
 
     Examples:
         >>> import torch
@@ -216,7 +218,7 @@ def empirical_fisher_trace(
     count = 0
     with obj.state():
         others = _others(obj)
-        for inputs, targets in obj.batches():
+        for b, (inputs, targets) in enumerate(obj.batches()):
             n = num_samples(inputs)
             for start in range(0, n, chunk_size):
                 xs, ys = (
@@ -227,6 +229,7 @@ def empirical_fisher_trace(
                     torch.func.grad(sample_loss), in_dims=(None, _in_dims(xs), _in_dims(ys), None)
                 )(p, xs, ys, others)
                 total = total + sum((g.detach() ** 2).sum() for g in per.values())
+            check_finite([total], f"squared per-sample gradient norm of batch {b}")
             count += n
     (total,), count = dataset_reduce([total], count, obj.reduction, obj.process_group)
     return TraceEstimate(value=float(total), stderr=0.0, num_matvecs=count, method="per-sample")
@@ -239,8 +242,9 @@ class FisherRaoNorm:
     ``float(result)`` is ``value``.
 
     Attributes:
-        value: $\|\theta\|_{fr} = \sqrt{\theta^\top M \theta}$.
-        squared: $\theta^\top M \theta$.
+        value: $\|\theta\|_{fr} = \sqrt{\theta^\top M \theta}$ (0 for a negative
+            ``squared`` within round-off).
+        squared: $\theta^\top M \theta$ as computed (it may be negative within round-off).
         fisher: ``"ggn"`` ($M = G$) or ``"empirical"`` ($M = F$).
         num_samples: Number of samples $N$.
     """
@@ -286,6 +290,13 @@ def fisher_rao_norm(
     Cost: one GGN-vector product (``"ggn"``) or one forward-mode pass with per-sample
     losses (``"empirical"``).
 
+    $G$ is positive semi-definite only when ``loss_fn`` is convex in the model outputs
+    ($H_\ell \succeq 0$). For a loss that is not, $\theta^\top G\theta$ can be negative
+    and the norm is undefined: then a `ValueError` is raised (`ggn_trace` reports the
+    signed curvature). A negative value within round-off,
+    $|\theta^\top G\theta| \le \sqrt{\epsilon}\sum_i|\theta_i (G\theta)_i|$, is
+    kept in ``squared`` as computed, and ``value`` is then 0.
+
     Args:
         model: Any ``nn.Module`` or a ready `sharpgen.ModelObjective`.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
@@ -300,7 +311,9 @@ def fisher_rao_norm(
         A `FisherRaoNorm`.
 
     Raises:
-        ValueError: Unknown ``fisher``; ``bn="batch"`` with ``"empirical"``.
+        ValueError: Unknown ``fisher``; ``bn="batch"`` with ``"empirical"``;
+            $\theta^\top G\theta < 0$ beyond round-off (a loss not convex in the outputs).
+        FloatingPointError: $\theta^\top M\theta$ is NaN or Inf.
 
     Examples:
         >>> import torch
@@ -322,7 +335,9 @@ def fisher_rao_norm(
     p = obj.params
     if fisher == "ggn":
         out = obj.ggn_vp({n: t.unsqueeze(0) for n, t in p.items()})
-        squared = float(sum((out[n][0] * t).sum() for n, t in p.items()))
+        terms = [out[n][0] * t for n, t in p.items()]
+        squared = float(sum(v.sum() for v in terms))
+        scale = float(sum(v.abs().sum() for v in terms))  # for the round-off bound
         n_total = obj.num_samples
     else:
         _check_per_sample(obj, "fisher_rao_norm(fisher='empirical')")
@@ -341,9 +356,15 @@ def fisher_rao_norm(
                 total = total + (s**2).sum()
                 count += num_samples(inputs)
         (total,), n_total = dataset_reduce([total], count, obj.reduction, obj.process_group)
-        squared = float(total)
+        squared, scale = float(total), 0.0  # a sum of squares
     if not math.isfinite(squared):
         raise FloatingPointError(f"the Fisher-Rao norm is not finite ({squared}).")
-    squared = max(squared, 0.0)
-    return FisherRaoNorm(value=math.sqrt(squared), squared=squared, fisher=fisher,
+    if squared < -scale * math.sqrt(torch.finfo(obj.dtype).eps):
+        raise ValueError(
+            f"theta^T G theta = {squared:.6g} < 0: the Gauss-Newton matrix is not positive "
+            "semi-definite along theta (loss_fn is not convex in the model outputs), so the "
+            "Fisher-Rao norm is undefined; use a loss convex in the outputs (cross-entropy, "
+            "MSE), fisher='empirical', or ggn_trace for the signed curvature."
+        )
+    return FisherRaoNorm(value=math.sqrt(max(squared, 0.0)), squared=squared, fisher=fisher,
                          num_samples=n_total)  # fmt: skip
