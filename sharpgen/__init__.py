@@ -117,6 +117,7 @@ from sharpgen.sharpness import (
     spectral_density,
     top_eigenvalues,
 )
+from sharpgen.study import StudyTable, TrainedModel, measure_models
 from sharpgen.theory import (
     interpolation_trace,
     memorizer_test_error,
@@ -245,4 +246,8 @@ __all__ = [
     "run_experiments",
     "get_preset",
     "RunResult",
+    # studies of generalization (sharpgen.study)
+    "TrainedModel",
+    "StudyTable",
+    "measure_models",
 ]

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sharpgen"
-ABOVE_SHARPNESS = ["optim", "experiments", "landscape", "integrations", "cli"]
+ABOVE_SHARPNESS = ["optim", "experiments", "landscape", "integrations", "cli", "study"]
 FORBIDDEN = {
     "_validation": ["_distributed", "linalg", "curvature", "sharpness", *ABOVE_SHARPNESS],
     "_distributed": ["linalg", "curvature", "sharpness", *ABOVE_SHARPNESS],
     "linalg": ["curvature", "sharpness", *ABOVE_SHARPNESS],
     "curvature": ["sharpness", *ABOVE_SHARPNESS],
     "sharpness": ABOVE_SHARPNESS,
+    "experiments": ["study"],
+    "landscape": ["study"],
 }
 
 

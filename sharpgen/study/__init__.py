@@ -1,0 +1,30 @@
+r"""Studies: do sharpness and complexity measures rank many trained models by generalization?
+
+A study is a list of `TrainedModel` records (trained by `sharpgen.study`'s runner or by the
+user from their own checkpoints). `measure_models` computes every measure of `MEASURES`
+(sharpgen's sharpness measures and the classical complexity measures of Jiang et al. 2020
+and Dziugaite et al. 2020) on every model into a `StudyTable`.
+
+References:
+    Jiang, Neyshabur, Mobahi, Krishnan & Bengio (2020), "Fantastic Generalization Measures
+    and Where to Find Them", ICLR, arXiv:1912.02178.
+    Dziugaite et al. (2020), "In Search of Robust Measures of Generalization", NeurIPS,
+    arXiv:2010.11924.
+    Andriushchenko, Croce, Müller, Hein & Flammarion (2023), "A Modern Look at the
+    Relationship between Sharpness and Generalization", ICML, arXiv:2302.07011.
+"""
+
+from sharpgen.study._measures import MEASURES, Measure, measure_models
+from sharpgen.study._record import METRICS, StudyTable, TrainedModel, evaluate
+
+__all__ = [
+    # records
+    "TrainedModel",
+    "StudyTable",
+    "METRICS",
+    "evaluate",
+    # measures
+    "Measure",
+    "MEASURES",
+    "measure_models",
+]
