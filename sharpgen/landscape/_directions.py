@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from sharpgen._validation import check_choice, check_generator, check_int
 from sharpgen.curvature import ModelObjective, select_params, unflatten_params
 from sharpgen.curvature._params import ParamSelection
+from sharpgen.landscape._args import check_direction_like, check_tensor_map
 
 __all__ = [
     "NORMALIZATIONS",
@@ -65,6 +66,7 @@ def normalize_direction(
         A new dict.
 
     Raises:
+        TypeError: ``direction`` or ``params`` is not a dict of floating-point tensors.
         ValueError: Unknown ``normalization``/``one_dim``, or names/shapes that differ.
 
     Examples:
@@ -77,18 +79,11 @@ def normalize_direction(
     """
     normalization = check_choice("normalization", normalization, NORMALIZATIONS)
     one_dim = check_choice("one_dim", one_dim, ONE_DIM)
-    if set(direction) != set(params):
-        raise ValueError(
-            f"direction must have the parameter names {list(params)[:6]}, got "
-            f"{list(direction)[:6]}."
-        )
+    params = check_tensor_map("params", params)
+    direction = check_direction_like(direction, params)
     out = {}
     for name, ref in params.items():
         d = direction[name]
-        if d.shape != ref.shape:
-            raise ValueError(
-                f"direction[{name!r}] has shape {tuple(d.shape)}, the parameter {tuple(ref.shape)}."
-            )
         if ref.ndim < 2 and one_dim != "keep":
             out[name] = torch.zeros_like(d) if one_dim == "zero" else _rescale(d, ref)
         elif normalization == "none" or ref.ndim < 2:
@@ -124,6 +119,10 @@ def random_direction(
     Returns:
         A dict name -> tensor (detached, same dtype and device as the parameters).
 
+    Raises:
+        TypeError, ValueError: A bad argument; all are checked before the first number is
+            drawn, so the generator is untouched by a refused call.
+
     Examples:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
@@ -138,9 +137,14 @@ def random_direction(
         of neural nets", NeurIPS 2018.
     """
     generator = check_generator(generator)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("one_dim", one_dim, ONE_DIM)
     if isinstance(params, nn.Module):
         params = select_params(params, select)
-    theta = {n: t.detach() for n, t in params.items()}
+    elif select is not None:
+        raise TypeError("select is only for a module as params; a dict is used as it is.")
+    checked = check_tensor_map("params", params, module_ok=True)
+    theta = {n: t.detach() for n, t in checked.items()}
     where = generator.device if generator is not None else None
     raw = {
         n: torch.randn(t.shape, generator=generator, dtype=torch.float64, device=where).to(

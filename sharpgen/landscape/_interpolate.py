@@ -9,11 +9,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen._validation import check_choice, check_int, check_positive
+from sharpgen._validation import check_choice
 from sharpgen.curvature import ModelObjective
+from sharpgen.curvature._data import as_batches
+from sharpgen.landscape._args import (
+    check_grid_options,
+    check_num_points,
+    check_span,
+    loss_callable,
+)
 from sharpgen.landscape._grid import DEFAULT_MEMORY, evaluate_points, points_per_chunk
 from sharpgen.landscape._results import Landscape1D
-from sharpgen.landscape._surface import _span
 from sharpgen.sharpness._common import progress_bar
 
 __all__ = ["BN_STATS", "linear_interpolation"]
@@ -127,9 +133,11 @@ def linear_interpolation(
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}.")
     _check_pair(model_a, model_b)
-    lo, hi = _span("span", span)
-    num_points = check_int("num_points", num_points, minimum=2)
-    memory = int(check_positive("memory", memory))
+    loss_callable(loss_fn)
+    lo, hi = check_span("span", span)
+    (num_points,) = check_num_points(num_points)
+    chunk, memory = check_grid_options(metric=metric, chunk_size=chunk_size, memory=memory,
+                                       progress=progress, reduction=reduction)  # fmt: skip
     has_bn = bool(_batchnorms(model_a))
     if has_bn and bn_stats is None:
         raise ValueError(
@@ -158,7 +166,6 @@ def linear_interpolation(
                 n: (t.detach(), bb[n].detach() - t.detach())
                 for n, t in ba.items() if t.is_floating_point()
             }  # fmt: skip
-        chunk = None if chunk_size is None else check_int("chunk_size", chunk_size)
         loss, met = evaluate_points(obj, [direction], alphas[:, None], metric=metric,
                                     chunk_size=chunk, max_chunk=points_per_chunk(obj, memory),
                                     progress=progress,
@@ -187,7 +194,12 @@ def _recompute(
     progress: bool,
     reduction: str,
 ) -> tuple[Tensor, Tensor | None]:
-    """Point by point on a private copy: set weights, re-estimate BN statistics, evaluate."""
+    """Point by point on a private copy: set weights, re-estimate BN statistics, evaluate.
+
+    ``data`` is visited twice per point: a one-shot iterator is collected once, up front
+    (`sharpgen.curvature.as_batches`, with its warning), like every objective does.
+    """
+    data = as_batches(data)
     work = copy.deepcopy(model_a)
     pa = {n: p.detach().clone() for n, p in model_a.named_parameters()}
     losses, metrics = [], []

@@ -8,11 +8,20 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import torch
 from torch import Tensor, nn
 
-from sharpgen._validation import check_choice, check_generator, check_int, check_positive
+from sharpgen._validation import check_choice, check_generator
 from sharpgen.curvature import ModelObjective
 from sharpgen.curvature._params import ParamSelection
+from sharpgen.landscape._args import (
+    check_direction_like,
+    check_grid_options,
+    check_num_points,
+    check_span,
+    check_span_2d,
+    check_tensor_map,
+)
 from sharpgen.landscape._directions import (
     NORMALIZATIONS,
+    ONE_DIM,
     hessian_directions,
     normalize_direction,
     random_direction,
@@ -59,10 +68,32 @@ def _options(where: str, options: Mapping[str, Any]) -> dict[str, Any]:
         )
     opts = {**_DEFAULTS, **options}
     opts["generator"] = check_generator(opts["generator"])
-    opts["memory"] = int(check_positive("memory", opts["memory"]))
-    if opts["chunk_size"] is not None:
-        opts["chunk_size"] = check_int("chunk_size", opts["chunk_size"])
+    opts["chunk_size"], opts["memory"] = check_grid_options(
+        metric=opts["metric"], chunk_size=opts["chunk_size"], memory=opts["memory"],
+        progress=opts["progress"], reduction=opts["reduction"],
+    )  # fmt: skip
     return opts
+
+
+def _check_how(how: Any, k: int, normalization: Any, one_dim: Any) -> None:
+    """The direction arguments, checked before any work (the names and shapes come later)."""
+    if normalization is not None:
+        check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("one_dim", one_dim, ONE_DIM)
+    name = "direction" if k == 1 else "directions"
+    if isinstance(how, str):
+        check_choice(name, how, ("random", "hessian"))
+        return
+    if k == 2 and isinstance(how, Mapping):
+        raise TypeError("directions must be 'random', 'hessian' or a pair of dicts, got one dict.")
+    given = [how] if isinstance(how, Mapping) else how
+    if not isinstance(given, Sequence) or len(given) != k:
+        raise TypeError(
+            f"{name} must be 'random', 'hessian' or {k} dict(s) name -> tensor shaped "
+            f"like the parameters, got {type(how).__name__}."
+        )
+    for i, d in enumerate(given):
+        check_tensor_map(name if k == 1 else f"directions[{i}]", d)
 
 
 def _grid(
@@ -84,8 +115,6 @@ def _grid(
         raise ValueError(
             f"{where} needs a deterministic loss; build the objective with dropout=False."
         )
-    if k == 2 and isinstance(how, Mapping):
-        raise TypeError("directions must be 'random', 'hessian' or a pair of dicts, got one dict.")
     return (obj, *_directions(obj, how, k, normalization, one_dim, opts["generator"]))
 
 
@@ -99,15 +128,6 @@ def _evaluate(
                            progress=opts["progress"], desc=where)  # fmt: skip
 
 
-def _span(name: str, span: Any) -> tuple[float, float]:
-    if not (isinstance(span, Sequence) and len(span) == 2):
-        raise ValueError(f"{name} must be a pair (low, high), got {span!r}.")
-    lo, hi = (float(v) for v in span)
-    if not lo < hi:
-        raise ValueError(f"{name} must have low < high, got {span!r}.")
-    return lo, hi
-
-
 def _directions(
     obj: ModelObjective,
     how: Any,
@@ -119,10 +139,8 @@ def _directions(
     """Resolve ``how`` into ``k`` normalized directions; returns (dirs, kind, norm, eigs)."""
     eigs = None
     if isinstance(how, str):
-        check_choice("direction", how, ("random", "hessian"))
         if how == "random":
             norm = normalization or "filter"
-            check_choice("normalization", norm, NORMALIZATIONS)
             dirs = [random_direction(obj.params, norm, one_dim=one_dim, generator=generator)
                     for _ in range(k)]  # fmt: skip
             return dirs, "random", norm, None
@@ -132,12 +150,11 @@ def _directions(
         kind = "hessian"
     else:
         given = [how] if isinstance(how, Mapping) else list(how)
-        if len(given) != k or not all(isinstance(d, Mapping) for d in given):
-            raise TypeError(
-                f"directions must be 'random', 'hessian' or {k} dict(s) name -> tensor shaped "
-                f"like the parameters, got {type(how).__name__}."
-            )
-        dirs = [{n: d[n].detach().to(obj.dtype) for n in d} for d in given]
+        names = ["direction"] if k == 1 else [f"directions[{i}]" for i in range(k)]
+        dirs = [
+            {n: t.detach().to(obj.dtype) for n, t in check_direction_like(d, obj.params, m).items()}
+            for m, d in zip(names, given, strict=True)
+        ]
         kind = "given"
     norm = normalization or "none"
     dirs = [normalize_direction(d, obj.params, norm, one_dim="keep" if norm == "none" else one_dim)
@@ -201,8 +218,10 @@ def loss_landscape_1d(
         A `Landscape1D` (``.plot()`` draws the curve with the minimum marked).
 
     Raises:
-        ValueError: Bad ``span``/``num_points``/``direction``/``normalization``.
-        TypeError: An unknown keyword option.
+        ValueError: Bad ``span`` (a pair of finite numbers, low < high), ``num_points``,
+            ``direction`` names or shapes, ``normalization``, ``one_dim`` or option values.
+        TypeError: An unknown keyword option, or an argument of the wrong type; every
+            argument is checked before any work is done.
 
     Examples:
         >>> import torch
@@ -219,9 +238,10 @@ def loss_landscape_1d(
         H. Li, Z. Xu, G. Taylor, C. Studer, T. Goldstein, "Visualizing the loss landscape
         of neural nets", NeurIPS 2018.
     """
-    lo, hi = _span("span", span)
-    num_points = check_int("num_points", num_points, minimum=2)
+    lo, hi = check_span("span", span)
+    (num_points,) = check_num_points(num_points)
     opts = _options("loss_landscape_1d", options)
+    _check_how(direction, 1, normalization, one_dim)
     obj, dirs, kind, norm, _ = _grid("loss_landscape_1d", model, loss_fn, data, opts, direction,
                                      1, normalization, one_dim)  # fmt: skip
     t = torch.linspace(lo, hi, num_points, dtype=torch.float64)
@@ -269,12 +289,10 @@ def loss_landscape_2d(
         H. Li, Z. Xu, G. Taylor, C. Studer, T. Goldstein, "Visualizing the loss landscape
         of neural nets", NeurIPS 2018.
     """
-    pair = isinstance(span, Sequence) and len(span) == 2 and isinstance(span[0], Sequence)
-    (xlo, xhi), (ylo, yhi) = (_span("span[0]", span[0]), _span("span[1]", span[1])) if pair \
-        else (_span("span", span),) * 2  # fmt: skip
-    nx, ny = (num_points, num_points) if not isinstance(num_points, Sequence) else num_points
-    nx, ny = check_int("num_points", nx, minimum=2), check_int("num_points", ny, minimum=2)
+    (xlo, xhi), (ylo, yhi) = check_span_2d(span)
+    nx, ny = check_num_points(num_points, 2)
     opts = _options("loss_landscape_2d", options)
+    _check_how(directions, 2, normalization, one_dim)
     obj, dirs, kind, norm, eigs = _grid("loss_landscape_2d", model, loss_fn, data, opts,
                                         directions, 2, normalization, one_dim)  # fmt: skip
     xs = torch.linspace(xlo, xhi, nx, dtype=torch.float64)

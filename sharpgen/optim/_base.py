@@ -218,12 +218,20 @@ class SAMBase(SAMSetup):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from `state_dict` (or from the base optimizer alone)."""
+        """Load a state dict from `state_dict` (or from the base optimizer alone).
+
+        Raises:
+            RuntimeError: called in the middle of a SAM step.
+            TypeError, ValueError: a param group carries an invalid SAM option (e.g.
+                ``rho=-1``) or the state belongs to another base optimizer; raised before
+                anything is loaded.
+        """
         if self._phase in (_PERTURBED, _ACCUMULATING):
             raise RuntimeError("load_state_dict() called in the middle of a SAM step.")
         gen_key = self._generator_key
-        rest = {k: v for k, v in state_dict.items() if k != gen_key}
         owner, options = type(self).__name__, self._sam_defaults
+        self._check_loaded_groups(state_dict)
+        rest = {k: v for k, v in state_dict.items() if k != gen_key}
         load_base_state(self.base_optimizer, rest, sam_options=options, owner=owner)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state

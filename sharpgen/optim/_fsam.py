@@ -33,8 +33,10 @@ class FriendlySAM(SAM):
 
     with $m_0 = 0$ ($T_w$, ``norm`` and ``adaptive`` as for `SAM`: $d_t$ goes through the
     same kernel in place of $g_t$). $m_t$ lives in the optimizer state (``"fsam_momentum"``),
-    so `state_dict` resumes bit for bit; it is updated only on steps that perturb (not on a
-    non-finite gradient). Everything else is `SAM`'s contract.
+    so `state_dict` resumes bit for bit; it is updated only when a step that perturbed takes
+    its base step: a step skipped for a non-finite gradient (at $w$ or at
+    $w + \varepsilon$) or aborted by an exception (Ctrl-C included) leaves it as it was, so
+    a retried step equals an uninterrupted run. Everything else is `SAM`'s contract.
 
     Deviation: this follows the paper's equations ($d_t$ uses the updated $m_t$, and
     $m_0 = 0$). The authors' code and pytorch-optimizer's ``FriendlySAM`` use $m_{t-1}$ in
@@ -98,6 +100,7 @@ class FriendlySAM(SAM):
         self._sigma = check_positive("sigma", sigma, allow_zero=True)
         self._lmbda = check_interval("lmbda", lmbda, 0, 1, hint="(The decay of the average.)")
         self._new_m: dict[Tensor, Tensor] = {}
+        self._pending_m: dict[Tensor, Tensor] = {}
         super().__init__(
             params, base_optimizer, rho, adaptive=adaptive, eta=eta, norm=norm,
             perturb=perturb, model=model, same_dropout=same_dropout, **base_kwargs,
@@ -110,7 +113,7 @@ class FriendlySAM(SAM):
         for group, rho, params, grads in entries:
             directions = []
             for p, g in zip(params, grads, strict=True):
-                old = self.state[p].get(_M) if p in self.state else None
+                old = self._average(p)
                 m = g * (1.0 - self._lmbda)
                 if old is not None:
                     m.add_(old, alpha=self._lmbda)
@@ -119,7 +122,24 @@ class FriendlySAM(SAM):
             out.append((group, rho, params, directions))
         return out
 
+    def _average(self, p: Tensor) -> Tensor | None:
+        """$m_{t-1}$: a micro-batch's not yet committed average, else the state's."""
+        if p in self._pending_m:
+            return self._pending_m[p]
+        return self.state[p].get(_M) if p in self.state else None
+
     def _accepted(self, entries: list[GroupEntry]) -> None:
-        for p, m in self._new_m.items():
-            self.state[p][_M] = m
+        # kept aside until the base step is taken: a skipped or aborted step leaves m as it was
+        self._pending_m.update(self._new_m)
         self._new_m = {}
+
+    def _after_step(self, stepped: bool) -> None:
+        super()._after_step(stepped)
+        pending, self._pending_m = self._pending_m, {}
+        if stepped:
+            for p, m in pending.items():
+                self.state[p][_M] = m
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._new_m, self._pending_m = {}, {}

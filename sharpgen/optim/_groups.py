@@ -36,14 +36,20 @@ def check_base_optimizer(base_optimizer: object, sam_class: type) -> None:
                 f"the class {base_optimizer.__name__}."
             )
         if issubclass(base_optimizer, sam_class):
-            raise TypeError("base_optimizer cannot itself be a SAM optimizer.")
+            raise TypeError(
+                f"base_optimizer cannot itself be a SAM-family optimizer, got the class "
+                f"{base_optimizer.__name__}; pass a torch.optim optimizer (e.g. torch.optim.SGD)."
+            )
     elif not isinstance(base_optimizer, Optimizer):
         raise TypeError(
             "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
             f"or an instance, got {type(base_optimizer).__name__}."
         )
     elif isinstance(base_optimizer, sam_class):
-        raise TypeError("base_optimizer cannot itself be a SAM optimizer.")
+        raise TypeError(
+            f"base_optimizer cannot itself be a SAM-family optimizer, got a "
+            f"{type(base_optimizer).__name__}; pass a torch.optim optimizer (e.g. torch.optim.SGD)."
+        )
 
 
 def check_perturb(
@@ -108,9 +114,9 @@ def select_parameters(
 
 
 def check_base_kwargs(
-    cls: type[Optimizer], kwargs: dict[str, Any], sam_names: Sequence[str]
+    cls: type[Optimizer], kwargs: dict[str, Any], sam_names: Sequence[str], owner: str = "SAM"
 ) -> None:
-    """Refuse options that neither the SAM variant nor the base optimizer class accepts."""
+    """Refuse options that neither the SAM variant ``owner`` nor the base optimizer accepts."""
     try:
         sig = inspect.signature(cls.__init__)
     except (TypeError, ValueError):  # builtins without a signature: let the class decide
@@ -121,13 +127,15 @@ def check_base_kwargs(
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
         raise TypeError(
-            f"unknown option(s) {unknown}: not an option of SAM ({', '.join(sam_names)}) nor of "
-            f"{cls.__name__} ({', '.join(accepted)})."
+            f"unknown option(s) {unknown}: not an option of {owner} ({', '.join(sam_names)}) "
+            f"nor of {cls.__name__} ({', '.join(accepted)})."
         )
 
 
-def check_same_groups(mine: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]]) -> None:
-    """A base optimizer instance must hold the same parameters in the same groups."""
+def check_same_groups(
+    mine: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]], owner: str = "SAM"
+) -> None:
+    """A base optimizer instance must hold the same parameters in the same groups as ``owner``."""
 
     def describe(groups: Sequence[dict[str, Any]]) -> list[int]:
         return [len(g["params"]) for g in groups]
@@ -140,7 +148,7 @@ def check_same_groups(mine: Sequence[dict[str, Any]], theirs: Sequence[dict[str,
     if not same:
         raise ValueError(
             "the base optimizer instance was built on different parameters or param groups "
-            f"(group sizes {describe(theirs)}) than those given to SAM (group sizes "
+            f"(group sizes {describe(theirs)}) than those given to {owner} (group sizes "
             f"{describe(mine)}); build both from the same params, or pass the class "
-            "(e.g. SAM(params, torch.optim.SGD, lr=0.1))."
+            f"(e.g. {owner}(params, torch.optim.SGD, lr=0.1))."
         )

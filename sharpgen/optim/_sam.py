@@ -105,7 +105,8 @@ class SAM(SAMBase):
         interval: SAM every ``interval`` steps (MosaicML Composer's ``interval``): steps
             $0, k, 2k, \dots$ are SAM steps, the others are base steps on $\nabla L(w)$ (one
             pass; `first_step` returns ``False``). The step count is kept in the param groups
-            (``"sam_steps"``), so it survives `state_dict`.
+            (``"sam_steps"``), so it survives `state_dict`; it counts the base steps taken (a
+            step skipped for a non-finite gradient is retried as the same step).
         **base_kwargs: Options of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
@@ -168,7 +169,7 @@ class SAM(SAMBase):
         return self._interval > 1
 
     def _after_step(self, stepped: bool) -> None:
-        if self._counts_steps():
+        if stepped and self._counts_steps():
             done = self._steps_done() + 1
             for group in self.param_groups:
                 group["sam_steps"] = done

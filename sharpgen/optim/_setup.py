@@ -105,10 +105,11 @@ class SAMSetup(Optimizer):
                     "pass them when building the instance, or pass its class instead."
                 )
         else:
-            check_base_kwargs(base_optimizer, base_kwargs, self._sam_option_names())
+            owner = type(self).__name__
+            check_base_kwargs(base_optimizer, base_kwargs, self._sam_option_names(), owner)
         super().__init__(params, dict(defaults))
         if isinstance(base_optimizer, Optimizer):
-            check_same_groups(self.param_groups, base_optimizer.param_groups)
+            check_same_groups(self.param_groups, base_optimizer.param_groups, type(self).__name__)
             for mine, theirs in zip(self.param_groups, base_optimizer.param_groups, strict=True):
                 for key in defaults:
                     theirs[key] = mine[key]
@@ -141,6 +142,31 @@ class SAMSetup(Optimizer):
         """Hook for subclasses: validate (and normalize) the variant's options of a group."""
         if "rho" in group:
             group["rho"] = check_rho(group["rho"])
+
+    def _check_loaded_groups(self, state_dict: Any) -> None:
+        """Validate the SAM options of a state dict's param groups on copies, before loading.
+
+        The same rule as the constructor and `add_param_group` (`_check_group`), so a bad
+        value (``rho=-1``) is refused while the optimizer is still as it was.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"{type(self).__name__}.load_state_dict: state_dict must be a dict (from "
+                f"state_dict()), got {type(state_dict).__name__}."
+            )
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list):
+            return  # torch's own error for a malformed state dict (nothing loaded)
+        for i, group in enumerate(groups):
+            if not isinstance(group, dict):
+                continue
+            try:
+                self._check_group({**self._sam_defaults, **group})
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"{type(self).__name__}.load_state_dict: param group {i} of the state dict: "
+                    f"{err} Nothing was loaded; the optimizer's state is unchanged."
+                ) from err
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (to this optimizer and the base optimizer, which share them)."""

@@ -197,6 +197,8 @@ def test_two_call_style_equals_step_closure_bitwise(h, name):
 )
 def test_unknown_option_names_the_variants_own_options(cls, own):
     w = nn.Parameter(torch.zeros(2, dtype=D))
-    message = rf"unknown option\(s\) \['foo'\]: not an option of SAM \({own}\) nor of SGD"
+    message = (
+        rf"unknown option\(s\) \[.foo.\]: not an option of {cls.__name__} \({own}\) nor of SGD"
+    )
     with pytest.raises(TypeError, match=message):
         cls([w], torch.optim.SGD, lr=0.1, momentum=0.9, foo=1)
