@@ -117,7 +117,7 @@ from sharpgen.sharpness import (
     spectral_density,
     top_eigenvalues,
 )
-from sharpgen.study import StudyTable, TrainedModel, measure_models
+from sharpgen.study import StudyAnalysis, StudyTable, TrainedModel, analyze, measure_models
 from sharpgen.theory import (
     interpolation_trace,
     memorizer_test_error,
@@ -250,4 +250,6 @@ __all__ = [
     "TrainedModel",
     "StudyTable",
     "measure_models",
+    "analyze",
+    "StudyAnalysis",
 ]

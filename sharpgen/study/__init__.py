@@ -14,8 +14,16 @@ References:
     Relationship between Sharpness and Generalization", ICML, arXiv:2302.07011.
 """
 
+from sharpgen.study._analysis import MeasureStats, StudyAnalysis, analyze
 from sharpgen.study._measures import MEASURES, Measure, measure_models
 from sharpgen.study._record import METRICS, StudyTable, TrainedModel, evaluate
+from sharpgen.study._stats import (
+    SignErrors,
+    conditional_mutual_information,
+    granulated_kendall,
+    kendall_tau,
+    sign_errors,
+)
 
 __all__ = [
     # records
@@ -27,4 +35,14 @@ __all__ = [
     "Measure",
     "MEASURES",
     "measure_models",
+    # analysis
+    "analyze",
+    "StudyAnalysis",
+    "MeasureStats",
+    # rank statistics (pure functions on arrays)
+    "kendall_tau",
+    "granulated_kendall",
+    "conditional_mutual_information",
+    "sign_errors",
+    "SignErrors",
 ]
