@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sharpgen.linalg._basis import STORAGES, Basis
 from sharpgen.linalg._checks import (
     check_choice,
     check_generator,
@@ -109,6 +110,23 @@ def _wanted(theta: list[float], which: str) -> list[int]:
     return wanted_order(np.asarray(theta), which).tolist()
 
 
+def _check_basis_dtype(basis_dtype: object, dtype: torch.dtype) -> torch.dtype | None:
+    """None, or a floating dtype no wider than the operator's ``dtype``."""
+    if basis_dtype is None:
+        return None
+    if not isinstance(basis_dtype, torch.dtype) or not basis_dtype.is_floating_point:
+        raise TypeError(
+            f"basis_dtype must be None or a floating torch.dtype such as torch.float16, got "
+            f"{basis_dtype!r}."
+        )
+    if torch.finfo(basis_dtype).bits > torch.finfo(dtype).bits:
+        raise ValueError(
+            f"basis_dtype={basis_dtype} is wider than the operator's dtype {dtype}; pass "
+            f"basis_dtype=None (the operator's dtype) or a narrower one."
+        )
+    return basis_dtype
+
+
 def lanczos(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     k: int = 1,
@@ -121,6 +139,9 @@ def lanczos(
     max_basis: int | None = None,
     size: int | None = None,
     bound: str = "residual",
+    basis_storage: str = "device",
+    basis_dtype: torch.dtype | None = None,
+    basis_dir: str | None = None,
 ) -> EigenResult:
     r"""A few extreme eigenpairs of a symmetric operator by Lanczos.
 
@@ -161,11 +182,29 @@ def lanczos(
     eigenvalue), that stopped 1-5 products earlier at a true error below ``tol`` on every
     model of ``benchmarks/bench_topk.py``; ``residuals`` still reports $\|r_i\|$.
 
-    **Memory.** The basis is one preallocated ``(max_basis, n)`` block in the operator's
-    dtype: ``n * max_basis * 4`` bytes in float32 (8 in float64), e.g. 1.6 GB for a
-    10-million-parameter model at the default ``max_basis=40``. When the basis is full
-    the iteration is thick-restarted (Wu & Simon 2000): the ``k + (m - k) // 2`` most
-    wanted Ritz vectors are kept and the iteration continues from the residual.
+    **Memory.** The basis is ``max_basis`` vectors of length $n$ (`Basis`):
+    $\mathrm{max\_basis}\cdot n\cdot b$ bytes with $b$ the stored element size (4 in
+    float32), e.g. 1.6 GB for a 10-million-parameter model at the default
+    ``max_basis=40``, and besides it about three working vectors (the product, its
+    orthogonalized copy, the next basis vector). When the basis is full the iteration is
+    thick-restarted (Wu & Simon 2000): the ``k + (m - k) // 2`` most wanted Ritz vectors
+    are kept, rotated into the basis in place (column chunks, no second basis), and the
+    iteration continues from the residual. Restarting keeps the certificate; a small
+    basis only costs products (a ``k=1`` run with ``max_basis=4`` typically needs 1.2-2x
+    the products of an unrestarted one). ``basis_storage="host"`` keeps the rows in host
+    memory (for GPU users; streamed to the device in chunks), ``"disk"`` in a temporary
+    file read and written explicitly (three passes over the file per step).
+
+    **Rounded basis.** With ``basis_dtype=torch.float16`` (or ``bfloat16``) the rows are
+    stored rounded, so the Lanczos relation, and with it the residual estimate
+    $\|w_m\|\,|s_m|$, holds only to the stored precision. When the estimate passes, the
+    wanted Ritz vectors $x$ are then formed and checked explicitly, one product each:
+    the result reports the Rayleigh quotients $x^\top A x$ and the explicit residuals
+    $\|Ax - (x^\top A x)\,x\|$, and ``converged`` only when those pass the stopping rule,
+    so the guarantee above is unchanged (the iteration continues, asking the estimate for
+    ten times more, when they do not, and giving up with ``converged=False`` after two
+    refutations). float16 rows hold about 3 decimal digits: enough for ``tol=1e-3`` on the
+    matrices of the tests; bfloat16 rows (2 digits) often are not.
 
     Args:
         A: Dense symmetric tensor, `LinearOperator` or matvec callable (then pass ``size``).
@@ -183,6 +222,11 @@ def lanczos(
         size: Dimension, when ``A`` is a callable.
         bound: ``"residual"`` (default: the guarantee above) or ``"gap"`` (the quadratic
             estimate, fewer products).
+        basis_storage: ``"device"`` (default, the operator's device), ``"host"`` (CPU
+            memory, pinned under CUDA) or ``"disk"`` (a temporary file).
+        basis_dtype: Stored dtype of the basis (default: the operator's); a narrower one
+            such as ``torch.float16`` is certified by explicit residuals (see above).
+        basis_dir: Directory of the ``"disk"`` file (default: the system's temporary one).
 
     Returns:
         An `EigenResult`: ``eigenvalues`` in descending order (ascending for
@@ -221,6 +265,8 @@ def lanczos(
     tol = check_positive_float("tol", tol, hint="pass a relative tolerance such as 1e-3.")
     generator = check_generator(generator)
     bound = check_choice("bound", bound, BOUNDS)
+    basis_storage = check_choice("basis_storage", basis_storage, STORAGES)
+    basis_dtype = _check_basis_dtype(basis_dtype, op.dtype)
     if max_basis is None:
         max_basis = min(n, max(2 * k + 20, 40))
     max_basis = check_positive_int("max_basis", max_basis, minimum=min(n, k + 2))
@@ -247,19 +293,57 @@ def lanczos(
         v = v / norm
 
     start = op.num_matvecs
-    V = torch.empty(max_basis, n, dtype=dtype, device=device)  # rows: contiguous vectors
+    V = Basis(max_basis, n, dtype=dtype, device=device, storage=basis_storage,
+              store_dtype=basis_dtype, directory=basis_dir)  # fmt: skip
+    try:
+        V.write(0, v)
+        del v
+        state = _iterate(op, V, k, which, tol, max_iter, bound, generator)
+    finally:
+        V.close()
+    theta, resid, X, converged, steps, restarts = state
+    idx = output_order(theta, which)
+    return EigenResult(
+        eigenvalues=torch.from_numpy(theta[idx]).to(dtype=dtype, device=device),
+        eigenvectors=X[:, torch.from_numpy(idx).to(device)],
+        residuals=torch.from_numpy(resid[idx]).to(dtype=dtype, device=device),
+        converged=converged,
+        num_matvecs=op.num_matvecs - start,
+        num_iterations=steps,
+        method="lanczos",
+        which=which,
+        tol=tol,
+        num_restarts=restarts,
+    )
+
+
+def _iterate(
+    op: LinearOperator,
+    V: Basis,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    bound: str,
+    generator: torch.Generator | None,
+) -> tuple[np.ndarray, np.ndarray, Tensor, bool, int, int]:
+    """The Lanczos iteration on the basis ``V``.
+
+    Returns ``(theta, resid, X, converged, steps, restarts)`` for the wanted Ritz pairs
+    (``X`` unit columns, in the order of ``theta``, most wanted first).
+    """
+    n, dtype, device = V.n, V.dtype, V.device
+    max_basis = V.capacity
     T = np.zeros((max_basis, max_basis))
-    V[0] = v
-    j = 0
-    steps = 0
-    restarts = 0
-    breakdowns = 0
+    j = steps = restarts = breakdowns = 0
     converged = False
     eps = torch.finfo(dtype).eps
+    shrink = 1.0  # a lossy basis whose estimate was refuted asks the estimate for more
+    checked: tuple[np.ndarray, np.ndarray, Tensor] | None = None
     while True:
-        w = op.matvec(V[j])
+        w = op.matvec(V.row(j))
         steps += 1
-        w, h = orthogonalize(w, V[: j + 1])
+        w, h = V.orthogonalize(w, j + 1)
         # the new row of T and ||w|| reach the host in one transfer; eigh reads the lower
         # triangle of T only
         row = torch.cat((h, torch.linalg.vector_norm(w).reshape(1)))
@@ -277,10 +361,19 @@ def lanczos(
             wanted = _wanted(ritz, which)[:k]
             resid = [beta * abs(x) for x in last]
             errors = error_bounds(ritz, resid, bound, wanted)
-            if all(e <= convergence_threshold(ritz[i], scale, tol, dtype)
+            if all(e <= shrink * convergence_threshold(ritz[i], scale, tol, dtype)
                    for e, i in zip(errors, wanted, strict=True)):  # fmt: skip
-                converged = True
-                break
+                if not V.lossy:
+                    converged = True
+                    break
+                checked = _explicit(op, V, S[:, wanted], m)
+                if all(r <= convergence_threshold(t, scale, tol, dtype)
+                       for t, r in zip(*checked[:2], strict=True)):  # fmt: skip
+                    converged = True
+                    break
+                checked, shrink = None, shrink / 10
+                if shrink < 0.05:  # refuted twice: the rounding is the limit
+                    break
         if steps >= max_iter or m == n:
             break
         # the next basis vector: the residual direction, or a fresh random one at an
@@ -288,37 +381,54 @@ def lanczos(
         if invariant:
             breakdowns += 1
             r = random_unit_vector(n, generator=generator, dtype=dtype, device=device)
-            r, _ = orthogonalize(r, V[:m])
+            r, _ = V.orthogonalize(r, m)
             new = r / torch.linalg.vector_norm(r)
         else:
             new = w.div_(beta)  # w is this step's own tensor
+        del w
         if m == max_basis:
             keep = wanted_order(theta, which)[: k + (m - k) // 2]
-            S_keep = torch.from_numpy(S[:, keep]).to(dtype=dtype, device=device)
-            V[: keep.size] = S_keep.T @ V[:m]
+            V.rotate(torch.from_numpy(S[:, keep]).to(dtype=dtype, device=device), m)
             T[:] = 0.0
             T[: keep.size, : keep.size] = np.diag(theta[keep])
             j = keep.size
             restarts += 1
         else:
             j = m
-        V[j] = new
+        V.write(j, new)
+        del new
 
     m = j + 1
-    resid = beta * np.abs(S[m - 1, :])
     idx = wanted_order(theta, which)[: min(k, m)]
-    idx = idx[output_order(theta[idx], which)]
-    X = V[:m].T @ torch.from_numpy(S[:, idx]).to(dtype=dtype, device=device)
+    if V.lossy:  # the estimate is not a bound for rounded rows: explicit residuals
+        if checked is None:
+            checked = _explicit(op, V, S[:, idx], m)
+        return (*checked, converged, steps, restarts)
+    resid = beta * np.abs(S[m - 1, :])
+    X = V.combine(torch.from_numpy(S[:, idx]).to(dtype=dtype, device=device), m)
     X = X / torch.linalg.vector_norm(X, dim=0, keepdim=True)
-    return EigenResult(
-        eigenvalues=torch.from_numpy(theta[idx]).to(dtype=dtype, device=device),
-        eigenvectors=X,
-        residuals=torch.from_numpy(resid[idx]).to(dtype=dtype, device=device),
-        converged=converged,
-        num_matvecs=op.num_matvecs - start,
-        num_iterations=steps,
-        method="lanczos",
-        which=which,
-        tol=tol,
-        num_restarts=restarts,
-    )
+    return theta[idx], resid[idx], X, converged, steps, restarts
+
+
+def _explicit(
+    op: LinearOperator, V: Basis, S: np.ndarray, m: int
+) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    r"""Rayleigh quotients and explicit residuals of the Ritz vectors, one product each.
+
+    For the unit vectors $x \propto V^\top s$: $x^\top A x$ and $\|Ax - (x^\top A x)\,x\|$.
+
+    For any unit $x$ and symmetric $A$ some eigenvalue lies within the residual of the
+    Rayleigh quotient, whatever the basis was: the certificate of a rounded basis.
+    """
+    S_t = torch.from_numpy(S).to(dtype=V.dtype, device=V.device)
+    X = V.combine(S_t, m)
+    X = X / torch.linalg.vector_norm(X, dim=0, keepdim=True)
+    theta, resid = [], []
+    for i in range(X.shape[1]):
+        x = X[:, i]
+        Ax = op.matvec(x)
+        t = torch.dot(x, Ax)
+        r = torch.linalg.vector_norm(Ax.sub_(x, alpha=float(t)))
+        theta.append(float(t))
+        resid.append(float(r))
+    return np.asarray(theta), np.asarray(resid), X
