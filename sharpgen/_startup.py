@@ -1,14 +1,12 @@
 """Ctrl-C while the ``sharpgen`` command line is still importing PyTorch: one line, status 130.
 
-``import sharpgen`` imports PyTorch, which takes a second or two, and both entry points of
-the command line (the ``sharpgen`` console script and ``python -m sharpgen``) import the
-package before any code of `sharpgen.cli` runs: a Ctrl-C then would show Python's
-``KeyboardInterrupt`` traceback. Importing this module (the first line of
-``sharpgen/__init__.py``) calls `begin`, and `end` follows the package's last import; in the
-command line only, a SIGINT between them prints one line and ends the process with status
-130 (128 + SIGINT, as `sharpgen.cli.main` does later). Nothing has been written at that
-point, so nothing is left to clean up. As a library (``import sharpgen`` from any other
-program) nothing changes.
+``import sharpgen`` is lazy (it imports no PyTorch), so ``sharpgen --help`` starts at once;
+a command that runs imports PyTorch first, which takes a second or two. A Ctrl-C then would
+show Python's ``KeyboardInterrupt`` traceback from deep inside half-imported modules, so
+`sharpgen.cli` calls `begin` before that import and `end` after it: in the command line only,
+a SIGINT between them prints one line and ends the process with status 130 (128 + SIGINT, as
+`sharpgen.cli.main` does later). Nothing has been written at that point, so nothing is left
+to clean up. As a library (``import sharpgen`` from any other program) nothing changes.
 """
 
 from __future__ import annotations
@@ -87,6 +85,3 @@ def end() -> None:
         and signal.getsignal(signal.SIGINT) is _on_sigint
     ):
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-begin()  # on import: this module is the first import of sharpgen/__init__.py

@@ -1,12 +1,14 @@
-"""Run several experiments, in parallel worker processes, with progress bars and checkpoints."""
+"""Run several experiments, in parallel worker processes, with progress and checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sharpgen.experiments._progress import Progress, resolve_mode
 from sharpgen.experiments._spec import ExperimentSpec
 from sharpgen.experiments._trainer import RunResult, check_checkpoint, train
 
@@ -66,7 +69,7 @@ def run_experiments(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     jobs: int = 1,
-    progress: bool = True,
+    progress: bool | str = True,
     on_result: Callable[[RunResult], None] | None = None,
     compile: bool = False,
     keep_going: bool = False,
@@ -81,7 +84,10 @@ def run_experiments(
         resume: Continue from existing checkpoints.
         jobs: Experiments trained at the same time in separate processes (CPU only; each
             gets ``max(1, cpu_count // jobs)`` threads). ``jobs=1`` trains in this process.
-        progress: Show tqdm progress bars (one per experiment, in epochs).
+        progress: ``True``: on a terminal (``sys.stderr.isatty()``, tqdm installed) one tqdm
+            bar per experiment, in epochs; otherwise one plain line on stderr per finished
+            phase and per finished experiment. ``"bars"`` or ``"lines"`` force one of them;
+            ``False`` shows nothing.
         on_result: Called with each result as soon as it is complete.
         compile: Passed to `train`: the fused 1-SAM step of the no-bias, bias and
             simplified-LayerNorm nets through `torch.compile` (compiled once per process;
@@ -102,14 +108,7 @@ def run_experiments(
         raise ValueError(f"jobs={jobs} must be >= 1")
     seeds = tuple(int(s) for s in seeds)
     check_resumable(specs, seeds, checkpoint_dir, resume)
-    bars = {}
-    if progress:
-        from tqdm.auto import tqdm
-
-        for i, spec in enumerate(specs):
-            bars[spec.name] = tqdm(
-                total=spec.epochs, desc=spec.name, unit="ep", position=i, leave=True
-            )
+    shown = Progress(specs, resolve_mode(progress, sys.stderr))
 
     def options(spec: ExperimentSpec) -> dict[str, Any]:
         """The keyword arguments of `train` for ``spec``, but ``progress``."""
@@ -120,17 +119,16 @@ def run_experiments(
     try:
         if jobs == 1 or device != "cpu" or len(specs) == 1:
             for spec in specs:
-                bar = bars.get(spec.name)
-                update = bar.update if bar is not None else None
+                update = functools.partial(shown.update, spec.name)
                 res = _train_one(spec, seeds, options(spec), keep_going, update)
                 results[spec.name] = res
+                shown.finished(res)
                 if on_result is not None:
                     on_result(res)
         else:
-            _run_pool(specs, seeds, options, keep_going, jobs, bars, results, on_result)
+            _run_pool(specs, seeds, options, keep_going, jobs, shown, results, on_result)
     finally:
-        for bar in bars.values():
-            bar.close()
+        shown.close()
     return [results[s.name] for s in specs]
 
 
@@ -154,7 +152,7 @@ def check_resumable(
             check_checkpoint(path, spec, seeds)
 
 
-def _run_pool(specs, seeds, options, keep_going, jobs, bars, results, on_result) -> None:
+def _run_pool(specs, seeds, options, keep_going, jobs, shown, results, on_result) -> None:
     """Train the experiments in ``jobs`` spawned processes.
 
     Progress comes back over one ``multiprocessing`` queue handed to the workers when they
@@ -171,8 +169,7 @@ def _run_pool(specs, seeds, options, keep_going, jobs, bars, results, on_result)
             name, k = q.get(timeout=0.2) if block else q.get_nowait()
         except queue.Empty:
             return False
-        if name in bars:
-            bars[name].update(k)
+        shown.update(name, k)
         return True
 
     # the longest experiments first, so the pool ends together
@@ -188,10 +185,14 @@ def _run_pool(specs, seeds, options, keep_going, jobs, bars, results, on_result)
             }
         while pending:
             update_bars(block=True)
-            for fut in [f for f in pending if f.done()]:
+            finished = [f for f in pending if f.done()]
+            while finished and update_bars(block=False):  # its last epochs come first
+                pass
+            for fut in finished:
                 pending.discard(fut)
                 res = RunResult.from_dict(fut.result())
                 results[res.spec.name] = res
+                shown.finished(res)
                 if on_result is not None:
                     on_result(res)
         while update_bars(block=False):  # drain the last progress messages

@@ -329,7 +329,8 @@ def train(
         resume: Continue from ``checkpoint`` if it exists; the result is then bitwise
             identical to an uninterrupted run.
         checkpoint_every_s: Minimum seconds between checkpoints.
-        progress: Called with the number of epochs just completed (e.g. ``tqdm.update``).
+        progress: Called with the number of epochs just completed (e.g. ``tqdm.update``);
+            on resume first with the number of epochs the checkpoint had done.
         stop_after_epochs: Stop (after checkpointing) once this many epochs are done in
             total; for tests and time-sliced jobs.
         compile: Run the fused 1-SAM step of the no-bias, bias and simplified-LayerNorm nets
@@ -403,6 +404,8 @@ def train(
     total = spec.epochs if stop_after_epochs is None else min(spec.epochs, stop_after_epochs)
     started = time.perf_counter()
     first_epoch, final_wall = epoch, None
+    if progress is not None and first_epoch > 0:
+        progress(first_epoch)  # resumed: the epochs done before count as done
     with torch.no_grad():
         while epoch < total:
             phase = _phase_at(spec, epoch)

@@ -1,0 +1,71 @@
+"""CLI errors name the flag to change: bad --out paths, and the limits of `sharpgen measure`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sharpgen.cli import main
+
+FAST = "tiny-no-bias-sam1"
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"sharpgen {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("out", ["", "   "])
+def test_empty_out_is_refused_and_nothing_is_written(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    argv = ["reproduce", "--preset", FAST, "--seeds", "1", "--out", out, "--no-progress"]
+    assert main(argv) == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert f"--out {out!r} is empty" in line and "--out results/quick" in line
+    assert list(tmp_path.iterdir()) == []  # not written into the current directory
+
+
+def test_out_with_a_nul_character_is_one_line(tmp_path, capsys):
+    out = str(tmp_path / "a\0b")
+    assert main(["reproduce", "--preset", FAST, "--out", out, "--no-progress"]) == 2
+    assert "is not a valid path" in _one_line_error(capsys, "reproduce")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_in_an_unwritable_directory(tmp_path, capsys):
+    if os.geteuid() == 0:  # root ignores permission bits, but /proc refuses even root
+        target = "/proc/sharpgen-out"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "out")
+    assert main(["reproduce", "--preset", FAST, "--out", target, "--no-progress"]) == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert f"--out {target} is not writable" in line and "give a directory" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--d", "1"], "--d 1 must be >= 2"),
+        (["--d", "-3"], "--d -3 must be >= 2"),
+        (["--n", "0"], "--n 0 must be >= 1"),
+        (["--d", "3", "--n", "100"], "--n 100 is more than the 8 distinct points"),
+        (["--d", "4", "--n", "8"], "the --n 8 training points drawn with --seed 0 miss one of"),
+        (["--d", "5", "--n", "1", "--seed", "3"], "drawn with --seed 3 miss one of"),
+        (["--test-size", "-1"], "--test-size -1 must be >= 0"),
+    ],
+)
+def test_measure_errors_name_the_flag_to_change(capsys, argv, expected):
+    assert main(["measure", *argv]) == 2
+    line = _one_line_error(capsys, "measure")
+    assert expected in line, line
+    # library jargon without a flag (keyword arguments the command line does not have)
+    for jargon in ("unique=False", "reference set", "must be an int", "n=", "d="):
+        assert jargon not in line, line
+    assert "raise --" in line or "lower --" in line or "must be >=" in line, line
