@@ -129,7 +129,14 @@ if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __ge
         spectral_density,
         top_eigenvalues,
     )
-    from sharpgen.study import StudyAnalysis, StudyTable, TrainedModel, analyze, measure_models
+    from sharpgen.study import (
+        StudyAnalysis,
+        StudyTable,
+        TrainedModel,
+        analyze,
+        measure_models,
+        write_report,
+    )
     from sharpgen.theory import (
         interpolation_trace,
         memorizer_test_error,
@@ -262,6 +269,7 @@ __all__ = [
     "measure_models",
     "analyze",
     "StudyAnalysis",
+    "write_report",
 ]
 
 # the subpackages that hold the names of __all__, in import order (the layers, bottom up)

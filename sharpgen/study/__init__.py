@@ -17,6 +17,7 @@ References:
 from sharpgen.study._analysis import MeasureStats, StudyAnalysis, analyze
 from sharpgen.study._measures import MEASURES, Measure, measure_models
 from sharpgen.study._record import METRICS, StudyTable, TrainedModel, evaluate
+from sharpgen.study._report import write_report
 from sharpgen.study._stats import (
     SignErrors,
     conditional_mutual_information,
@@ -39,6 +40,7 @@ __all__ = [
     "analyze",
     "StudyAnalysis",
     "MeasureStats",
+    "write_report",
     # rank statistics (pure functions on arrays)
     "kendall_tau",
     "granulated_kendall",
