@@ -33,13 +33,10 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from sharpgen.curvature._objective import ModelObjective
 
 __all__ = [
     "BATCHED_BYTES",
@@ -47,6 +44,7 @@ __all__ = [
     "PROBE_COLUMNS",
     "PROBE_ON_CPU",
     "ColumnPlan",
+    "PlanOwner",
     "SavedBytes",
     "column_plan",
     "probes",
@@ -96,7 +94,14 @@ def probes(plan: ColumnPlan, device: torch.device) -> bool:
     return plan.choice is None and (device.type != "cpu" or PROBE_ON_CPU)
 
 
-def column_plan(owner: ModelObjective, kernel: str) -> ColumnPlan:
+class PlanOwner(Protocol):
+    """What holds the plans: an objective (`sharpgen.curvature._interface`)."""
+
+    @property
+    def _column_plans(self) -> dict[str, ColumnPlan]: ...
+
+
+def column_plan(owner: PlanOwner, kernel: str) -> ColumnPlan:
     """The `ColumnPlan` of ``owner`` (an objective) for the kernel named ``kernel``."""
     return owner._column_plans.setdefault(kernel, ColumnPlan())
 

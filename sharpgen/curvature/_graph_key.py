@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from sharpgen.curvature._objective import ModelObjective
+    from sharpgen.curvature._interface import GraphKeyed
 
 __all__ = ["graph_key"]
 
 
-def graph_key(obj: ModelObjective, kernel: str, backend: str) -> tuple[Any, ...]:
+def graph_key(obj: GraphKeyed, kernel: str, backend: str) -> tuple[Any, ...]:
     """The kernel, the backend and the identity and version counter of every other tensor.
 
     The other tensors are the model's non-selected parameters, its buffers and, for one

@@ -37,15 +37,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from sharpgen.curvature._columns import Column, ColumnPlan, column_plan, take_columns
-
-if TYPE_CHECKING:
-    from sharpgen.curvature._objective import ModelObjective
+from sharpgen.curvature._interface import BatchFunctions
 
 __all__ = [
     "GGN",
@@ -68,7 +66,7 @@ class KernelFn(Protocol):
 
     def __call__(
         self,
-        obj: ModelObjective,
+        obj: BatchFunctions,
         others: dict[str, Tensor],
         p: dict[str, Tensor],
         inputs: Any,
@@ -226,7 +224,7 @@ def _grads(
 
 # -- the Hessian -----------------------------------------------------------------------------
 def hessian_kernel(
-    obj: ModelObjective,
+    obj: BatchFunctions,
     others: dict[str, Tensor],
     p: dict[str, Tensor],
     inputs: Any,
@@ -291,7 +289,7 @@ def _flat_product(
 
 # -- the generalized Gauss-Newton matrix -------------------------------------------------------
 def ggn_kernel(
-    obj: ModelObjective,
+    obj: BatchFunctions,
     others: dict[str, Tensor],
     p: dict[str, Tensor],
     inputs: Any,
@@ -308,7 +306,7 @@ def ggn_kernel(
 
 
 def _ggn_func(
-    obj: ModelObjective,
+    obj: BatchFunctions,
     others: dict[str, Tensor],
     p: dict[str, Tensor],
     inputs: Any,
@@ -332,7 +330,7 @@ def _ggn_func(
 
 
 def _ggn_autograd(
-    obj: ModelObjective,
+    obj: BatchFunctions,
     others: dict[str, Tensor],
     p: dict[str, Tensor],
     inputs: Any,

@@ -24,17 +24,19 @@ from torch.func import functional_call
 
 from sharpgen._distributed import AUTO, check_ranks_agree, resolve_process_group, unwrap_model
 from sharpgen.curvature._backend import check_backend
+from sharpgen.curvature._columns import ColumnPlan
 from sharpgen.curvature._data import as_batches, check_devices, num_samples
+from sharpgen.curvature._interface import FirstGraph
 from sharpgen.curvature._kernels import GGN, HESSIAN, Kernel
 from sharpgen.curvature._options import check_options
 from sharpgen.curvature._params import ParamSelection, check_point, select_params
+from sharpgen.curvature._passes import dataset_loss, dataset_loss_and_gradient
 from sharpgen.curvature._products import block_views, product
 from sharpgen.curvature._reduce import check_finite, dataset_reduce
 from sharpgen.curvature._second_order import check_second_order
 from sharpgen.curvature._sharding import without_sampler_padding
 from sharpgen.curvature._state import model_state_policy
 from sharpgen.curvature._validate import (
-    FirstGraph,
     check_deterministic,
     checked_loss,
     first_graph_key,
@@ -42,10 +44,6 @@ from sharpgen.curvature._validate import (
 )
 
 __all__ = ["ModelObjective"]
-
-
-def _zeros_like_dict(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {n: torch.zeros_like(t) for n, t in d.items()}
 
 
 class ModelObjective:
@@ -186,7 +184,7 @@ class ModelObjective:
         self.vectorize: bool = self.device.type != "cpu" if vectorize is None else vectorize
         self._graph_cache: Any = None
         # per kernel name: how block columns go through a graph (`_columns.column_plan`)
-        self._column_plans: dict[str, Any] = {}
+        self._column_plans: dict[str, ColumnPlan] = {}
         # the model's selected parameter objects at the first graph key (`_graph_key`)
         self._selected_objects: list[Tensor] | None = None
         self._tangents_checked = False
@@ -247,6 +245,9 @@ class ModelObjective:
             check_devices(inputs, targets, index, self.device)
             yield inputs, targets
 
+    def _first_batch(self) -> tuple[Any, Any]:
+        return self._batches.first()
+
     def _weight(self, n: int) -> float:
         if self.single_batch and self.process_group is None:
             return 1.0  # see _finish
@@ -261,11 +262,6 @@ class ModelObjective:
     def _others(self) -> dict[str, Tensor]:
         """The model's non-selected parameters, detached (they are constants here)."""
         return {n: p.detach() for n, p in self.model.named_parameters() if n not in self.params}
-
-    @contextmanager
-    def _state(self) -> Iterator[None]:
-        with model_state_policy(self.model, bn=self.bn, dropout=self.dropout, copy_values=False):
-            yield
 
     def _forward(self, others: dict[str, Tensor], p: Mapping[str, Tensor], inputs: Any) -> Any:
         full = {**others, **p}
@@ -298,7 +294,7 @@ class ModelObjective:
     @contextmanager
     def state(self) -> Iterator[None]:
         """Context: the model in the objective's evaluation state, restored on exit."""
-        with self._state():
+        with model_state_policy(self.model, bn=self.bn, dropout=self.dropout, copy_values=False):
             yield
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
@@ -355,16 +351,7 @@ class ModelObjective:
         Raises:
             FloatingPointError: If the loss is not finite.
         """
-        p = self.resolve(params)
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        count = 0
-        with self._state(), torch.no_grad():
-            others = self._others()
-            for inputs, targets in self._iter():
-                n = num_samples(inputs)
-                total = total + self._weight(n) * self.batch_loss(p, inputs, targets, others=others)
-                count += n
-        return self._finish([total], count, "loss")[0]
+        return dataset_loss(self, self.resolve(params))
 
     def loss_and_gradient(
         self, params: Mapping[str, Tensor] | None = None
@@ -375,27 +362,7 @@ class ModelObjective:
             ``(loss, grad)``: a detached 0-d tensor and a dict name -> tensor (zeros for
             parameters the loss does not use).
         """
-        p = self.resolve(params)
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        acc = _zeros_like_dict(p)
-        count = 0
-        names = list(p)
-        with self._state(), torch.enable_grad():
-            others = self._others()
-            for inputs, targets in self._iter():
-                n = num_samples(inputs)
-                w = self._weight(n)
-                preq = {k: t.detach().requires_grad_(True) for k, t in p.items()}
-                loss = self.batch_loss(preq, inputs, targets, others=others)
-                grads = torch.autograd.grad(
-                    loss, [preq[k] for k in names], allow_unused=True, materialize_grads=True
-                )
-                total = total + w * loss.detach()
-                for k, g in zip(names, grads, strict=True):
-                    acc[k].add_(g, alpha=w)
-                count += n
-        out = self._finish([total, *acc.values()], count, "loss or its gradient")
-        return out[0], dict(zip(names, out[1:], strict=True))
+        return dataset_loss_and_gradient(self, self.resolve(params))
 
     def gradient(self, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Gradient of the dataset loss at ``params`` as a dict (see `loss_and_gradient`)."""

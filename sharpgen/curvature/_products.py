@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,10 +23,8 @@ from sharpgen.curvature._backend import prefer_double_backward, run_with_fallbac
 from sharpgen.curvature._columns import SavedBytes, column_plan, probes
 from sharpgen.curvature._data import num_samples
 from sharpgen.curvature._graph_key import graph_key
+from sharpgen.curvature._interface import Objective
 from sharpgen.curvature._kernels import BatchProduct, ColumnProduct, Kernel, accumulate
-
-if TYPE_CHECKING:
-    from sharpgen.curvature._objective import ModelObjective
 
 __all__ = ["block_product", "block_views", "kept_gradient", "kept_matvec", "product"]
 
@@ -42,7 +40,7 @@ def block_views(buf: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _check_block(obj: ModelObjective, V: Mapping[str, Tensor]) -> int:
+def _check_block(obj: Objective, V: Mapping[str, Tensor]) -> int:
     if set(V) != set(obj.params):
         raise ValueError(f"V must have the selected names {list(obj.params)}, got {list(V)}.")
     ks = {V[n].shape[0] for n in obj.params}
@@ -57,7 +55,7 @@ def _check_block(obj: ModelObjective, V: Mapping[str, Tensor]) -> int:
 
 
 def product(
-    obj: ModelObjective,
+    obj: Objective,
     kernel: Kernel,
     V: Mapping[str, Tensor],
     params: Mapping[str, Tensor] | None,
@@ -87,7 +85,7 @@ def product(
 
 
 def block_product(
-    obj: ModelObjective,
+    obj: Objective,
     kernel: Kernel,
     V: Mapping[str, Tensor],
     params: Mapping[str, Tensor] | None,
@@ -132,7 +130,7 @@ def block_product(
     return buf
 
 
-def kept_matvec(obj: ModelObjective, kernel: Kernel, v: Tensor, backend: str) -> Tensor | None:
+def kept_matvec(obj: Objective, kernel: Kernel, v: Tensor, backend: str) -> Tensor | None:
     """One flat vector through the kept double-backward graphs, or None where there are none.
 
     The lean single-vector path of a kept graph: per batch one ``torch.autograd.grad``
@@ -170,7 +168,7 @@ def kept_matvec(obj: ModelObjective, kernel: Kernel, v: Tensor, backend: str) ->
     return obj._finish([out], count, kernel.what, check=False)[0]
 
 
-def _single(obj: ModelObjective, apply: ColumnProduct, v: Tensor) -> Tensor | None:
+def _single(obj: Objective, apply: ColumnProduct, v: Tensor) -> Tensor | None:
     """`ColumnProduct.single` on per-parameter views of ``v``, flattened (None: zero)."""
     views = [piece.view(t.shape) for piece, t in zip(v.split(obj.sizes), obj.params.values(),
                                                            strict=True)]  # fmt: skip
@@ -178,7 +176,7 @@ def _single(obj: ModelObjective, apply: ColumnProduct, v: Tensor) -> Tensor | No
     return None if grads is None else torch.cat([g.reshape(-1) for g in grads])
 
 
-def kept_gradient(obj: ModelObjective, kernel: Kernel, backend: str) -> Tensor | None:
+def kept_gradient(obj: Objective, kernel: Kernel, backend: str) -> Tensor | None:
     """The flat dataset gradient read off the kept double-backward graphs, built if needed.
 
     The ``create_graph`` backward that builds a kept graph computes the batch gradient on
@@ -213,7 +211,7 @@ GRAPH_CACHE_BYTES = 1 << 30
 
 
 def _may_keep(
-    obj: ModelObjective, cache: bool | str, params: Mapping[str, Tensor] | None, backend: str
+    obj: Objective, cache: bool | str, params: Mapping[str, Tensor] | None, backend: str
 ) -> bool:
     """Whether graphs may be kept (at the base point; see `_build`).
 
@@ -228,7 +226,7 @@ def _may_keep(
     return obj.single_batch or several
 
 
-def _kept(obj: ModelObjective, key: tuple[Any, ...] | None) -> Any:
+def _kept(obj: Objective, key: tuple[Any, ...] | None) -> Any:
     """The kept ``(apply, num_samples)`` of every batch while ``key`` still matches.
 
     ``()`` when they were too large to keep, None when nothing is kept for ``key``.
@@ -244,7 +242,7 @@ def _unpack(t: Tensor) -> Tensor:
 
 
 def _build(
-    obj: ModelObjective,
+    obj: Objective,
     kernel: Kernel,
     key: tuple[Any, ...] | None,
     others: dict[str, Tensor],
@@ -268,7 +266,7 @@ def _build(
     plan = column_plan(obj, kernel.name)
     # the saved bytes size the batched backward of an undecided plan (first batch only)
     measure = backend == "autograd" and probes(plan, obj.device)
-    for inputs, targets in obj.batches():
+    for inputs, targets in obj._iter():
         n = num_samples(inputs)
         keep = store is not None
         count = measure or (keep and not obj.single_batch)
@@ -286,6 +284,6 @@ def _build(
         obj._graph_cache = (key, store if store is not None else ())
 
 
-def _cache_key(obj: ModelObjective, kernel: Kernel, backend: str) -> tuple[Any, ...]:
+def _cache_key(obj: Objective, kernel: Kernel, backend: str) -> tuple[Any, ...]:
     """What a kept graph depends on (see `sharpgen.curvature._graph_key.graph_key`)."""
     return graph_key(obj, kernel.name, backend)

@@ -1,4 +1,4 @@
-"""The checks of a `ModelObjective`: the loss's value, the first batch, determinism.
+"""The checks of an objective (`ModelObjective`): the loss's value, the first batch, determinism.
 
 They run before any curvature product (the first batch at construction, determinism on
 request), so that a bad model, loss or data set fails with a clear message instead of a
@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,10 +17,11 @@ from torch import Tensor
 
 from sharpgen.curvature._data import check_devices
 from sharpgen.curvature._graph_key import graph_key
+from sharpgen.curvature._interface import FirstGraph
 from sharpgen.curvature._second_order import first_order_functions
 
 if TYPE_CHECKING:
-    from sharpgen.curvature._objective import ModelObjective
+    from sharpgen.curvature._interface import Objective
 
 __all__ = [
     "FirstGraph",
@@ -52,25 +52,7 @@ def keeping_first_graph() -> Iterator[None]:
         _KEEP_FIRST.reset(token)
 
 
-@dataclass
-class FirstGraph:
-    """The validated loss of a one-batch objective, kept for its first graph build.
-
-    Attributes:
-        params: The leaves the loss was built on (detached aliases of the objective's
-            ``params`` that require grad).
-        loss: The batch loss, with its graph.
-        inputs: The batch inputs the loss saw (compared by identity).
-        key: `first_graph_key` when the loss was built.
-    """
-
-    params: dict[str, Tensor]
-    loss: Tensor
-    inputs: Any
-    key: tuple[Any, ...]
-
-
-def first_graph_key(obj: ModelObjective) -> tuple[Any, ...]:
+def first_graph_key(obj: Objective) -> tuple[Any, ...]:
     """What the validation graph depends on: the graph key's tensors and the base point.
 
     The graph key (`sharpgen.curvature._graph_key.graph_key`) covers the model's other
@@ -97,7 +79,7 @@ def checked_loss(loss: Any) -> Tensor:
     return loss.reshape(())
 
 
-def validate_first_batch(obj: ModelObjective) -> None:
+def validate_first_batch(obj: Objective) -> None:
     """Evaluate the loss on the first batch: finite, depending on the selected parameters.
 
     Also records the operations without a second derivative the loss goes through (unless
@@ -106,7 +88,7 @@ def validate_first_batch(obj: ModelObjective) -> None:
     graph as ``obj._first_graph`` for its first graph build.
     """
     with obj.state(), torch.enable_grad():
-        inputs, targets = obj._batches.first()
+        inputs, targets = obj._first_batch()
         check_devices(inputs, targets, 0, obj.device)
         p = {n: t.detach().requires_grad_(True) for n, t in obj.params.items()}
         loss = obj.batch_loss(p, inputs, targets)
@@ -128,7 +110,7 @@ def validate_first_batch(obj: ModelObjective) -> None:
         obj._first_graph = FirstGraph(p, loss, inputs, first_graph_key(obj))
 
 
-def check_deterministic(obj: ModelObjective) -> None:
+def check_deterministic(obj: Objective) -> None:
     """Evaluate the loss in two passes over the data and raise if they differ.
 
     Raises:
