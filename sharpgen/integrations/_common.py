@@ -143,10 +143,11 @@ class MeasureCore:
         self.prefix = check_prefix(prefix)
         self.tracker_options = dict(tracker_options)
         self._batch_fn = batch_fn
-        # Validate measures / options / the kind of data now, on a stand-in model.
+        # Validate measures / options / the kind of data now (the model is checked when the
+        # tracker is built, at the start of training: `tracker_for`).
         with preserve_randomness(data):
             stand_in = self._placed(torch.device("cpu"), check=True)
-            SharpnessTracker(nn.Module(), loss_fn, stand_in, every=1, **self.tracker_options)
+            SharpnessTracker.check_arguments(loss_fn, stand_in, **self.tracker_options)
         self.tracker: SharpnessTracker | None = None
         self._device: torch.device | None = None
 
@@ -169,6 +170,16 @@ class MeasureCore:
         inputs = data[0]
         return isinstance(inputs, (Tensor, Mapping)) or (
             isinstance(inputs, (tuple, list)) and all(isinstance(t, Tensor) for t in inputs)
+        )
+
+    @staticmethod
+    def device_of(model: nn.Module) -> torch.device:
+        """The device of the model's parameters (a clear error for a model without any)."""
+        for p in model.parameters():
+            return p.device
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no parameters; sharpness is measured with "
+            "respect to the parameters, so pass the model being trained."
         )
 
     def tracker_for(self, model: nn.Module, device: torch.device) -> SharpnessTracker:

@@ -142,8 +142,7 @@ class SharpnessTrainerCallback(TrainerCallback):
         step = int(state.global_step)
         if step == self._last_step:
             return
-        device = next(model.parameters()).device
-        metrics = self._core.measure(model, device, step)
+        metrics = self._core.measure(model, self._core.device_of(model), step)
         metrics.update(extra)
         self._last_step = step
         if self.trainer is not None:
@@ -155,7 +154,12 @@ class SharpnessTrainerCallback(TrainerCallback):
             state.log_history.append(entry)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Measure at the starting step (0, or the resumed one) when it is on the schedule."""
+        """Build the tracker (the model is checked before training); measure if on schedule.
+
+        The starting step is 0, or the resumed one.
+        """
+        model = kwargs["model"]
+        self._core.tracker_for(model, self._core.device_of(model))
         if self.unit == "steps" and state.global_step % self.every == 0:
             self._measure(state, kwargs["model"], {})
 
@@ -168,6 +172,17 @@ class SharpnessTrainerCallback(TrainerCallback):
         """Measure at the end of every ``every_n_epochs``-th epoch."""
         if self.unit == "epochs" and round(state.epoch) % self.every == 0:
             self._measure(state, kwargs["model"], {})
+
+
+_NOT_SAM = (
+    "SAMTrainer needs a SAM-family optimizer: pass optimizers=(sharpgen.SAM("
+    "model.parameters(), torch.optim.AdamW, rho=0.05, lr=...), None); got {got}."
+)
+
+
+def _is_sam(opt: Any) -> bool:
+    """A SAM-family optimizer (instance or class): it has ``first_step`` and ``restore``."""
+    return all(callable(getattr(opt, m, None)) for m in ("first_step", "restore"))
 
 
 class SAMTrainer(Trainer):
@@ -187,17 +202,27 @@ class SAMTrainer(Trainer):
     equal to ``SAM.step(closure)`` in a bare loop.
 
     Raises:
-        TypeError: (at the first step) the optimizer is not from the SAM family.
+        TypeError: (when it is built) the optimizer given (``optimizers=`` or
+            ``optimizer_cls_and_kwargs=``) is not from the SAM family, or none is given and
+            ``create_optimizer`` is not overridden (the Trainer's default is not SAM); a
+            subclass's own ``create_optimizer`` is checked at the first step.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cls_kwargs = getattr(self, "optimizer_cls_and_kwargs", None)
+        if self.optimizer is not None:
+            self._sam_optimizer()
+        elif cls_kwargs is not None:
+            if not _is_sam(cls_kwargs[0]):
+                raise TypeError(_NOT_SAM.format(got=getattr(cls_kwargs[0], "__name__", cls_kwargs)))
+        elif type(self).create_optimizer is Trainer.create_optimizer:
+            raise TypeError(_NOT_SAM.format(got="no optimizer (the Trainer's default AdamW)"))
 
     def _sam_optimizer(self) -> Any:
         sam = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-        if not all(callable(getattr(sam, m, None)) for m in ("first_step", "restore")):
-            raise TypeError(
-                "SAMTrainer needs a SAM-family optimizer: pass optimizers=(sharpgen.SAM("
-                "model.parameters(), torch.optim.AdamW, rho=0.05, lr=...), None); got "
-                f"{type(sam).__name__}."
-            )
+        if not _is_sam(sam):
+            raise TypeError(_NOT_SAM.format(got=type(sam).__name__))
         return sam
 
     def _grad_scale(self) -> float | None:

@@ -133,18 +133,27 @@ class SharpnessMonitor(pl.Callback):
         step = int(trainer.global_step)
         if step == self._last_step:
             return
-        model = pl_module if self._module_fn is None else self._module_fn(pl_module)
-        if self._core.tracker is None and self._pending_state is not None:
-            self._core.tracker_for(model, pl_module.device).load_state_dict(self._pending_state)
-            self._pending_state = None
+        model = self._ready(pl_module)
         metrics = self._core.measure(model, pl_module.device, step)
         metrics.update(extra)
         self._last_step = step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
+    def _ready(self, pl_module: Any) -> Any:
+        """The measured model, its tracker built (a checkpoint's history applied)."""
+        model = pl_module if self._module_fn is None else self._module_fn(pl_module)
+        if self._core.tracker is None and self._pending_state is not None:
+            self._core.tracker_for(model, pl_module.device).load_state_dict(self._pending_state)
+            self._pending_state = None
+        return model
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Measure at the starting step (0, or the resumed one) when it is on the schedule."""
+        """Build the tracker (the model is checked before training); measure if on schedule.
+
+        The starting step is 0, or the resumed one.
+        """
+        self._core.tracker_for(self._ready(pl_module), pl_module.device)
         if self.unit == "steps" and trainer.global_step % self.every == 0:
             self._measure(trainer, pl_module, {})
 

@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen._validation import check_choice, check_generator, check_int, check_positive
+from sharpgen._validation import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_positive,
+)
 from sharpgen.curvature import ModelObjective, unflatten_params
 from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import EigenResult, lanczos
@@ -35,21 +41,58 @@ __all__ = [
 Blocks = str | Mapping[str, Sequence[str]]
 
 
+def check_blocks(blocks: object) -> Blocks:
+    """The shape of a ``blocks`` argument, checked before any work (names come later).
+
+    ``"module"``, ``"parameter"``, or a non-empty dict block name (str) -> a non-empty list
+    of parameter names (a string alone is refused: ``{"a": "0.weight"}`` would be its
+    characters).
+    """
+    if isinstance(blocks, str):
+        return check_choice("blocks", blocks, ("module", "parameter"))
+    if not isinstance(blocks, Mapping):
+        raise TypeError(
+            f"blocks must be 'module', 'parameter' or a dict block name -> parameter names, "
+            f"got {type(blocks).__name__}."
+        )
+    if not blocks:
+        raise ValueError(
+            "blocks is an empty dict; give at least one block, e.g. {'first': ['0.weight', "
+            "'0.bias']}, or use blocks='module' or 'parameter'."
+        )
+    for name, names in blocks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"block names must be str, got {name!r}.")
+        if isinstance(names, (str, bytes)):
+            raise TypeError(
+                f"blocks[{name!r}] must be a list of parameter names, got the string "
+                f"{names!r}; write {{{name!r}: [{names!r}]}}."
+            )
+        if not isinstance(names, Sequence) and not isinstance(names, (set, frozenset)):
+            raise TypeError(
+                f"blocks[{name!r}] must be a list of parameter names, got {type(names).__name__}."
+            )
+        if len(names) == 0:
+            raise ValueError(
+                f"blocks[{name!r}] is empty; a block needs at least one parameter name "
+                "(drop the block, or add its parameters)."
+            )
+        for n in names:
+            if not isinstance(n, str):
+                raise TypeError(f"blocks[{name!r}] must hold parameter names (str), got {n!r}.")
+    return blocks
+
+
 def resolve_blocks(params: Mapping[str, Tensor], blocks: Blocks) -> dict[str, list[str]]:
     """Group parameter names into blocks: per ``"module"``, per ``"parameter"`` or given."""
+    blocks = check_blocks(blocks)
     if isinstance(blocks, str):
-        check_choice("blocks", blocks, ("module", "parameter"))
         if blocks == "parameter":
             return {n: [n] for n in params}
         out: dict[str, list[str]] = {}
         for n in params:
             out.setdefault(n.rsplit(".", 1)[0] if "." in n else "", []).append(n)
         return out
-    if not isinstance(blocks, Mapping):
-        raise TypeError(
-            f"blocks must be 'module', 'parameter' or a dict block name -> parameter names, "
-            f"got {type(blocks).__name__}."
-        )
     seen: set[str] = set()
     for name, names in blocks.items():
         for n in names:
@@ -184,7 +227,10 @@ def block_traces(
     """
     method = check_choice("method", method, ("auto", "exact", "hutchinson"))
     num_matvecs = check_int("num_matvecs", num_matvecs, minimum=2)
+    exact_threshold = check_int("exact_threshold", exact_threshold, minimum=0)
+    check_bool("progress", progress)
     generator = check_generator(generator)
+    check_blocks(blocks)
     obj = resolve_objective(model, loss_fn, data, objective_options, where="block_traces")
     groups = resolve_blocks(obj.params, blocks)
     op = ObjectiveOperator(obj, "hvp")
@@ -279,6 +325,9 @@ def hessian_diagonal(
         E. N. Epperly, J. A. Tropp, R. J. Webber (2024).
     """
     method = check_choice("method", method, ("auto", "exact", "hutchinson", "diagpp", "xdiag"))
+    num_matvecs = check_int("num_matvecs", num_matvecs)
+    exact_threshold = check_int("exact_threshold", exact_threshold, minimum=0)
+    check_bool("progress", progress)
     generator = check_generator(generator)
     obj = resolve_objective(model, loss_fn, data, objective_options, where="hessian_diagonal")
     op = ObjectiveOperator(obj, "hvp")
@@ -348,6 +397,7 @@ def block_top_eigenvalues(
     k = check_int("k", k)
     tol = check_positive("tol", tol)
     generator = check_generator(generator)
+    check_blocks(blocks)
     obj = resolve_objective(model, loss_fn, data, objective_options, where="block_top_eigenvalues")
     groups = resolve_blocks(obj.params, blocks)
     out = {}

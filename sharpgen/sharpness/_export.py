@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import Tensor
 
+from sharpgen._validation import check_bool
+
 __all__ = ["history_to_csv", "history_to_dataframe", "log_history", "scalar_metrics"]
 
 
@@ -29,6 +31,11 @@ def scalar_metrics(record: Mapping[str, Any], prefix: str = "sharpness/") -> dic
         >>> scalar_metrics({"step": 4, "trace": 2.5, "top_eigenvalue_converged": True})
         {'sharpness/trace': 2.5, 'sharpness/top_eigenvalue_converged': 1.0}
     """
+    if not isinstance(record, Mapping):
+        raise TypeError(
+            f"record must be a dict such as {{'step': 0, 'trace': 1.0}}, got {record!r}."
+        )
+    prefix = _check_prefix(prefix)
     out: dict[str, float] = {}
     for key, value in record.items():
         if key == "step" or value is None:
@@ -52,21 +59,49 @@ def _pandas() -> Any:
 
 
 def _records(history: Any) -> list[dict[str, Any]]:
-    """A tracker, a list of records or a dict of columns -> a list of records."""
+    """A tracker, a list of records or a dict of columns -> a list of records.
+
+    Checked fully here (one rule for every export): record keys and column names are
+    strings, columns are sequences (not strings) of one length.
+    """
     if hasattr(history, "history") and hasattr(history, "to_dict"):  # a SharpnessTracker
         return list(history.history)
     if isinstance(history, Mapping):
+        for k, v in history.items():
+            if not isinstance(k, str):
+                raise TypeError(f"history column names must be str, got {k!r}.")
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+                raise TypeError(
+                    f"history[{k!r}] must be a list (a column of values, one per record), got "
+                    f"{type(v).__name__} {v!r}; a single record is a list of one dict: "
+                    "[{'step': 0, 'trace': 1.0}]."
+                )
         lengths = {len(v) for v in history.values()}
         if len(lengths) > 1:
             raise ValueError(f"history columns have different lengths {sorted(lengths)}.")
         n = lengths.pop() if lengths else 0
         return [{k: v[i] for k, v in history.items()} for i in range(n)]
-    if isinstance(history, Sequence) and all(isinstance(r, Mapping) for r in history):
+    if isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+        for i, r in enumerate(history):
+            if not isinstance(r, Mapping):
+                raise TypeError(
+                    f"history[{i}] must be a record dict such as {{'step': 0, 'trace': 1.0}}, "
+                    f"got {type(r).__name__}."
+                )
+            bad = [k for k in r if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"history[{i}] keys must be str, got {bad[:3]}.")
         return [dict(r) for r in history]
     raise TypeError(
         "history must be a SharpnessTracker, a list of record dicts or a dict of columns, got "
         f"{type(history).__name__}."
     )
+
+
+def _check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str such as 'sharpness/', got {prefix!r}.")
+    return prefix
 
 
 def _columns(records: list[dict[str, Any]]) -> list[str]:
@@ -126,6 +161,8 @@ def history_to_csv(history: Any, path: str | Path) -> Path:
         ['step,trace', '0,0.1', '1,']
     """
     records = _records(history)
+    if not isinstance(path, (str, Path)) or str(path) == "":
+        raise TypeError(f"path must be a file path (str or pathlib.Path), got {path!r}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
@@ -169,6 +206,8 @@ def log_history(
             "writer must have an add_scalar(tag, value, global_step) method, e.g. "
             f"torch.utils.tensorboard.SummaryWriter; got {type(writer).__name__}."
         )
+    prefix = _check_prefix(prefix)
+    check_bool("last", last)
     records = _records(history)
     if last:
         records = records[-1:]

@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
-from sharpgen.curvature import ModelObjective, dataset_reduce
+from sharpgen.curvature import ModelObjective, dataset_reduce, flatten_params
 from sharpgen.curvature._data import num_samples
 from sharpgen.curvature._reduce import check_finite
 from sharpgen.curvature._resolve import resolve_objective
@@ -28,9 +27,14 @@ from sharpgen.sharpness._common import (
     check_choice,
     check_generator,
     check_int,
-    check_positive,
 )
-from sharpgen.sharpness._operators import ObjectiveOperator, operator_trace
+from sharpgen.sharpness._operators import (
+    ObjectiveOperator,
+    check_trace_options,
+    operator_trace,
+)
+from sharpgen.sharpness._persample import in_dims, sq_grad_norms, take, theta_grad_dots
+from sharpgen.sharpness._persample import one as one_sample
 
 __all__ = [
     "FISHER_KINDS",
@@ -103,10 +107,9 @@ def ggn_trace(
         gradient descent", Neural Computation 2002. J. Martens, "New insights and
         perspectives on the natural gradient method", JMLR 2020.
     """
-    if num_matvecs is not None:
-        num_matvecs = check_int("num_matvecs", num_matvecs)
-    if rtol is not None:
-        rtol = check_positive("rtol", rtol)
+    method, num_matvecs, rtol, max_matvecs, exact_threshold = check_trace_options(
+        method, num_matvecs, rtol, max_matvecs, exact_threshold, progress
+    )
     generator = check_generator(generator)
     obj = resolve_objective(model, loss_fn, data, objective_options, where="ggn_trace")
     return operator_trace(
@@ -117,14 +120,6 @@ def ggn_trace(
 
 
 # -- per-sample quantities ------------------------------------------------------------------
-def _in_dims(tree: Any) -> Any:
-    return tree_map(lambda t: 0 if isinstance(t, Tensor) else None, tree)
-
-
-def _one(tree: Any) -> Any:
-    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
-
-
 def _check_per_sample(obj: ModelObjective, where: str) -> None:
     if obj.bn == "batch" or obj.dropout:
         raise ValueError(
@@ -143,17 +138,13 @@ def per_sample_losses(
     """
 
     def one(x: Any, y: Any) -> Tensor:
-        return obj.batch_loss(params, _one(x), _one(y), others=others)
+        return obj.batch_loss(params, one_sample(x), one_sample(y), others=others)
 
-    return torch.func.vmap(one, in_dims=(_in_dims(inputs), _in_dims(targets)))(inputs, targets)
+    return torch.func.vmap(one, in_dims=(in_dims(inputs), in_dims(targets)))(inputs, targets)
 
 
 def _others(obj: ModelObjective) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in obj.model.named_parameters() if n not in obj.params}
-
-
-def _slice(tree: Any, start: int, stop: int) -> Any:
-    return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, tree)
 
 
 def empirical_fisher_trace(
@@ -210,10 +201,6 @@ def empirical_fisher_trace(
                             where="empirical_fisher_trace")  # fmt: skip
     _check_per_sample(obj, "empirical_fisher_trace")
     p = obj.params
-
-    def sample_loss(q: dict[str, Tensor], x: Any, y: Any, others: Any) -> Tensor:
-        return obj.batch_loss(q, _one(x), _one(y), others=others)
-
     total = torch.zeros((), dtype=obj.dtype, device=obj.device)
     count = 0
     with obj.state():
@@ -221,14 +208,9 @@ def empirical_fisher_trace(
         for b, (inputs, targets) in enumerate(obj.batches()):
             n = num_samples(inputs)
             for start in range(0, n, chunk_size):
-                xs, ys = (
-                    _slice(inputs, start, start + chunk_size),
-                    _slice(targets, start, start + chunk_size),
-                )
-                per = torch.func.vmap(
-                    torch.func.grad(sample_loss), in_dims=(None, _in_dims(xs), _in_dims(ys), None)
-                )(p, xs, ys, others)
-                total = total + sum((g.detach() ** 2).sum() for g in per.values())
+                stop = start + chunk_size
+                xs, ys = take(inputs, start, stop), take(targets, start, stop)
+                total = total + sq_grad_norms(obj, p, xs, ys, others, "empirical_fisher_trace")
             check_finite([total], f"squared per-sample gradient norm of batch {b}")
             count += n
     (total,), count = dataset_reduce([total], count, obj.reduction, obj.process_group)
@@ -334,8 +316,8 @@ def fisher_rao_norm(
     obj = resolve_objective(model, loss_fn, data, objective_options, where="fisher_rao_norm")
     p = obj.params
     if fisher == "ggn":
-        out = obj.ggn_vp({n: t.unsqueeze(0) for n, t in p.items()})
-        terms = [out[n][0] * t for n, t in p.items()]
+        flat = flatten_params(p)
+        terms = [ObjectiveOperator(obj, "ggn").matvec(flat) * flat]
         squared = float(sum(v.sum() for v in terms))
         scale = float(sum(v.abs().sum() for v in terms))  # for the round-off bound
         n_total = obj.num_samples
@@ -346,13 +328,7 @@ def fisher_rao_norm(
         with obj.state(), torch.no_grad():
             others = _others(obj)
             for inputs, targets in obj.batches():
-
-                def losses(
-                    q: dict[str, Tensor], inputs: Any = inputs, targets: Any = targets
-                ) -> Tensor:
-                    return per_sample_losses(obj, q, inputs, targets, others)
-
-                s = torch.func.jvp(losses, (p,), (p,))[1]
+                s = theta_grad_dots(obj, p, inputs, targets, others, "fisher_rao_norm")
                 total = total + (s**2).sum()
                 count += num_samples(inputs)
         (total,), n_total = dataset_reduce([total], count, obj.reduction, obj.process_group)

@@ -11,8 +11,13 @@ from torch import Tensor, nn
 from sharpgen.curvature import ModelObjective
 from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import LinearOperator, TraceEstimate
-from sharpgen.sharpness._common import check_generator, check_int, check_positive
-from sharpgen.sharpness._operators import BlockOperator, ObjectiveOperator, operator_trace
+from sharpgen.sharpness._common import check_generator
+from sharpgen.sharpness._operators import (
+    BlockOperator,
+    ObjectiveOperator,
+    check_trace_options,
+    operator_trace,
+)
 
 __all__ = ["relative_flatness"]
 
@@ -113,10 +118,9 @@ def relative_flatness(
         and generalization", NeurIPS 2021.
     """
     generator = check_generator(generator)
-    if num_matvecs is not None:
-        num_matvecs = check_int("num_matvecs", num_matvecs)
-    if rtol is not None:
-        rtol = check_positive("rtol", rtol)
+    method, num_matvecs, rtol, max_matvecs, exact_threshold = check_trace_options(
+        method, num_matvecs, rtol, max_matvecs, exact_threshold, progress
+    )
     base = model.model if isinstance(model, ModelObjective) else model
     name = _weight_name(base, layer)
     if isinstance(model, ModelObjective):

@@ -2,38 +2,66 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from sharpgen._validation import check_bool, check_int, check_positive
 from sharpgen.curvature import ModelObjective, flatten_params, unflatten_params
+from sharpgen.curvature._backend import run_with_fallback
 from sharpgen.linalg import LinearOperator, TraceEstimate, hutchinson_trace, xtrace
 from sharpgen.linalg._diagonal import exact_diagonal
 from sharpgen.sharpness._common import check_choice, progress_bar
 
-__all__ = ["TRACE_METHODS", "BlockOperator", "ObjectiveOperator", "operator_trace"]
+__all__ = [
+    "TRACE_METHODS",
+    "BlockOperator",
+    "ObjectiveOperator",
+    "TraceOptions",
+    "check_trace_options",
+    "operator_trace",
+]
 
 TRACE_METHODS = ("auto", "exact", "hutchinson", "xtrace")
 
 
 class ObjectiveOperator(LinearOperator):
-    """Hessian (``kind="hvp"``) or GGN (``kind="ggn"``) of a `ModelObjective` (flat vectors)."""
+    """Hessian (``kind="hvp"``) or GGN (``kind="ggn"``) of a `ModelObjective` (flat vectors).
+
+    Products follow the objective's ``backend`` (`sharpgen.curvature._backend`): with
+    ``"auto"`` (the default) ``torch.func`` (``vmap`` over the columns of a block), falling
+    back to double backward with a `RuntimeWarning` when ``torch.func`` cannot trace the
+    model (e.g. a classic ``forward(ctx, ...)`` ``autograd.Function``, allowed with
+    ``second_order="warn"``); the backend that worked is kept for the next products.
+    """
 
     def __init__(self, objective: ModelObjective, kind: str = "hvp", max_block: int = 16) -> None:
         super().__init__(objective.numel, objective.dtype, objective.device)
         self.objective = objective
         self.kind = kind
         self.max_block = max_block
+        self._backend = objective.backend
+
+    def _product(self, block: dict[str, Tensor], backend: str) -> dict[str, Tensor]:
+        if self.kind == "hvp":
+            return self.objective.hvp(block, backend=backend)
+        return self.objective.ggn_vp(block, backend=backend)
 
     def _matmat(self, V: Tensor) -> Tensor:
         cols = []
         for i in range(0, V.shape[1], self.max_block):
             block = unflatten_params(V[:, i : i + self.max_block], self.objective.params)
-            if self.kind == "hvp":
-                out = self.objective.hvp(block)
+            if self._backend == "auto":  # try torch.func first, then double backward
+
+                def run(b: str, _m: str, block: dict[str, Tensor] = block) -> dict[str, Tensor]:
+                    return self._product(block, b)
+
+                out, self._backend, _ = run_with_fallback(
+                    run, "auto", "rev", owner="block products"
+                )
             else:
-                out = self.objective.ggn_vp(block)
+                out = self._product(block, self._backend)
             cols.append(flatten_params(out, batched=True))
         return torch.cat(cols, 1)
 
@@ -65,6 +93,35 @@ class BlockOperator(LinearOperator):
         return flatten_params({n: out[n] for n in self.names}, batched=True)
 
 
+class TraceOptions(NamedTuple):
+    """The checked options of `operator_trace`."""
+
+    method: str
+    num_matvecs: int | None
+    rtol: float | None
+    max_matvecs: int
+    exact_threshold: int
+
+
+def check_trace_options(
+    method: object,
+    num_matvecs: object,
+    rtol: object,
+    max_matvecs: object,
+    exact_threshold: object,
+    progress: object,
+) -> TraceOptions:
+    """The trace options of a measure, checked before any work (one rule for all of them)."""
+    check_bool("progress", progress)
+    return TraceOptions(
+        method=check_choice("method", method, TRACE_METHODS),
+        num_matvecs=None if num_matvecs is None else check_int("num_matvecs", num_matvecs),
+        rtol=None if rtol is None else check_positive("rtol", rtol),
+        max_matvecs=check_int("max_matvecs", max_matvecs),
+        exact_threshold=check_int("exact_threshold", exact_threshold, minimum=0),
+    )
+
+
 def operator_trace(
     op: LinearOperator,
     *,
@@ -78,7 +135,9 @@ def operator_trace(
     desc: str = "trace",
 ) -> TraceEstimate:
     """Trace of ``op``: exact from basis vectors, or Hutchinson / XTrace with a stderr."""
-    method = check_choice("method", method, TRACE_METHODS)
+    method, num_matvecs, rtol, max_matvecs, exact_threshold = check_trace_options(
+        method, num_matvecs, rtol, max_matvecs, exact_threshold, progress
+    )
     p = op.shape[0]
     if method == "auto":
         method = "exact" if p <= exact_threshold and num_matvecs is None else "xtrace"

@@ -15,22 +15,21 @@ from sharpgen.sharpness._average import average_sharpness
 from sharpgen.sharpness._common import check_generator, check_int, check_positive
 from sharpgen.sharpness._eigen import top_eigenvalues
 from sharpgen.sharpness._trace import hessian_trace
-from sharpgen.sharpness._tracker_measures import EXTRA_DEFAULTS, EXTRA_MEASURES
+from sharpgen.sharpness._tracker_checks import (
+    BUILTIN_MEASURES,
+    COST_KEYS,
+    check_measure_options,
+    check_tracked_model,
+    resolve_measures,
+    resolve_options,
+)
+from sharpgen.sharpness._tracker_measures import EXTRA_MEASURES
 from sharpgen.sharpness._tracker_plot import plot_history
 from sharpgen.sharpness._worst_case import sam_sharpness
 
 __all__ = ["BUILTIN_MEASURES", "SharpnessTracker"]
 
-BUILTIN_MEASURES = ("loss", "trace", "top_eigenvalue", "sam", "average", *EXTRA_MEASURES)
-_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "loss": {},
-    "trace": {},
-    "top_eigenvalue": {"tol": 1e-3},
-    "sam": {"rho": 0.05},
-    "average": {"rho": 0.01, "num_samples": 16},
-    **EXTRA_DEFAULTS,
-}
-_COST_KEYS = ("matvecs", "gradient_evals", "loss_evals")
+_COST_KEYS = COST_KEYS
 _OBJECTIVE_KEYS = frozenset(OBJECTIVE_OPTIONS)
 
 
@@ -99,8 +98,10 @@ class SharpnessTracker:
 
     Raises:
         ValueError: ``every < 1``, an unknown measure name (the valid ones are listed),
-            options for a measure that is not tracked, empty data.
-        TypeError: Wrongly typed arguments.
+            options for a measure that is not tracked, an option value out of range, a
+            model without parameters, empty data.
+        TypeError: Wrongly typed arguments, an option the measure does not take. Every
+            argument and measure option is checked here, not at the first measurement.
 
     Examples:
         >>> import torch
@@ -132,6 +133,38 @@ class SharpnessTracker:
         lr: float | None = None,
         **objective_options: Any,
     ) -> None:
+        self._configure(model, loss_fn, eval_batch, every, measures, options, generator, lr,
+                        objective_options)  # fmt: skip
+        check_tracked_model(self.model, self.options)
+
+    @classmethod
+    def check_arguments(cls, loss_fn: Any, eval_batch: Any, **tracker_options: Any) -> None:
+        """Check a tracker's arguments before its model exists (the callbacks' check).
+
+        Everything `SharpnessTracker` checks except what needs the model (its parameters,
+        a named layer), with the same errors.
+        """
+        tracker = cls.__new__(cls)
+        args = {"every": 1, "measures": ("trace", "top_eigenvalue", "sam"), "options": None,
+                "generator": None, "lr": None, **tracker_options}  # fmt: skip
+        every, measures, options, generator, lr = (
+            args.pop(k) for k in ("every", "measures", "options", "generator", "lr")
+        )
+        tracker._configure(nn.Module(), loss_fn, eval_batch, every, measures, options,
+                           generator, lr, args)  # fmt: skip
+
+    def _configure(
+        self,
+        model: Any,
+        loss_fn: Any,
+        eval_batch: Any,
+        every: Any,
+        measures: Any,
+        options: Any,
+        generator: Any,
+        lr: Any,
+        objective_options: dict[str, Any],
+    ) -> None:
         ready = check_objective_args(
             model, loss_fn, eval_batch, objective_options, where="SharpnessTracker"
         )
@@ -145,70 +178,18 @@ class SharpnessTracker:
         self.loss_fn: Callable[[Any, Any], Tensor]
         if ready is None:
             as_batches(eval_batch)  # validate the kind of data early
-            self.model, self.loss_fn, self.eval_batch = model, loss_fn, eval_batch  # type: ignore[assignment]
+            self.model, self.loss_fn, self.eval_batch = model, loss_fn, eval_batch
         else:
             self.model, self.loss_fn, self.eval_batch = ready.model, ready.loss_fn, ready.data
         self.objective_options = dict(objective_options)
-        self.measures = self._resolve_measures(measures)
-        self.options = self._resolve_options(options)
+        self.measures = resolve_measures(measures)
+        self.options = resolve_options(self.measures, options)
+        check_measure_options(self.options)
         self._history: list[dict[str, Any]] = []
         self._totals = dict.fromkeys(_COST_KEYS, 0)
         self._counter = 0
         # the last top eigenvector: the warm start of the next "top_eigenvalue" measurement
         self._top_vector: torch.Tensor | None = None
-
-    # -- configuration ---------------------------------------------------------------------
-    @staticmethod
-    def _resolve_measures(
-        measures: Sequence[str] | Mapping[str, str | Callable[..., Any]],
-    ) -> dict[str, str | Callable[..., Any]]:
-        valid = ", ".join(repr(m) for m in BUILTIN_MEASURES)
-        if isinstance(measures, str):
-            measures = (measures,)
-        if isinstance(measures, Mapping):
-            items = list(measures.items())
-        elif isinstance(measures, Sequence):
-            items = [(m, m) for m in measures]
-        else:
-            raise TypeError(
-                f"measures must be a sequence of names or a dict name -> callable, got "
-                f"{type(measures).__name__}."
-            )
-        if not items:
-            raise ValueError(f"measures is empty; choose some of {valid} or pass callables.")
-        out: dict[str, str | Callable[..., Any]] = {}
-        for name, what in items:
-            if not isinstance(name, str):
-                raise TypeError(f"measure names must be str, got {name!r}.")
-            if isinstance(what, str):
-                if what not in BUILTIN_MEASURES:
-                    raise ValueError(f"unknown measure {what!r}; valid choices are {valid}.")
-            elif not callable(what):
-                raise TypeError(
-                    f"measure {name!r} must be a built-in name or a callable "
-                    f"fn(model, loss_fn, eval_batch), got {type(what).__name__}."
-                )
-            if name in ("step", *_COST_KEYS):
-                raise ValueError(f"measure name {name!r} is reserved; choose another name.")
-            out[name] = what
-        return out
-
-    def _resolve_options(
-        self, options: Mapping[str, Mapping[str, Any]] | None
-    ) -> dict[str, dict[str, Any]]:
-        options = {} if options is None else options
-        if not isinstance(options, Mapping):
-            raise TypeError(f"options must be a dict name -> dict, got {type(options).__name__}.")
-        used = {w for w in self.measures.values() if isinstance(w, str)}
-        for key, value in options.items():
-            if key not in used:
-                raise ValueError(
-                    f"options given for {key!r}, which is not a tracked built-in measure "
-                    f"(tracked: {sorted(used)})."
-                )
-            if not isinstance(value, Mapping):
-                raise TypeError(f"options[{key!r}] must be a dict of keyword arguments.")
-        return {b: {**_DEFAULT_OPTIONS[b], **options.get(b, {})} for b in used}
 
     # -- measuring -------------------------------------------------------------------------
     def step(self, step_index: int | None = None) -> dict[str, Any] | None:

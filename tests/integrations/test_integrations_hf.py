@@ -245,12 +245,24 @@ def test_sam_trainer_equals_the_bare_loop(ih, tmp_path, kind, accumulation):
         torch.testing.assert_close(a["state"][key], b["state"][key], rtol=1e-10, atol=1e-12)
 
 
-def test_sam_trainer_rejects_a_plain_optimizer(tmp_path):
+def test_sam_trainer_rejects_a_plain_optimizer_when_built(tmp_path):
     model = gpt2()
-    trainer = SAMTrainer(
-        model=model, args=arguments(tmp_path, max_steps=1), train_dataset=tokens(4),
-        data_collator=collate,
-    )  # fmt: skip
+    common = dict(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=tokens(4),
+                  data_collator=collate)  # fmt: skip
+    with pytest.raises(TypeError, match="SAM-family optimizer.*got no optimizer"):
+        SAMTrainer(**common)
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match="SAM-family optimizer.*got AdamW"):
+        SAMTrainer(**common, optimizers=(adam, None))
+    with pytest.raises(TypeError, match="SAM-family optimizer.*got AdamW"):
+        SAMTrainer(**common, optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-3}))
+
+    class OwnOptimizer(SAMTrainer):  # its own create_optimizer: checked at the first step
+        def create_optimizer(self, model=None):
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+            return self.optimizer
+
+    trainer = OwnOptimizer(**common)
     with pytest.raises(TypeError, match="SAMTrainer needs a SAM-family optimizer"):
         trainer.train()
     with pytest.raises(ValueError, match="exactly one of every_n_steps"):
