@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __ge
         preserve_model_state,
         select_params,
         shard_indices,
+        twice_differentiable_attention,
         unflatten_params,
         without_sampler_padding,
     )
@@ -178,6 +179,7 @@ __all__ = [
     "unflatten_params",
     "select_params",
     "preserve_model_state",
+    "twice_differentiable_attention",
     # sharpness measures (sharpgen.sharpness)
     "hessian_trace",
     "top_eigenvalues",

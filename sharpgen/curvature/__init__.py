@@ -8,6 +8,7 @@ are `sharpgen.linalg.LinearOperator` subclasses computing exact matrix-free prod
 as it was.
 """
 
+from sharpgen.curvature._attention import twice_differentiable_attention
 from sharpgen.curvature._data import as_batches, num_samples
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
 from sharpgen.curvature._ggn import GGNOperator
@@ -41,6 +42,8 @@ __all__ = [
     # distributed data (torch.distributed)
     "shard_indices",
     "without_sampler_padding",
+    # attention through a twice-differentiable path
+    "twice_differentiable_attention",
     # model state
     "preserve_model_state",
     "model_state_policy",

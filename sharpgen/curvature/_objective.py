@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sharpgen._distributed import AUTO, check_ranks_agree, resolve_process_group, unwrap_model
+from sharpgen.curvature._attention import first_order_attention, objective_attention
 from sharpgen.curvature._backend import check_backend
 from sharpgen.curvature._columns import ColumnPlan
 from sharpgen.curvature._data import as_batches, check_devices, num_samples
@@ -265,11 +266,12 @@ class ModelObjective:
 
     def _forward(self, others: dict[str, Tensor], p: Mapping[str, Tensor], inputs: Any) -> Any:
         full = {**others, **p}
-        if isinstance(inputs, Mapping):
-            return functional_call(self.model, full, (), dict(inputs))
-        if isinstance(inputs, (tuple, list)):
-            return functional_call(self.model, full, tuple(inputs))
-        return functional_call(self.model, full, (inputs,))
+        with objective_attention():  # twice-differentiable attention (`_attention`)
+            if isinstance(inputs, Mapping):
+                return functional_call(self.model, full, (), dict(inputs))
+            if isinstance(inputs, (tuple, list)):
+                return functional_call(self.model, full, tuple(inputs))
+            return functional_call(self.model, full, (inputs,))
 
     def _apply_loss(self, outputs: Any, targets: Any) -> Tensor:
         return checked_loss(self.loss_fn(outputs, targets))
@@ -351,7 +353,8 @@ class ModelObjective:
         Raises:
             FloatingPointError: If the loss is not finite.
         """
-        return dataset_loss(self, self.resolve(params))
+        with first_order_attention():  # the fused attention kernels (`_attention`)
+            return dataset_loss(self, self.resolve(params))
 
     def loss_and_gradient(
         self, params: Mapping[str, Tensor] | None = None
@@ -362,7 +365,8 @@ class ModelObjective:
             ``(loss, grad)``: a detached 0-d tensor and a dict name -> tensor (zeros for
             parameters the loss does not use).
         """
-        return dataset_loss_and_gradient(self, self.resolve(params))
+        with first_order_attention():  # the fused attention kernels (`_attention`)
+            return dataset_loss_and_gradient(self, self.resolve(params))
 
     def gradient(self, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Gradient of the dataset loss at ``params`` as a dict (see `loss_and_gradient`)."""
