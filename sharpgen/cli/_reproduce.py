@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -186,6 +187,39 @@ def _out_dir_problem(text: str) -> str | None:
     return None
 
 
+def _preset_problem(names: Sequence[str]) -> str | None:
+    """The first unknown ``--preset`` name, with the closest valid ones, or None."""
+    import difflib
+
+    from sharpgen.experiments import PRESET_GROUPS, preset_names
+
+    valid = preset_names()
+    for name in names:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+            maybe = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            return (
+                f"--preset {name}: unknown preset {name!r}; {maybe}groups: "
+                f"{', '.join(PRESET_GROUPS)}; 'sharpgen reproduce --list' shows every "
+                "experiment with its settings"
+            )
+    return None
+
+
+def _compiler_problem(args: argparse.Namespace) -> str | None:
+    """``--compile`` on the CPU needs the C++ compiler torch.compile (inductor) calls."""
+    if not args.compile or args.device != "cpu":
+        return None
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(cxx) is None:
+        return (
+            f"--compile needs a C++ compiler for torch.compile on the CPU, and {cxx!r} was not "
+            "found; install one (e.g. apt-get install g++), set CXX to it, or leave out "
+            "--compile"
+        )
+    return None
+
+
 def _usage_problem(args: argparse.Namespace) -> str | None:
     import torch
 
@@ -198,7 +232,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
             "--device cuda but torch.cuda.is_available() is False; use --device cpu or "
             "install a CUDA build of torch"
         )
-    return _out_dir_problem(args.out)
+    return _compiler_problem(args) or _out_dir_problem(args.out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,10 +252,13 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(_list_presets())
         return 0
+    problem = _preset_problem(args.preset)
+    if problem is not None:
+        return fail("reproduce", problem)
     try:
         specs = get_preset(*args.preset)
     except ValueError as exc:
-        return fail("reproduce", str(exc))
+        return fail("reproduce", f"--preset {' '.join(args.preset)}: {exc}")
     problem = _usage_problem(args)
     if problem is not None:
         return fail("reproduce", problem)

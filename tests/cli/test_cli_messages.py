@@ -69,3 +69,29 @@ def test_measure_errors_name_the_flag_to_change(capsys, argv, expected):
     for jargon in ("unique=False", "reference set", "must be an int", "n=", "d="):
         assert jargon not in line, line
     assert "raise --" in line or "lower --" in line or "must be >=" in line, line
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("qiuck", "--preset qiuck: unknown preset 'qiuck'; did you mean 'quick'? groups: quick"),
+        ("paper-fig99", "--preset paper-fig99: unknown preset 'paper-fig99'; did you mean 'paper-"),
+        ("zzz", "--preset zzz: unknown preset 'zzz'; groups: quick, paper"),
+    ],
+)
+def test_unknown_preset_names_the_flag_and_the_closest_names(tmp_path, capsys, preset, expected):
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", "tiny", preset, "--out", str(out)]) == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert line.startswith(f"sharpgen reproduce: error: {expected}"), line
+    assert line.endswith("'sharpgen reproduce --list' shows every experiment with its settings")
+    assert not out.exists()
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", FAST, "--compile", "--out", str(out)]) == 2
+    line = _one_line_error(capsys, "reproduce")
+    assert "--compile needs a C++ compiler for torch.compile on the CPU" in line
+    assert "leave out --compile" in line and not out.exists()
