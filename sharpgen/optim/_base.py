@@ -43,6 +43,8 @@ from sharpgen.optim._state import (
     _RESTORED,
     _UNPERTURBED,
     SAMStepInfo,
+    all_finite,
+    copy_back,
 )
 from sharpgen.optim._state_checks import load_base_state
 
@@ -97,6 +99,7 @@ class SAMBase(SAMSetup):
                 "finish it with second_step() (or step()) first."
             )
         self._reset()
+        self._mark_rng()
         perturbed = self._perturb(grad_scale)
         if zero_grad and perturbed:
             self.zero_grad()
@@ -156,7 +159,12 @@ class SAMBase(SAMSetup):
                 f"{self._phase!r}); finish it with step() or second_step() first."
             )
         self._reset()
-        loss = self._two_passes(closure)
+        self._mark_rng()
+        try:
+            loss = self._two_passes(closure)
+        except BaseException:
+            self._rewind_rng()  # an aborted step draws again what it drew
+            raise
         self._finish()
         return loss
 
@@ -184,6 +192,7 @@ class SAMBase(SAMSetup):
             )
         if self._phase != _ACCUMULATING:
             self._reset()
+            self._mark_rng()
             self._acc = {}
             self._micro = 0
         loss = self._two_passes(closure)
@@ -423,6 +432,8 @@ class SAMBase(SAMSetup):
             else:
                 self.base_optimizer.step()
                 stepped = True
+        if not stepped:
+            self._rewind_rng()  # a skipped step is retried with the same random numbers
         self._after_step(stepped)
         self._last_info = SAMStepInfo(
             perturbed=self._any_perturbed,
@@ -432,19 +443,3 @@ class SAMBase(SAMSetup):
             micro_batches=micro,
         )
         self._reset()
-
-
-def copy_back(saved: dict[Tensor, Tensor]) -> None:
-    """Copy each saved tensor back into its parameter (exactly, in place)."""
-    if saved:
-        params = list(saved)
-        torch._foreach_copy_(params, [saved[p] for p in params])
-
-
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every tensor is finite (one host synchronization)."""
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(tensors)
-    device = norms[0].device
-    return bool(torch.isfinite(torch.stack([n.to(device) for n in norms])).all())

@@ -90,6 +90,17 @@ class SAMSetup(Optimizer):
         gen = check_generator(generator)
         self._generator = gen if gen is not None else torch.Generator().manual_seed(0)
 
+    def _mark_rng(self) -> None:
+        """Note the private generator's state at the start of a step (variants that have one)."""
+        if self._generator_key is not None:
+            self._rng_mark = self._generator.get_state()
+
+    def _rewind_rng(self) -> None:
+        """Back to the noted state: a skipped or aborted step leaves the generator as it was."""
+        mark = getattr(self, "_rng_mark", None)
+        if mark is not None:
+            self._generator.set_state(mark)
+
     def _build(
         self,
         params: Iterable[Any],

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SAMStepInfo"]
+import torch
+from torch import Tensor
+
+__all__ = ["SAMStepInfo", "all_finite", "copy_back"]
 
 _IDLE = "idle"  # no step in progress
 _PERTURBED = "perturbed"  # weights are w + eps, waiting for the second pass
@@ -34,3 +37,19 @@ class SAMStepInfo:
     grad_norm: float | None
     reason: str | None
     micro_batches: int = 1
+
+
+def copy_back(saved: dict[Tensor, Tensor]) -> None:
+    """Copy each saved tensor back into its parameter (exactly, in place)."""
+    if saved:
+        params = list(saved)
+        torch._foreach_copy_(params, [saved[p] for p in params])
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every tensor is finite (one host synchronization)."""
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    device = norms[0].device
+    return bool(torch.isfinite(torch.stack([n.to(device) for n in norms])).all())

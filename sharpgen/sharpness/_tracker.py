@@ -351,9 +351,17 @@ class SharpnessTracker:
                 "state must be a dict from SharpnessTracker.state_dict() with the keys "
                 "'history', 'totals' and 'counter'."
             )
-        self._history = [dict(r) for r in state["history"]]
-        self._totals = {k: int(state["totals"][k]) for k in _COST_KEYS}
-        self._counter = int(state["counter"])
+        try:  # everything converted first: a bad state leaves the tracker as it was
+            history = [dict(r) for r in state["history"]]
+            totals = {k: check_int(f"totals[{k!r}]", state["totals"][k], minimum=0)
+                      for k in _COST_KEYS}  # fmt: skip
+            counter = check_int("counter", state["counter"], minimum=0)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"state is not a SharpnessTracker.state_dict() ({type(err).__name__}: {err}); "
+                "the tracker is unchanged."
+            ) from err
+        self._history, self._totals, self._counter = history, totals, counter
 
     def plot(
         self,

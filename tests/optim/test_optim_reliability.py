@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sharpgen.optim import GSAM, SAM, WSAM, FriendlySAM, LookSAM
+from sharpgen.optim import BSAM, ESAM, GSAM, SAM, WSAM, FriendlySAM, LookSAM
 
 D = torch.float64
 KW = {"lr": 0.05, "momentum": 0.9}
@@ -170,3 +170,56 @@ def test_messages_name_the_class_in_use(cls):
     inner = SAM([nn.Parameter(torch.zeros(2, dtype=D))], torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="cannot itself be a SAM-family optimizer, got a SAM"):
         cls([w], inner)
+
+
+# -- the variants with a private generator (ESAM's random mask, BSAM's noise) -------------------
+def _esam_closure(model, opt, t, fault=None):
+    g = torch.Generator().manual_seed(10 + t)
+    x, y = torch.randn(8, 3, generator=g, dtype=D), torch.randn(8, 2, generator=g, dtype=D)
+    calls = [0]
+
+    def closure():  # per-sample losses, no backward (ESAM's closure)
+        calls[0] += 1
+        losses = ((model(x) - y) ** 2).mean(1)
+        if calls[0] == 2 and fault == "nonfinite":
+            losses = losses * float("inf")
+        if calls[0] == 2 and fault == "exception":
+            raise RuntimeError("out of memory in the second pass")
+        if calls[0] == 2 and fault == "interrupt":
+            raise KeyboardInterrupt
+        return losses
+
+    return closure
+
+
+GENERATOR_VARIANTS = {
+    "esam": (lambda ps: ESAM(ps, torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5,
+                             generator=torch.Generator().manual_seed(3), **KW), _esam_closure),
+    "bsam": (lambda ps: BSAM(ps, num_data=50, lr=0.05, rho=0.1, betas=(0.9, 0.99),
+                             generator=torch.Generator().manual_seed(3)), _closure),
+}  # fmt: skip
+
+
+def _run_generator_variant(name, fault=None):
+    build, make_closure = GENERATOR_VARIANTS[name]
+    model = _model()
+    opt = build(model.parameters())
+    for t in range(4):
+        if t == 2 and fault is not None:
+            try:
+                opt.step(make_closure(model, opt, t, fault))
+            except (RuntimeError, KeyboardInterrupt):
+                pass
+            if fault == "nonfinite":
+                assert not opt.last_step_info.stepped
+        opt.step(make_closure(model, opt, t))
+    return model, opt
+
+
+@pytest.mark.parametrize("fault", ["nonfinite", "exception", "interrupt"])
+@pytest.mark.parametrize("name", list(GENERATOR_VARIANTS))
+def test_a_retried_step_redraws_the_same_random_numbers(name, fault):
+    a, b = _run_generator_variant(name, fault), _run_generator_variant(name)
+    _assert_same(a, b)
+    key = a[1]._generator_key
+    assert torch.equal(a[1].state_dict()[key], b[1].state_dict()[key])

@@ -259,3 +259,13 @@ def test_classic_function_falls_back_to_double_backward_with_the_same_values(nam
     flat = torch.utils._pytree.tree_leaves
     for a, b in zip(flat(got), flat(want), strict=True):
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-9, atol=1e-12)
+
+
+def test_tracker_load_state_dict_is_all_or_nothing():
+    tracker = sg.SharpnessTracker(_mlp(), mse, _batches(bad=False)[0], every=1, measures=("loss",))
+    tracker.step(0)
+    good = tracker.state_dict()
+    bad = {**good, "history": [{"step": 7}], "totals": {"matvecs": "many"}}
+    with pytest.raises(ValueError, match="the tracker is unchanged"):
+        tracker.load_state_dict(bad)
+    assert tracker.state_dict() == good
