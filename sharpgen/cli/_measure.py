@@ -49,6 +49,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         )
     if args.test_size < 0:
         return f"--test-size {args.test_size} must be >= 0"
+    if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        return f"--seed {args.seed} is out of range; give a seed from 0 to 2**64 - 1"
     return None
 
 
