@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen._validation import check_choice, check_generator, check_int
+from sharpgen._validation import check_choice, check_generator, check_int, check_positive
 from sharpgen.curvature import ModelObjective, select_params, unflatten_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.landscape._args import check_direction_like, check_tensor_map
@@ -201,6 +201,8 @@ def hessian_directions(
     from sharpgen.sharpness._operators import ObjectiveOperator
 
     k = check_int("k", k)
+    tol = check_positive("tol", tol)
+    generator = check_generator(generator)
     obj = objective_of(model, loss_fn, data, params, bn=bn, reduction=reduction,
                        where="hessian_directions")  # fmt: skip
     res = lanczos(ObjectiveOperator(obj, "hvp"), k=k, tol=tol, generator=generator)

@@ -11,6 +11,7 @@ is evaluated on each batch and the batch values are combined with the objective'
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -101,7 +102,9 @@ class _Evaluator:
         targets: Any,
         metric: Callable[[Any, Any], Tensor] | None,
         split: tuple[str, nn.Module, nn.Module] | None,
+        vmap_ok: list[bool] | None = None,
     ) -> None:
+        self.vmap_ok = [True] if vmap_ok is None else vmap_ok  # shared by the batches
         self.obj, self.theta, self.D, self.targets, self.metric = obj, theta, D, targets, metric
         self.others = others
         self.inputs = inputs
@@ -168,12 +171,24 @@ class _Evaluator:
         h = None
         if self.head is not None:
             h = self.head.unsqueeze(0) + torch.tensordot(c, self.steps, dims=([1], [0]))
-        if c.shape[0] == 1:  # no vmap: a plain functional call
-            first = self._one({k: t[0] for k, t in pts.items()}, None if h is None else h[0])
-            return [v.unsqueeze(0) for v in first]
-        if h is None:
-            return torch.func.vmap(self._one, in_dims=(0, None))(pts, None)
-        return self.batched(pts, h)
+        if c.shape[0] == 1 or not self.vmap_ok[0]:  # no vmap: plain functional calls
+            rows = [self._one({k: t[i] for k, t in pts.items()}, None if h is None else h[i])
+                    for i in range(c.shape[0])]  # fmt: skip
+            return [torch.stack(v) for v in zip(*rows, strict=True)]
+        try:
+            if h is None:
+                return torch.func.vmap(self._one, in_dims=(0, None))(pts, None)
+            return self.batched(pts, h)
+        except RuntimeError as exc:  # torch.func cannot trace the model: point by point
+            self.vmap_ok[0] = False
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            warnings.warn(
+                f"landscape: torch.func.vmap could not trace the model ({type(exc).__name__}: "
+                f"{first}); the grid points are evaluated one at a time (same values, slower).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self(c, buffers)
 
 
 class _Plan:
@@ -249,7 +264,9 @@ def evaluate_points(
         coefficients: ``(M, K)`` tensor.
         metric: ``metric(outputs, targets)`` returning a scalar per batch, combined over
             batches like the loss; or None.
-        chunk_size: Points per vectorized forward pass, or None: tuned on the first
+        chunk_size: Points per vectorized forward pass (a model ``torch.func.vmap`` cannot
+            trace, e.g. with a classic ``autograd.Function``, is evaluated point by point
+            after a `RuntimeWarning`), or None: tuned on the first
             batch (chunks of 1, 4, 16, ... points up to ``max_chunk`` are timed while they
             are evaluated; the fastest per point is used for the rest). One point is a
             plain ``functional_call`` without ``vmap``.
@@ -282,10 +299,11 @@ def evaluate_points(
     ):
         others = {n: p.detach() for n, p in obj.model.named_parameters() if n not in theta}
         split = _affine_split(obj.model, buffers)
+        vmap_ok = [True]
         for inputs, targets in obj.batches():
             n = num_samples(inputs)
             w = 1.0 if single else (float(n) if obj.reduction == "mean" else 1.0)
-            ev = _Evaluator(obj, others, theta, D, inputs, targets, metric, split)
+            ev = _Evaluator(obj, others, theta, D, inputs, targets, metric, split, vmap_ok)
             if plan is None:  # the fast path needs no tuning: no vmap, one point at a time
                 fixed = FAST_CHUNK if ev.fast is not None and chunk_size is None else chunk_size
                 plan = _Plan(M, fixed, max_chunk)

@@ -283,3 +283,64 @@ def test_recompute_with_a_one_shot_iterator_equals_a_list():
     with pytest.warns(UserWarning, match="one-shot iterator"):
         got = linear_interpolation(a, b, ce, iter(batches), bn_stats="recompute", num_points=3)
     assert torch.equal(got.loss, want.loss)
+
+
+class _ClassicSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # no setup_context: torch.func (vmap) cannot trace it
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _SquareNet(nn.Module):
+    def __init__(self, classic: bool) -> None:
+        super().__init__()
+        self.classic = classic
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(_ClassicSquare.apply(h) if self.classic else h * h)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_a_model_vmap_cannot_trace_is_evaluated_point_by_point(chunk_size):
+    torch.manual_seed(0)
+    classic, plain = _SquareNet(True).to(DT), _SquareNet(False).to(DT)
+    plain.load_state_dict(classic.state_dict())
+    x, y = _data()
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+
+    def run(model):
+        g = torch.Generator().manual_seed(1)
+        return loss_landscape_1d(model, ce, batches, num_points=41, chunk_size=chunk_size,
+                                 generator=g)  # fmt: skip
+
+    want = run(plain)
+    with pytest.warns(RuntimeWarning, match="evaluated one at a time"):
+        got = run(classic)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-14)
+    b = _SquareNet(True).to(DT)
+    with pytest.warns(RuntimeWarning, match="evaluated one at a time"):
+        path = linear_interpolation(classic, b, ce, batches, num_points=9, chunk_size=4)
+    assert path.loss.isfinite().all()
+
+
+def test_hessian_directions_checks_tol_and_generator_first(monkeypatch):
+    from sharpgen.landscape import hessian_directions
+    from sharpgen.sharpness import _objective_arg
+
+    def never(*_a, **_k):
+        raise AssertionError("an objective was built before the arguments were checked")
+
+    monkeypatch.setattr(_objective_arg, "objective_of", never)
+    model, (x, y) = _small(), _data()
+    with pytest.raises(TypeError, match="tol must be a real number"):
+        hessian_directions(model, ce, (x, y), tol="tight")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        hessian_directions(model, ce, (x, y), generator=0)
