@@ -18,6 +18,7 @@ from torch import Tensor
 from sharpgen.curvature._data import check_devices
 from sharpgen.curvature._graph_key import graph_key
 from sharpgen.curvature._interface import FirstGraph
+from sharpgen.curvature._no_second import builtin_first_order
 from sharpgen.curvature._second_order import first_order_functions
 
 if TYPE_CHECKING:
@@ -105,6 +106,9 @@ def validate_first_batch(obj: Objective) -> None:
             )
         if obj.second_order != "ignore":
             obj._first_order = first_order_functions(loss, list(p.values()))
+            obj._first_order += builtin_first_order(
+                obj.model, loss, lambda: obj.batch_loss(p, inputs, targets)
+            )
     keep = obj.single_batch and not obj.dropout and obj.process_group is None
     if keep and _KEEP_FIRST.get():
         obj._first_graph = FirstGraph(p, loss, inputs, first_graph_key(obj))
