@@ -13,6 +13,7 @@ from sharpgen.curvature._data import as_batches, num_samples
 from sharpgen.curvature._flatten import flatten_params, unflatten_params
 from sharpgen.curvature._ggn import GGNOperator
 from sharpgen.curvature._hessian import HessianOperator
+from sharpgen.curvature._model_loss import model_loss
 from sharpgen.curvature._objective import ModelObjective
 from sharpgen.curvature._options import ObjectiveOptions
 from sharpgen.curvature._params import select_params
@@ -31,6 +32,7 @@ __all__ = [
     "ObjectiveOptions",
     "as_objective",
     "dataset_reduce",
+    "model_loss",
     "SecondDerivativeWarning",
     # parameters and vectors
     "select_params",

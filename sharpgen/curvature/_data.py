@@ -1,6 +1,8 @@
 """Normalizing the ``data`` argument: one batch or any re-iterable of batches.
 
-A *batch* is a pair ``(inputs, targets)``. ``inputs`` is a tensor (the model is called as
+A *batch* is a pair ``(inputs, targets)``, or a Hugging Face batch: a dict of tensors with
+the labels inside, taken as ``(batch, None)`` (the model is called as ``model(**batch)`` and
+computes its own loss, see `model_loss`). ``inputs`` is a tensor (the model is called as
 ``model(inputs)``), a tuple or list of tensors (``model(*inputs)``) or a dict of tensors
 (``model(**inputs)``). ``targets`` is handed to ``loss_fn(outputs, targets)`` unchanged.
 The number of samples of a batch is the leading dimension of its (first) input tensor.
@@ -29,6 +31,11 @@ def _is_inputs(x: Any) -> bool:
     if isinstance(x, (tuple, list)):
         return len(x) > 0 and all(isinstance(v, Tensor) for v in x)
     return False
+
+
+def is_dict_batch(x: Any) -> bool:
+    """Whether ``x`` is a Hugging Face style batch: a non-empty mapping of tensors."""
+    return isinstance(x, Mapping) and _is_inputs(x)
 
 
 def _is_single_batch(data: Any) -> bool:
@@ -89,6 +96,8 @@ def call_model(model: Callable[..., Any], inputs: Any) -> Any:
 
 
 def _check_batch(batch: Any, index: int) -> tuple[Any, Any]:
+    if is_dict_batch(batch):  # the labels are inside: model(**batch), targets None
+        return dict(batch), None
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         what = (
             f"a {type(batch).__name__} of length {len(batch)}"
@@ -198,7 +207,9 @@ def as_batches(data: Any) -> Batches:
 
     ``data`` counts as ONE batch when it is a pair ``(inputs, targets)`` whose ``inputs``
     is a tensor, a tuple/list of tensors or a dict of tensors and whose ``targets`` is a
-    tensor or ``None``. Anything else is taken as an iterable of batches (a list, a
+    tensor or ``None``, or when it is a dict of tensors (a Hugging Face batch with the
+    ``labels`` inside, taken as ``(data, None)``; so is every such batch of an iterable).
+    Anything else is taken as an iterable of batches (a list, a
     ``DataLoader``), which must be re-iterable: curvature products pass over the data once
     per product. A one-shot iterator or generator is consumed into a list (with a
     ``UserWarning``: its batches are then held in memory); pass a list or a ``DataLoader``
@@ -222,11 +233,15 @@ def as_batches(data: Any) -> Batches:
         1
         >>> len(list(as_batches([(x, y), (x, y)])))
         2
+        >>> as_batches({"input_ids": x, "labels": y}).first()[1] is None
+        True
     """
     if isinstance(data, Batches):
         return data
     if _is_single_batch(data):
         return Batches((tuple(data),), single=True)
+    if is_dict_batch(data):
+        return Batches(((dict(data), None),), single=True)
     if isinstance(data, (Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(
             f"data must be one (inputs, targets) batch or an iterable of such batches "

@@ -29,6 +29,7 @@ from sharpgen.curvature._columns import ColumnPlan
 from sharpgen.curvature._data import as_batches, check_devices, num_samples
 from sharpgen.curvature._interface import FirstGraph
 from sharpgen.curvature._kernels import GGN, HESSIAN, Kernel
+from sharpgen.curvature._model_loss import model_loss
 from sharpgen.curvature._options import check_options
 from sharpgen.curvature._params import ParamSelection, check_point, select_params
 from sharpgen.curvature._passes import dataset_loss, dataset_loss_and_gradient
@@ -73,7 +74,8 @@ class ModelObjective:
 
     Args:
         model: Any ``nn.Module``.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``; ``None``: the loss the
+            model returns (`model_loss`, for Hugging Face batches with their ``labels``).
         data: One batch or an iterable of batches.
         params: Selection of parameters (see `select_params`); default all trainable.
             A dict gives the base point's values.
@@ -135,7 +137,7 @@ class ModelObjective:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
+        loss_fn: Callable[[Any, Any], Tensor] | None,
         data: Any,
         params: ParamSelection = None,
         *,
@@ -150,6 +152,7 @@ class ModelObjective:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        loss_fn = model_loss if loss_fn is None else loss_fn  # the model's own loss
         if not callable(loss_fn):
             raise TypeError(
                 f"loss_fn must be callable as loss_fn(outputs, targets), got "

@@ -54,10 +54,11 @@ def check_objective_args(
             f"model must be a torch.nn.Module (with loss_fn and data), a ModelObjective or a "
             f"curvature operator, got {type(source).__name__}."
         )
-    if loss_fn is None or data is None:
+    if data is None:
         raise TypeError(
-            f"{where} needs loss_fn and data with a model: {where}(model, loss_fn, data, ...); "
-            "or pass a ready ModelObjective."
+            f"{where} needs loss_fn and data with a model: {where}(model, loss_fn, data, ...) "
+            "(loss_fn=None: the loss the model returns, e.g. a Hugging Face model with the "
+            "labels in the batch); or pass a ready ModelObjective."
         )
     return None
 
@@ -74,7 +75,7 @@ def resolve_objective(
     ready = check_objective_args(source, loss_fn, data, options, where)
     if ready is not None:
         return ready
-    return ModelObjective(source, loss_fn, data, **options)  # type: ignore[arg-type]
+    return ModelObjective(source, loss_fn, data, **options)
 
 
 def as_objective(
