@@ -33,6 +33,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS: dict[str, str] = {
     "reproduce": "sharpgen.cli._reproduce",
     "measure": "sharpgen.cli._measure",
+    "study": "sharpgen.cli._study",
 }
 
 _DESCRIPTION = """\

@@ -57,9 +57,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="read finished stacks from DIR/checkpoints"
     )
-    p.add_argument(
-        "--train-only", action="store_true", help="train (and write training.csv) only"
-    )
+    p.add_argument("--train-only", action="store_true", help="train (and write training.csv) only")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

@@ -3,7 +3,9 @@ r"""Studies: do sharpness and complexity measures rank many trained models by ge
 A study is a list of `TrainedModel` records (trained by `sharpgen.study`'s runner or by the
 user from their own checkpoints). `measure_models` computes every measure of `MEASURES`
 (sharpgen's sharpness measures and the classical complexity measures of Jiang et al. 2020
-and Dziugaite et al. 2020) on every model into a `StudyTable`.
+and Dziugaite et al. 2020) on every model into a `StudyTable`. `run_study` trains the grid
+of a `StudySpec` (or a preset of `STUDY_PRESETS`), the models of one architecture stacked
+and trained together, then measures, analyses and reports them.
 
 References:
     Jiang, Neyshabur, Mobahi, Krishnan & Bengio (2020), "Fantastic Generalization Measures
@@ -16,8 +18,11 @@ References:
 
 from sharpgen.study._analysis import MeasureStats, StudyAnalysis, analyze
 from sharpgen.study._measures import MEASURES, Measure, measure_models
+from sharpgen.study._presets import STUDY_PRESETS, get_study
 from sharpgen.study._record import METRICS, StudyTable, TrainedModel, evaluate
 from sharpgen.study._report import write_report
+from sharpgen.study._runner import StudyResult, run_study
+from sharpgen.study._spec import HYPERPARAMETERS, StopRule, StudySpec
 from sharpgen.study._stats import (
     SignErrors,
     conditional_mutual_information,
@@ -47,4 +52,12 @@ __all__ = [
     "conditional_mutual_information",
     "sign_errors",
     "SignErrors",
+    # specifying and running a study
+    "StudySpec",
+    "StopRule",
+    "HYPERPARAMETERS",
+    "STUDY_PRESETS",
+    "get_study",
+    "run_study",
+    "StudyResult",
 ]

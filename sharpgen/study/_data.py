@@ -72,6 +72,7 @@ def _sklearn(name: str) -> tuple[Any, Any]:
 def load_data(spec: StudySpec) -> StudyData:
     """The pool and test set of ``spec`` (deterministic in ``spec.data_seed``)."""
     dtype = getattr(torch, spec.dtype)
+    assert spec.test_size is not None  # StudySpec sets its default
     g = seeded("data", spec.data, spec.data_seed)
     if spec.data in ("xor", "ball"):
         from sharpgen.data import uniform_ball, xor_cube

@@ -35,7 +35,7 @@ STUDY_PRESETS: dict[str, StudySpec] = {
         },
         seeds=(0, 1, 2),
         stop=StopRule("loss", 0.05, max_steps=4000),
-        description="48 MLPs on digits: width, lr, label noise, SGD vs SAM, 3 seeds",
+        description="MLPs: width, lr, label noise, SGD vs SAM, 3 seeds (~2-5 min)",
     ),
     "digits-large": StudySpec(
         "digits-large",
@@ -51,7 +51,7 @@ STUDY_PRESETS: dict[str, StudySpec] = {
         },
         seeds=(0, 1),
         stop=StopRule("loss", 0.02, max_steps=8000),
-        description="288 MLPs on digits: width, depth, lr, batch size, weight decay, SGD vs SAM",
+        description="MLPs: width, depth, lr, batch size, weight decay, SGD vs SAM",
     ),
     "breast-cancer": StudySpec(
         "breast-cancer",
@@ -67,7 +67,7 @@ STUDY_PRESETS: dict[str, StudySpec] = {
         },
         seeds=(0, 1),
         stop=StopRule("error", 0.0, max_steps=6000),
-        description="96 MLPs on breast cancer: width, lr, dropout, label noise, SGD vs SAM",
+        description="MLPs: width, lr, dropout, label noise, SGD vs SAM rho",
     ),
     "paper-two-layer": StudySpec(
         "paper-two-layer",
@@ -86,8 +86,7 @@ STUDY_PRESETS: dict[str, StudySpec] = {
         d=10,
         test_size=2000,
         stop=StopRule("loss", 0.01, max_steps=30_000),
-        description="the paper's two-layer nets, bias vs no bias, on xor (d=10): n, SGD vs "
-        "SAM rho",
+        description="the paper's two-layer nets, bias vs no bias (d=10): n, SGD vs SAM rho",
     ),
 }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +81,7 @@ def _load_matching(path: Path, spec: StudySpec, seed: int, stack: Stack) -> dict
     if diff or state.get("seed") != seed or state.get("indices") != list(stack.indices):
         what = ", ".join(diff) if diff else "seed or models"
         raise CheckpointError(
-            f"checkpoint {path} belongs to another study (differs in {what}); "
-            f"{restart_hint(path)}"
+            f"checkpoint {path} belongs to another study (differs in {what}); {restart_hint(path)}"
         )
     return state
 
@@ -159,6 +157,7 @@ def train_study(
 
 
 def _world() -> tuple[int, int]:
+    """``(world size, rank)``; under ``torchrun`` the default group (gloo) is initialized."""
     try:
         world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
@@ -169,6 +168,9 @@ def _world() -> tuple[int, int]:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+        torch.set_num_threads(
+            max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        )
     return dist.get_world_size(), dist.get_rank()
 
 
@@ -199,7 +201,9 @@ def _records(spec: StudySpec, data: StudyData, states: dict[str, dict[str, Any]]
 
     grid = spec.grid()
     varied = [a for a in HYPERPARAMETERS if len(spec.values(a)) > 1]
-    loss_fn = torch.nn.functional.mse_loss if data.classes == 1 else torch.nn.functional.cross_entropy
+    loss_fn = (
+        torch.nn.functional.mse_loss if data.classes == 1 else torch.nn.functional.cross_entropy
+    )
     stacks = {s.key: s for s in plan_stacks(spec, data.X.shape[1])}
     rows: list[tuple[int, Any, dict[str, Any] | None, dict[str, Any]]] = []
     for key, state in states.items():
@@ -215,7 +219,8 @@ def _records(spec: StudySpec, data: StudyData, states: dict[str, dict[str, Any]]
                     "diverged (non-finite training loss)"
                     if diverged
                     else f"did not reach training {spec.stop.metric} <= {spec.stop.threshold:g} "
-                    f"within {spec.stop.max_steps} steps (final {metrics['train_' + spec.stop.metric]:.4g})"
+                    f"within {spec.stop.max_steps} steps "
+                    f"(final {metrics['train_' + spec.stop.metric]:.4g})"
                 )
                 rows.append((i, None, {"name": model_name(i), "hparams": hp, "reason": why}, info))
                 continue
@@ -288,11 +293,17 @@ def run_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(spec)
-    start = time.perf_counter()
-    states, trained = train_study(
-        spec, out, seed=seed, resume=resume, progress=progress, data=data
-    )
-    world, rank = _world()
+    import torch.distributed as dist
+
+    own = not (dist.is_available() and dist.is_initialized())
+    _, rank = _world()
+    try:
+        states, trained = train_study(
+            spec, out, seed=seed, resume=resume, progress=progress, data=data
+        )
+    finally:
+        if own and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if rank != 0:
         return None
     models, excluded, infos = _records(spec, data, states, seed)
@@ -308,7 +319,6 @@ def run_study(
         analysis = analyze_table(table)
         write_report(analysis, out)
         _note_excluded(out / "report.md", spec, excluded, len(models))
-    del start
     return StudyResult(spec, models, excluded, table, analysis, out, trained, seconds)
 
 

@@ -172,8 +172,10 @@ class StudySpec:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or not all(
-            c.isalnum() or c in "-_" for c in self.name
+        if (
+            not isinstance(self.name, str)
+            or not self.name
+            or not all(c.isalnum() or c in "-_" for c in self.name)
         ):
             raise ValueError(
                 f"StudySpec name={self.name!r} must be a non-empty string of letters, digits, "
@@ -221,7 +223,7 @@ class StudySpec:
 
     def values(self, axis: str) -> tuple[Any, ...]:
         """The values of ``axis`` in the grid (its default alone if the axis is not varied)."""
-        return self.axes.get(axis, (HYPERPARAMETERS[axis],))
+        return tuple(self.axes.get(axis, (HYPERPARAMETERS[axis],)))
 
     def _check_data(self) -> None:
         sizes = [s for s in self.values("train_size") if s is not None]

@@ -196,7 +196,9 @@ class StackedTrainer:
         if self.arch.outputs == 1:
             return (f - y).square().mean(1)
         R, B, C = f.shape
-        return F.cross_entropy(f.reshape(R * B, C), y.reshape(-1), reduction="none").view(R, B).mean(1)
+        return (
+            F.cross_entropy(f.reshape(R * B, C), y.reshape(-1), reduction="none").view(R, B).mean(1)
+        )
 
     def _masks(self, B: int) -> list[Tensor] | None:
         if not self.use_dropout:
@@ -217,7 +219,7 @@ class StackedTrainer:
         return dict(zip(leaves, grads, strict=True))
 
     def _ascent(self, g: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The perturbed parameters $w + \\varepsilon$ of every model."""
+        r"""The perturbed parameters $w + \varepsilon$ of every model."""
         P = self.P
         if self.optimizer == "usam":
             return {k: torch.addcmul(P[k], _col(self.rho, g[k]), g[k]) for k in P}
@@ -246,10 +248,10 @@ class StackedTrainer:
 
     @torch.no_grad()
     def evaluate(self, X: Tensor, Y: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-        """Mean loss and 0-1 error ``(R,)`` of every model on its own set ``(R, n, d)``.
+        r"""Mean loss and 0-1 error ``(R,)`` of every model on its own set ``(R, n, d)``.
 
         Without dropout. The error counts a wrong argmax, or for one output
-        $\\operatorname{sign} f \\ne \\operatorname{sign} y$ (0 counts as wrong).
+        $\operatorname{sign} f \ne \operatorname{sign} y$ (0 counts as wrong).
         """
         loss = torch.zeros(X.shape[0], dtype=torch.float64)
         wrong = torch.zeros(X.shape[0], dtype=torch.float64)

@@ -99,7 +99,9 @@ def train_one_stack(
     X = data.X[subset]
     Y = torch.stack(
         [
-            corrupt_labels(data.y[idx], hp["label_noise"], data.classes, seeded("noise", seed, hp["seed"]))
+            corrupt_labels(
+                data.y[idx], hp["label_noise"], data.classes, seeded("noise", seed, hp["seed"])
+            )
             for idx, hp in zip(subset, hps, strict=True)
         ]
     )

@@ -101,7 +101,9 @@ def test_init_equals_nn_linear_and_two_layer_relu_draws():
     finally:
         torch.random.set_rng_state(state)
     for i, lin in enumerate(lins):
-        assert torch.equal(P[f"weight{i}"][0], lin.weight) and torch.equal(P[f"bias{i}"][0], lin.bias)
+        assert torch.equal(P[f"weight{i}"][0], lin.weight) and torch.equal(
+            P[f"bias{i}"][0], lin.bias
+        )
 
 
 def test_module_of_computes_the_stacked_outputs():
@@ -110,7 +112,9 @@ def test_module_of_computes_the_stacked_outputs():
         P = init_stack(arch, gens, torch.float64)
         X, Y = _data(arch.outputs)
         zero = torch.zeros(R, dtype=torch.float64)
-        tr = StackedTrainer(arch, P, X, Y, lr=LR, momentum=zero, weight_decay=zero, rho=zero, dropout=zero)
+        tr = StackedTrainer(
+            arch, P, X, Y, lr=LR, momentum=zero, weight_decay=zero, rho=zero, dropout=zero
+        )
         out = tr.outputs(P, X, None)
         for r in range(R):
             torch.testing.assert_close(out[r], module_of(arch, P, r)(X[r]), rtol=1e-12, atol=1e-12)
@@ -123,7 +127,9 @@ def test_frozen_models_do_not_move_and_stop_steps_are_recorded():
     X, Y = _data(3)
     zero = torch.zeros(R, dtype=torch.float64)
     lr = torch.tensor([0.2, 0.1, 1e-6, 0.3], dtype=torch.float64)
-    tr = StackedTrainer(arch, P, X, Y, lr=lr, momentum=zero + 0.5, weight_decay=zero, rho=zero, dropout=zero)
+    tr = StackedTrainer(
+        arch, P, X, Y, lr=lr, momentum=zero + 0.5, weight_decay=zero, rho=zero, dropout=zero
+    )
     order = [torch.Generator().manual_seed(r) for r in range(R)]
     out = train_stack(tr, order, batch_size=4, metric="error", threshold=0.0, max_steps=300)
     stopped = out.stop_step >= 0
