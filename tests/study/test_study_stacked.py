@@ -142,3 +142,67 @@ def test_frozen_models_do_not_move_and_stop_steps_are_recorded():
         assert not torch.equal(P[k][2], frozen[k][2])
     _, err = tr.evaluate(X, Y)
     assert (err[stopped] == 0).all()
+
+
+def test_dropout_steps_equal_a_reference_with_the_same_masks():
+    """SAM with dropout: both passes use the step's masks, drawn (R, B, width) per hidden layer."""
+    arch = Arch("mlp", 5, 7, 2, 3, True)
+    P = init_stack(arch, [torch.Generator().manual_seed(r) for r in range(R)], torch.float64)
+    ref = {k: v.clone() for k, v in P.items()}
+    X, Y = _data(3)
+    zero = torch.zeros(R, dtype=torch.float64)
+    p = torch.tensor([0.0, 0.5, 0.2, 0.7], dtype=torch.float64)
+    tr = StackedTrainer(
+        arch, P, X, Y, lr=LR, momentum=zero, weight_decay=zero, rho=RHO, dropout=p,
+        optimizer="sam", generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    idx = torch.arange(4).repeat(R, 1)
+    for _ in range(3):
+        tr.step(idx)
+        masks = [torch.rand(R, 4, 7, generator=g, dtype=torch.float64) for _ in range(2)]
+        for r in range(R):
+            keep = 1.0 - float(p[r])
+            ms = [(m[r] < keep).double() / keep for m in masks]
+
+            def loss(w, r=r, ms=ms):
+                h = X[r, :4]
+                for i in range(3):
+                    h = h @ w[f"weight{i}"].T + w[f"bias{i}"]
+                    if i < 2:
+                        h = torch.relu(h) * ms[i]
+                return F.cross_entropy(h, Y[r, :4])
+
+            w = {k: v[r].clone().requires_grad_() for k, v in ref.items()}
+            grads = torch.autograd.grad(loss(w), list(w.values()))
+            norm = torch.sqrt(sum(gr.square().sum() for gr in grads))
+            w2 = {k: (v + RHO[r] * gr / norm).detach().requires_grad_()
+                  for (k, v), gr in zip(w.items(), grads, strict=True)}  # fmt: skip
+            grads2 = torch.autograd.grad(loss(w2), list(w2.values()))
+            with torch.no_grad():
+                for k, gr in zip(w, grads2, strict=True):
+                    ref[k][r] -= LR[r] * gr
+        for k in P:
+            torch.testing.assert_close(P[k], ref[k], rtol=1e-12, atol=1e-13)
+
+
+def test_a_model_trains_the_same_alone_and_in_a_stack():
+    """Its data order comes from its own generator: the stack around it does not matter."""
+    arch = Arch("mlp", 5, 6, 1, 3, True)
+    X, Y = _data(3)
+
+    def run(rows):
+        P = init_stack(arch, [torch.Generator().manual_seed(r) for r in rows], torch.float64)
+        tr = StackedTrainer(
+            arch, P, X[rows], Y[rows], lr=LR[rows], momentum=MOM[rows], weight_decay=WD[rows],
+            rho=RHO[rows], dropout=torch.zeros(len(rows), dtype=torch.float64), optimizer="sam",
+        )  # fmt: skip
+        order = [torch.Generator().manual_seed(100 + r) for r in rows]
+        out = train_stack(tr, order, batch_size=5, metric="loss", threshold=0.0, max_steps=40)
+        return P, out
+
+    P_all, _ = run([0, 1, 2, 3])
+    P_one, out = run([2])
+    assert out.steps == 40 and out.stop_step.tolist() == [-1]
+    for k in P_all:
+        torch.testing.assert_close(P_all[k][2], P_one[k][0], rtol=1e-13, atol=1e-14)
