@@ -132,11 +132,15 @@ if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __ge
         top_eigenvalues,
     )
     from sharpgen.study import (
+        StopRule,
         StudyAnalysis,
+        StudyResult,
+        StudySpec,
         StudyTable,
         TrainedModel,
         analyze,
         measure_models,
+        run_study,
         write_report,
     )
     from sharpgen.theory import (
@@ -274,6 +278,10 @@ __all__ = [
     "analyze",
     "StudyAnalysis",
     "write_report",
+    "StudySpec",
+    "StopRule",
+    "run_study",
+    "StudyResult",
 ]
 
 # the subpackages that hold the names of __all__, in import order (the layers, bottom up)

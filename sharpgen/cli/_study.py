@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_study(
             spec, out, resume=args.resume, progress=not args.no_progress, seed=args.seed,
-            analyze=not args.train_only,
+            measure=not args.train_only,
         )  # fmt: skip
     except CheckpointError as exc:
         return _fail(str(exc))

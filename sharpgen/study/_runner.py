@@ -44,8 +44,9 @@ class StudyResult:
         models: The `TrainedModel` records of the models that met the stopping rule.
         excluded: One dict per model left out of the analysis (``name``, ``hparams``,
             ``reason``): it did not reach the stopping rule within the step cap, or diverged.
-        table: The `StudyTable` of `measure_models` (None with ``analyze=False``).
-        analysis: What ``analyze`` returned (None with ``analyze=False``).
+        table: The `StudyTable` of `measure_models` (None with ``measure=False``), also
+            written to ``table.csv``.
+        analysis: The rank statistics of the measures (None with ``measure=False``).
         out_dir: Where the files are.
         trained: Keys of the stacks this call trained (the others came from checkpoints).
         train_seconds: Training time of every stack, this call's or the checkpoint's.
@@ -77,7 +78,11 @@ def _resolve(spec_or_preset: StudySpec | str) -> StudySpec:
 def _load_matching(path: Path, spec: StudySpec, seed: int, stack: Stack) -> dict[str, Any]:
     """A stack checkpoint, checked to belong to this study, seed and stack."""
     state = load_checkpoint(path)
-    diff = spec_differences(state.get("spec"), spec.to_dict())
+    saved = state.get("spec")
+    if isinstance(saved, dict):  # the description is free text, not part of the study
+        saved = {k: v for k, v in saved.items() if k != "description"}
+    current = {k: v for k, v in spec.to_dict().items() if k != "description"}
+    diff = spec_differences(saved, current)
     if diff or state.get("seed") != seed or state.get("indices") != list(stack.indices):
         what = ", ".join(diff) if diff else "seed or models"
         raise CheckpointError(
@@ -257,7 +262,7 @@ def run_study(
     progress: bool = True,
     seed: int = 0,
     measures: Any = None,
-    analyze: bool = True,
+    measure: bool = True,
 ) -> StudyResult | None:
     """Train a study, measure every model, rank the measures, write the report.
 
@@ -268,9 +273,8 @@ def run_study(
        where it stopped. Under ``torchrun`` the stacks are spread over the processes.
     2. Writes ``out_dir/training.csv`` (every model: hyperparameters, stop step, metrics).
     3. Leaves out the models that missed the stopping rule (listed in
-       ``StudyResult.excluded`` and in the report), computes every measure on the others
-       (`measure_models`), analyses them against the generalization gap (``analyze``) and
-       writes the report (``write_report``) into ``out_dir``.
+       ``StudyResult.excluded`` and in ``report.md``) and computes every measure on the
+       others (`measure_models`) into ``table.csv``.
 
     Args:
         spec_or_preset: A `StudySpec` or a preset name (`STUDY_PRESETS`).
@@ -280,7 +284,7 @@ def run_study(
         seed: The study's seed: initializations, subsets, label noise, data orders, dropout
             and the measures' randomness all derive from it.
         measures: Passed to `measure_models` (None: all of them).
-        analyze: False stops after training (``table`` and ``analysis`` are None).
+        measure: False stops after training (``table`` and ``analysis`` are None).
 
     Returns:
         A `StudyResult` (under ``torchrun``, on rank 0; None on the other ranks).
@@ -310,15 +314,13 @@ def run_study(
     atomic_write_text(out / "training.csv", _training_csv(infos))
     seconds = sum(float(s["seconds"]) for s in states.values())
     table = analysis = None
-    if analyze and models:
-        from sharpgen.study import analyze as analyze_table
-        from sharpgen.study import measure_models, write_report
+    if measure and models:
+        from sharpgen.study._measures import measure_models
 
         g = torch.Generator().manual_seed(derive_seed("measure", seed))
         table = measure_models(models, measures, generator=g, progress=progress)
-        analysis = analyze_table(table)
-        write_report(analysis, out)
-        _note_excluded(out / "report.md", spec, excluded, len(models))
+        table.to_csv(out / "table.csv")
+    _note_excluded(out / "report.md", spec, excluded, len(models))
     return StudyResult(spec, models, excluded, table, analysis, out, trained, seconds)
 
 

@@ -69,7 +69,7 @@ import sys, torch
 torch.set_num_threads(1)
 from sharpgen.study._runner import run_study
 from sharpgen.study._spec import StopRule, StudySpec
-res = run_study(StudySpec(**{kw}), sys.argv[1], progress=False, analyze=False)
+res = run_study(StudySpec(**{kw}), sys.argv[1], progress=False, measure=False)
 print("RESULT", None if res is None else sorted(res.trained))
 """
 
@@ -83,7 +83,7 @@ SPEC = dict(
 
 def test_torchrun_spreads_the_stacks_and_equals_one_process_bitwise(tmp_path):
     torch.set_num_threads(1)
-    single = run_study(StudySpec(**SPEC), tmp_path / "single", progress=False, analyze=False)
+    single = run_study(StudySpec(**SPEC), tmp_path / "single", progress=False, measure=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
     script = tmp_path / "run.py"

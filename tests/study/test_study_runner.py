@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 from sharpgen.study._runner import run_study
 from sharpgen.study._spec import StopRule, StudySpec
 spec = StudySpec(**{kw})
-run_study(spec, sys.argv[1], progress=False, analyze=False)
+run_study(spec, sys.argv[1], progress=False, measure=False)
 """
 
 
@@ -42,7 +42,7 @@ def _states(out: Path) -> dict[str, dict]:
 def test_killed_run_resumes_at_the_first_unfinished_stack_and_equals_an_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
     spec = StudySpec(**SLOW)
-    full = run_study(spec, tmp_path / "full", progress=False, analyze=False)
+    full = run_study(spec, tmp_path / "full", progress=False, measure=False)
     assert len(full.trained) == 3 and full.models == () and len(full.excluded) == 12
     assert "did not reach training loss <= 0 within 1500 steps" in full.excluded[0]["reason"]
 
@@ -58,7 +58,7 @@ def test_killed_run_resumes_at_the_first_unfinished_stack_and_equals_an_uninterr
     proc.wait()
     done = set(_states(out))
     assert 1 <= len(done) < 3, done  # killed between stacks
-    resumed = run_study(spec, out, progress=False, analyze=False)
+    resumed = run_study(spec, out, progress=False, measure=False)
     assert set(resumed.trained) == {"w8-d1-bias-b8-n32-sgd", "w16-d1-bias-b8-n32-sgd",
                                     "w24-d1-bias-b8-n32-sgd"} - done  # fmt: skip
     a, b = _states(tmp_path / "full"), _states(out)
@@ -68,7 +68,7 @@ def test_killed_run_resumes_at_the_first_unfinished_stack_and_equals_an_uninterr
             for k in a[key][name]:
                 assert torch.equal(a[key][name][k], b[key][name][k]), (key, name, k)
         assert torch.equal(a[key]["stop_step"], b[key]["stop_step"])
-    again = run_study(spec, out, progress=False, analyze=False)
+    again = run_study(spec, out, progress=False, measure=False)
     assert again.trained == ()  # everything from checkpoints
 
 
@@ -80,7 +80,7 @@ def test_records_carry_their_training_set_metrics_and_init(tmp_path):
               "train_size": (24,), "batch_size": (4,), "width": (32,)},
         stop=StopRule("loss", 0.02, max_steps=4000),
     )  # fmt: skip
-    res = run_study(spec, tmp_path, progress=False, analyze=False)
+    res = run_study(spec, tmp_path, progress=False, measure=False)
     assert len(res.models) + len(res.excluded) == 16
     assert len(res.models) >= 8
     for rec in res.models:
@@ -106,10 +106,10 @@ def test_records_carry_their_training_set_metrics_and_init(tmp_path):
 
 def test_a_checkpoint_of_another_study_is_refused_before_training(tmp_path):
     spec = StudySpec(**{**SLOW, "stop": StopRule("loss", 0.0, max_steps=3)})
-    run_study(spec, tmp_path, progress=False, analyze=False)
+    run_study(spec, tmp_path, progress=False, measure=False)
     other = StudySpec(**{**SLOW, "stop": StopRule("loss", 0.0, max_steps=4)})
     with pytest.raises(CheckpointError, match="belongs to another study \\(differs in stop\\)"):
-        run_study(other, tmp_path, progress=False, analyze=False)
+        run_study(other, tmp_path, progress=False, measure=False)
     with pytest.raises(CheckpointError, match="differs in seed or models"):
-        run_study(spec, tmp_path, progress=False, analyze=False, seed=1)
-    assert run_study(other, tmp_path, progress=False, analyze=False, resume=False).trained
+        run_study(spec, tmp_path, progress=False, measure=False, seed=1)
+    assert run_study(other, tmp_path, progress=False, measure=False, resume=False).trained
