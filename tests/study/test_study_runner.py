@@ -113,3 +113,23 @@ def test_a_checkpoint_of_another_study_is_refused_before_training(tmp_path):
     with pytest.raises(CheckpointError, match="differs in seed or models"):
         run_study(spec, tmp_path, progress=False, measure=False, seed=1)
     assert run_study(other, tmp_path, progress=False, measure=False, resume=False).trained
+
+
+def test_measures_cover_the_converged_models_only(tmp_path):
+    torch.set_num_threads(1)
+    spec = StudySpec(
+        "meas", "xor", d=4, seeds=(0,), test_size=100, dtype="float64",
+        axes={"lr": (1e-4, 0.1), "width": (16,), "train_size": (16,), "batch_size": (4,)},
+        stop=StopRule("error", 0.0, max_steps=400),
+    )  # fmt: skip
+    res = run_study(spec, tmp_path, progress=False, measures=["param_norm", "num_params"])
+    assert [m.name for m in res.models] == ["m001"] and [e["name"] for e in res.excluded] == [
+        "m000"
+    ]  # lr 1e-4 cannot fit the data in 400 steps
+    assert res.table.measures == ("param_norm", "num_params") and len(res.table) == 1
+    net = res.models[0].model
+    norm = sum(float(p.square().sum()) for n, p in net.named_parameters() if "weight" in n)
+    assert res.table.column("param_norm")[0] == pytest.approx(norm, rel=1e-10)
+    assert (tmp_path / "table.csv").read_text().count("\n") == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "1 models are left out of the analysis" in report and "`m000` {'lr': 0.0001}" in report
