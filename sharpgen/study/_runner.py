@@ -46,7 +46,8 @@ class StudyResult:
             ``reason``): it did not reach the stopping rule within the step cap, or diverged.
         table: The `StudyTable` of `measure_models` (None with ``measure=False``), also
             written to ``table.csv``.
-        analysis: The rank statistics of the measures (None with ``measure=False``).
+        analysis: The `StudyAnalysis` (None with ``measure=False`` or fewer than two
+            models).
         out_dir: Where the files are.
         trained: Keys of the stacks this call trained (the others came from checkpoints).
         train_seconds: Training time of every stack, this call's or the checkpoint's.
@@ -205,7 +206,7 @@ def _records(spec: StudySpec, data: StudyData, states: dict[str, dict[str, Any]]
     from sharpgen.study._record import TrainedModel
 
     grid = spec.grid()
-    varied = [a for a in HYPERPARAMETERS if len(spec.values(a)) > 1]
+    varied = [a for a in HYPERPARAMETERS if len(spec.values(a)) > 1] + ["seed"]
     loss_fn = (
         torch.nn.functional.mse_loss if data.classes == 1 else torch.nn.functional.cross_entropy
     )
@@ -273,8 +274,14 @@ def run_study(
        where it stopped. Under ``torchrun`` the stacks are spread over the processes.
     2. Writes ``out_dir/training.csv`` (every model: hyperparameters, stop step, metrics).
     3. Leaves out the models that missed the stopping rule (listed in
-       ``StudyResult.excluded`` and in ``report.md``) and computes every measure on the
-       others (`measure_models`) into ``table.csv``.
+       ``StudyResult.excluded`` and in ``report.md``), computes every measure on the others
+       (`measure_models`), ranks the measures against the generalization gap (`analyze`:
+       Kendall's tau, granulated Kendall, conditional mutual information, sign-errors over
+       pairs coupled by seed) and writes the report (`write_report`: ``report.md``,
+       ``table.csv``, ``analysis.csv``, charts), with a section on training appended.
+
+    The records' ``hparams`` hold the axes the spec varies plus ``"seed"``; the analysis
+    groups by the axes and couples models by seed.
 
     Args:
         spec_or_preset: A `StudySpec` or a preset name (`STUDY_PRESETS`).
@@ -315,11 +322,18 @@ def run_study(
     seconds = sum(float(s["seconds"]) for s in states.values())
     table = analysis = None
     if measure and models:
+        from sharpgen.study._analysis import analyze
         from sharpgen.study._measures import measure_models
+        from sharpgen.study._report import write_report
 
         g = torch.Generator().manual_seed(derive_seed("measure", seed))
         table = measure_models(models, measures, generator=g, progress=progress)
-        table.to_csv(out / "table.csv")
+        if len(models) >= 2:
+            g = torch.Generator().manual_seed(derive_seed("analyze", seed))
+            analysis = analyze(table, generator=g)
+            write_report(analysis, out)
+        else:
+            table.to_csv(out / "table.csv")
     _note_excluded(out / "report.md", spec, excluded, len(models))
     return StudyResult(spec, models, excluded, table, analysis, out, trained, seconds)
 

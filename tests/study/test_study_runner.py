@@ -84,7 +84,7 @@ def test_records_carry_their_training_set_metrics_and_init(tmp_path):
     assert len(res.models) + len(res.excluded) == 16
     assert len(res.models) >= 8
     for rec in res.models:
-        assert set(rec.hparams) == {"bias", "lr", "label_noise"}
+        assert set(rec.hparams) == {"bias", "lr", "label_noise", "seed"}
         assert type(rec.model).__name__ == "TwoLayerNet"
         X, y = rec.train_data
         assert X.shape == (24, 5)
@@ -115,21 +115,25 @@ def test_a_checkpoint_of_another_study_is_refused_before_training(tmp_path):
     assert run_study(other, tmp_path, progress=False, measure=False, resume=False).trained
 
 
-def test_measures_cover_the_converged_models_only(tmp_path):
+def test_measures_and_analysis_cover_the_converged_models_only(tmp_path):
     torch.set_num_threads(1)
     spec = StudySpec(
-        "meas", "xor", d=4, seeds=(0,), test_size=100, dtype="float64",
-        axes={"lr": (1e-4, 0.1), "width": (16,), "train_size": (16,), "batch_size": (4,)},
+        "meas", "xor", d=4, seeds=(0, 1), test_size=100, dtype="float64",
+        axes={"lr": (1e-4, 0.05, 0.1), "width": (16,), "train_size": (16,), "batch_size": (4,)},
         stop=StopRule("error", 0.0, max_steps=400),
     )  # fmt: skip
     res = run_study(spec, tmp_path, progress=False, measures=["param_norm", "num_params"])
-    assert [m.name for m in res.models] == ["m001"] and [e["name"] for e in res.excluded] == [
-        "m000"
-    ]  # lr 1e-4 cannot fit the data in 400 steps
-    assert res.table.measures == ("param_norm", "num_params") and len(res.table) == 1
+    # lr 1e-4 cannot fit the data in 400 steps
+    assert [e["name"] for e in res.excluded] == ["m000", "m001"]
+    assert [m.name for m in res.models] == ["m002", "m003", "m004", "m005"]
+    assert res.table.measures == ("param_norm", "num_params") and len(res.table) == 4
     net = res.models[0].model
-    norm = sum(float(p.square().sum()) for n, p in net.named_parameters() if "weight" in n)
+    norm = sum(float(p.detach().square().sum()) for n, p in net.named_parameters() if "weight" in n)
     assert res.table.column("param_norm")[0] == pytest.approx(norm, rel=1e-10)
-    assert (tmp_path / "table.csv").read_text().count("\n") == 2
+    assert [s.name for s in res.analysis.stats] == ["param_norm", "num_params"]
+    assert (tmp_path / "table.csv").read_text().count("\n") == 5
+    assert (tmp_path / "analysis.csv").exists()
     report = (tmp_path / "report.md").read_text()
-    assert "1 models are left out of the analysis" in report and "`m000` {'lr': 0.0001}" in report
+    assert "param_norm" in report and "## Training" in report
+    assert "2 models are left out of the analysis" in report
+    assert "`m000` {'lr': 0.0001, 'seed': 0}: did not reach training error <= 0" in report
