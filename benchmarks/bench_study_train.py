@@ -1,12 +1,14 @@
-"""Stacked training of a study's models against a loop of separate plain-torch trainings.
+r"""Stacked training of a study's models against a loop of separate plain-torch trainings.
 
 The models and sizes of the ``quick`` study preset (digits, 400 training points per model,
 batch 32, widths 32 and 128, SGD and SAM stacks): every model takes ``--steps`` steps on the
 same batches both ways.
 
 * stacked: `sharpgen.study._stacked.StackedTrainer`, one stack per (width, optimizer);
-* loop: per model an ``nn.Sequential`` with ``torch.optim.SGD`` (or `sharpgen.SAM` around
-  it), one model after the other, the usual ``zero_grad / loss.backward / step`` loop.
+* loop: per model an ``nn.Sequential`` with ``torch.optim.SGD``, one model after the other,
+  the usual ``zero_grad / loss.backward / step`` loop; a SAM step in plain torch (gradient,
+  ascent to $w + \rho g/\lVert g\rVert$, second gradient, restore, SGD step) -- the
+  cheapest separate training, without `sharpgen.SAM`'s checks and state handling.
 
 Rounds are interleaved (stacked, loop, stacked, loop, ...) in one process; the ratio of each
 round and the load average (``os.getloadavg``) are printed.
@@ -26,7 +28,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import sharpgen
 from sharpgen.study._data import load_data, seeded, train_subset
 from sharpgen.study._presets import get_study
 from sharpgen.study._stacked import StackedTrainer, init_stack, module_of
@@ -72,24 +73,25 @@ def _loop(stacks) -> float:
         for r, hp in enumerate(hps):
             model = module_of(stack.arch, params, r)
             kw = {"lr": hp["lr"], "momentum": hp["momentum"], "weight_decay": hp["weight_decay"]}
-            if hp["optimizer"] == "sgd":
-                opt = torch.optim.SGD(model.parameters(), **kw)
-            else:
-                opt = sharpgen.SAM(model.parameters(), torch.optim.SGD, rho=hp["rho"], **kw)
+            opt = torch.optim.SGD(model.parameters(), **kw)
+            params = list(model.parameters())
             for idx in batches:
                 xb, yb = X[r, idx[r]], Y[r, idx[r]]
-
-                def closure(model=model, opt=opt, xb=xb, yb=yb):
+                opt.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                if hp["optimizer"] == "sam":
+                    with torch.no_grad():
+                        grads = [p.grad.clone() for p in params]
+                        scale = hp["rho"] / torch.sqrt(sum(g.square().sum() for g in grads))
+                        eps = [g * scale for g in grads]
+                        for p, e in zip(params, eps, strict=True):
+                            p.add_(e)
                     opt.zero_grad()
-                    loss = F.cross_entropy(model(xb), yb)
-                    loss.backward()
-                    return loss
-
-                if hp["optimizer"] == "sgd":
-                    closure()
-                    opt.step()
-                else:
-                    opt.step(closure)
+                    F.cross_entropy(model(xb), yb).backward()
+                    with torch.no_grad():
+                        for p, e in zip(params, eps, strict=True):
+                            p.sub_(e)
+                opt.step()
     return time.perf_counter() - start
 
 
