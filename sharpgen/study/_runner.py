@@ -299,6 +299,17 @@ def run_study(
     Raises:
         CheckpointError: A checkpoint in ``out_dir`` belongs to another study or seed (or is
             unreadable), found before anything is trained.
+
+    Example:
+        >>> import tempfile
+        >>> from sharpgen.study import StopRule, StudySpec
+        >>> spec = StudySpec("tiny", "xor", d=4, pool_size=16, seeds=(0, 1),
+        ...                  axes={"lr": (0.05, 0.1), "batch_size": (4,)},
+        ...                  stop=StopRule("error", 0.0, max_steps=300))
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     res = run_study(spec, out, progress=False, measures=["param_norm"])
+        >>> len(res.models) + len(res.excluded), res.table.measures
+        (4, ('param_norm',))
     """
     spec = _resolve(spec_or_preset)
     out = Path(out_dir)

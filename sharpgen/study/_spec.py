@@ -153,9 +153,9 @@ class StudySpec:
         ValueError, TypeError: For any bad field, naming it.
 
     Examples:
-        >>> spec = StudySpec("s", "xor", axes={"width": (8, 16)}, seeds=(0, 1), d=4)
-        >>> len(spec.grid())
-        4
+        >>> spec = StudySpec("s", "xor", axes={"width": (8, 16)}, seeds=(0, 1), d=4, pool_size=32)
+        >>> len(spec.grid()), spec.grid()[1]["width"], spec.grid()[1]["seed"]
+        (4, 8, 1)
     """
 
     name: str
