@@ -74,22 +74,22 @@ def _loop(stacks) -> float:
             model = module_of(stack.arch, params, r)
             kw = {"lr": hp["lr"], "momentum": hp["momentum"], "weight_decay": hp["weight_decay"]}
             opt = torch.optim.SGD(model.parameters(), **kw)
-            params = list(model.parameters())
+            plist = list(model.parameters())
             for idx in batches:
                 xb, yb = X[r, idx[r]], Y[r, idx[r]]
                 opt.zero_grad()
                 F.cross_entropy(model(xb), yb).backward()
                 if hp["optimizer"] == "sam":
                     with torch.no_grad():
-                        grads = [p.grad.clone() for p in params]
+                        grads = [p.grad.clone() for p in plist]
                         scale = hp["rho"] / torch.sqrt(sum(g.square().sum() for g in grads))
                         eps = [g * scale for g in grads]
-                        for p, e in zip(params, eps, strict=True):
+                        for p, e in zip(plist, eps, strict=True):
                             p.add_(e)
                     opt.zero_grad()
                     F.cross_entropy(model(xb), yb).backward()
                     with torch.no_grad():
-                        for p, e in zip(params, eps, strict=True):
+                        for p, e in zip(plist, eps, strict=True):
                             p.sub_(e)
                 opt.step()
     return time.perf_counter() - start
