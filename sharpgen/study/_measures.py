@@ -112,11 +112,11 @@ def _pac_bayes(magnitude_aware: bool) -> Callable[[TrainedModel, Any], float]:
 _J = "Jiang et al. (2020), App. C"
 _A = "Andriushchenko et al. (2023)"
 _MEASURE_LIST = [
-    Measure("hessian_trace", _sharp(hessian_trace), r"\operatorname{tr}\nabla^2 L(\theta)",
+    Measure("hessian_trace", _sharp(hessian_trace, num_matvecs=64), r"\operatorname{tr}\nabla^2 L(\theta)",
             "Wen, Li & Ma (2023); Keskar et al. (2017)"),
     Measure("top_eigenvalue", _top_eig, r"\lambda_{\max}(\nabla^2 L(\theta))",
             "Keskar et al. (2017); Jastrzebski et al. (2020)"),
-    Measure("ggn_trace", _sharp(ggn_trace), r"\operatorname{tr} G(\theta)",
+    Measure("ggn_trace", _sharp(ggn_trace, num_matvecs=64), r"\operatorname{tr} G(\theta)",
             "Martens (2020); Jastrzebski et al. (2020)"),
     Measure("fisher_rao_norm", _fisher_rao, r"\sqrt{\theta^\top G(\theta)\,\theta}",
             "Liang et al. (2019); " + _J),
