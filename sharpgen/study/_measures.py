@@ -70,6 +70,17 @@ def _sharp(fn: Callable[..., Any], **kw: Any) -> Callable[[TrainedModel, Any], f
     return measure
 
 
+def _budget_trace(fn: Callable[..., Any]) -> Callable[[TrainedModel, Any], float]:
+    """Exact up to 64 parameters, else sharpgen's automatic estimator on 64 products."""
+
+    def measure(tm: TrainedModel, generator: torch.Generator | None) -> float:
+        p = sum(q.numel() for q in tm.model.parameters() if q.requires_grad)
+        kw: dict[str, Any] = {"method": "exact"} if p <= 64 else {"num_matvecs": 64}
+        return float(fn(tm.model, tm.loss_fn, tm.train_data, generator=generator, **kw))
+
+    return measure
+
+
 def _top_eig(tm: TrainedModel, generator: torch.Generator | None) -> float:
     res = top_eigenvalues(tm.model, tm.loss_fn, tm.train_data, k=1, generator=generator)
     return float(res.eigenvalues[0])
@@ -112,11 +123,11 @@ def _pac_bayes(magnitude_aware: bool) -> Callable[[TrainedModel, Any], float]:
 _J = "Jiang et al. (2020), App. C"
 _A = "Andriushchenko et al. (2023)"
 _MEASURE_LIST = [
-    Measure("hessian_trace", _sharp(hessian_trace, num_matvecs=64), r"\operatorname{tr}\nabla^2 L(\theta)",
-            "Wen, Li & Ma (2023); Keskar et al. (2017)"),
+    Measure("hessian_trace", _budget_trace(hessian_trace),
+            r"\operatorname{tr}\nabla^2 L(\theta)", "Wen, Li & Ma (2023); Keskar et al. (2017)"),
     Measure("top_eigenvalue", _top_eig, r"\lambda_{\max}(\nabla^2 L(\theta))",
             "Keskar et al. (2017); Jastrzebski et al. (2020)"),
-    Measure("ggn_trace", _sharp(ggn_trace, num_matvecs=64), r"\operatorname{tr} G(\theta)",
+    Measure("ggn_trace", _budget_trace(ggn_trace), r"\operatorname{tr} G(\theta)",
             "Martens (2020); Jastrzebski et al. (2020)"),
     Measure("fisher_rao_norm", _fisher_rao, r"\sqrt{\theta^\top G(\theta)\,\theta}",
             "Liang et al. (2019); " + _J),
