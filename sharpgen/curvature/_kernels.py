@@ -44,6 +44,7 @@ from torch import Tensor
 
 from sharpgen.curvature._columns import Column, ColumnPlan, column_plan, take_columns
 from sharpgen.curvature._interface import BatchFunctions
+from sharpgen.curvature._model_loss import check_loss_of_outputs
 
 __all__ = [
     "GGN",
@@ -320,6 +321,7 @@ def _ggn_func(
         return obj._apply_loss(o, targets)
 
     outputs, vjp_fn = torch.func.vjp(out_fn, p)[:2]
+    check_loss_of_outputs(outputs, loss_of_out(outputs))
     h_loss = second_order(loss_of_out, outputs, mode)
 
     def one(v: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["model_loss"]
+__all__ = ["check_loss_of_outputs", "model_loss"]
 
 
 def model_loss(outputs: Any, targets: Any = None) -> Tensor:
@@ -49,3 +49,34 @@ def model_loss(outputs: Any, targets: Any = None) -> Tensor:
             "loss_fn=(outputs, targets) -> loss."
         )
     return loss
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def check_loss_of_outputs(outputs: Any, loss: Tensor) -> None:
+    r"""Refuse a GGN whose loss is a tensor among the model's outputs (``outputs.loss``).
+
+    The GGN $J^\top H_\ell J$ differentiates the loss twice in the model's outputs; a loss
+    the model computed itself is one of those outputs, so $H_\ell = 0$ and the GGN would be
+    silently zero.
+
+    Raises:
+        ValueError: ``loss`` shares its one element with a tensor of ``outputs``.
+    """
+    ptr = loss.data_ptr()
+    if any(t.numel() == 1 and t.data_ptr() == ptr for t in _tensors(outputs)):
+        raise ValueError(
+            "the GGN needs the loss as a function of the model's outputs, but loss_fn returns "
+            "the loss the model computed itself (outputs.loss: loss_fn=None or model_loss), "
+            "whose Hessian in the outputs is zero; pass loss_fn=(outputs, targets) -> loss "
+            "computed from the outputs, e.g. lambda out, y: F.cross_entropy(out.logits, y), "
+            "with the labels as targets."
+        )

@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from sharpgen import ModelObjective, hessian_trace, model_loss, top_eigenvalues
+from sharpgen import (
+    ModelObjective,
+    SharpnessTracker,
+    ggn_trace,
+    hessian_trace,
+    loss_landscape_1d,
+    model_loss,
+    top_eigenvalues,
+)
 from sharpgen.curvature import as_batches
 
 DT = torch.float64
@@ -84,3 +92,23 @@ def test_a_missing_loss_fn_and_data_still_names_both():
     model, _ = _setup()
     with pytest.raises(TypeError, match="needs loss_fn and data"):
         hessian_trace(model)
+
+
+def test_the_ggn_refuses_the_models_own_loss_instead_of_a_silent_zero():
+    model, (batch, _) = _setup()
+    with pytest.raises(ValueError, match="the GGN needs the loss as a function of the model's"):
+        ggn_trace(model, None, batch)
+    explicit = ({"x": batch["x"]}, batch["labels"])
+    assert ggn_trace(model, _ce, explicit, method="exact").value > 0
+
+
+def test_model_loss_serves_the_landscape_and_the_tracker():
+    model, (batch, _) = _setup()
+    explicit = ({"x": batch["x"]}, batch["labels"])
+    g = torch.Generator
+    a = loss_landscape_1d(model, model_loss, batch, num_points=3, generator=g().manual_seed(0))
+    b = loss_landscape_1d(model, _ce, explicit, num_points=3, generator=g().manual_seed(0))
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=0)
+    tracker = SharpnessTracker(model, model_loss, batch, every=1, measures=("trace",))
+    exact = hessian_trace(model, _ce, explicit, method="exact").value
+    assert tracker.measure(0)["trace"] == pytest.approx(exact, rel=1e-10)
