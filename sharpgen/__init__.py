@@ -23,11 +23,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __ge
     from sharpgen.curvature import (
         GGNOperator,
         HessianOperator,
+        MemoryPlan,
         ModelObjective,
         ObjectiveOptions,
         as_objective,
         flatten_params,
         model_loss,
+        plan_memory,
         preserve_model_state,
         select_params,
         shard_indices,
@@ -186,6 +188,8 @@ __all__ = [
     "select_params",
     "preserve_model_state",
     "twice_differentiable_attention",
+    "MemoryPlan",
+    "plan_memory",
     # sharpness measures (sharpgen.sharpness)
     "hessian_trace",
     "top_eigenvalues",

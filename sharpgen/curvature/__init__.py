@@ -17,6 +17,7 @@ from sharpgen.curvature._model_loss import model_loss
 from sharpgen.curvature._objective import ModelObjective
 from sharpgen.curvature._options import ObjectiveOptions
 from sharpgen.curvature._params import select_params
+from sharpgen.curvature._plan import MemoryPlan, plan_memory
 from sharpgen.curvature._reduce import dataset_reduce
 from sharpgen.curvature._resolve import as_objective
 from sharpgen.curvature._second_order import SecondDerivativeWarning
@@ -34,6 +35,9 @@ __all__ = [
     "dataset_reduce",
     "model_loss",
     "SecondDerivativeWarning",
+    # memory
+    "MemoryPlan",
+    "plan_memory",
     # parameters and vectors
     "select_params",
     "flatten_params",

@@ -110,7 +110,7 @@ def _wanted(theta: list[float], which: str) -> list[int]:
     return wanted_order(np.asarray(theta), which).tolist()
 
 
-def _check_basis_dtype(basis_dtype: object, dtype: torch.dtype) -> torch.dtype | None:
+def check_basis_dtype(basis_dtype: object, dtype: torch.dtype) -> torch.dtype | None:
     """None, or a floating dtype no wider than the operator's ``dtype``."""
     if basis_dtype is None:
         return None
@@ -266,7 +266,7 @@ def lanczos(
     generator = check_generator(generator)
     bound = check_choice("bound", bound, BOUNDS)
     basis_storage = check_choice("basis_storage", basis_storage, STORAGES)
-    basis_dtype = _check_basis_dtype(basis_dtype, op.dtype)
+    basis_dtype = check_basis_dtype(basis_dtype, op.dtype)
     if max_basis is None:
         max_basis = min(n, max(2 * k + 20, 40))
     max_basis = check_positive_int("max_basis", max_basis, minimum=min(n, k + 2))

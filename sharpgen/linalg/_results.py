@@ -37,6 +37,8 @@ class TraceEstimate:
         frobenius_sq: Estimate of $\|A\|_F^2 = \operatorname{tr}(A^2)$ from the same
             probes (Hutchinson only, else None).
         frobenius_sq_stderr: Its standard error (or None).
+        memory: The memory plan of the measure that made the estimate
+            (`sharpgen.curvature.MemoryPlan`), or None.
     """
 
     value: float
@@ -48,6 +50,7 @@ class TraceEstimate:
     rtol: float | None = None
     frobenius_sq: float | None = None
     frobenius_sq_stderr: float | None = None
+    memory: Any = None
 
     def __float__(self) -> float:
         return float(self.value)
@@ -89,6 +92,8 @@ class EigenResult:
         which: The part of the spectrum that was asked for.
         tol: The relative tolerance of the stopping test.
         num_restarts: Thick restarts performed (Lanczos only).
+        memory: The memory plan of the measure that made the result
+            (`sharpgen.curvature.MemoryPlan`), or None.
     """
 
     eigenvalues: Tensor
@@ -101,6 +106,7 @@ class EigenResult:
     which: str = "largest"
     tol: float = 1e-3
     num_restarts: int = 0
+    memory: Any = None
 
     def __float__(self) -> float:
         if self.eigenvalues.numel() != 1:

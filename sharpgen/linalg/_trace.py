@@ -117,6 +117,7 @@ def trace(
     block_size: int = 64,
     generator: torch.Generator | None = None,
     size: int | None = None,
+    probe_block: int | None = None,
 ) -> TraceEstimate:
     r"""$\operatorname{tr}(A)$ by the method that fits the budget: exact, or estimated.
 
@@ -151,6 +152,8 @@ def trace(
         block_size: Basis vectors per block product of ``"exact"``.
         generator: Source of all randomness; the global RNG is untouched when given.
         size: Dimension, when ``A`` is a callable.
+        probe_block: Probes per block product of ``"hutchinson"`` (default: that of
+            `hutchinson_trace`); memory ``2 * n * probe_block`` numbers.
 
     Returns:
         A `TraceEstimate`; ``method`` is the method actually used (``"exact"``,
@@ -193,6 +196,8 @@ def trace(
             op, num_matvecs=num_matvecs, rtol=rtol, max_matvecs=max_matvecs, generator=generator
         )
     kwargs: dict[str, Any] = {"generator": generator}
+    if method == "hutchinson" and probe_block is not None:
+        kwargs["block_size"] = check_positive_int("probe_block", probe_block)
     if num_matvecs is not None:
         kwargs["num_matvecs"] = num_matvecs
     else:

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from sharpgen._validation import is_int
 from sharpgen.curvature import HessianOperator, ModelObjective, unflatten_params
+from sharpgen.curvature._plan import check_memory_budget, plan_memory
 from sharpgen.linalg import EigenResult, LinearOperator, lanczos
-from sharpgen.linalg._lanczos import BOUNDS
+from sharpgen.linalg._basis import STORAGES
+from sharpgen.linalg._lanczos import BOUNDS, check_basis_dtype
 from sharpgen.linalg._probes import random_unit_vector
 from sharpgen.sharpness._common import (
     MeasureSource,
@@ -145,6 +147,9 @@ def top_eigenvalues(
     progress: bool = False,
     bound: str = "residual",
     start: str | Tensor = "auto",
+    memory_budget: int | str | None = "auto",
+    basis_storage: str | None = None,
+    basis_dtype: torch.dtype | None = None,
     **objective_options: Any,
 ) -> ModelEigenResult:
     r"""The ``k`` extreme eigenvalues of the loss Hessian $\nabla^2_\theta L(\theta)$ by Lanczos.
@@ -157,7 +162,15 @@ def top_eigenvalues(
     measure that full-batch SAM and gradient descent at the edge of stability act on.
 
     Cost: one Hessian-vector product per Lanczos step, typically a few dozen for
-    ``k=1, tol=1e-3``; memory ``p * max_basis`` numbers for the basis.
+    ``k=1, tol=1e-3``.
+
+    **Memory.** Beyond the model: the kept gradient graph $G$, about four parameter-sized
+    working vectors (gradient, start, product, orthogonalized product) and the basis of
+    $m$ vectors, $G + (4 + m)\,p\,b$ bytes ($b$ bytes per number). The plan
+    (`sharpgen.curvature.plan_memory`, reported as ``result.memory``) gives the basis at
+    most a tenth of ``memory_budget`` and at least $k + 3$ vectors (thick restart keeps
+    the certificate; a small basis costs 10-30% more products); a basis that does not fit
+    goes to host memory (CUDA) or a temporary file (CPU). See the Memory guide.
 
     **Gradient start.** Lanczos converges to $\lambda_{\max}$ at a rate set by the
     spectrum and by the start vector's share of the top eigenvector. The loss gradient $g$
@@ -208,6 +221,12 @@ def top_eigenvalues(
             and then $v_0 = u/\|u\| + 0.3\, r/\|r\|$. `SharpnessTracker` does this
             between its measurements: 24-39% fewer products than the gradient start on
             the anchors' MLP and CNN (see the tracker section of the measuring guide).
+        memory_budget: Bytes the call may hold beyond what the process holds: ``"auto"``
+            (default, 80% of what the device has free), None (no limit: the basis of
+            `sharpgen.linalg.lanczos`'s default) or an int.
+        basis_storage: ``"device"``, ``"host"`` or ``"disk"`` (default: the plan's).
+        basis_dtype: Stored dtype of the basis (default: the parameters'); see
+            `sharpgen.linalg.lanczos` for the certificate of a rounded basis.
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random; Lanczos then has no
@@ -256,6 +275,11 @@ def top_eigenvalues(
     generator = check_generator(generator)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter)
+    if max_basis is not None:
+        max_basis = check_int("max_basis", max_basis, minimum=k + 2 if is_int(k) else 3)
+    memory_budget = check_memory_budget(memory_budget)
+    if basis_storage is not None:
+        basis_storage = check_choice("basis_storage", basis_storage, STORAGES)
     source = MeasureSource(model, loss_fn, data, objective_options, where="top_eigenvalues")
     p = source.numel
     if k >= p:
@@ -269,12 +293,22 @@ def top_eigenvalues(
         warm = warm_start(start.to(device=source.device), p, generator)
     else:
         start = check_choice("start", start, START)
+    device = source.device
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     H = source.hessian(single_vectors=True)
+    basis_dtype = check_basis_dtype(basis_dtype, H.dtype)
+    graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
+    plan = plan_memory(
+        "top_eigenvalues", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
+        graph_bytes=graph, work_vectors=4, k=k, max_basis=max_basis, basis_storage=basis_storage,
+        basis_dtype=basis_dtype,
+    )  # fmt: skip
     v0 = warm if warm is not None else _start_vector(H, str(start), k, which, generator)
     with progress_bar(progress, total=max_iter, desc="top_eigenvalues", unit="matvec") as bar:
         res = lanczos(
             ProgressOperator(H, bar) if progress else H, k, which=which, tol=tol, max_iter=max_iter,
-            generator=generator, max_basis=max_basis, bound=bound, v0=v0,
+            generator=generator, max_basis=plan.basis_vectors, bound=bound, v0=v0,
+            basis_storage=plan.basis_storage, basis_dtype=basis_dtype,
         )  # fmt: skip
     shapes = tuple((n, tuple(t.shape)) for n, t in H.params.items())
     return ModelEigenResult(
@@ -288,5 +322,6 @@ def top_eigenvalues(
         which=res.which,
         tol=res.tol,
         num_restarts=res.num_restarts,
+        memory=plan.with_peak(device),
         param_shapes=shapes,
     )

@@ -3,12 +3,14 @@ r"""The trace of the loss Hessian of a model, exactly or by randomized estimator
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective
+from sharpgen.curvature._plan import check_memory_budget, plan_memory
 from sharpgen.linalg import LinearOperator, TraceEstimate, trace
 from sharpgen.linalg._trace import TRACE_METHODS, resolve_trace_method
 from sharpgen.sharpness._common import (
@@ -23,6 +25,8 @@ from sharpgen.sharpness._common import (
 
 __all__ = ["TRACE_METHODS", "hessian_trace"]
 
+#: Probes per block of `sharpgen.linalg.hutchinson_trace` (its default).
+HUTCHINSON_BLOCK = 32
 _MIN_MATVECS = {"adaptive": 1, "hutchinson": 1, "hutchpp": 3, "xtrace": 4}
 
 
@@ -39,6 +43,7 @@ def hessian_trace(
     progress: bool = False,
     block_size: int = 64,
     exact_threshold: int = 2000,
+    memory_budget: int | str | None = "auto",
     **objective_options: Any,
 ) -> TraceEstimate:
     r"""Trace of the Hessian of the dataset loss, $\operatorname{tr} \nabla^2_\theta L(\theta)$.
@@ -92,6 +97,13 @@ def hessian_trace(
         block_size: Basis vectors per product block of ``"exact"`` (memory grows with it).
         exact_threshold: Largest parameter count for which ``"auto"`` computes the trace
             exactly.
+        memory_budget: Bytes the call may hold beyond what the process holds: ``"auto"``
+            (default, 80% of what the device has free), None (no limit) or an int. The
+            plan (``result.memory``, `sharpgen.curvature.plan_memory`) narrows the probe
+            block of ``"exact"`` and ``"hutchinson"`` to the widest that fits: the call
+            holds the kept graph, the gradient and $2B$ parameter-sized vectors for a
+            block of $B$ probes and its products (the sketches of Hutch++, XTrace and
+            ``"adaptive"`` are their own and not planned).
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random), ``reduction``,
@@ -150,14 +162,28 @@ def hessian_trace(
     source = MeasureSource(model, loss_fn, data, objective_options, where="hessian_trace")
     p = source.numel
     method = _resolve_method(method, p, num_matvecs, rtol, max_matvecs, exact_threshold)
+    memory_budget = check_memory_budget(memory_budget)
+    device = source.device
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     H = source.hessian()
+    graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
     total = p if method == "exact" else (num_matvecs or max_matvecs)
+    # the probe blocks the plan may narrow: exact's basis block and Hutchinson's probes
+    planned = {"exact": block_size, "hutchinson": HUTCHINSON_BLOCK}.get(method, 0)
+    plan = plan_memory(
+        "hessian_trace", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
+        graph_bytes=graph, work_vectors=1, block_width=min(planned, total),
+    )  # fmt: skip
+    block = plan.block_width if method == "exact" else block_size
+    probe_block = plan.block_width if method == "hutchinson" else None
     desc = f"hessian_trace ({method})"
     with progress_bar(progress, total=total, desc=desc, unit="matvec") as bar:
-        return trace(
+        est = trace(
             ProgressOperator(H, bar), method=method, num_matvecs=num_matvecs, rtol=rtol,
-            max_matvecs=max_matvecs, block_size=block_size, generator=generator,
+            max_matvecs=max_matvecs, block_size=block, generator=generator,
+            probe_block=probe_block,
         )  # fmt: skip
+    return replace(est, memory=plan.with_peak(device))
 
 
 def _resolve_method(

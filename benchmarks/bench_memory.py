@@ -1,0 +1,205 @@
+"""Peak resident memory of one measure call, each in its own process, against a gradient step.
+
+Every call runs in a fresh child process (the model built from a seed, random weights) and
+reports its peak resident set (``VmHWM`` of ``/proc/self/status``, reset with
+``/proc/self/clear_refs`` after the model and batch are built, so the figure is the call's
+own peak with the model included), the resident set before the call, its wall time, its
+value and its products. The table gives each call's peak as a multiple of the plain
+gradient step's (forward, backward, SGD step) on the same model and batch.
+
+Models (random weights, float32, CPU, ``--threads`` threads):
+
+* ``gpt2``: Hugging Face ``GPT2LMHeadModel(GPT2Config(n_layer, n_embd, n_head))``,
+  ``--batch`` x ``--tokens`` random tokens, the model's own loss, attention on the math
+  path (``sdpa_kernel([SDPBackend.MATH])``, the only one with a second derivative);
+* ``resnet50``: Hugging Face ``ResNetForImageClassification(ResNetConfig())`` (ResNet-50),
+  ``--batch`` random 3 x ``--image`` x ``--image`` images, cross-entropy, BatchNorm on
+  running statistics (``bn="eval"``) so every call sees the same function.
+
+Calls: ``grad``, ``trace`` (`hessian_trace`, 3 Hutchinson products), ``top1`` /
+``top5`` (`top_eigenvalues`, tol 1e-3), ``sam`` (`sam_sharpness`), ``pyhessian`` (top-1
+by PyHessian's power iteration, tol 1e-3, in ``--bench-python``: a venv with PyHessian).
+
+Examples::
+
+    # development size (GPT-2 with 4 layers of width 256)
+    PYTHONPATH=. python benchmarks/bench_memory.py --quick
+    # GPT-2 small (124M): needs about 12 GB free
+    PYTHONPATH=. python benchmarks/bench_memory.py --model gpt2 --layers 12 --embd 768
+    PYTHONPATH=. python benchmarks/bench_memory.py --model resnet50 --calls grad,trace,top1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+CALLS = ("grad", "trace", "top1", "top5", "sam", "pyhessian")
+
+
+def _status(key: str) -> int:
+    """A ``kB`` line of ``/proc/self/status`` in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """(model, loss_fn, data as (inputs, targets), PyHessian (module, criterion, data), opts)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if args.model == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        head = max(1, args.embd // 64)
+        cfg = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=head)
+        model = GPT2LMHeadModel(cfg).eval()  # dropout off: a deterministic function
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens), generator=g)
+        data = ({"input_ids": ids, "labels": ids}, None)
+
+        def loss_fn(out: Any, _: Any) -> Any:
+            return out.loss
+
+        class Logits(nn.Module):  # PyHessian calls model(inputs) and criterion(out, targets)
+            def __init__(self, inner: nn.Module) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x: Any) -> Any:
+                return self.inner(input_ids=x).logits
+
+        def criterion(logits: Any, y: Any) -> Any:
+            return nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1)
+            )
+
+        return model, loss_fn, data, (Logits(model), criterion, (ids, ids)), {}
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    model = ResNetForImageClassification(ResNetConfig(num_labels=10)).eval()
+    x = torch.randn(args.batch, 3, args.image, args.image, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+
+    class Plain(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Any) -> Any:
+            return self.inner(pixel_values=x).logits
+
+    plain = Plain(model).eval()
+    ce = nn.functional.cross_entropy
+    return plain, ce, (x, y), (plain, ce, (x, y)), {"bn": "eval"}
+
+
+def _call(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, loss_fn, data, (pmodel, crit, pdata), opts = _build(args)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(2)
+    extra = json.loads(args.options) if args.options else {}
+    out: dict[str, Any] = {"call": name, "params": sum(p.numel() for p in model.parameters())}
+    rss0 = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    t0 = time.perf_counter()
+    with sdpa_kernel([SDPBackend.MATH]):
+        if name == "grad":
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            inputs, targets = data
+            loss = loss_fn(model(**inputs) if isinstance(inputs, dict) else model(inputs),
+                           targets)  # fmt: skip
+            loss.backward()
+            opt.step()
+            out.update(value=float(loss), products=0)
+        elif name == "trace":
+            from sharpgen import hessian_trace
+
+            r = hessian_trace(model, loss_fn, data, method="hutchinson", num_matvecs=3,
+                              generator=gen, **opts, **extra)  # fmt: skip
+            out.update(value=r.value, products=r.num_matvecs, plan=repr(getattr(r, "memory", None)))
+        elif name in ("top1", "top5"):
+            from sharpgen import top_eigenvalues
+
+            k = 1 if name == "top1" else 5
+            r = top_eigenvalues(model, loss_fn, data, k=k, tol=1e-3, generator=gen, **opts, **extra)
+            out.update(value=r.eigenvalues.tolist(), products=r.num_matvecs,
+                       converged=r.converged, residuals=r.residuals.tolist(),
+                       plan=repr(getattr(r, "memory", None)))  # fmt: skip
+        elif name == "sam":
+            from sharpgen import sam_sharpness
+
+            r = sam_sharpness(model, loss_fn, data, rho=0.05, **opts, **extra)
+            out.update(value=float(r), products=0)
+        elif name == "pyhessian":
+            from pyhessian import hessian
+
+            torch.manual_seed(3)
+            h = hessian(pmodel, crit, data=pdata, cuda=False)
+            vals, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+            out.update(value=vals, products=None)
+        else:
+            raise SystemExit(f"unknown call {name!r}; choose from {CALLS}")
+    out.update(seconds=time.perf_counter() - t0, rss_before=rss0, peak=_status("VmHWM"))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("gpt2", "resnet50"), default="gpt2")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--embd", type=int, default=768)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--image", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calls", default="grad,trace,top1,top5,sam")
+    p.add_argument("--options", default="", help="JSON of extra measure keyword arguments")
+    p.add_argument("--bench_python", default="/work/venv-bench/bin/python")
+    p.add_argument("--quick", action="store_true", help="GPT-2 with 4 layers of width 256")
+    p.add_argument("--child", default="")
+    args = p.parse_args()
+    if args.quick:
+        args.layers, args.embd = 4, 256
+    if args.child:
+        print("RESULT " + json.dumps(_call(args.child, args)), flush=True)
+        return
+    rows = []
+    for name in args.calls.split(","):
+        python = args.bench_python if name == "pyhessian" else sys.executable
+        argv = [f"--{k}={v}" for k, v in vars(args).items()
+                if k not in ("calls", "quick", "child", "bench_python")]  # fmt: skip
+        cmd = [python, os.path.abspath(__file__), *argv, "--child", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+            continue
+        rows.append(json.loads(lines[-1][7:]))
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r["peak"] for r in rows if r["call"] == "grad"), None)
+    print(f"\n{args.model} ({rows[0]['params'] / 1e6:.1f}M params) load {os.getloadavg()}")
+    print("| call | peak RSS GB | x grad step | RSS before GB | seconds | products |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['peak'] / base:.2f}" if base else "-"
+        print(f"| {r['call']} | {r['peak'] / 1e9:.2f} | {ratio} | {r['rss_before'] / 1e9:.2f} "
+              f"| {r['seconds']:.1f} | {r['products']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

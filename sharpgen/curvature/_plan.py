@@ -1,0 +1,262 @@
+r"""The memory plan of a measure: what it holds, as a formula, and the choices that fit a budget.
+
+A measure asks for its plan once, before its first product, with the size of its
+parameter-sized vectors and what it knows of its graphs, and follows it. With $p$ the
+number of selected parameters and $b$ the bytes per number (4 in float32) a
+parameter-sized vector takes $v = p\,b$ bytes, and the measure holds beyond the model
+
+$$ \text{planned} = G + (w + B + m_{\mathrm{mem}})\, v, $$
+
+with $G$ the kept gradient graph (an estimate, see `MemoryPlan.graph_bytes`), $w$ the
+working vectors of the measure (gradient, start vector, product, orthogonalized product,
+next basis vector), $B$ the probe block width (a trace estimator holds the block and its
+product, $2B$) and $m_{\mathrm{mem}}$ the Lanczos basis vectors held in memory (0 when
+the basis is in a file).
+
+**Budget.** ``memory_budget`` is the bytes the measure may hold beyond what the process
+holds already: an int, or ``"auto"`` (default): 80% of what the device has free now
+(CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``), or
+``None``: no limit (the defaults of `sharpgen.linalg.lanczos`).
+
+**Lanczos basis.** The most products are saved by the first few basis vectors: on the
+tests' spectra a basis of $k + 3$ vectors needs 1.1-1.3x the products of an unrestarted
+run, with the same results and certificate. The plan gives the basis at most
+`BASIS_SHARE` of the budget left after the graph and the working vectors: the largest
+$m \le \max(2k + 20, 40)$ that fits, at least $k + 3$; when even $k + 3$ does not fit,
+the basis of $k + 3$ vectors goes to host memory (CUDA) or to a temporary file (CPU),
+where it costs time (three passes over it per product), not resident memory.
+
+**Probe blocks.** A trace estimator's block of $B$ probes is narrowed to the widest that
+fits the budget after the graph and the working vectors (at least one probe).
+
+**Graph.** On CUDA the measure reads the bytes its first gradient graph took
+(``torch.cuda.memory_allocated`` before and after building it); on CPU the graph is not
+estimated (``graph_bytes=0``). Keeping or recomputing graphs and micro-batches are
+objective options (``graphs``, ``micro_batch_size`` of `sharpgen.curvature.ModelObjective`
+where available); the plan reports them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from sharpgen._validation import is_int
+
+__all__ = [
+    "BASIS_SHARE",
+    "MARGIN",
+    "MemoryPlan",
+    "available_bytes",
+    "check_memory_budget",
+    "plan_memory",
+]
+
+#: Share of the free memory that ``memory_budget="auto"`` gives a measure.
+MARGIN = 0.8
+#: Share of the budget (after the graph and working vectors) the Lanczos basis may take.
+BASIS_SHARE = 0.1
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free bytes of ``device`` now (CUDA: free device memory; CPU: ``MemAvailable``).
+
+    None where it cannot be read (a CPU without ``/proc/meminfo``, other devices).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_memory_budget(memory_budget: object) -> int | str | None:
+    """``"auto"``, None or a positive int of bytes; else a `ValueError`/`TypeError`."""
+    if memory_budget is None or memory_budget == "auto":
+        return memory_budget
+    if isinstance(memory_budget, str):
+        raise ValueError(
+            f"memory_budget must be 'auto', None or a number of bytes, got {memory_budget!r}; "
+            "pass e.g. memory_budget=4 * 2**30 for 4 GiB."
+        )
+    if not is_int(memory_budget) or int(memory_budget) <= 0:  # type: ignore[call-overload]
+        raise TypeError(
+            f"memory_budget must be 'auto', None or a positive int of bytes, got "
+            f"{memory_budget!r}; pass e.g. memory_budget=4 * 2**30 for 4 GiB."
+        )
+    return int(memory_budget)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    r"""What a measure holds beyond the model, and the choices it made to fit its budget.
+
+    Attributes:
+        measure: The measure that made the plan.
+        budget: Bytes it was allowed (None: no limit).
+        vector_bytes: One parameter-sized vector, $v = p\,b$.
+        graph_bytes: The kept gradient graph's bytes as estimated (0: not estimated).
+        work_vectors: Parameter-sized working vectors ($w$).
+        block_width: Probes per product block ($B$; its products are as many again).
+        basis_vectors: Lanczos basis vectors (0 for measures without one).
+        basis_storage: ``"device"``, ``"host"`` or ``"disk"``.
+        basis_dtype: Stored dtype of the basis (None: the parameters').
+        planned_bytes: $G + (w + 2B + m_{\mathrm{mem}})\,v$, the formula's total.
+        peak_bytes: The peak measured around the call: on CUDA
+            ``torch.cuda.max_memory_allocated`` after it (the process's peak, model
+            included); None on CPU, where only the process-wide ``ru_maxrss`` exists
+            (``benchmarks/bench_memory.py`` reads it for a call in its own process).
+        graphs: The objective's graph keeping (``"auto"``: the objective's default).
+        micro_batch_size: The objective's micro-batch size (None: whole batches).
+    """
+
+    measure: str
+    budget: int | None
+    vector_bytes: int
+    graph_bytes: int
+    work_vectors: int
+    block_width: int
+    basis_vectors: int
+    basis_storage: str
+    basis_dtype: torch.dtype | None
+    planned_bytes: int
+    peak_bytes: int | None = None
+    graphs: str = "auto"
+    micro_batch_size: int | None = None
+
+    def with_peak(self, device: torch.device) -> MemoryPlan:
+        """This plan with ``peak_bytes`` read from ``device`` (CUDA only)."""
+        if device.type != "cuda":
+            return self
+        from dataclasses import replace
+
+        return replace(self, peak_bytes=int(torch.cuda.max_memory_allocated(device)))
+
+    def __repr__(self) -> str:
+        gib = 2.0**30
+        budget = "none" if self.budget is None else f"{self.budget / gib:.2f} GiB"
+        parts = [
+            f"{self.measure}: planned {self.planned_bytes / gib:.2f} GiB of budget {budget}",
+            f"vector {self.vector_bytes / gib:.3f} GiB",
+            f"graph {self.graph_bytes / gib:.2f} GiB",
+            f"work {self.work_vectors}",
+            f"block {self.block_width}",
+        ]
+        if self.basis_vectors:
+            parts.append(f"basis {self.basis_vectors} on {self.basis_storage}")
+        if self.peak_bytes is not None:
+            parts.append(f"peak {self.peak_bytes / gib:.2f} GiB")
+        return "MemoryPlan(" + ", ".join(parts) + ")"
+
+
+def _resolve(memory_budget: int | str | None, device: torch.device) -> int | None:
+    if memory_budget == "auto":
+        free = available_bytes(device)
+        return None if free is None else int(MARGIN * free)
+    return memory_budget  # type: ignore[return-value]
+
+
+def plan_memory(
+    measure: str,
+    *,
+    numel: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_budget: int | str | None = "auto",
+    graph_bytes: int = 0,
+    work_vectors: int = 0,
+    block_width: int = 0,
+    k: int = 0,
+    max_basis: int | None = None,
+    basis_storage: str | None = None,
+    basis_dtype: torch.dtype | None = None,
+) -> MemoryPlan:
+    """The plan of one measure call (see the module docstring for the rules).
+
+    Args:
+        measure: Name of the measure (reported).
+        numel: Parameters in a parameter-sized vector, $p$.
+        dtype: Their dtype.
+        device: Their device.
+        memory_budget: ``"auto"``, None or bytes (checked by `check_memory_budget`).
+        graph_bytes: Estimate of the kept gradient graph, 0 when unknown.
+        work_vectors: Parameter-sized working vectors the measure holds.
+        block_width: Probes per product block a trace estimator asks for; the plan
+            narrows it to the widest block (at least 1) that fits the budget.
+        k: Eigenpairs wanted (0: no Lanczos basis).
+        max_basis: A basis size the caller fixed (the plan then only reports it).
+        basis_storage: A storage the caller fixed.
+        basis_dtype: A stored basis dtype the caller fixed.
+
+    Returns:
+        A `MemoryPlan`.
+
+    Example:
+        >>> import torch
+        >>> from sharpgen.curvature import plan_memory
+        >>> plan = plan_memory("top_eigenvalues", numel=10**8, dtype=torch.float32,
+        ...                    device=torch.device("cpu"), memory_budget=8 * 2**30,
+        ...                    work_vectors=4, k=1)
+        >>> plan.basis_vectors, plan.basis_storage  # 4 vectors of 0.4 GB: too many for 10%
+        (4, 'disk')
+        >>> plan_memory("top_eigenvalues", numel=10**6, dtype=torch.float32,
+        ...             device=torch.device("cpu"), memory_budget=8 * 2**30, k=1).basis_vectors
+        40
+    """
+    budget = _resolve(check_memory_budget(memory_budget), device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    v = numel * itemsize
+    if block_width > 1 and budget is not None:  # the widest block (at least 1) that fits
+        room = (budget - graph_bytes - work_vectors * v) // (2 * v) if v else block_width
+        block_width = max(1, min(block_width, int(room)))
+    fixed = graph_bytes + (work_vectors + 2 * block_width) * v
+    m, storage = 0, basis_storage or "device"
+    if k:
+        m_min = min(numel, k + 3)
+        m_max = min(numel, max(2 * k + 20, 40))
+        b = v if basis_dtype is None else numel * torch.empty((), dtype=basis_dtype).element_size()
+        if max_basis is not None:
+            m = max_basis
+        elif budget is None:
+            m = m_max
+        else:
+            share = BASIS_SHARE * max(budget - fixed, 0)
+            fits = int(share // b) if b else m_max
+            m = max(m_min, min(m_max, fits))
+            if basis_storage is None and fits < m_min:
+                storage = _off_device(device, m * b)
+        in_memory = 0 if storage == "disk" else m * b
+        if storage == "host" and device.type == "cuda":
+            in_memory = 0  # on the host, not the device
+    else:
+        in_memory = 0
+    return MemoryPlan(
+        measure=measure,
+        budget=budget,
+        vector_bytes=v,
+        graph_bytes=graph_bytes,
+        work_vectors=work_vectors,
+        block_width=block_width,
+        basis_vectors=m,
+        basis_storage=storage,
+        basis_dtype=basis_dtype,
+        planned_bytes=int(fixed + in_memory),
+    )
+
+
+def _off_device(device: torch.device, nbytes: int) -> str:
+    """Host memory for a CUDA device; a file where the temporary directory has room."""
+    if device.type == "cuda":
+        return "host"
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return "disk" if free >= 2 * nbytes else "device"
