@@ -21,7 +21,9 @@ holds already: an int, or ``"auto"`` (default): 80% of what the device has free 
 **Lanczos basis.** The most products are saved by the first few basis vectors: on the
 tests' spectra a basis of $k + 3$ vectors needs 1.1-1.3x the products of an unrestarted
 run, with the same results and certificate. The plan gives the basis at most
-`BASIS_SHARE` of the budget left after the graph and the working vectors: the largest
+`BASIS_SHARE` of the budget left after the graph and the working vectors, and on a CPU at
+most `BASIS_CPU_BYTES` (256 MiB: a basis beside the graph and the working vectors is what
+made a measure cost several gradient steps' memory): the largest
 $m \le \max(2k + 20, 40)$ that fits, at least $k + 3$; when even $k + 3$ does not fit,
 the basis of $k + 3$ vectors goes to host memory (CUDA) or to a temporary file (CPU),
 where it costs time (three passes over it per product), not resident memory.
@@ -47,6 +49,7 @@ import torch
 from sharpgen._validation import is_int
 
 __all__ = [
+    "BASIS_CPU_BYTES",
     "BASIS_SHARE",
     "MARGIN",
     "MemoryPlan",
@@ -59,6 +62,8 @@ __all__ = [
 MARGIN = 0.8
 #: Share of the budget (after the graph and working vectors) the Lanczos basis may take.
 BASIS_SHARE = 0.1
+#: Most bytes of a Lanczos basis in CPU memory (beyond: a smaller basis, or a file).
+BASIS_CPU_BYTES = 256 * 2**20
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -231,6 +236,8 @@ def plan_memory(
             m = m_max
         else:
             share = BASIS_SHARE * max(budget - fixed, 0)
+            if device.type == "cpu":
+                share = min(share, BASIS_CPU_BYTES)
             fits = int(share // b) if b else m_max
             m = max(m_min, min(m_max, fits))
             if basis_storage is None and fits < m_min:

@@ -168,9 +168,10 @@ def top_eigenvalues(
     working vectors (gradient, start, product, orthogonalized product) and the basis of
     $m$ vectors, $G + (4 + m)\,p\,b$ bytes ($b$ bytes per number). The plan
     (`sharpgen.curvature.plan_memory`, reported as ``result.memory``) gives the basis at
-    most a tenth of ``memory_budget`` and at least $k + 3$ vectors (thick restart keeps
-    the certificate; a small basis costs 10-30% more products); a basis that does not fit
-    goes to host memory (CUDA) or a temporary file (CPU). See the Memory guide.
+    most a tenth of ``memory_budget`` (on a CPU at most 256 MiB) and at least $k + 3$
+    vectors (thick restart keeps the certificate; a small basis costs 10-30% more
+    products); a basis that does not fit goes to host memory (CUDA) or a temporary file
+    (CPU). See the Memory guide.
 
     **Gradient start.** Lanczos converges to $\lambda_{\max}$ at a rate set by the
     spectrum and by the start vector's share of the top eigenvector. The loss gradient $g$

@@ -128,3 +128,13 @@ def test_hessian_trace_within_a_small_budget(h):
     wide = hessian_trace(model, h.mse, (x, y), method="hutchinson", num_matvecs=3,
                          memory_budget=None, generator=h.g(0))  # fmt: skip
     assert wide.memory.block_width == 3
+
+
+def test_a_cpu_basis_stays_within_its_cap():
+    from sharpgen.curvature._plan import BASIS_CPU_BYTES
+
+    v = 16 * 2**20 * 4  # 16M float32 parameters: 64 MiB a vector
+    plan = plan_memory("m", numel=16 * 2**20, dtype=F32, device=CPU, memory_budget=2**40, k=1)
+    assert plan.basis_vectors == BASIS_CPU_BYTES // v == 4 and plan.basis_storage == "device"
+    plan = plan_memory("m", numel=64 * 2**20, dtype=F32, device=CPU, memory_budget=2**40, k=1)
+    assert plan.basis_vectors == 4 and plan.basis_storage == "disk"
