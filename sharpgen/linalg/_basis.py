@@ -156,9 +156,10 @@ class Basis:
     def orthogonalize(self, w: Tensor, m: int) -> tuple[Tensor, Tensor]:
         """Classical Gram-Schmidt twice against rows ``[0, m)``: ``(w_perp, V w)``.
 
-        The fast path is two matrix-vector pairs on the block (the first out of place, so
-        the caller's ``w`` is not changed). Streamed: three passes over the rows, the
-        second projection accumulated chunk by chunk while the first is subtracted.
+        The fast path is two matrix-vector pairs on the block (the first out of place: a
+        product may alias a row of the block). Streamed: three passes over the rows, the
+        second projection accumulated chunk by chunk while the first is subtracted, on
+        ``w`` in place.
         """
         if self.fast:
             assert self.V is not None
@@ -167,7 +168,8 @@ class Basis:
             w = torch.addmv(w, V.T, h, alpha=-1.0)
             h2 = V @ w
             return w.addmv_(V.T, h2, alpha=-1.0), h + h2
-        w = w.clone()
+        # streamed rows live elsewhere (a file, host memory, another dtype): ``w`` cannot
+        # alias them, so it is updated in place (at most it is the row just read)
         cols = self._cols(m)
         h = torch.zeros(m, dtype=self.dtype, device=self.device)
         for c0, c1 in cols:
