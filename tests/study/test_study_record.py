@@ -142,3 +142,16 @@ def test_table_csv_round_trip_and_pandas(tmp_path):
     assert back.column("gap").tolist() == pytest.approx(table.column("gap").tolist())
     df = table.to_pandas()
     assert list(df.columns) == list(table.columns) and len(df) == 3
+
+
+def test_same_seed_same_table_and_the_global_rng_untouched():
+    models = _models()
+    names = ["average_sharpness", "adaptive_average_sharpness", "worst_case_sharpness"]
+    state = torch.get_rng_state()
+    a = measure_models(models, names, generator=torch.Generator().manual_seed(5))
+    b = measure_models(models, names, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)
+    for name in names:
+        assert a.column(name).tolist() == b.column(name).tolist()
+    c = measure_models(models, names[:1], generator=torch.Generator().manual_seed(6))
+    assert c.column(names[0]).tolist() != a.column(names[0]).tolist()

@@ -183,3 +183,10 @@ def test_analyze_bad_input():
         analyze(table, confidence=1.0)
     with pytest.raises(TypeError, match="StudyTable"):
         analyze([1, 2])
+
+
+def test_analyze_leaves_the_global_rng_alone_with_a_generator():
+    table = _table([0.1, 0.3, 0.2, 0.4], {"m": [1.0, 2.0, 4.0, 3.0]}, [{"k": i} for i in range(4)])
+    state = torch.get_rng_state()
+    analyze(table, generator=torch.Generator().manual_seed(0), n_boot=20)
+    assert torch.equal(torch.get_rng_state(), state)
