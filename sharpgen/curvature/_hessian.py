@@ -79,7 +79,11 @@ class HessianOperator(CurvatureOperator):
             initialized default group, or the DDP model's, if any; ``None``: no
             communication; or a ``torch.distributed`` group; see the Distributed guide),
             ``second_order`` (``"raise"``, ``"warn"`` or ``"ignore"``: what to do when the
-            loss goes through an operation without a second derivative).
+            loss goes through an operation without a second derivative),
+            ``micro_batch_size`` (batches evaluated in micro-batches of at most this many
+            samples, values unchanged) and ``graphs`` (``"auto"``, ``"keep"`` or
+            ``"recompute"``: whether graphs are kept between products, see
+            `ModelObjective`).
 
     Raises:
         ValueError: Unknown ``bn``/``backend``/``reduction``; no parameters selected; empty

@@ -49,6 +49,7 @@ from sharpgen.curvature._model_loss import check_loss_of_outputs
 __all__ = [
     "GGN",
     "HESSIAN",
+    "FLAT_GRADIENT_BYTES",
     "ColumnProduct",
     "Kernel",
     "accumulate",
@@ -60,6 +61,11 @@ __all__ = [
 ]
 
 BatchProduct = Callable[[dict[str, Tensor]], Any]
+
+#: Most bytes of selected parameters for which the Hessian's kept graph ends in the
+#: concatenated gradient (`_flat_product`): that concatenation holds one more copy of the
+#: gradient as long as the graph is kept; above it a flat vector is split into views.
+FLAT_GRADIENT_BYTES = 1 << 26
 
 
 class KernelFn(Protocol):
@@ -262,8 +268,9 @@ def hessian_kernel(
     gradient = [
         torch.zeros_like(t) if g is None else g.detach() for t, g in zip(params, grads, strict=True)
     ]
-    return ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient,
-                         _flat_product(grads, params))  # fmt: skip
+    nbytes = sum(t.numel() * t.element_size() for t in params)
+    flat = _flat_product(grads, params) if nbytes <= FLAT_GRADIENT_BYTES else None
+    return ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient, flat)
 
 
 def _flat_product(

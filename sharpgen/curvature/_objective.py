@@ -9,7 +9,8 @@ where $\ell_b$ is ``loss_fn(model(inputs_b), targets_b)`` evaluated through
 `torch.func.functional_call` at the parameters $\theta$, $n_b$ the number of samples of batch
 $b$ and $N = \sum_b n_b$. Gradients, Hessian-vector and Gauss-Newton-vector products of $L$
 are accumulated batch by batch with the same weights, so any batching of the same samples
-(an uneven last batch included) gives the full-batch quantity.
+(an uneven last batch included) gives the full-batch quantity; ``micro_batch_size`` splits
+every batch the same way inside each pass (`sharpgen.curvature._micro`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from sharpgen._distributed import AUTO, check_ranks_agree, resolve_process_group, unwrap_model
+from sharpgen._distributed import AUTO, resolve_process_group, unwrap_model
 from sharpgen.curvature._attention import first_order_attention, objective_attention
 from sharpgen.curvature._backend import check_backend
 from sharpgen.curvature._columns import ColumnPlan
 from sharpgen.curvature._data import as_batches, check_devices, num_samples
 from sharpgen.curvature._interface import FirstGraph
 from sharpgen.curvature._kernels import GGN, HESSIAN, Kernel
+from sharpgen.curvature._micro import micro_batches, refuse_batch_statistics
 from sharpgen.curvature._model_loss import model_loss
-from sharpgen.curvature._options import check_options
-from sharpgen.curvature._params import ParamSelection, check_point, select_params
+from sharpgen.curvature._options import check_model_and_loss, check_options
+from sharpgen.curvature._params import ParamSelection, base_point, check_point, select_params
 from sharpgen.curvature._passes import dataset_loss, dataset_loss_and_gradient
 from sharpgen.curvature._products import block_views, product
 from sharpgen.curvature._reduce import check_finite, dataset_reduce
@@ -40,8 +42,9 @@ from sharpgen.curvature._sharding import without_sampler_padding
 from sharpgen.curvature._state import model_state_policy
 from sharpgen.curvature._validate import (
     check_deterministic,
+    check_processes_agree,
     checked_loss,
-    first_graph_key,
+    take_first_graph,
     validate_first_batch,
 )
 
@@ -107,6 +110,19 @@ class ModelObjective:
             ``ValueError`` at the first curvature product; ``"warn"``: a
             `SecondDerivativeWarning` and ``exact_second_order=False``; ``"ignore"``: no
             check. Losses and gradients are never affected.
+        micro_batch_size: ``None`` (default: whole batches) or a positive int: every batch
+            is evaluated in micro-batches of at most this many samples, inside the loss,
+            the gradient and every curvature product, weighted like batches, so every value
+            equals the whole batch's to float rounding while the memory held at once is
+            one micro-batch's (see `sharpgen.curvature._micro`: what is sliced, and why
+            ``bn="batch"`` on a BatchNorm model is refused).
+        graphs: Whether curvature products keep their gradient graphs between products:
+            ``"auto"`` (default) where the operator's ``cache_graph`` asks, except for
+            micro-batches; ``"keep"``: for micro-batches too; ``"recompute"``: never,
+            whatever ``cache_graph`` says. Kept, batch $b$'s graph holds its $S_b$ saved bytes
+            until `clear_cache` and a product is one backward pass per batch; recomputed, a
+            product holds $\max_b S_b$ while it runs and nothing after, for one more forward
+            and backward pass per batch (the memory model: `sharpgen.curvature._products`).
 
     Attributes:
         params: Detached copies of the selected parameters at construction time (the base
@@ -149,22 +165,20 @@ class ModelObjective:
         func_mode: str = "reverse",
         vectorize: bool | None = None,
         second_order: str = "raise",
+        micro_batch_size: int | None = None,
+        graphs: str = "auto",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         loss_fn = model_loss if loss_fn is None else loss_fn  # the model's own loss
-        if not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be callable as loss_fn(outputs, targets), got "
-                f"{type(loss_fn).__name__}."
-            )
+        check_model_and_loss(model, loss_fn)
         options: dict[str, Any] = {
             "bn": bn, "dropout": dropout, "reduction": reduction, "backend": backend,
             "func_mode": func_mode, "vectorize": vectorize, "second_order": second_order,
+            "micro_batch_size": micro_batch_size, "graphs": graphs,
         }  # fmt: skip
         check_options(**options)
         group = resolve_process_group(process_group, model)
         model = unwrap_model(model)  # functional calls go to the DDP-wrapped module
+        refuse_batch_statistics(model, bn, micro_batch_size)
         selected = select_params(model, params)
         self.model = model
         self.loss_fn = loss_fn
@@ -174,15 +188,19 @@ class ModelObjective:
         self.reduction = reduction
         self.backend = backend
         self.process_group = group
+        self.micro_batch_size = micro_batch_size
+        self.graphs = graphs
         self._selection = params
         self._options = options
-        self.params: dict[str, Tensor] = {n: t.detach().clone() for n, t in selected.items()}
+        self.params: dict[str, Tensor] = base_point(selected)
         first = next(iter(self.params.values()))
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.sizes: list[int] = [t.numel() for t in self.params.values()]
         self.numel: int = sum(self.sizes)
         self._batches = as_batches(without_sampler_padding(data))
+        # one batch evaluated whole, no communication: weight 1, no reduction (`_finish`)
+        self._whole = self._batches.single and group is None and micro_batch_size is None
         self._num_samples: int | None = None
         self._func_mode = "rev" if func_mode == "reverse" else "fwd"
         self.vectorize: bool = self.device.type != "cpu" if vectorize is None else vectorize
@@ -198,16 +216,7 @@ class ModelObjective:
         # the validation's loss and graph, kept for the first build (`keeping_first_graph`)
         self._first_graph: FirstGraph | None = None
         self._validate()
-        if group is not None:
-            shapes = [(n, tuple(t.shape)) for n, t in self.params.items()]
-            agree = {
-                "the number of selected parameters": self.numel,
-                "the parameter names and shapes": shapes,
-                "the dtype": str(self.dtype),
-                "reduction": reduction,
-                "bn": bn,
-            }
-            check_ranks_agree(group, agree, where="ModelObjective")
+        check_processes_agree(self)
 
     # -- the same objective elsewhere -----------------------------------------------------
     def refreshed(self) -> ModelObjective:
@@ -239,21 +248,23 @@ class ModelObjective:
     def num_samples(self) -> int:
         """Total number of samples $N$ (over all processes of ``process_group``)."""
         if self._num_samples is None:
-            count = sum(num_samples(inputs) for inputs, _ in self._iter())
+            count = sum(num_samples(inputs) for inputs, _ in self.batches())
             dummy = [torch.zeros((), dtype=self.dtype, device=self.device)]
             _, self._num_samples = dataset_reduce(dummy, count, "sum", self.process_group)
         return self._num_samples
 
     def _iter(self) -> Iterator[tuple[Any, Any]]:
-        for index, (inputs, targets) in enumerate(self._batches):
-            check_devices(inputs, targets, index, self.device)
-            yield inputs, targets
+        """The batches of a pass: checked, and split into micro-batches if asked."""
+        for inputs, targets in self.batches():
+            yield from micro_batches(inputs, targets, self.micro_batch_size)
 
     def _first_batch(self) -> tuple[Any, Any]:
-        return self._batches.first()
+        """The first (micro-)batch, without a pass."""
+        inputs, targets = self._batches.first()
+        return next(micro_batches(inputs, targets, self.micro_batch_size))
 
     def _weight(self, n: int) -> float:
-        if self.single_batch and self.process_group is None:
+        if self._whole:
             return 1.0  # see _finish
         return float(n) if self.reduction == "mean" else 1.0
 
@@ -303,23 +314,18 @@ class ModelObjective:
             yield
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
-        """Iterate over the validated ``(inputs, targets)`` batches."""
-        return self._iter()
+        """Iterate over the validated ``(inputs, targets)`` batches (whole, not split)."""
+        for index, (inputs, targets) in enumerate(self._batches):
+            check_devices(inputs, targets, index, self.device)
+            yield inputs, targets
 
     # -- validation --------------------------------------------------------------------
     def _validate(self) -> None:
         validate_first_batch(self)
 
     def _take_first_graph(self, p: Mapping[str, Tensor], inputs: Any) -> FirstGraph | None:
-        """The kept validation graph if it is the loss at ``p`` on ``inputs`` (used once).
-
-        It is that loss when ``p`` is the base point, ``inputs`` the batch it saw and
-        nothing it depends on was written or replaced since (`first_graph_key`).
-        """
-        first, self._first_graph = self._first_graph, None
-        if first is None or p is not self.params or inputs is not first.inputs:
-            return None
-        return first if first_graph_key(self) == first.key else None
+        """The kept validation graph if it is the loss at ``p`` on ``inputs`` (see there)."""
+        return take_first_graph(self, p, inputs)
 
     def check_second_order(self, where: str) -> None:
         """Act once on operations without a second derivative (see ``second_order``)."""
@@ -340,7 +346,7 @@ class ModelObjective:
     def _finish(
         self, partials: list[Tensor], count: int, what: str, check: bool = True
     ) -> list[Tensor]:
-        if self.single_batch and self.process_group is None:
+        if self._whole:
             # one local batch: the accumulators hold the batch quantity itself (weight 1)
             out, total = partials, count
         else:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from torch import nn
+
 from sharpgen._validation import check_bool
 from sharpgen.curvature._backend import FUNC_MODES, check_backend
+from sharpgen.curvature._micro import check_micro_batch_size
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.curvature._second_order import check_policy as check_second_order_policy
 from sharpgen.curvature._state import check_policy
@@ -18,13 +21,16 @@ from sharpgen.curvature._state import check_policy
 __all__ = [
     "OBJECTIVE_OPTIONS",
     "VALID_FUNC_MODES",
+    "VALID_GRAPHS",
     "VALID_REDUCTIONS",
     "ObjectiveOptions",
+    "check_model_and_loss",
     "check_options",
 ]
 
 VALID_REDUCTIONS = ("mean", "sum")
 VALID_FUNC_MODES = tuple(FUNC_MODES)
+VALID_GRAPHS = ("auto", "keep", "recompute")
 
 
 class ObjectiveOptions(TypedDict, total=False):
@@ -35,7 +41,9 @@ class ObjectiveOptions(TypedDict, total=False):
     ``backend`` (how curvature products are taken: ``"auto"``, ``"func"``,
     ``"autograd"``), ``process_group`` (``torch.distributed``), ``func_mode`` and
     ``vectorize`` (how ``torch.func`` takes them), ``second_order`` (what to do with an
-    operation that has no second derivative).
+    operation that has no second derivative), ``micro_batch_size`` (batches evaluated in
+    pieces of at most this many samples) and ``graphs`` (whether gradient graphs are kept
+    between curvature products: ``"auto"``, ``"keep"``, ``"recompute"``).
 
     Examples:
         >>> options: ObjectiveOptions = {"bn": "batch", "reduction": "sum"}
@@ -52,9 +60,21 @@ class ObjectiveOptions(TypedDict, total=False):
     func_mode: str
     vectorize: bool | None
     second_order: str
+    micro_batch_size: int | None
+    graphs: str
 
 
 OBJECTIVE_OPTIONS: tuple[str, ...] = tuple(ObjectiveOptions.__annotations__)
+
+
+def check_model_and_loss(model: Any, loss_fn: Any) -> None:
+    """Raise `TypeError` unless ``model`` is a module and ``loss_fn`` a callable."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}."
+        )
 
 
 def check_options(
@@ -66,9 +86,18 @@ def check_options(
     func_mode: Any,
     vectorize: Any,
     second_order: Any = "raise",
+    micro_batch_size: Any = None,
+    graphs: Any = "auto",
 ) -> None:
     """Raise a clear error for an invalid objective option (before any work)."""
     check_policy(bn, dropout)
+    check_micro_batch_size(micro_batch_size)
+    if graphs not in VALID_GRAPHS:
+        raise ValueError(
+            f"graphs must be one of {VALID_GRAPHS} ('auto': keep gradient graphs between "
+            f"products where the operator's cache_graph asks, except for micro-batches; "
+            f"'keep': also for micro-batches; 'recompute': never keep one), got {graphs!r}."
+        )
     check_second_order_policy(second_order)
     if reduction not in VALID_REDUCTIONS:
         raise ValueError(

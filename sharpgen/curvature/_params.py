@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamSelection", "check_point", "select_params"]
+__all__ = ["ParamSelection", "base_point", "check_point", "select_params", "sharing_parameters"]
+
+#: Whether objectives built now share the model's parameter storage (`sharing_parameters`).
+_SHARE: ContextVar[bool] = ContextVar("sharpgen_share_parameters", default=False)
+
+
+@contextmanager
+def sharing_parameters() -> Iterator[None]:
+    """Context: objectives built inside take the model's parameters as their base point.
+
+    For an objective that lives only inside one measure call, during which nothing steps
+    the model: its base point is then detached aliases of the model's parameters instead
+    of copies, which saves one copy of the selected parameters ($P$ bytes). An in-place
+    write to a parameter during the call would move the base point; an objective built
+    elsewhere (one a caller holds across training steps) copies.
+    """
+    token = _SHARE.set(True)
+    try:
+        yield
+    finally:
+        _SHARE.reset(token)
+
+
+def base_point(selected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The objective's base point: detached copies of ``selected`` (aliases when shared)."""
+    if _SHARE.get():
+        return {n: t.detach() for n, t in selected.items()}
+    return {n: t.detach().clone() for n, t in selected.items()}
+
 
 ParamSelection = Union[None, Mapping[str, Tensor], Sequence[str], Callable[[str, Tensor], bool]]  # noqa: UP007
 

@@ -1,4 +1,4 @@
-"""Dataset curvature products: a kernel applied batch by batch, weighted and reduced.
+r"""Dataset curvature products: a kernel applied batch by batch, weighted and reduced.
 
 `product` runs one `~sharpgen.curvature._kernels.Kernel` over the data of a
 `ModelObjective` with the backend fallbacks of `sharpgen.curvature._backend`;
@@ -6,6 +6,25 @@
 into one ``(n, k)`` buffer (no extra copies) with the weights of the dataset loss and
 reducing it at the objective's one reduction point. The graph cache keeps every batch's
 ``apply`` (and so its gradient graph) between products, memory permitting.
+
+**Memory.** Let $P$ be the bytes of the selected parameters, $k$ the columns of a block
+and $S_b$ the bytes autograd saves while building batch (or micro-batch) $b$'s gradient
+graph for a double backward (the forward's activations and the gradient's own graph;
+counted by `~sharpgen.curvature._columns.SavedBytes`). Besides the model and the data, a
+product of one block holds
+
+* its result, $kP$ (the block is read in place, one column copied at a time);
+* recomputed graphs (objective option ``graphs="recompute"``, an operator's
+  ``cache_graph=False``, or a point other than the base point): one batch's graph at a
+  time, $\max_b S_b$ plus one column's backward pass (the loop) or a chunk's (batched),
+  freed when the product returns: nothing is held between products;
+* kept graphs (``cache_graph`` ``"auto"``/``True`` with ``graphs="auto"`` or ``"keep"``):
+  $\sum_b S_b$ from the first product until `ModelObjective.clear_cache`, at most
+  `GRAPH_CACHE_BYTES` for several batches (above it nothing is kept). Each product is
+  then one backward pass per batch and no forward pass.
+
+``micro_batch_size`` $m$ divides each $S_b$ by about $n_b / m$; with ``graphs="auto"`` the
+micro-batches' graphs are recomputed, so a product holds about $(m / n_b)\, S_b$.
 """
 
 from __future__ import annotations
@@ -103,7 +122,9 @@ def block_product(
         what = {"the first block of vectors (same probes/seed?)": block}
         check_ranks_agree(obj.process_group, what, where=f"ModelObjective.{kernel.name}")
         obj._tangents_checked = True
-    W = {n: V[n].contiguous() for n in p}  # one copy, not one per column
+    # the block as given (views): a column is copied when a backward pass needs it, so a
+    # product holds one column's copy at a time, not a copy of the whole block
+    W = {n: V[n] for n in p}
     buf = torch.empty((obj.numel, k), dtype=obj.dtype, device=obj.device)
     acc = block_views(buf, p)
     count = 0
@@ -215,15 +236,24 @@ def _may_keep(
 ) -> bool:
     """Whether graphs may be kept (at the base point; see `_build`).
 
-    For several batches only when every pass sees the same function (BatchNorm on running
-    statistics, no dropout). ``cache="auto"`` (the operators' default) keeps them where
-    ``True`` would, except with dropout (whose every product draws new masks).
+    For several batches (or micro-batches) only when every pass sees the same function
+    (BatchNorm on running statistics, no dropout). ``cache="auto"`` (the operators'
+    default) keeps them where ``True`` would, except with dropout (whose every product
+    draws new masks). The objective's ``graphs`` option overrules: ``"recompute"`` keeps
+    nothing, ``"auto"`` no micro-batch's graph.
     """
     if not cache or params is not None or (cache == "auto" and obj.dropout):
         return False
+    if obj.graphs == "recompute" or (obj.graphs == "auto" and obj.micro_batch_size is not None):
+        return False
     # torch.func refuses the hooks that measure a graph's memory: one batch only
     several = backend == "autograd" and obj.bn == "eval" and not obj.dropout
-    return obj.single_batch or several
+    return _one_batch(obj) or several
+
+
+def _one_batch(obj: Objective) -> bool:
+    """Whether every pass is one batch, evaluated whole (not split into micro-batches)."""
+    return obj.single_batch and obj.micro_batch_size is None
 
 
 def _kept(obj: Objective, key: tuple[Any, ...] | None) -> Any:
@@ -269,7 +299,7 @@ def _build(
     for inputs, targets in obj._iter():
         n = num_samples(inputs)
         keep = store is not None
-        count = measure or (keep and not obj.single_batch)
+        count = measure or (keep and not _one_batch(obj))
         with saved_tensors_hooks(counter.pack, _unpack) if count else nullcontext():
             apply = kernel.build(obj, others, p, inputs, targets, backend=backend,
                                  mode="rev" if keep else mode, keep=keep)  # fmt: skip
@@ -280,6 +310,7 @@ def _build(
             if counter.bytes > GRAPH_CACHE_BYTES:
                 store = None
         yield apply, n
+        del apply  # else this frame holds the batch's graph while the next one is built
     if key is not None:
         obj._graph_cache = (key, store if store is not None else ())
 

@@ -7,7 +7,7 @@ wrong answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from sharpgen._distributed import check_ranks_agree
 from sharpgen.curvature._data import check_devices
 from sharpgen.curvature._graph_key import graph_key
 from sharpgen.curvature._interface import FirstGraph
@@ -27,9 +28,11 @@ if TYPE_CHECKING:
 __all__ = [
     "FirstGraph",
     "check_deterministic",
+    "check_processes_agree",
     "checked_loss",
     "first_graph_key",
     "keeping_first_graph",
+    "take_first_graph",
     "validate_first_batch",
 ]
 
@@ -62,6 +65,32 @@ def first_graph_key(obj: Objective) -> tuple[Any, ...]:
     """
     _, _, ids, versions = graph_key(obj, "", "")
     return ids, versions, tuple(t._version for t in obj.params.values())
+
+
+def take_first_graph(obj: Objective, p: Mapping[str, Tensor], inputs: Any) -> FirstGraph | None:
+    """The kept validation graph if it is the loss at ``p`` on ``inputs`` (handed over once).
+
+    It is that loss when ``p`` is the base point, ``inputs`` the batch it saw and nothing
+    it depends on was written or replaced since (`first_graph_key`).
+    """
+    first, obj._first_graph = obj._first_graph, None
+    if first is None or p is not obj.params or inputs is not first.inputs:
+        return None
+    return first if first_graph_key(obj) == first.key else None
+
+
+def check_processes_agree(obj: Objective) -> None:
+    """With a process group, raise unless every process built the same objective."""
+    if obj.process_group is None:
+        return
+    agree = {
+        "the number of selected parameters": obj.numel,
+        "the parameter names and shapes": [(n, tuple(t.shape)) for n, t in obj.params.items()],
+        "the dtype": str(obj.dtype),
+        "reduction": obj.reduction,
+        "bn": obj.bn,
+    }
+    check_ranks_agree(obj.process_group, agree, where="ModelObjective")
 
 
 def checked_loss(loss: Any) -> Tensor:
@@ -110,6 +139,7 @@ def validate_first_batch(obj: Objective) -> None:
                 obj.model, loss, lambda: obj.batch_loss(p, inputs, targets)
             )
     keep = obj.single_batch and not obj.dropout and obj.process_group is None
+    keep = keep and obj.micro_batch_size is None  # a micro-batch's graph is not the batch's
     if keep and _KEEP_FIRST.get():
         obj._first_graph = FirstGraph(p, loss, inputs, first_graph_key(obj))
 

@@ -20,7 +20,7 @@ from sharpgen._validation import (
 from sharpgen.curvature import HessianOperator, ModelObjective, select_params
 from sharpgen.curvature._backend import plan_backend
 from sharpgen.curvature._base import CurvatureOperator
-from sharpgen.curvature._params import ParamSelection
+from sharpgen.curvature._params import ParamSelection, sharing_parameters
 from sharpgen.curvature._resolve import check_objective_args
 from sharpgen.curvature._validate import keeping_first_graph
 from sharpgen.linalg import LinearOperator
@@ -126,15 +126,21 @@ class MeasureSource:
         """The data as the caller gave it."""
         return self.ready.data if self.ready is not None else self.data
 
-    def objective(self, *, keep_first_graph: bool = False) -> ModelObjective:
+    def objective(self, *, keep_first_graph: bool = False, share: bool = False) -> ModelObjective:
         """The objective (built on the first call for the convenience form).
 
         ``keep_first_graph``: the caller builds the batch's gradient graph at once, so a
         one-batch objective keeps its validation graph for that build (one forward pass
         instead of two; see `sharpgen.curvature._validate.keeping_first_graph`).
+        ``share``: the objective's base point aliases the model's parameters instead of
+        copying them (`sharpgen.curvature._params.sharing_parameters`): for a measure whose
+        result holds nothing of the objective.
         """
         if self.ready is None:
-            with keeping_first_graph() if keep_first_graph else nullcontext():
+            with (
+                keeping_first_graph() if keep_first_graph else nullcontext(),
+                sharing_parameters() if share else nullcontext(),
+            ):
                 self.ready = ModelObjective(self.model, self.loss_fn, self.data, **self.options)
         return self.ready
 
@@ -154,7 +160,8 @@ class MeasureSource:
         if self.given_operator is not None:
             return self.given_operator
         # a kept double-backward graph starts from the validation's forward pass
-        obj = self.objective(keep_first_graph=self.options.get("backend", "auto") != "func")
+        keep = self.options.get("backend", "auto") != "func"
+        obj = self.objective(keep_first_graph=keep, share=True)
         backend, cache = plan_backend(
             obj.backend, single_vectors=single_vectors, single_batch=obj.single_batch
         )
