@@ -467,47 +467,69 @@ _NORM = "normalization (torch.nn)"
 
 CASES: tuple[ZooCase, ...] = (
     ZooCase(
-        "bert", _HF_TEXT, "BertForSequenceClassification: encoder, padding mask, own loss",
-        bert, (
+        "bert",
+        _HF_TEXT,
+        "BertForSequenceClassification: encoder, padding mask, own loss",
+        bert,
+        (
             "bert.encoder.layer.0.attention.self.query.weight",
-            "bert.encoder.layer.0.attention.output.LayerNorm.weight", "classifier.weight",
+            "bert.encoder.layer.0.attention.output.LayerNorm.weight",
+            "classifier.weight",
         ),
     ),
     ZooCase(
-        "gpt2", _HF_TEXT, "GPT2LMHeadModel: causal decoder, padding mask, own LM loss",
-        gpt2, (
-            "transformer.h.0.attn.c_attn.bias", "transformer.h.0.attn.c_proj.weight",
-            "transformer.h.0.ln_1.weight", "transformer.ln_f.weight",
+        "gpt2",
+        _HF_TEXT,
+        "GPT2LMHeadModel: causal decoder, padding mask, own LM loss",
+        gpt2,
+        (
+            "transformer.h.0.attn.c_attn.bias",
+            "transformer.h.0.attn.c_proj.weight",
+            "transformer.h.0.ln_1.weight",
+            "transformer.ln_f.weight",
         ),
     ),
     ZooCase(
-        "llama", _HF_TEXT,
+        "llama",
+        _HF_TEXT,
         "LlamaForCausalLM: rotary embeddings, RMSNorm, grouped-query attention (4 heads, "
         "2 key/value heads), own LM loss",
-        llama, (
-            "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight",
-            "model.layers.0.input_layernorm.weight", "model.norm.weight",
+        llama,
+        (
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.norm.weight",
         ),
     ),
     ZooCase(
-        "t5", _HF_TEXT,
+        "t5",
+        _HF_TEXT,
         "T5ForConditionalGeneration: encoder-decoder, relative position bias, own loss",
-        t5, (
+        t5,
+        (
             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
             "decoder.block.0.layer.1.EncDecAttention.q.weight",
         ),
     ),
     ZooCase(
-        "vit", _HF_VISION, "ViTForImageClassification: cross-entropy on the logits", vit, (
+        "vit",
+        _HF_VISION,
+        "ViTForImageClassification: cross-entropy on the logits",
+        vit,
+        (
             "vit.layers.0.attention.q_proj.weight",
-            "vit.embeddings.cls_token", "classifier.weight",
+            "vit.embeddings.cls_token",
+            "classifier.weight",
         ),
     ),
     ZooCase(
-        "swin", _HF_VISION,
+        "swin",
+        _HF_VISION,
         "SwinForImageClassification: shifted windows, relative position bias table, own loss",
-        swin, (
+        swin,
+        (
             "swin.encoder.layers.0.blocks.0.attention.q_proj.weight",
             "swin.encoder.layers.0.blocks.0.attention.relative_position_bias"
             ".relative_position_bias_table",
@@ -516,33 +538,46 @@ CASES: tuple[ZooCase, ...] = (
         ),
     ),
     ZooCase(
-        "resnet", _HF_VISION, "ResNetForImageClassification: BatchNorm (eval), residual",
-        resnet, (
+        "resnet",
+        _HF_VISION,
+        "ResNetForImageClassification: BatchNorm (eval), residual",
+        resnet,
+        (
             "resnet.encoder.stages.1.layers.0.shortcut.normalization.weight",
             "resnet.encoder.stages.1.layers.0.layer.1.normalization.weight",
-            "resnet.embedder.embedder.normalization.weight", "classifier.1.weight",
+            "resnet.embedder.embedder.normalization.weight",
+            "classifier.1.weight",
         ),
     ),
     ZooCase(
-        "mobilenet_v2", _HF_VISION,
+        "mobilenet_v2",
+        _HF_VISION,
         "MobileNetV2ForImageClassification: depthwise convolutions, ReLU6, own loss",
-        mobilenet_v2, (
+        mobilenet_v2,
+        (
             "mobilenet_v2.conv_stem.conv_3x3.convolution.weight",
             "mobilenet_v2.layer.0.expand_1x1.convolution.weight",
-            "mobilenet_v2.layer.0.conv_3x3.normalization.weight", "classifier.bias",
+            "mobilenet_v2.layer.0.conv_3x3.normalization.weight",
+            "classifier.bias",
         ),
     ),
     ZooCase(
-        "regnet", _HF_VISION, "RegNetForImageClassification: grouped convolutions, "
-        "squeeze-and-excitation", regnet, (
+        "regnet",
+        _HF_VISION,
+        "RegNetForImageClassification: grouped convolutions, squeeze-and-excitation",
+        regnet,
+        (
             "regnet.encoder.stages.0.layers.0.layer.0.convolution.weight",
             "regnet.encoder.stages.0.layers.0.layer.2.attention.0.weight",
             "regnet.encoder.stages.0.layers.0.layer.2.attention.2.weight",
         ),
     ),
     ZooCase(
-        "convnext", _HF_VISION, "ConvNextForImageClassification: 7x7 depthwise, LayerNorm, "
-        "layer scale, GELU, own loss", convnext, (
+        "convnext",
+        _HF_VISION,
+        "ConvNextForImageClassification: 7x7 depthwise, LayerNorm, layer scale, GELU, own loss",
+        convnext,
+        (
             "convnext.embeddings.patch_embeddings.weight",
             "convnext.encoder.stages.0.layers.0.layer_scale_parameter",
             "convnext.encoder.stages.0.layers.0.dwconv.bias",
@@ -550,8 +585,12 @@ CASES: tuple[ZooCase, ...] = (
         ),
     ),
     ZooCase(
-        "efficientnet", _HF_VISION, "EfficientNetForImageClassification: depthwise, swish, "
-        "squeeze-and-excitation, BatchNorm (eval)", efficientnet, (
+        "efficientnet",
+        _HF_VISION,
+        "EfficientNetForImageClassification: depthwise, swish, "
+        "squeeze-and-excitation, BatchNorm (eval)",
+        efficientnet,
+        (
             "efficientnet.encoder.blocks.0.depthwise_conv.depthwise_conv.weight",
             "efficientnet.encoder.blocks.0.squeeze_excite.reduce.weight",
             "efficientnet.encoder.blocks.0.squeeze_excite.expand.weight",
@@ -559,53 +598,87 @@ CASES: tuple[ZooCase, ...] = (
         ),
     ),
     ZooCase(
-        "transformer_encoder", _NN, "nn.TransformerEncoder with a key padding mask",
-        transformer_encoder, (
-            "encoder.layers.0.self_attn.in_proj_bias", "encoder.layers.0.self_attn.out_proj.weight",
-            "encoder.layers.0.norm1.weight", "head.weight",
-        ),
-    ),
-    ZooCase(
-        "transformer_decoder", _NN, "nn.TransformerDecoder: causal self-attention, "
-        "cross-attention", transformer_decoder, (
-            "decoder.layers.0.self_attn.in_proj_bias",
-            "decoder.layers.0.multihead_attn.in_proj_bias", "decoder.layers.0.norm3.weight",
+        "transformer_encoder",
+        _NN,
+        "nn.TransformerEncoder with a key padding mask",
+        transformer_encoder,
+        (
+            "encoder.layers.0.self_attn.in_proj_bias",
+            "encoder.layers.0.self_attn.out_proj.weight",
+            "encoder.layers.0.norm1.weight",
             "head.weight",
         ),
     ),
     ZooCase(
-        "multihead_attention", _NN, "nn.MultiheadAttention with a key padding mask",
-        multihead_attention, ("attn.in_proj_bias", "attn.out_proj.weight", "head.weight"),
+        "transformer_decoder",
+        _NN,
+        "nn.TransformerDecoder: causal self-attention, cross-attention",
+        transformer_decoder,
+        (
+            "decoder.layers.0.self_attn.in_proj_bias",
+            "decoder.layers.0.multihead_attn.in_proj_bias",
+            "decoder.layers.0.norm3.weight",
+            "head.weight",
+        ),
     ),
     ZooCase(
-        "lstm", _NN, "nn.LSTM, 2 layers", _recurrent(nn.LSTM),
+        "multihead_attention",
+        _NN,
+        "nn.MultiheadAttention with a key padding mask",
+        multihead_attention,
+        ("attn.in_proj_bias", "attn.out_proj.weight", "head.weight"),
+    ),
+    ZooCase(
+        "lstm",
+        _NN,
+        "nn.LSTM, 2 layers",
+        _recurrent(nn.LSTM),
         ("rnn.weight_ih_l0", "rnn.bias_ih_l1", "head.weight"),
     ),
     ZooCase(
-        "gru", _NN, "nn.GRU, 2 layers", _recurrent(nn.GRU),
+        "gru",
+        _NN,
+        "nn.GRU, 2 layers",
+        _recurrent(nn.GRU),
         ("rnn.weight_ih_l0", "rnn.bias_hh_l1", "head.weight"),
     ),
     ZooCase(
-        "rnn", _NN, "nn.RNN (tanh), 2 layers", _recurrent(nn.RNN),
+        "rnn",
+        _NN,
+        "nn.RNN (tanh), 2 layers",
+        _recurrent(nn.RNN),
         ("rnn.weight_hh_l0", "rnn.weight_ih_l1", "head.weight"),
     ),
     ZooCase("embedding", _NN, "nn.Embedding", _embedding(False), ("embed.weight", "head.weight")),
     ZooCase(
-        "embedding_bag", _NN, "nn.EmbeddingBag (mode='mean')", _embedding(True),
-        ("embed.weight", "head.weight"), raises="embedding_?bag",
+        "embedding_bag",
+        _NN,
+        "nn.EmbeddingBag (mode='mean')",
+        _embedding(True),
+        ("embed.weight", "head.weight"),
+        raises="embedding_?bag",
         ggn=True,
     ),
     ZooCase(
-        "ctc_loss", _NN, "F.ctc_loss on a GRU's log-probabilities", ctc_model,
-        ("rnn.weight_hh_l0", "head.weight", "head.bias"), raises="ctc",
+        "ctc_loss",
+        _NN,
+        "F.ctc_loss on a GRU's log-probabilities",
+        ctc_model,
+        ("rnn.weight_hh_l0", "head.weight", "head.bias"),
+        raises="ctc",
     ),
     ZooCase(
-        "pooling", _NN, "MaxPool2d, AvgPool2d, AdaptiveAvg/MaxPool2d, LPPool2d",
-        _resample("down"), ("conv.weight", "conv.bias", "head.weight"),
+        "pooling",
+        _NN,
+        "MaxPool2d, AvgPool2d, AdaptiveAvg/MaxPool2d, LPPool2d",
+        _resample("down"),
+        ("conv.weight", "conv.bias", "head.weight"),
     ),
     ZooCase(
-        "upsampling", _NN, "Upsample (nearest, bilinear, bicubic), PixelShuffle, "
-        "ConvTranspose2d", _resample("up"),
+        "upsampling",
+        _NN,
+        "Upsample (nearest, bilinear, bicubic), PixelShuffle, ConvTranspose2d",
+        _resample("up"),
         ("conv.weight", "branches.4.weight", "head.weight"),
     ),
 )

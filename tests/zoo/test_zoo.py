@@ -13,10 +13,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sharpgen
 from sharpgen.curvature._data import call_model
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 TOL = 1e-3  # top_eigenvalues' relative tolerance
 
@@ -66,7 +66,7 @@ def _caller_state(model):
         "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "rng": torch.get_rng_state(),
         "py_rng": random.getstate(),
-        "np_rng": np.random.get_state()[1].copy(),
+        "np_rng": np.random.get_state()[1].copy(),  # noqa: NPY002
     }
 
 
