@@ -10,7 +10,7 @@ taken, ``broken`` those whose curvature measures must raise sharpgen's error. Ea
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -25,19 +25,13 @@ from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kerne
 
 
 def _load_zoo():
-    name = "sharpgen_tests_zoo_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_zoo_models.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("_zoo_models")
 
 
-zoo_models = _load_zoo()
-CASES = zoo_models.CASES
+CASES = _load_zoo().CASES
 
 
 def _call(model, inputs, params):

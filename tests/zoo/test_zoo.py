@@ -118,7 +118,7 @@ def checked(measure, p, zh):
 def test_the_selection_is_small_and_names_parameters_of_the_model(zoo):
     named = dict(zoo.model.named_parameters())
     assert all(n in named for n in zoo.names)
-    assert 40 <= sum(zoo.sizes) <= 150
+    assert 24 <= sum(zoo.sizes) <= 100
 
 
 def test_exact_trace_equals_the_dense_float64_hessian(curved, zh):

@@ -17,7 +17,7 @@ exactly the suite's cases with their outcome.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import re
 import sys
 import time
@@ -33,13 +33,9 @@ HEADER = (
 
 
 def load_cases():
-    name = "sharpgen_tests_zoo_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "_zoo_models.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].CASES
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return importlib.import_module("_zoo_models").CASES
 
 
 def outcome(case) -> tuple[str, str, str]:
