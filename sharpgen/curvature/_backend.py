@@ -75,6 +75,8 @@ def prefer_double_backward(backend: str, kernel: str, device: torch.device) -> s
     ``torch.func``); on accelerators, where ``vmap`` batches columns, ``"auto"`` keeps
     trying ``torch.func`` first (not measured here).
     """
+    if kernel == "ggn_rev":  # one route whatever the backend; "autograd" lets it be kept
+        return "autograd"
     if backend == "auto" and kernel == "hvp" and device.type == "cpu":
         return "autograd"
     return backend

@@ -21,7 +21,10 @@ class GGNOperator(CurvatureOperator):
     Products are exact: $J v$ by ``torch.func.jvp``, $H_\ell (Jv)$ by forward-over-reverse on
     ``loss_fn``, $J^\top(\cdot)$ by ``torch.func.vjp``; a block of ``k`` columns goes through
     ``vmap`` in one pass over the data. ``backend="autograd"`` uses the double-vjp trick for
-    $Jv$ and reverse mode for the rest (models returning one tensor). Arguments, backends,
+    $Jv$ and reverse mode for the rest (models returning one tensor). Where the model goes
+    through an operation without a second derivative (``nn.EmbeddingBag``), products take
+    the reverse-mode-only route of `sharpgen.curvature._ggn_reverse` (one backward pass per
+    output entry of a batch, the dense $J_b$ kept). Arguments, backends,
     errors and the model-state contract are those of `HessianOperator`.
 
     Examples:

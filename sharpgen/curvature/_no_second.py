@@ -173,14 +173,31 @@ def builtin_first_order(model: nn.Module, loss: Tensor, run: Callable[[], Any]) 
     return [BuiltinOp.make(n, places.get(n, "loss_fn (outside the model)")) for n in names]
 
 
-def builtin_message(ops: list[BuiltinOp], where: str) -> str:
-    """The error for built-in operations without a second derivative."""
+def builtin_message(ops: list[BuiltinOp], where: str, ggn_works: bool = False) -> str:
+    """The error for built-in operations without a second derivative.
+
+    ``ggn_works``: every operation is inside the model, so the GGN measures run (by the
+    reverse-mode route of `sharpgen.curvature._ggn_reverse`) and the message says so.
+    """
     listed = "; ".join(f"{o.op} in {o.place} -- fix: {o.fix}" for o in ops)
-    return (
+    head = (
         f"{where}: the loss goes through operation(s) that torch cannot differentiate twice "
         f"(their backward has no derivative, nor a forward-mode derivative): {listed}. No "
-        "Hessian-vector product can be computed through them, and neither can a GGN product "
-        "(it needs the model's forward-mode derivative and the loss's second derivative). The "
-        "first-order measures (sam_sharpness, average_sharpness, the loss and its gradient) "
-        "work as they are."
+        "Hessian-vector product can be computed through them."
+    )
+    if ggn_works:
+        ggn = (
+            " The GGN measures work on this model as it is (they need only the model's first "
+            "derivatives, taken by reverse mode, and the loss's second derivative in the "
+            "outputs): ggn_trace, and GGNOperator for the GGN's top eigenvalues "
+            "(top_eigenvalues(GGNOperator(model, loss_fn, data)))."
+        )
+    else:
+        ggn = (
+            " Neither can a GGN product (the operation is in loss_fn, which the GGN "
+            "differentiates twice in the outputs)."
+        )
+    return (
+        head + ggn + " The first-order measures (sam_sharpness, average_sharpness, the loss "
+        "and its gradient) work as they are."
     )

@@ -41,6 +41,7 @@ from sharpgen._distributed import check_ranks_agree
 from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
 from sharpgen.curvature._columns import SavedBytes, column_plan, probes
 from sharpgen.curvature._data import num_samples
+from sharpgen.curvature._ggn_reverse import route_kernel
 from sharpgen.curvature._graph_key import graph_key
 from sharpgen.curvature._interface import Objective
 from sharpgen.curvature._kernels import BatchProduct, ColumnProduct, Kernel, accumulate
@@ -90,6 +91,7 @@ def product(
     remembers the ``func_mode`` that worked. ``check_finite=False`` leaves the NaN/Inf
     check to the caller (a `LinearOperator` checks every product it returns).
     """
+    kernel = route_kernel(obj, kernel, owner)  # ops without a second derivative
     obj.check_second_order(owner)
 
     def run(b: str, m: str) -> Tensor:
@@ -207,6 +209,7 @@ def kept_gradient(obj: Objective, kernel: Kernel, backend: str) -> Tensor | None
     backend = prefer_double_backward(backend, kernel.name, obj.device)
     if backend != "autograd" or not _may_keep(obj, True, None, backend):
         return None
+    kernel = route_kernel(obj, kernel, "HessianOperator")
     obj.check_second_order("HessianOperator")
     key = _cache_key(obj, kernel, backend)
     kept = _kept(obj, key)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sharpgen.curvature._no_second import BuiltinOp, builtin_message
+from sharpgen.curvature._no_second import BuiltinOp
 
 __all__ = [
     "VALID_SECOND_ORDER",
@@ -123,14 +123,14 @@ def check_second_order(names: Sequence[str], policy: str, where: str) -> bool:
         Whether the curvature products are exact (no offending Function, or none found).
 
     Raises:
-        ValueError: ``policy == "raise"`` and ``names`` is not empty, or ``names`` holds a
-            built-in operation without a second derivative (`BuiltinOp`, any policy).
+        ValueError: ``policy == "raise"`` and ``names`` holds a custom Function (the
+            built-in operations, `BuiltinOp`, are left to the kernel routing of
+            `sharpgen.curvature._ggn_reverse.route_kernel`).
     """
+    # the built-in operations are `route_kernel`'s (`sharpgen.curvature._ggn_reverse`)
+    names = [n for n in names if not isinstance(n, BuiltinOp)]
     if not names:
         return True
-    builtins = [n for n in names if isinstance(n, BuiltinOp)]
-    if builtins:  # no product can run through them: an error whatever the policy
-        raise ValueError(builtin_message(builtins, where))
     listed = ", ".join(names)
     message = (
         f"{where}: the model's loss goes through custom autograd.Function(s) {listed} whose "

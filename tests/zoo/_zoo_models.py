@@ -264,6 +264,7 @@ CASES: tuple[ZooCase, ...] = (
         _embedding(True),
         ("embed.weight", "head.weight"),
         raises="embedding_?bag",
+        ggn=True,
     ),
     ZooCase(
         "ctc_loss",
