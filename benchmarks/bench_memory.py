@@ -18,7 +18,10 @@ Models (random weights, float32, CPU, ``--threads`` threads):
 
 Calls: ``grad``, ``trace`` (`hessian_trace`, 3 Hutchinson products), ``top1`` /
 ``top5`` (`top_eigenvalues`, tol 1e-3), ``sam`` (`sam_sharpness`), ``pyhessian`` (top-1
-by PyHessian's power iteration, tol 1e-3, in ``--bench-python``: a venv with PyHessian).
+by PyHessian's power iteration, tol 1e-3, in ``--bench-python``: a venv with PyHessian),
+``landscape1d`` (`loss_landscape_1d`, random filter-normalized direction, 11 points),
+``blocks`` (`block_traces`, 3 Hutchinson products). ``--options`` passes extra keyword
+arguments to the measure (e.g. ``'{"micro_batch_size": 2}'``).
 
 Examples::
 
@@ -39,7 +42,7 @@ import sys
 import time
 from typing import Any
 
-CALLS = ("grad", "trace", "top1", "top5", "sam", "pyhessian")
+CALLS = ("grad", "trace", "top1", "top5", "sam", "landscape1d", "blocks", "pyhessian")
 
 
 def _status(key: str) -> int:
@@ -145,6 +148,18 @@ def _call(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
             r = sam_sharpness(model, loss_fn, data, rho=0.05, **opts, **extra)
             out.update(value=float(r), products=0)
+        elif name == "landscape1d":
+            from sharpgen import loss_landscape_1d
+
+            r = loss_landscape_1d(model, loss_fn, data, num_points=11, generator=gen,
+                                  **opts, **extra)  # fmt: skip
+            out.update(value=float(r.loss.min()), products=r.num_loss_evals)
+        elif name == "blocks":
+            from sharpgen import block_traces
+
+            r = block_traces(model, loss_fn, data, method="hutchinson", num_matvecs=3,
+                             generator=gen, **opts, **extra)  # fmt: skip
+            out.update(value=float(r.total), products=r.num_matvecs)
         elif name == "pyhessian":
             from pyhessian import hessian
 
