@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from sharpgen.experiments._checkpoint import (
     save_checkpoint,
     spec_differences,
 )
+from sharpgen.experiments._progress import resolve_mode
 from sharpgen.study._data import StudyData, derive_seed, load_data
 from sharpgen.study._spec import HYPERPARAMETERS, StudySpec
 from sharpgen.study._stacked import module_of
@@ -93,14 +96,21 @@ def _load_matching(path: Path, spec: StudySpec, seed: int, stack: Stack) -> dict
 
 
 def _bar(progress: bool | Callable[[int], Any], total: int) -> tuple[Any, Callable[[int], Any]]:
+    """A tqdm bar on a terminal; otherwise no bar (plain lines are printed per stack)."""
     if callable(progress):
         return None, progress
-    if not progress:
+    if not progress or resolve_mode(True, sys.stderr) != "bars":
         return None, lambda k: None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="training", unit="step", leave=True)
     return bar, bar.update
+
+
+def _line(progress: bool | Callable[[int], Any], text: str) -> None:
+    """One plain line on stderr when ``progress is True`` and stderr is not a terminal."""
+    if progress is True and resolve_mode(True, sys.stderr) == "lines":
+        print(text, file=sys.stderr, flush=True)
 
 
 def train_study(
@@ -137,8 +147,9 @@ def train_study(
         pending = [pending[i] for i in mine]
         progress = progress if rank == 0 else False
     bar, update = _bar(progress, sum(spec.stop.max_steps for _ in pending))
+    start = time.perf_counter()
     try:
-        for stack in pending:
+        for i, stack in enumerate(pending):
             done = [0]
 
             def step(k: int, done: list[int] = done) -> None:
@@ -149,6 +160,11 @@ def train_study(
             update(spec.stop.max_steps - done[0])  # a stack that stopped early
             save_checkpoint(state, checkpoint_path(Path(out_dir), stack))
             states[stack.key] = state
+            _line(
+                progress,
+                f"training: stack {i + 1}/{len(pending)} ({stack.key}) done "
+                f"[{time.perf_counter() - start:.0f} s]",
+            )
     finally:
         if bar is not None:
             bar.close()

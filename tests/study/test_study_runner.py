@@ -137,3 +137,26 @@ def test_measures_and_analysis_cover_the_converged_models_only(tmp_path):
     assert "param_norm" in report and "## Training" in report
     assert "2 models are left out of the analysis" in report
     assert "`m000` {'lr': 0.0001, 'seed': 0}: did not reach training error <= 0" in report
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_training_progress_is_plain_lines_without_a_terminal(tmp_path, monkeypatch, terminal):
+    """Without a terminal (a log file, CI) training prints one plain line per finished stack and
+    no bar (no carriage returns); on a terminal it shows the tqdm bar and no such lines."""
+    import io
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    err = Stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    spec = StudySpec(**{**SLOW, "stop": StopRule("loss", 0.0, max_steps=3)})
+    run_study(spec, tmp_path, progress=True, measure=False)
+    text = err.getvalue()
+    lines = [line for line in text.splitlines() if line.startswith("training: stack")]
+    if terminal:
+        assert "\r" in text and not lines
+    else:
+        assert "\r" not in text and "\x1b" not in text
+        assert len(lines) == 3 and lines[-1].startswith("training: stack 3/3")
