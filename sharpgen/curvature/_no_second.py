@@ -5,7 +5,8 @@ forward-mode derivative either), so a Hessian-vector product through them fails 
 torch, and so does the GGN's Jacobian-vector product. A scan of torch 2.13 (every
 ``torch.nn.functional`` layer and loss, the linear-algebra, reduction, pooling, padding,
 upsampling, normalization and recurrent operators, differentiated twice in float64 on the
-CPU) found the operators of `NO_SECOND_DERIVATIVE`; the cuDNN/MIOpen RNN and the fused
+CPU) found the operators of `NO_SECOND_DERIVATIVE` (hardsigmoid was added after the
+torchvision benchmark found it in MobileNetV3); the cuDNN/MIOpen RNN and the fused
 attention kernels are known from torch's derivative table (on CUDA the fused attention is
 avoided by `sharpgen.curvature._attention`, so it appears only when a model calls the aten
 kernel directly).
@@ -67,6 +68,11 @@ NO_SECOND_DERIVATIVE: dict[str, tuple[str, str]] = {
         "F.multilabel_margin_loss (nn.MultiLabelMarginLoss)",
         "write the hinge with torch operations (clamp, gather), or use "
         "F.multilabel_soft_margin_loss",
+    ),
+    "HardsigmoidBackward0": (
+        "hardsigmoid (nn.Hardsigmoid / F.hardsigmoid, e.g. in MobileNetV3's squeeze-excitation)",
+        "write it as F.relu6(x + 3) / 6 (the same function, twice differentiable: its second "
+        "derivative is 0 almost everywhere)",
     ),
     "CtcLossBackward0": ("F.ctc_loss (nn.CTCLoss)", _CTC_FIX),
     "CudnnCtcLossBackward0": ("F.ctc_loss (cuDNN)", _CTC_FIX),

@@ -119,3 +119,23 @@ def test_a_functional_op_is_placed_in_the_innermost_module_that_calls_it():
     y = torch.randint(0, 4, (6,))
     with pytest.raises(ValueError, match=r"torch.cdist in module 'body.1' \(Proto\)"):
         hessian_trace(model, ce, (x, y))
+
+
+def test_hardsigmoid_is_named_and_its_fix_is_the_same_function_with_a_hessian():
+    """nn.Hardsigmoid (MobileNetV3) has no second derivative in torch: sharpgen's error, not
+    torch's raw one; the named fix computes the same loss and has a Hessian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Hardsigmoid(), nn.Linear(6, 3)).to(DT)
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 4, dtype=DT, generator=g), torch.randint(0, 3, (8,), generator=g))
+    with pytest.raises(ValueError, match=r"hardsigmoid .* in module '1' \(Hardsigmoid\)"):
+        hessian_trace(model, ce, data, method="exact")
+
+    class Relu6Sigmoid(nn.Module):
+        def forward(self, x):
+            return nn.functional.relu6(x + 3) / 6
+
+    fixed = nn.Sequential(model[0], Relu6Sigmoid(), model[2])
+    x, y = data
+    torch.testing.assert_close(ce(fixed(x), y), ce(model(x), y))
+    assert torch.isfinite(torch.tensor(hessian_trace(fixed, ce, data, method="exact").value))
