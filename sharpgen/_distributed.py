@@ -176,7 +176,7 @@ def _failure(what: str, group: Any, exc: BaseException) -> OSError:
 
 
 def all_reduce_(
-    tensor: Tensor, group: Any, *, what: str, timeout: timedelta | None = None
+    tensor: Tensor, group: Any, *, what: str, timeout: timedelta | None = None, op: Any = None
 ) -> Tensor:
     """Sum ``tensor`` over ``group`` in place; a failure or timeout raises a clear error.
 
@@ -185,6 +185,7 @@ def all_reduce_(
         group: The process group.
         what: What is being reduced, for the error message.
         timeout: Wait at most this long (default: the group's timeout).
+        op: A `torch.distributed.ReduceOp` other than the sum (e.g. ``ReduceOp.MAX``).
 
     Returns:
         ``tensor``.
@@ -196,7 +197,8 @@ def all_reduce_(
     import torch.distributed as dist
 
     try:
-        work = dist.all_reduce(tensor, group=group, async_op=True)
+        op = dist.ReduceOp.SUM if op is None else op
+        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
         if timeout is None:
             work.wait()
         else:

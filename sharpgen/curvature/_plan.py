@@ -18,6 +18,14 @@ holds already: an int, or ``"auto"`` (default): 80% of what the device has free 
 (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``), or
 ``None``: no limit (the defaults of `sharpgen.linalg.lanczos`).
 
+**Several processes.** The ranks that ``torchrun`` starts on one host share its memory:
+``"auto"`` divides the free memory by the processes that share the device
+(``LOCAL_WORLD_SIZE``, which ``torchrun`` sets: all of them for the CPU, those per GPU
+for CUDA), so two ranks on one machine do not both claim 80% of it. Over a process group
+the plan's inputs are made to agree (one all-reduce: the smallest budget, the largest
+graph, the smallest free disk), so every rank chooses the same basis and blocks and their
+collectives stay in step.
+
 **Lanczos basis.** The most products are saved by the first few basis vectors: on the
 tests' spectra a basis of $k + 3$ vectors needs 1.1-1.3x the products of an unrestarted
 run, with the same results and certificate. The plan gives the basis at most
@@ -40,12 +48,16 @@ where available); the plan reports them.
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from sharpgen._distributed import all_reduce_, collective_device
 from sharpgen._validation import is_int
 
 __all__ = [
@@ -55,6 +67,7 @@ __all__ = [
     "MemoryPlan",
     "available_bytes",
     "check_memory_budget",
+    "local_processes",
     "plan_memory",
 ]
 
@@ -83,6 +96,21 @@ def available_bytes(device: torch.device) -> int | None:
         except OSError:
             return None
     return None
+
+
+def local_processes(device: torch.device) -> int:
+    """Processes of this host that share the memory of ``device`` (1 outside ``torchrun``).
+
+    ``LOCAL_WORLD_SIZE`` (set by ``torchrun``) processes run on this host; on the CPU they
+    all share its memory, on CUDA they are spread over its devices (at least one each).
+    """
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+    if device.type == "cuda":
+        return max(1, math.ceil(local / max(1, torch.cuda.device_count())))
+    return local
 
 
 def check_memory_budget(memory_budget: object) -> int | str | None:
@@ -167,8 +195,20 @@ class MemoryPlan:
 def _resolve(memory_budget: int | str | None, device: torch.device) -> int | None:
     if memory_budget == "auto":
         free = available_bytes(device)
-        return None if free is None else int(MARGIN * free)
+        return None if free is None else int(MARGIN * free) // local_processes(device)
     return memory_budget  # type: ignore[return-value]
+
+
+def _agree(budget: int | None, graph: int, disk: int, group: Any) -> tuple[int | None, int, int]:
+    """The smallest budget, the largest graph and the smallest free disk over ``group``."""
+    # one MAX all-reduce of (-budget, graph, -disk); no budget (no limit) is -inf there
+    values = [-math.inf if budget is None else -float(budget), float(graph), -float(disk)]
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
+    import torch.distributed as dist
+
+    all_reduce_(t, group, what="the memory plan", op=dist.ReduceOp.MAX)
+    low, graph_max, disk_min = t.tolist()
+    return (None if low == -math.inf else int(-low)), int(graph_max), int(-disk_min)
 
 
 def plan_memory(
@@ -185,6 +225,7 @@ def plan_memory(
     max_basis: int | None = None,
     basis_storage: str | None = None,
     basis_dtype: torch.dtype | None = None,
+    process_group: Any = None,
 ) -> MemoryPlan:
     """The plan of one measure call (see the module docstring for the rules).
 
@@ -202,6 +243,9 @@ def plan_memory(
         max_basis: A basis size the caller fixed (the plan then only reports it).
         basis_storage: A storage the caller fixed.
         basis_dtype: A stored basis dtype the caller fixed.
+        process_group: None, or the resolved group of the measure: the ranks then agree
+            on the budget (smallest), the graph (largest) and the free disk (smallest)
+            in one all-reduce, so that they all make the same plan.
 
     Returns:
         A `MemoryPlan`.
@@ -219,6 +263,10 @@ def plan_memory(
         40
     """
     budget = _resolve(check_memory_budget(memory_budget), device)
+    disk = None
+    if process_group is not None:
+        disk = _disk_free() if device.type == "cpu" else 0
+        budget, graph_bytes, disk = _agree(budget, graph_bytes, disk, process_group)
     itemsize = torch.empty((), dtype=dtype).element_size()
     v = numel * itemsize
     if block_width > 1 and budget is not None:  # the widest block (at least 1) that fits
@@ -241,7 +289,7 @@ def plan_memory(
             fits = int(share // b) if b else m_max
             m = max(m_min, min(m_max, fits))
             if basis_storage is None and fits < m_min:
-                storage = _off_device(device, m * b)
+                storage = _off_device(device, m * b, disk)
         in_memory = 0 if storage == "disk" else m * b
         if storage == "host" and device.type == "cuda":
             in_memory = 0  # on the host, not the device
@@ -261,9 +309,13 @@ def plan_memory(
     )
 
 
-def _off_device(device: torch.device, nbytes: int) -> str:
+def _disk_free() -> int:
+    return shutil.disk_usage(tempfile.gettempdir()).free
+
+
+def _off_device(device: torch.device, nbytes: int, disk: int | None = None) -> str:
     """Host memory for a CUDA device; a file where the temporary directory has room."""
     if device.type == "cuda":
         return "host"
-    free = shutil.disk_usage(tempfile.gettempdir()).free
+    free = _disk_free() if disk is None else disk
     return "disk" if free >= 2 * nbytes else "device"

@@ -302,7 +302,7 @@ def top_eigenvalues(
     plan = plan_memory(
         "top_eigenvalues", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
         graph_bytes=graph, work_vectors=4, k=k, max_basis=max_basis, basis_storage=basis_storage,
-        basis_dtype=basis_dtype,
+        basis_dtype=basis_dtype, process_group=source.process_group,
     )  # fmt: skip
     v0 = warm if warm is not None else _start_vector(H, str(start), k, which, generator)
     with progress_bar(progress, total=max_iter, desc="top_eigenvalues", unit="matvec") as bar:

@@ -173,6 +173,7 @@ def hessian_trace(
     plan = plan_memory(
         "hessian_trace", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
         graph_bytes=graph, work_vectors=1, block_width=min(planned, total),
+        process_group=source.process_group,
     )  # fmt: skip
     block = plan.block_width if method == "exact" else block_size
     probe_block = plan.block_width if method == "hutchinson" else None

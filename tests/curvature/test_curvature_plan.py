@@ -138,3 +138,23 @@ def test_a_cpu_basis_stays_within_its_cap():
     assert plan.basis_vectors == BASIS_CPU_BYTES // v == 4 and plan.basis_storage == "device"
     plan = plan_memory("m", numel=64 * 2**20, dtype=F32, device=CPU, memory_budget=2**40, k=1)
     assert plan.basis_vectors == 4 and plan.basis_storage == "disk"
+
+
+def test_auto_shares_the_free_memory_between_the_processes_of_a_host(monkeypatch):
+    import sharpgen.curvature._plan as P
+
+    monkeypatch.setattr(P, "available_bytes", lambda device: 10 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = plan_memory("m", numel=10, dtype=F32, device=CPU)
+    assert alone.budget == int(MARGIN * 10 * 2**30) and P.local_processes(CPU) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node=2: one host
+    assert plan_memory("m", numel=10, dtype=F32, device=CPU).budget == alone.budget // 2
+    assert plan_memory("m", numel=10, dtype=F32, device=CPU, memory_budget=7).budget == 7
+    # CUDA: the host's processes spread over its devices (4 ranks on 2 GPUs: 2 per GPU)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert P.local_processes(torch.device("cuda", 0)) == 2 and P.local_processes(CPU) == 4
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert P.local_processes(torch.device("cuda", 0)) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert P.local_processes(CPU) == 1

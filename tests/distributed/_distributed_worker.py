@@ -149,7 +149,32 @@ def job_measures(rank: int, world: int, group) -> dict:
     if group is None:
         res["disagreements"] = disagreements(rank, model, local)
         res["reduce_partials"] = reduce_checks(rank)
+        res["plans"] = plan_checks(rank, model, local)
     return res
+
+
+def plan_checks(rank: int, model: nn.Module, data) -> dict:
+    """Ranks with different budgets and graphs make one plan (the smallest budget, largest graph).
+
+    Rank 0 allows 1 byte, the others 1 GB: without agreement rank 0 would keep a basis of
+    k + 3 vectors in a file and narrow the probe block to 1, the others not, and their
+    products would fall out of step.
+    """
+    import torch.distributed as dist
+
+    from sharpgen.curvature import plan_memory
+    from sharpgen.sharpness import hessian_trace, top_eigenvalues
+
+    budget = 1 if rank == 0 else 10**9
+    plan = plan_memory("m", numel=1000, dtype=torch.float32, device=torch.device("cpu"),
+                       memory_budget=(rank + 1) * 10**6, graph_bytes=100 * rank, k=1,
+                       block_width=8, process_group=dist.group.WORLD)  # fmt: skip
+    eig = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-10, generator=gen(2),
+                          memory_budget=budget)  # fmt: skip
+    tr = hessian_trace(model, loss_fn, data, method="hutchinson", num_matvecs=8,
+                       generator=gen(1), memory_budget=budget)  # fmt: skip
+    return {"plan": plan, "lambda_max": float(eig.eigenvalues[0]), "eig_plan": eig.memory,
+            "trace_hutchinson": tr.value, "trace_plan": tr.memory}  # fmt: skip
 
 
 def reduce_checks(rank: int) -> dict:

@@ -133,6 +133,29 @@ def test_reduce_partials_counts_exactly_in_every_dtype(runs):
                                    expected_count)  # fmt: skip
 
 
+def test_ranks_agree_on_one_memory_plan(runs, reference):
+    from sharpgen.sharpness import hessian_trace
+
+    x, y = W.build_data()
+    ref = {"lambda_max": reference[0]["lambda_max"]}
+    ref["trace_hutchinson"] = hessian_trace(  # one probe a block: the draws of budget 1
+        W.build_model(), W.loss_fn, (x, y), method="hutchinson", num_matvecs=8,
+        generator=W.gen(1), memory_budget=1, process_group=None,
+    ).value  # fmt: skip
+    per_rank = [m["plans"] for m in _ranks(runs, "world", 3)]
+    for m in per_rank:
+        # plan_memory over the group: the smallest budget (rank 0's) and the largest graph
+        assert m["plan"] == per_rank[0]["plan"]
+        assert m["plan"].budget == 10**6 and m["plan"].graph_bytes == 200
+        # rank 0 allowed 1 byte: every rank keeps k + 3 basis vectors in a file, one probe
+        assert (m["eig_plan"].budget, m["eig_plan"].basis_vectors) == (1, 4)
+        assert m["eig_plan"].basis_storage == "disk"
+        assert (m["trace_plan"].budget, m["trace_plan"].block_width) == (1, 1)
+        for name in ("lambda_max", "trace_hutchinson"):  # in step: the single-process values
+            assert m[name] == pytest.approx(ref[name], rel=TOL, abs=TOL), name
+            assert m[name] == per_rank[0][name]
+
+
 @pytest.mark.parametrize(
     ("case", "match"),
     [
