@@ -19,7 +19,19 @@ from torch import Tensor, nn
 from sharpgen.sharpness import SharpnessTracker
 from sharpgen.sharpness._export import scalar_metrics
 
-__all__ = ["MeasureCore", "check_schedule", "preserve_randomness", "scalar_metrics", "to_device"]
+__all__ = [
+    "MeasureCore",
+    "as_pair",
+    "check_schedule",
+    "preserve_randomness",
+    "scalar_metrics",
+    "to_device",
+]
+
+
+def as_pair(batch: Any) -> Any:
+    """A dict batch (a Hugging Face batch, the labels inside) -> ``(inputs, None)``."""
+    return (dict(batch), None) if isinstance(batch, Mapping) else batch
 
 
 def check_schedule(every_n_steps: int | None, every_n_epochs: int | None) -> tuple[str, int]:
@@ -123,15 +135,18 @@ class MeasureCore:
 
     def __init__(
         self,
-        loss_fn: Callable[[Any, Any], Tensor],
+        loss_fn: Callable[[Any, Any], Tensor] | None,
         data: Any,
         *,
         prefix: str,
         tracker_options: Mapping[str, Any],
-        batch_fn: Callable[[Any], Any] | None = None,
+        batch_fn: Callable[[Any], Any] | None = as_pair,
     ) -> None:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable as loss_fn(outputs, targets) (or None: the loss "
+                f"the model returns), got {type(loss_fn).__name__}."
+            )
         if getattr(data, "persistent_workers", False) and getattr(data, "num_workers", 0) > 0:
             raise ValueError(
                 "data is a DataLoader with persistent_workers=True; iterating it inside a "

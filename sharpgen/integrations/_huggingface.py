@@ -26,22 +26,6 @@ except ImportError as exc:  # transformers is an optional dependency
 __all__ = ["SAMTrainer", "SharpnessTrainerCallback"]
 
 
-def _output_loss(outputs: Any, targets: Any) -> Tensor:
-    """The loss a Transformers model computes itself from the ``labels`` in its inputs."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "the model returned no loss; put the labels in the batch (e.g. batch['labels']) or "
-            "pass loss_fn=(outputs, targets) -> loss to SharpnessTrainerCallback."
-        )
-    return loss
-
-
-def _as_pair(batch: Any) -> Any:
-    """A Transformers batch (a dict with the labels inside) -> ``(inputs, None)``."""
-    return (dict(batch), None) if isinstance(batch, Mapping) else batch
-
-
 class SharpnessTrainerCallback(TrainerCallback):
     r"""Measure sharpness every N optimizer steps (or epochs) of a Hugging Face ``Trainer``.
 
@@ -63,7 +47,11 @@ class SharpnessTrainerCallback(TrainerCallback):
     Args:
         data: One batch (a dict of tensors with the labels, or an ``(inputs, targets)``
             pair), a list of batches or a ``DataLoader``; moved to the model's device.
-        loss_fn: ``loss_fn(outputs, targets)``; default the model's own ``outputs.loss``.
+        loss_fn: ``loss_fn(outputs, targets)``; default (None) the model's own
+            ``outputs.loss`` (`sharpgen.model_loss`). The Gauss-Newton measures
+            (``"ggn_trace"``, ``"fisher_rao"``) need a loss of the outputs, e.g.
+            ``lambda out, y: F.cross_entropy(out.logits, y)`` with ``(inputs, labels)``
+            batches.
         every_n_steps: Measure every this many optimizer steps (exclusive with
             ``every_n_epochs``).
         every_n_epochs: Measure at the end of every this many epochs.
@@ -104,7 +92,7 @@ class SharpnessTrainerCallback(TrainerCallback):
     ) -> None:
         self.unit, self.every = check_schedule(every_n_steps, every_n_epochs)
         self._core = MeasureCore(
-            _output_loss if loss_fn is None else loss_fn,
+            loss_fn,  # None: the model's own loss (sharpgen.model_loss), as in every measure
             data,
             prefix=prefix,
             tracker_options={
@@ -113,7 +101,6 @@ class SharpnessTrainerCallback(TrainerCallback):
                 "generator": generator,
                 **tracker_options,
             },
-            batch_fn=_as_pair,
         )
         self.trainer: Any = None
         self._last_step: int | None = None

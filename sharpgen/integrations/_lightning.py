@@ -53,8 +53,11 @@ class SharpnessMonitor(pl.Callback):
     store the history (`state_dict`).
 
     Args:
-        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar loss (a mean).
-        data: The data to measure on: one held batch ``(inputs, targets)``, a list of
+        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar loss (a mean); None: the
+            loss the model returns (`sharpgen.model_loss`: ``outputs.loss``, e.g. a Hugging
+            Face model with the labels in its dict batch, given as ``data`` as it comes).
+        data: The data to measure on: one held batch ``(inputs, targets)`` or a dict batch
+            (a Hugging Face batch with its labels, read as ``(batch, None)``), a list of
             batches or a ``DataLoader`` (a validation loader, or the training loader); moved
             to the module's device batch by batch. Keep it small: every measure passes over
             it several times.
@@ -88,7 +91,7 @@ class SharpnessMonitor(pl.Callback):
 
     def __init__(
         self,
-        loss_fn: Callable[[Any, Any], Tensor],
+        loss_fn: Callable[[Any, Any], Tensor] | None,
         data: Any,
         *,
         every_n_steps: int | None = None,

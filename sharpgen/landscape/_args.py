@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sharpgen._validation import check_bool, check_choice, check_int, check_positive
+from sharpgen.curvature import model_loss
 
 __all__ = [
     "check_callable",
@@ -149,10 +150,12 @@ def check_grid_options(
 
 
 def loss_callable(loss_fn: object) -> Callable[..., Any]:
-    """``loss_fn`` if callable, else a `TypeError`."""
+    """``loss_fn`` if callable; None: `sharpgen.model_loss` (the loss the model returns)."""
+    if loss_fn is None:
+        return model_loss
     if not callable(loss_fn):
         raise TypeError(
-            f"loss_fn must be a callable loss_fn(outputs, targets) -> scalar, got "
-            f"{type(loss_fn).__name__}."
+            f"loss_fn must be a callable loss_fn(outputs, targets) -> scalar (or None: the "
+            f"loss the model returns), got {type(loss_fn).__name__}."
         )
     return loss_fn

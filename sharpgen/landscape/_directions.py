@@ -174,7 +174,8 @@ def hessian_directions(
 
     Args:
         model: Any ``nn.Module`` or a ready `sharpgen.ModelObjective`.
-        loss_fn: ``loss_fn(outputs, targets)``.
+        loss_fn: ``loss_fn(outputs, targets)``; None: the loss the model returns
+            (`sharpgen.model_loss`).
         data: One batch or an iterable of batches.
         k: Number of directions (largest eigenvalues first).
         tol: Relative accuracy of the eigenvalues (see `sharpgen.lanczos`).

@@ -55,7 +55,7 @@ def _check_pair(a: nn.Module, b: nn.Module) -> None:
 def linear_interpolation(
     model_a: nn.Module,
     model_b: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
+    loss_fn: Callable[[Any, Any], Tensor] | None,
     data: Any,
     *,
     num_points: int = 25,
@@ -92,7 +92,8 @@ def linear_interpolation(
     Args:
         model_a: The model at $\alpha = 0$.
         model_b: The model at $\alpha = 1$ (same parameter and buffer names and shapes).
-        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar; None: the loss the model
+            returns (`sharpgen.model_loss`, a Hugging Face model with the labels in the batch).
         data: One batch or an iterable of batches.
         num_points: Grid points ($\ge 2$).
         span: ``(low, high)`` of $\alpha$.
@@ -133,7 +134,7 @@ def linear_interpolation(
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}.")
     _check_pair(model_a, model_b)
-    loss_callable(loss_fn)
+    loss_fn = loss_callable(loss_fn)
     lo, hi = check_span("span", span)
     (num_points,) = check_num_points(num_points)
     chunk, memory = check_grid_options(metric=metric, chunk_size=chunk_size, memory=memory,

@@ -190,7 +190,8 @@ def loss_landscape_1d(
 
     Args:
         model: Any ``nn.Module`` or a ready `sharpgen.ModelObjective`.
-        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar; None: the loss the model
+            returns (`sharpgen.model_loss`, a Hugging Face model with the labels in the batch).
         data: One batch or an iterable of batches (visited once).
         direction: ``"random"``, ``"hessian"`` or a dict name -> tensor.
         normalization: ``"filter"``, ``"layer"``, ``"none"`` or None (the default above).

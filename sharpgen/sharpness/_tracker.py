@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharpgen.curvature import ModelObjective, as_batches, preserve_model_state
+from sharpgen.curvature import ModelObjective, as_batches, model_loss, preserve_model_state
 from sharpgen.curvature._options import OBJECTIVE_OPTIONS
 from sharpgen.curvature._resolve import check_objective_args
 from sharpgen.sharpness._average import average_sharpness
@@ -19,6 +19,7 @@ from sharpgen.sharpness._tracker_checks import (
     BUILTIN_MEASURES,
     COST_KEYS,
     check_measure_options,
+    check_measures_for_loss,
     check_tracked_model,
     resolve_measures,
     resolve_options,
@@ -80,7 +81,10 @@ class SharpnessTracker:
         model: The model being trained, with ``loss_fn`` and ``eval_batch``; or a ready
             `sharpgen.curvature.ModelObjective` alone (its model, loss, data and options;
             it is refreshed to the model's current parameters at each measurement).
-        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar; None: the loss the model
+            returns (`sharpgen.model_loss`: ``outputs.loss`` of a Hugging Face model with the
+            labels in the batch), as in every measure. The Gauss-Newton measures
+            (``"ggn_trace"``, ``"fisher_rao"``) need a loss of the outputs.
         eval_batch: A fixed batch ``(inputs, targets)`` (or a list of batches) to measure on;
             keep it small, every measure passes over it several times.
         every: Measure when ``step_index % every == 0``.
@@ -97,7 +101,8 @@ class SharpnessTracker:
             ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``, ...).
 
     Raises:
-        ValueError: ``every < 1``, an unknown measure name (the valid ones are listed),
+        ValueError: ``every < 1``, an unknown measure name (the valid ones are listed), a
+            Gauss-Newton measure on the model's own loss (``loss_fn=None``),
             options for a measure that is not tracked, an option value out of range, a
             model without parameters, empty data.
         TypeError: Wrongly typed arguments, an option the measure does not take. Every
@@ -168,8 +173,13 @@ class SharpnessTracker:
         ready = check_objective_args(
             model, loss_fn, eval_batch, objective_options, where="SharpnessTracker"
         )
+        if ready is None and loss_fn is None:
+            loss_fn = model_loss  # the loss the model returns, as in every measure
         if ready is None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+            raise TypeError(
+                f"loss_fn must be callable as loss_fn(outputs, targets) (or None: the loss "
+                f"the model returns), got {type(loss_fn).__name__}."
+            )
         self.every = check_int("every", every, hint="measure every N steps, e.g. every=100.")
         self.generator = check_generator(generator)
         self.lr = None if lr is None else check_positive("lr", lr)
@@ -185,6 +195,7 @@ class SharpnessTracker:
         self.measures = resolve_measures(measures)
         self.options = resolve_options(self.measures, options)
         check_measure_options(self.options)
+        check_measures_for_loss(self.loss_fn, self.measures, self.options)
         self._history: list[dict[str, Any]] = []
         self._totals = dict.fromkeys(_COST_KEYS, 0)
         self._counter = 0

@@ -23,7 +23,7 @@ from sharpgen._validation import (
     check_positive,
     check_rho,
 )
-from sharpgen.curvature import ModelObjective
+from sharpgen.curvature import ModelObjective, model_loss
 from sharpgen.curvature._options import OBJECTIVE_OPTIONS, check_options
 from sharpgen.sharpness._average import average_sharpness
 from sharpgen.sharpness._blocks import block_traces, check_blocks
@@ -39,6 +39,7 @@ __all__ = [
     "BUILTIN_MEASURES",
     "COST_KEYS",
     "check_measure_options",
+    "check_measures_for_loss",
     "check_tracked_model",
     "resolve_measures",
     "resolve_options",
@@ -162,6 +163,41 @@ def check_measure_options(options: Mapping[str, Mapping[str, Any]]) -> None:
             raise ValueError(
                 "the 'relative_flatness' measure needs a layer: options={'relative_flatness': "
                 "{'layer': 'name of a weight'}}."
+            )
+
+
+def check_measures_for_loss(
+    loss_fn: Any,
+    measures: Mapping[str, str | Callable[..., Any]],
+    options: Mapping[str, Mapping[str, Any]],
+) -> None:
+    r"""Refuse, at construction, a Gauss-Newton measure on the loss the model returns.
+
+    The GGN $J^\top H_\ell J$ (``"ggn_trace"``, ``"fisher_rao"`` with ``fisher="ggn"``)
+    differentiates the loss twice in the model's outputs; ``outputs.loss``
+    (``loss_fn=None``, `sharpgen.model_loss`) is itself one of the outputs, so it would be
+    refused at the first measurement, after training time is spent.
+
+    Raises:
+        ValueError: Such a measure with ``loss_fn`` None or `sharpgen.model_loss`.
+    """
+    if loss_fn is not model_loss:
+        return
+    for name, kind in measures.items():
+        ggn = kind == "ggn_trace" or (
+            kind == "fisher_rao" and options.get(kind, {}).get("fisher", "ggn") == "ggn"
+        )
+        if ggn:
+            fix = (
+                "or options={'fisher_rao': {'fisher': 'empirical'}}" if kind == "fisher_rao" else ""
+            )
+            raise ValueError(
+                f"measure {name!r} ({kind}) is a Gauss-Newton measure: it needs the loss as a "
+                "function of the model's outputs, but loss_fn=None means the loss the model "
+                "returns (outputs.loss), whose Hessian in the outputs is zero; pass "
+                "loss_fn=(outputs, targets) -> loss, e.g. lambda out, y: "
+                f"F.cross_entropy(out.logits, y) with the labels as targets{', ' if fix else ''}"
+                f"{fix}."
             )
 
 
