@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +47,7 @@ __all__ = [
     "PlanOwner",
     "SavedBytes",
     "column_plan",
+    "held_tensors",
     "probes",
     "take_columns",
 ]
@@ -110,18 +111,62 @@ class SavedBytes:
     """Counts the bytes of the distinct storages autograd saves while a graph is built.
 
     Use ``pack`` as the pack hook of ``torch.autograd.graph.saved_tensors_hooks``.
+    ``bytes`` counts every saved storage; ``new_bytes`` only those not among the storages
+    of ``held`` (the model's parameters and buffers: saved by the graph, but held by the
+    process anyway), which is what keeping the graph adds to the process's memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, held: Iterable[Tensor] = ()) -> None:
         self.bytes = 0
-        self._seen: set[int] = set()
+        self.new_bytes = 0
+        self._seen: dict[int, int] = {}
+        self._held = {t.untyped_storage().data_ptr() for t in held}
 
     def pack(self, t: Tensor) -> Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.bytes += storage.nbytes()
+        self._add(storage.data_ptr(), storage.nbytes())
         return t
+
+    def _add(self, ptr: int, nbytes: int) -> None:
+        if ptr not in self._seen:
+            self._seen[ptr] = nbytes
+            self.bytes += nbytes
+            if ptr not in self._held:
+                self.new_bytes += nbytes
+
+    def absorb(self, other: SavedBytes) -> None:
+        """Count the storages ``other`` saw (another part of the same graph) once more here."""
+        for ptr, nbytes in other._seen.items():
+            self._add(ptr, nbytes)
+
+    def saved(self, t: Tensor) -> bool:
+        """Whether the storage of ``t`` was saved (seen by ``pack``)."""
+        return t.untyped_storage().data_ptr() in self._seen
+
+
+class HoldsModel(Protocol):
+    """What `held_tensors` reads of an objective."""
+
+    @property
+    def params(self) -> dict[str, Tensor]: ...
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def single_batch(self) -> bool: ...
+
+    @property
+    def data(self) -> object: ...
+
+
+def held_tensors(obj: HoldsModel) -> list[Tensor]:
+    """What the process holds anyway: the parameters, buffers and the tensors of one batch."""
+    from torch.utils._pytree import tree_leaves
+
+    batch = tree_leaves(obj.data) if obj.single_batch else []
+    return [*obj.params.values(), *obj.model.parameters(), *obj.model.buffers(),
+            *(t for t in batch if isinstance(t, Tensor))]  # fmt: skip
 
 
 def _clock(device: torch.device) -> float:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from sharpgen.curvature._columns import ColumnPlan
+from sharpgen.curvature._columns import ColumnPlan, SavedBytes
 
 __all__ = ["BatchFunctions", "FirstGraph", "GraphKeyed", "Objective"]
 
@@ -38,12 +38,15 @@ class FirstGraph:
         loss: The batch loss, with its graph.
         inputs: The batch inputs the loss saw (compared by identity).
         key: `sharpgen.curvature._validate.first_graph_key` when the loss was built.
+        saved: What the forward pass saved for the backward
+            (`sharpgen.curvature._columns.SavedBytes`), for the memory plan's graph.
     """
 
     params: dict[str, Tensor]
     loss: Tensor
     inputs: Any
     key: tuple[Any, ...]
+    saved: SavedBytes | None = None
 
 
 class BatchFunctions(Protocol):

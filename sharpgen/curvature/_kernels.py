@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from sharpgen.curvature._columns import Column, ColumnPlan, column_plan, take_columns
+from sharpgen.curvature._columns import Column, ColumnPlan, SavedBytes, column_plan, take_columns
 from sharpgen.curvature._interface import BatchFunctions
 from sharpgen.curvature._model_loss import check_loss_of_outputs
 
@@ -170,7 +170,9 @@ class ColumnProduct:
     ``flat``, where the kernel has one, the product with one flat vector as one flat
     tensor (both the lean path of `sharpgen.curvature._products.kept_matvec`).
     ``gradient`` is the batch gradient the graph was built from (detached, zeros for
-    unused parameters), or None.
+    unused parameters), or None. ``into``, where the kernel has one, accumulates the
+    product with one vector (one tensor per parameter) into a flat buffer of zeros, with
+    no parameter-sized copy beside it (`hessian_kernel`).
     """
 
     def __init__(
@@ -182,12 +184,51 @@ class ColumnProduct:
         keep: bool,
         gradient: list[Tensor] | None = None,
         flat: Callable[[Tensor], Tensor] | None = None,
+        into: Callable[[list[Tensor], Tensor], None] | None = None,
     ) -> None:
         self.plan, self.p, self.column, self.keep = plan, p, column, keep
         self.names = list(p)
         self.live = [i for i, _ in live]
         self.gradient = gradient
         self.flat = flat if live else None
+        self.into = into if live else None
+        #: what the forward pass saved before the build (a kept validation graph)
+        self.forward_saved: SavedBytes | None = None
+        #: bytes the kept graph holds beyond the model (0: not counted), see `account`
+        self.graph_bytes = 0
+        self._outputs = [g for _, g in live]
+        self._releasable = False
+
+    def account(self, counter: SavedBytes, saved: int) -> None:
+        """Count the graph's bytes: ``saved`` by the build (forward included), the gradient's.
+
+        ``counter`` is the build's `SavedBytes`: a gradient whose storage the graph did
+        not save may have its values freed by `release_gradient` (the graph needs only
+        its outputs' metadata).
+        """
+        grads = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes()
+                 for g in self._outputs if not counter.saved(g)}  # fmt: skip
+        self.graph_bytes = saved + sum(grads.values())
+        every = len(grads) == len({g.untyped_storage().data_ptr() for g in self._outputs})
+        self._releasable = bool(self._outputs) and self.flat is None and every
+
+    def release_gradient(self) -> int:
+        """Free the values of the gradient the graph ends in; the bytes freed (0: none).
+
+        Products need only the graph (and its outputs' shapes); the gradient values were
+        read already (`gradient`, now None). Only where `account` found none of them
+        saved by the graph, and not for the flat path (its concatenation reads them).
+        """
+        if not self._releasable:
+            return 0
+        freed = 0
+        for g in self._outputs:
+            storage = g.untyped_storage()
+            freed += storage.nbytes()
+            storage.resize_(0)
+        self._releasable, self.gradient = False, None
+        self.graph_bytes -= freed
+        return freed
 
     def __call__(self, V: dict[str, Tensor]) -> Any:
         k = next(iter(V.values())).shape[0]
@@ -270,7 +311,39 @@ def hessian_kernel(
     ]
     nbytes = sum(t.numel() * t.element_size() for t in params)
     flat = _flat_product(grads, params) if nbytes <= FLAT_GRADIENT_BYTES else None
-    return ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient, flat)
+    into = _product_into(live, params)
+    out = ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient, flat, into)
+    out.forward_saved = first.saved if first is not None else None
+    return out
+
+
+def _product_into(
+    live: list[tuple[int, Tensor]], params: list[Tensor]
+) -> Callable[[list[Tensor], Tensor], None]:
+    r"""``into(v, out)``: $H v$ added into the flat buffer ``out`` by one backward pass.
+
+    The leaves' ``.grad`` are views of ``out`` during the pass, and autograd adds each
+    parameter's product into its ``.grad`` in place: no list of parameter-sized products
+    concatenated afterwards (two vectors at once). The leaves are the kernel's detached
+    copies, never the caller's parameters; their ``.grad`` are reset after the pass.
+    """
+    outputs = [g for _, g in live]
+    seeds = [i for i, _ in live]
+
+    def into(v: list[Tensor], out: Tensor) -> None:
+        offset = 0
+        for t in params:
+            t.grad = out[offset : offset + t.numel()].view(t.shape)
+            offset += t.numel()
+        try:
+            with torch.enable_grad():
+                torch.autograd.backward(outputs, [v[i] for i in seeds], inputs=params,
+                                        retain_graph=True)  # fmt: skip
+        finally:
+            for t in params:
+                t.grad = None
+
+    return into
 
 
 def _flat_product(

@@ -5,13 +5,14 @@ parameter-sized vectors and what it knows of its graphs, and follows it. With $p
 number of selected parameters and $b$ the bytes per number (4 in float32) a
 parameter-sized vector takes $v = p\,b$ bytes, and the measure holds beyond the model
 
-$$ \text{planned} = G + (w + B + m_{\mathrm{mem}})\, v, $$
+$$ \text{planned} = \max\bigl(G + (w + 2B)\,v,\ r\,v\bigr) + m_{\mathrm{mem}}\, v, $$
 
-with $G$ the kept gradient graph (an estimate, see `MemoryPlan.graph_bytes`), $w$ the
-working vectors of the measure (gradient, start vector, product, orthogonalized product,
-next basis vector), $B$ the probe block width (a trace estimator holds the block and its
-product, $2B$) and $m_{\mathrm{mem}}$ the Lanczos basis vectors held in memory (0 when
-the basis is in a file).
+with $G$ the kept gradient graph (counted, see **Graph** below), $w$ the working vectors
+of the measure (Lanczos: the basis row being multiplied and its product, which is
+orthogonalized in place and becomes the next row), $B$ the probe block width (a trace
+estimator holds the block and its product, $2B$), $r$ the vectors of the result (the
+eigenvectors, formed after the graph is freed) and $m_{\mathrm{mem}}$ the Lanczos basis
+vectors held in memory (0 when the basis is in a file).
 
 **Budget.** ``memory_budget`` is the bytes the measure may hold beyond what the process
 holds already: an int, or ``"auto"`` (default): 80% of what the device has free now
@@ -39,11 +40,20 @@ where it costs time (three passes over it per product), not resident memory.
 **Probe blocks.** A trace estimator's block of $B$ probes is narrowed to the widest that
 fits the budget after the graph and the working vectors (at least one probe).
 
-**Graph.** On CUDA the measure reads the bytes its first gradient graph took
-(``torch.cuda.memory_allocated`` before and after building it); on CPU the graph is not
-estimated (``graph_bytes=0``). Keeping or recomputing graphs and micro-batches are
-objective options (``graphs``, ``micro_batch_size`` of `sharpgen.curvature.ModelObjective`
-where available); the plan reports them.
+**Graph.** A measure that keeps its gradient graph (`top_eigenvalues`) builds it before
+asking for the plan and counts it while it is built, on every device: the bytes of the
+distinct storages autograd saves (``saved_tensors_hooks``, in the forward pass and in the
+gradient's backward pass), less the model's own parameters and buffers, which the graph
+saves but the process holds anyway, plus the gradient the graph ends in
+(`sharpgen.curvature._columns.SavedBytes`); on CUDA the allocated bytes around the build
+where they are more. A measure whose graphs are not kept passes ``graph_bytes=0``.
+Keeping or recomputing graphs and micro-batches are objective options (``graphs``,
+``micro_batch_size`` of `sharpgen.curvature.ModelObjective`); the plan reports them.
+
+**Result.** Vectors of the result (``result_vectors``, $r$: the eigenvectors) are
+formed after the products, when a measure that built its own objective has freed the
+graph and its working vectors: the planned peak is
+$\max(G + (w + 2B)\,v,\ r\,v) + m_{\mathrm{mem}}\,v$.
 """
 
 from __future__ import annotations
@@ -140,11 +150,14 @@ class MemoryPlan:
         vector_bytes: One parameter-sized vector, $v = p\,b$.
         graph_bytes: The kept gradient graph's bytes as estimated (0: not estimated).
         work_vectors: Parameter-sized working vectors ($w$).
+        result_vectors: Parameter-sized vectors of the result ($r$, e.g. ``k``
+            eigenvectors), formed after the graph and working vectors are freed.
         block_width: Probes per product block ($B$; its products are as many again).
         basis_vectors: Lanczos basis vectors (0 for measures without one).
         basis_storage: ``"device"``, ``"host"`` or ``"disk"``.
         basis_dtype: Stored dtype of the basis (None: the parameters').
-        planned_bytes: $G + (w + 2B + m_{\mathrm{mem}})\,v$, the formula's total.
+        planned_bytes: $\max(G + (w + 2B)\,v,\ r\,v) + m_{\mathrm{mem}}\,v$, the
+            formula's total.
         peak_bytes: The peak measured around the call: on CUDA
             ``torch.cuda.max_memory_allocated`` after it (the process's peak, model
             included); None on CPU, where only the process-wide ``ru_maxrss`` exists
@@ -166,6 +179,7 @@ class MemoryPlan:
     peak_bytes: int | None = None
     graphs: str = "auto"
     micro_batch_size: int | None = None
+    result_vectors: int = 0
 
     def with_peak(self, device: torch.device) -> MemoryPlan:
         """This plan with ``peak_bytes`` read from ``device`` (CUDA only)."""
@@ -226,6 +240,7 @@ def plan_memory(
     basis_storage: str | None = None,
     basis_dtype: torch.dtype | None = None,
     process_group: Any = None,
+    result_vectors: int = 0,
 ) -> MemoryPlan:
     """The plan of one measure call (see the module docstring for the rules).
 
@@ -246,6 +261,8 @@ def plan_memory(
         process_group: None, or the resolved group of the measure: the ranks then agree
             on the budget (smallest), the graph (largest) and the free disk (smallest)
             in one all-reduce, so that they all make the same plan.
+        result_vectors: Parameter-sized vectors of the result, formed once the graph and
+            the working vectors are freed (`top_eigenvalues`: its ``k`` eigenvectors).
 
     Returns:
         A `MemoryPlan`.
@@ -305,7 +322,8 @@ def plan_memory(
         basis_vectors=m,
         basis_storage=storage,
         basis_dtype=basis_dtype,
-        planned_bytes=int(fixed + in_memory),
+        planned_bytes=int(max(fixed, result_vectors * v) + in_memory),
+        result_vectors=result_vectors,
     )
 
 

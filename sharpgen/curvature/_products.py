@@ -39,14 +39,23 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from sharpgen._distributed import check_ranks_agree
 from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
-from sharpgen.curvature._columns import SavedBytes, column_plan, probes
+from sharpgen.curvature._columns import SavedBytes, column_plan, held_tensors, probes
 from sharpgen.curvature._data import num_samples
 from sharpgen.curvature._ggn_reverse import route_kernel
 from sharpgen.curvature._graph_key import graph_key
 from sharpgen.curvature._interface import Objective
 from sharpgen.curvature._kernels import BatchProduct, ColumnProduct, Kernel, accumulate
 
-__all__ = ["block_product", "block_views", "kept_gradient", "kept_matvec", "product"]
+__all__ = [
+    "block_product",
+    "block_views",
+    "build_kept",
+    "kept_gradient",
+    "kept_graph_bytes",
+    "kept_matvec",
+    "product",
+    "release_gradients",
+]
 
 
 def block_views(buf: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -178,6 +187,12 @@ def kept_matvec(obj: Objective, kernel: Kernel, v: Tensor, backend: str) -> Tens
     out: Tensor | None = None
     count = 0
     for apply, n in store:
+        if out is None and apply.flat is None and apply.into is not None and obj._weight(n) == 1:
+            # the first batch at weight 1 writes straight into the result (one vector)
+            out = torch.zeros_like(v)
+            apply.into(_views(obj, v), out)
+            count += n
+            continue
         flat = apply.flat(v) if apply.flat is not None else _single(obj, apply, v)
         if flat is not None:
             w = obj._weight(n)
@@ -191,11 +206,15 @@ def kept_matvec(obj: Objective, kernel: Kernel, v: Tensor, backend: str) -> Tens
     return obj._finish([out], count, kernel.what, check=False)[0]
 
 
+def _views(obj: Objective, v: Tensor) -> list[Tensor]:
+    """Per-parameter views of the flat ``v``."""
+    return [piece.view(t.shape) for piece, t in zip(v.split(obj.sizes), obj.params.values(),
+                                                        strict=True)]  # fmt: skip
+
+
 def _single(obj: Objective, apply: ColumnProduct, v: Tensor) -> Tensor | None:
     """`ColumnProduct.single` on per-parameter views of ``v``, flattened (None: zero)."""
-    views = [piece.view(t.shape) for piece, t in zip(v.split(obj.sizes), obj.params.values(),
-                                                           strict=True)]  # fmt: skip
-    grads = apply.single(views)
+    grads = apply.single(_views(obj, v))
     return None if grads is None else torch.cat([g.reshape(-1) for g in grads])
 
 
@@ -223,7 +242,10 @@ def kept_gradient(obj: Objective, kernel: Kernel, backend: str) -> Tensor | None
             gradient = apply.gradient if isinstance(apply, ColumnProduct) else None
             if gradient is None:
                 return None
-            out.add_(torch.cat([g.reshape(-1) for g in gradient]), alpha=obj._weight(n))
+            w, offset = obj._weight(n), 0
+            for g in gradient:  # piece by piece: no concatenated copy beside ``out``
+                out[offset : offset + g.numel()].add_(g.reshape(-1), alpha=w)
+                offset += g.numel()
             count += n
             del apply
     return obj._finish([out], count, "gradient")[0]
@@ -295,27 +317,80 @@ def _build(
     if key is not None:
         obj._graph_cache = None  # free old graphs before building new ones
     store: list[tuple[BatchProduct, int]] | None = [] if key is not None else None
-    counter = SavedBytes()
+    counter = SavedBytes(held_tensors(obj))
     plan = column_plan(obj, kernel.name)
     # the saved bytes size the batched backward of an undecided plan (first batch only)
     measure = backend == "autograd" and probes(plan, obj.device)
     for inputs, targets in obj._iter():
         n = num_samples(inputs)
         keep = store is not None
-        count = measure or (keep and not _one_batch(obj))
+        # a kept double-backward graph is counted (its bytes are the memory plan's G)
+        count = measure or (keep and backend == "autograd")
+        before = counter.new_bytes
         with saved_tensors_hooks(counter.pack, _unpack) if count else nullcontext():
             apply = kernel.build(obj, others, p, inputs, targets, backend=backend,
                                  mode="rev" if keep else mode, keep=keep)  # fmt: skip
         if measure:
             plan.column_bytes, measure = max(2 * counter.bytes, 1), False
+        if count and isinstance(apply, ColumnProduct):
+            if apply.forward_saved is not None:  # built on the validation's forward
+                counter.absorb(apply.forward_saved)
+            apply.account(counter, counter.new_bytes - before)
         if store is not None:
             store.append((apply, n))
-            if counter.bytes > GRAPH_CACHE_BYTES:
+            if not _one_batch(obj) and counter.bytes > GRAPH_CACHE_BYTES:
                 store = None
         yield apply, n
         del apply  # else this frame holds the batch's graph while the next one is built
     if key is not None:
         obj._graph_cache = (key, store if store is not None else ())
+
+
+def kept_graph_bytes(obj: Objective) -> int | None:
+    """Bytes the kept gradient graphs hold beyond the model (None: none kept or not counted).
+
+    Counted while they were built (`~sharpgen.curvature._columns.SavedBytes`): the
+    tensors the forward and the gradient's backward saved, less the model's own
+    parameters and buffers, plus the gradient the graph ends in.
+    """
+    cached = obj._graph_cache
+    if cached is None or not cached[1]:
+        return None
+    applies = [apply for apply, _ in cached[1]]
+    if not all(isinstance(a, ColumnProduct) and a.graph_bytes for a in applies):
+        return None
+    return sum(a.graph_bytes for a in applies)
+
+
+def build_kept(obj: Objective, kernel: Kernel, backend: str) -> int | None:
+    """Build the kept graphs now if they are to be kept and are not yet; their bytes.
+
+    For a measure that plans its memory before its first product: the same graphs the
+    first product would build (`kept_graph_bytes` of them; None where nothing is kept).
+    """
+    backend = prefer_double_backward(backend, kernel.name, obj.device)
+    if backend != "autograd" or not _may_keep(obj, True, None, backend):
+        return None
+    kernel = route_kernel(obj, kernel, "HessianOperator")
+    obj.check_second_order("HessianOperator")
+    key = _cache_key(obj, kernel, backend)
+    if _kept(obj, key) is None:
+        with obj.state():
+            for _ in _build(obj, kernel, key, obj._others(), obj.params, backend, "rev"):
+                pass
+    return kept_graph_bytes(obj)
+
+
+def release_gradients(obj: Objective) -> int:
+    """Free the gradient values at the ends of the kept graphs (`ColumnProduct.release_gradient`).
+
+    Returns the bytes freed. Products through the graphs are unchanged; the gradient is
+    then a pass of its own (`kept_gradient` returns None).
+    """
+    cached = obj._graph_cache
+    if cached is None or not cached[1]:
+        return 0
+    return sum(a.release_gradient() for a, _ in cached[1] if isinstance(a, ColumnProduct))
 
 
 def _cache_key(obj: Objective, kernel: Kernel, backend: str) -> tuple[Any, ...]:

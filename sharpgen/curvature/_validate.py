@@ -8,14 +8,16 @@ wrong answer.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import saved_tensors_hooks
 
 from sharpgen._distributed import check_ranks_agree
+from sharpgen.curvature._columns import SavedBytes, held_tensors
 from sharpgen.curvature._data import check_devices
 from sharpgen.curvature._graph_key import graph_key
 from sharpgen.curvature._interface import FirstGraph
@@ -117,11 +119,16 @@ def validate_first_batch(obj: Objective) -> None:
     `keeping_first_graph`, a one-batch objective without dropout keeps the loss and its
     graph as ``obj._first_graph`` for its first graph build.
     """
+    keep = obj.single_batch and not obj.dropout and obj.process_group is None
+    keep = keep and obj.micro_batch_size is None  # a micro-batch's graph is not the batch's
+    keep = keep and _KEEP_FIRST.get()
+    counter = SavedBytes(held_tensors(obj))  # what a kept first graph holds
     with obj.state(), torch.enable_grad():
         inputs, targets = obj._first_batch()
         check_devices(inputs, targets, 0, obj.device)
         p = {n: t.detach().requires_grad_(True) for n, t in obj.params.items()}
-        loss = obj.batch_loss(p, inputs, targets)
+        with saved_tensors_hooks(counter.pack, _unpack) if keep else nullcontext():
+            loss = obj.batch_loss(p, inputs, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss on the first batch is {float(loss.detach())}; check the data for "
@@ -138,10 +145,12 @@ def validate_first_batch(obj: Objective) -> None:
             obj._first_order += builtin_first_order(
                 obj.model, loss, lambda: obj.batch_loss(p, inputs, targets)
             )
-    keep = obj.single_batch and not obj.dropout and obj.process_group is None
-    keep = keep and obj.micro_batch_size is None  # a micro-batch's graph is not the batch's
-    if keep and _KEEP_FIRST.get():
-        obj._first_graph = FirstGraph(p, loss, inputs, first_graph_key(obj))
+    if keep:
+        obj._first_graph = FirstGraph(p, loss, inputs, first_graph_key(obj), counter)
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
 
 
 def check_deterministic(obj: Objective) -> None:

@@ -142,6 +142,7 @@ def lanczos(
     basis_storage: str = "device",
     basis_dtype: torch.dtype | None = None,
     basis_dir: str | None = None,
+    on_finish: Callable[[], None] | None = None,
 ) -> EigenResult:
     r"""A few extreme eigenpairs of a symmetric operator by Lanczos.
 
@@ -227,6 +228,9 @@ def lanczos(
         basis_dtype: Stored dtype of the basis (default: the operator's); a narrower one
             such as ``torch.float16`` is certified by explicit residuals (see above).
         basis_dir: Directory of the ``"disk"`` file (default: the system's temporary one).
+        on_finish: Called once after the last product of ``A``, before the ``k`` Ritz
+            vectors are formed (with a rounded basis: after their checking products), e.g.
+            to free what the products held (a kept gradient graph).
 
     Returns:
         An `EigenResult`: ``eigenvalues`` in descending order (ascending for
@@ -287,6 +291,7 @@ def lanczos(
         if v0.shape != (n,):
             raise ValueError(f"v0 must have shape ({n},), got {tuple(v0.shape)}.")
         v = v0.detach().to(dtype=dtype, device=device)
+        del v0  # a start handed over (no other reference) is freed once in the basis
         norm = torch.linalg.vector_norm(v)
         if not torch.isfinite(norm) or norm == 0:
             raise ValueError("v0 must be a finite nonzero vector; pass v0=None for a random one.")
@@ -298,14 +303,20 @@ def lanczos(
     try:
         V.write(0, v)
         del v
-        state = _iterate(op, V, k, which, tol, max_iter, bound, generator)
+        state = _iterate(op, V, k, which, tol, max_iter, bound, generator, on_finish)
     finally:
         V.close()
     theta, resid, X, converged, steps, restarts = state
+    del state
     idx = output_order(theta, which)
+    if np.array_equal(idx, np.arange(idx.size)):  # already in order: no copy of k vectors
+        vectors = X
+    else:
+        vectors = X[:, torch.from_numpy(idx).to(device)]
+    del X
     return EigenResult(
         eigenvalues=torch.from_numpy(theta[idx]).to(dtype=dtype, device=device),
-        eigenvectors=X[:, torch.from_numpy(idx).to(device)],
+        eigenvectors=vectors,
         residuals=torch.from_numpy(resid[idx]).to(dtype=dtype, device=device),
         converged=converged,
         num_matvecs=op.num_matvecs - start,
@@ -326,8 +337,9 @@ def _iterate(
     max_iter: int,
     bound: str,
     generator: torch.Generator | None,
+    on_finish: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Tensor, bool, int, int]:
-    """The Lanczos iteration on the basis ``V``.
+    """The Lanczos iteration on the basis ``V`` (``on_finish``: see `lanczos`).
 
     Returns ``(theta, resid, X, converged, steps, restarts)`` for the wanted Ritz pairs
     (``X`` unit columns, in the order of ``theta``, most wanted first).
@@ -397,16 +409,19 @@ def _iterate(
             j = m
         V.write(j, new)
         del new
+    del w  # the last product: not held while the Ritz vectors are formed
 
     m = j + 1
     idx = wanted_order(theta, which)[: min(k, m)]
-    if V.lossy:  # the estimate is not a bound for rounded rows: explicit residuals
-        if checked is None:
-            checked = _explicit(op, V, S[:, idx], m)
+    if V.lossy and checked is None:  # the estimate is no bound for rounded rows: explicit
+        checked = _explicit(op, V, S[:, idx], m)
+    if on_finish is not None:
+        on_finish()
+    if checked is not None:
         return (*checked, converged, steps, restarts)
     resid = beta * np.abs(S[m - 1, :])
     X = V.combine(torch.from_numpy(S[:, idx]).to(dtype=dtype, device=device), m)
-    X = X / torch.linalg.vector_norm(X, dim=0, keepdim=True)
+    X.div_(torch.linalg.vector_norm(X, dim=0, keepdim=True))  # in place: k vectors, not 2k
     return theta[idx], resid[idx], X, converged, steps, restarts
 
 
@@ -422,7 +437,7 @@ def _explicit(
     """
     S_t = torch.from_numpy(S).to(dtype=V.dtype, device=V.device)
     X = V.combine(S_t, m)
-    X = X / torch.linalg.vector_norm(X, dim=0, keepdim=True)
+    X.div_(torch.linalg.vector_norm(X, dim=0, keepdim=True))
     theta, resid = [], []
     for i in range(X.shape[1]):
         x = X[:, i]

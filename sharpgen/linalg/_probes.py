@@ -40,4 +40,4 @@ def random_unit_vector(
     """A Gaussian vector of unit norm."""
     v = draw_probes(n, 1, distribution="gaussian", generator=generator, dtype=dtype, device=device)
     v = v.squeeze(1)
-    return v / torch.linalg.vector_norm(v)
+    return v.div_(torch.linalg.vector_norm(v))  # in place: one vector, not two

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from sharpgen._validation import is_int
 from sharpgen.curvature import HessianOperator, ModelObjective, unflatten_params
 from sharpgen.curvature._plan import check_memory_budget, plan_memory
+from sharpgen.curvature._products import build_kept, release_gradients
 from sharpgen.linalg import EigenResult, LinearOperator, lanczos
 from sharpgen.linalg._basis import STORAGES
 from sharpgen.linalg._lanczos import BOUNDS, check_basis_dtype
@@ -40,6 +41,9 @@ START = ("auto", "gradient", "random")
 
 #: Weight of the random unit vector added to the unit gradient in the gradient start.
 GRADIENT_MIX = 0.3
+#: Parameter-sized vectors a Lanczos step holds beside the graph and the basis: the
+#: basis row being multiplied and its product (the start: the gradient and the start).
+WORK_VECTORS = 2
 
 
 def gradient_start(
@@ -54,7 +58,9 @@ def gradient_start(
         return None
     r = random_unit_vector(gradient.numel(), generator=generator, dtype=gradient.dtype,
                            device=gradient.device)  # fmt: skip
-    return gradient / norm + mix * r
+    # in place on r: mix * r + g / norm, the same numbers as g / norm + mix * r, in one
+    # vector beside the gradient instead of three
+    return r.mul_(mix).addcdiv_(gradient, norm)
 
 
 def warm_start(start: Tensor, p: int, generator: torch.Generator | None) -> Tensor:
@@ -94,6 +100,21 @@ def _start_vector(
             )
         return None
     return gradient_start(H.gradient(), generator)
+
+
+def _kept_graph(H: LinearOperator, device: torch.device, held: int) -> int:
+    """The kept gradient graph's bytes, built now (0: none kept, or not a model's Hessian).
+
+    Counted while it is built (`sharpgen.curvature._columns.SavedBytes`); on CUDA the
+    allocated bytes since ``held`` where they are more.
+    """
+    counted = None
+    if isinstance(H, HessianOperator) and H.cache_graph:
+        counted = build_kept(H.objective, H.kernel, H.backend)
+    graph = counted or 0
+    if device.type == "cuda":
+        graph = max(graph, torch.cuda.memory_allocated(device) - held)
+    return graph
 
 
 @dataclass(frozen=True, repr=False)
@@ -164,14 +185,19 @@ def top_eigenvalues(
     Cost: one Hessian-vector product per Lanczos step, typically a few dozen for
     ``k=1, tol=1e-3``.
 
-    **Memory.** Beyond the model: the kept gradient graph $G$, about four parameter-sized
-    working vectors (gradient, start, product, orthogonalized product) and the basis of
-    $m$ vectors, $G + (4 + m)\,p\,b$ bytes ($b$ bytes per number). The plan
-    (`sharpgen.curvature.plan_memory`, reported as ``result.memory``) gives the basis at
-    most a tenth of ``memory_budget`` (on a CPU at most 256 MiB) and at least $k + 3$
-    vectors (thick restart keeps the certificate; a small basis costs 10-30% more
-    products); a basis that does not fit goes to host memory (CUDA) or a temporary file
-    (CPU). See the Memory guide.
+    **Memory.** Beyond the model, with $v = p\,b$ the bytes of a parameter-sized vector
+    ($b$ bytes per number): the kept gradient graph $G$ (built and counted before the
+    plan; `result.memory.graph_bytes`), two working vectors (the basis row being
+    multiplied and its product, written in place into one buffer and orthogonalized in
+    place) and the basis of $m$ vectors, $G + (2 + m)\,v$; the start (gradient and
+    random part) takes two vectors before the first product; with a model (not a ready
+    objective) the gradient's values are freed from the kept graph once the start is
+    formed, and the whole graph before the $k$ eigenvectors are, so the end holds
+    $(k + m)\,v$. The plan (`sharpgen.curvature.plan_memory`, reported as
+    ``result.memory``) gives the basis at most a tenth of ``memory_budget`` (on a CPU at
+    most 256 MiB) and at least $k + 3$ vectors (thick restart keeps the certificate; a
+    small basis costs 10-30% more products); a basis that does not fit goes to host
+    memory (CUDA) or a temporary file (CPU). See the Memory guide.
 
     **Gradient start.** Lanczos converges to $\lambda_{\max}$ at a rate set by the
     spectrum and by the start vector's share of the top eigenvector. The loss gradient $g$
@@ -296,20 +322,27 @@ def top_eigenvalues(
         start = check_choice("start", start, START)
     device = source.device
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    owned = source.ready is None  # an objective built here: its graph is freed at the end
     H = source.hessian(single_vectors=True)
     basis_dtype = check_basis_dtype(basis_dtype, H.dtype)
-    graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
+    graph = _kept_graph(H, device, held)
     plan = plan_memory(
         "top_eigenvalues", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
-        graph_bytes=graph, work_vectors=4, k=k, max_basis=max_basis, basis_storage=basis_storage,
-        basis_dtype=basis_dtype, process_group=source.process_group,
+        graph_bytes=graph, work_vectors=WORK_VECTORS, k=k, max_basis=max_basis,
+        basis_storage=basis_storage, basis_dtype=basis_dtype, result_vectors=k,
+        process_group=source.process_group,
     )  # fmt: skip
-    v0 = warm if warm is not None else _start_vector(H, str(start), k, which, generator)
+    # the start is handed over, not kept here: lanczos frees it once it is in the basis
+    starts = [warm if warm is not None else _start_vector(H, str(start), k, which, generator)]
+    del warm
+    if owned and isinstance(H, HessianOperator):  # the gradient's values are read: free them
+        release_gradients(H.objective)
     with progress_bar(progress, total=max_iter, desc="top_eigenvalues", unit="matvec") as bar:
         res = lanczos(
             ProgressOperator(H, bar) if progress else H, k, which=which, tol=tol, max_iter=max_iter,
-            generator=generator, max_basis=plan.basis_vectors, bound=bound, v0=v0,
+            generator=generator, max_basis=plan.basis_vectors, bound=bound, v0=starts.pop(),
             basis_storage=plan.basis_storage, basis_dtype=basis_dtype,
+            on_finish=H.clear_cache if owned else None,
         )  # fmt: skip
     shapes = tuple((n, tuple(t.shape)) for n, t in H.params.items())
     return ModelEigenResult(
