@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_memory  # noqa: E402
+import bench_memory
 
 GB = 1e9
 

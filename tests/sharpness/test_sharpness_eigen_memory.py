@@ -10,7 +10,6 @@ import sharpgen.curvature._kernels as kernels
 import sharpgen.sharpness._eigen as eigen
 from sharpgen.curvature import HessianOperator, ModelObjective
 from sharpgen.curvature._columns import SavedBytes
-from sharpgen.curvature._kernels import ColumnProduct
 from sharpgen.curvature._products import build_kept, kept_graph_bytes, release_gradients
 from sharpgen.linalg import lanczos
 from sharpgen.linalg._probes import random_unit_vector
@@ -196,15 +195,15 @@ def test_top_eigenvalues_frees_only_a_graph_it_built(h, monkeypatch):
 def test_on_finish_runs_once_after_the_last_product(h):
     A = torch.diag(torch.arange(1.0, 31.0, dtype=h.DT))
     for basis_dtype in (None, torch.float16):
-        done = []
-        counted = []
+        done: list[int] = []
+        counted: list[int] = []
 
-        def mv(v, counted=counted):
+        def mv(v, done=done, counted=counted):
             assert not done  # no product after on_finish
             counted.append(1)
             return A @ v
 
-        res = lanczos(mv, k=2, size=30, generator=h.g(0), on_finish=lambda: done.append(1),
+        res = lanczos(mv, k=2, size=30, generator=h.g(0), on_finish=lambda d=done: d.append(1),
                       basis_dtype=basis_dtype, tol=1e-3 if basis_dtype else 1e-8)  # fmt: skip
         assert done == [1] and res.num_matvecs == len(counted) and res.converged
         torch.testing.assert_close(res.eigenvalues, torch.tensor([30.0, 29.0], dtype=h.DT),
