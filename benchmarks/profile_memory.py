@@ -50,16 +50,22 @@ def _stack(frame: Any, depth: int) -> tuple[str, ...]:
     return tuple(reversed(out))
 
 
-def saved_graph_bytes(args: argparse.Namespace) -> int:
-    """Bytes autograd saves while the first gradient graph (``create_graph=True``) is built."""
+def saved_graph_bytes(args: argparse.Namespace) -> tuple[int, int]:
+    """Bytes autograd saves while the first gradient graph (``create_graph=True``) is built.
+
+    Returns ``(all, new)``: every saved storage, and those beyond the model's parameters,
+    buffers and the batch (what keeping the graph adds to the process).
+    """
     import torch
     from torch.autograd.graph import saved_tensors_hooks
+    from torch.utils._pytree import tree_leaves
 
     from sharpgen.curvature._columns import SavedBytes
 
     model, loss_fn, data, _, _ = bench_memory._build(args)
     inputs, targets = data
-    counter = SavedBytes()
+    batch = [t for t in tree_leaves(data) if isinstance(t, torch.Tensor)]
+    counter = SavedBytes([*model.parameters(), *model.buffers(), *batch])
     params = [p for p in model.parameters() if p.requires_grad]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -68,7 +74,7 @@ def saved_graph_bytes(args: argparse.Namespace) -> int:
         loss = loss_fn(out, targets)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     del grads
-    return counter.bytes
+    return counter.bytes, counter.new_bytes
 
 
 def main() -> None:
@@ -120,8 +126,9 @@ def main() -> None:
     for name, rss in sorted(per.items(), key=lambda x: -x[1])[:15]:
         print(f"  +{(rss - base) / v:5.2f} v  {rss / GB:.2f} GB  {name}")
     if args.graph:
-        print(f"saved by the first gradient graph (SavedBytes): "
-              f"{saved_graph_bytes(args) / GB:.3f} GB")  # fmt: skip
+        every, new = saved_graph_bytes(args)
+        print(f"saved by the first gradient graph (SavedBytes): {every / GB:.3f} GB, of "
+              f"which beyond the model and batch {new / GB:.3f} GB = {new / v:.2f} v")  # fmt: skip
 
 
 if __name__ == "__main__":

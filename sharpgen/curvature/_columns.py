@@ -140,8 +140,9 @@ class SavedBytes:
             self._add(ptr, nbytes)
 
     def saved(self, t: Tensor) -> bool:
-        """Whether the storage of ``t`` was saved (seen by ``pack``)."""
-        return t.untyped_storage().data_ptr() in self._seen
+        """Whether the storage of ``t`` was saved (seen by ``pack``) or is a held one."""
+        ptr = t.untyped_storage().data_ptr()
+        return ptr in self._seen or ptr in self._held
 
 
 class HoldsModel(Protocol):

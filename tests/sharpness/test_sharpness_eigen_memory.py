@@ -105,14 +105,18 @@ def test_freed_gradient_values_leave_the_products_and_the_gradient_exact(h, monk
     torch.testing.assert_close(H.gradient(), g_kept, rtol=1e-12, atol=0)  # now a pass
 
 
-def test_a_gradient_the_graph_saved_is_never_freed(h, monkeypatch):
+@pytest.mark.parametrize("how", ["saved", "held"])
+def test_a_gradient_the_graph_saved_or_the_model_holds_is_never_freed(h, monkeypatch, how):
     monkeypatch.setattr(kernels, "FLAT_GRADIENT_BYTES", 0)
     model, data, dense = _problem(h)
     H = HessianOperator(model, h.mse, data)
     H.gradient()
     apply = _applies(H.objective)[0]
-    counter = SavedBytes()
-    counter.pack(apply._outputs[1])  # as if an op of the graph had saved this gradient
+    if how == "saved":  # as if an op of the graph had saved this gradient
+        counter = SavedBytes()
+        counter.pack(apply._outputs[1])
+    else:  # as if a custom backward had returned a tensor of the model as the gradient
+        counter = SavedBytes(held=[apply._outputs[1]])
     apply.account(counter, 0)
     assert apply.release_gradient() == 0 and apply.gradient is not None
     v = torch.randn(dense.shape[0], dtype=h.DT, generator=h.g(1))
@@ -219,3 +223,19 @@ def test_the_eigenvectors_come_in_the_order_of_the_values(h, which):
         torch.testing.assert_close(A @ x, res.eigenvalues[i] * x, rtol=0, atol=1e-8)
     assert torch.allclose(torch.linalg.vector_norm(res.eigenvectors, dim=0),
                           torch.ones(3, dtype=h.DT))  # fmt: skip
+
+
+def test_the_plan_counts_the_result_after_the_graph():
+    from sharpgen.curvature import plan_memory
+
+    v = 4 * 10**6
+    cpu = torch.device("cpu")
+    common = {"numel": 10**6, "dtype": torch.float32, "device": cpu, "memory_budget": 100 * v}
+    # steady state G + 2v above k v: the graph and the two working vectors decide
+    plan = plan_memory("m", graph_bytes=5 * v, work_vectors=2, k=1, result_vectors=1,
+                       basis_storage="disk", **common)  # fmt: skip
+    assert plan.planned_bytes == 7 * v and plan.result_vectors == 1
+    # five eigenvectors outweigh G + 2v = 3v; a basis of 8 in memory comes on top
+    plan = plan_memory("m", graph_bytes=v, work_vectors=2, k=5, result_vectors=5,
+                       max_basis=8, basis_storage="device", **common)  # fmt: skip
+    assert plan.planned_bytes == (5 + 8) * v
