@@ -1,12 +1,13 @@
 """Per-process peak memory of a measure on data-parallel shards: 2 processes against 1.
 
-For every call, one process on the whole batch and ``torchrun --nproc_per_node=2`` (gloo,
-CPU) with each process holding its contiguous half of the same batch
+For every call, one process on the whole batch, one process on one shard alone (rank 0's:
+what a rank would hold without any communication) and ``torchrun --nproc_per_node=2``
+(gloo, CPU) with each process holding its contiguous shard of the same batch
 (`sharpgen.shard_indices`) run in fresh processes, interleaved call by call. Each process
 reads its own peak resident set (``VmHWM`` of ``/proc/self/status``, reset with
 ``/proc/self/clear_refs`` after the model, the batch and the process group are built, as
 ``benchmarks/bench_memory.py`` does; model included) and the value; the table gives each
-2-process rank's peak against the 1-process peak and the value's relative difference.
+2-process rank's peak against both 1-process peaks and the value's relative difference.
 
 Model: Hugging Face ``GPT2LMHeadModel(GPT2Config(n_layer, n_embd, n_head))`` with random
 weights (float32, CPU, one thread per process), ``--batch`` x ``--tokens`` random tokens
@@ -64,7 +65,8 @@ def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = GPT2LMHeadModel(cfg).eval()  # dropout off: a deterministic function
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens), generator=g)
-    rows = shard_indices(args.batch, rank, world)
+    # the 1-process baseline of one shard (--shard): rank 0's shard of --nproc processes
+    rows = shard_indices(args.batch, rank, world if world > 1 else args.shard)
     ids = ids[rows.start : rows.stop].clone()  # this process's shard only
     data = ({"input_ids": ids, "labels": ids}, None)
 
@@ -85,13 +87,13 @@ def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
             loss = model(**data[0]).loss
             loss.backward()
-            total = torch.tensor([float(loss) * len(rows)], dtype=torch.float64)
+            total = torch.tensor([float(loss) * len(rows), len(rows)], dtype=torch.float64)
             if world > 1:
                 average_gradients_(model.parameters(), dist.group.WORLD)
                 all_reduce_(total, dist.group.WORLD, what="the loss")
             norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
             opt.step()
-            out.update(value=float(total) / args.batch, grad_norm=float(norm))
+            out.update(value=float(total[0] / total[1]), grad_norm=float(norm))
         elif name == "trace":
             from sharpgen import hessian_trace
 
@@ -116,9 +118,10 @@ def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _run(name: str, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("calls", "child", "nproc")]
-    script = [os.path.abspath(__file__), *argv, "--child", name]
+def _run(name: str, world: int, args: argparse.Namespace, shard: int = 1) -> list[dict[str, Any]]:
+    skip = ("calls", "child", "nproc", "shard")
+    argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in skip]
+    script = [os.path.abspath(__file__), *argv, "--child", name, f"--shard={shard}"]
     if world == 1:
         cmd = [sys.executable, *script]
     else:
@@ -142,6 +145,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--calls", default=",".join(CALLS))
     p.add_argument("--child", default="")
+    p.add_argument("--shard", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print("RESULT " + json.dumps(_child(args.child, args)), flush=True)
@@ -150,29 +154,36 @@ def main() -> None:
     table = []
     for name in args.calls.split(","):
         one = _run(name, 1, args)
+        part = _run(name, 1, args, shard=args.nproc)
         many = _run(name, args.nproc, args)
-        for r in one + many:
+        for r in one + part + many:
             print(json.dumps(r), flush=True)
-        if one and many:
-            table.append((name, one[0], many))
+        if one and part and many:
+            table.append((name, one[0], part[0], many))
     if not table:
         return
     params = table[0][1]["params"]
     print(f"\nGPT-2 {args.layers} x {args.embd} ({params / 1e6:.1f}M params), batch "
           f"{args.batch} x {args.tokens} tokens; load after {os.getloadavg()}")  # fmt: skip
-    ranks = " | ".join(f"rank {r} peak GB" for r in range(args.nproc))
-    print(f"| call | 1 process peak GB | {ranks} | max rank / 1 process | above the model: 1 "
-          "process GB | above the model: max rank GB | value (1 process) | max relative "
+    ranks = " | ".join(f"rank {r}" for r in range(args.nproc))
+    print(
+        "Peak RSS in GB (in parentheses: above the RSS before the call, i.e. beyond the "
+        "model, batch, libraries and process group)"
+    )
+    print(f"| call | 1 process, whole batch | 1 process, one shard | {ranks} | max rank / "
+          "whole batch | max rank / one shard | value (1 process) | max relative "
           "difference |")  # fmt: skip
-    print("|---|---|" + "---|" * args.nproc + "---|---|---|---|---|")
-    for name, one, many in table:
-        peaks = " | ".join(f"{r['peak'] / 1e9:.2f}" for r in many)
-        ratio = max(r["peak"] for r in many) / one["peak"]
+    print("|---|---|---|" + "---|" * args.nproc + "---|---|---|---|")
+
+    def gb(r: dict[str, Any]) -> str:
+        return f"{r['peak'] / 1e9:.2f} ({(r['peak'] - r['rss_before']) / 1e9:.2f})"
+
+    for name, one, part, many in table:
+        top = max(r["peak"] for r in many)
         diff = max(abs(r["value"] - one["value"]) / abs(one["value"]) for r in many)
-        above = max(r["peak"] - r["rss_before"] for r in many) / 1e9
-        print(f"| {name} | {one['peak'] / 1e9:.2f} | {peaks} | {ratio:.2f} | "
-              f"{(one['peak'] - one['rss_before']) / 1e9:.2f} | {above:.2f} | "
-              f"{one['value']:.6g} | {diff:.1e} |")  # fmt: skip
+        print(f"| {name} | {gb(one)} | {gb(part)} | {' | '.join(gb(r) for r in many)} | "
+              f"{top / one['peak']:.2f} | {top / part['peak']:.2f} | {one['value']:.6g} | "
+              f"{diff:.1e} |")  # fmt: skip
 
 
 if __name__ == "__main__":
