@@ -30,9 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 CALLS = ("grad", "trace", "top1", "sam")
@@ -119,9 +122,10 @@ def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(name: str, world: int, args: argparse.Namespace, shard: int = 1) -> list[dict[str, Any]]:
-    skip = ("calls", "child", "nproc", "shard")
+    skip = ("calls", "child", "nproc", "shard", "out")
     argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in skip]
-    script = [os.path.abspath(__file__), *argv, "--child", name, f"--shard={shard}"]
+    out = tempfile.mkdtemp(prefix="bench_dist_mem_")  # one file per rank
+    script = [os.path.abspath(__file__), *argv, "--child", name, f"--shard={shard}", f"--out={out}"]
     if world == 1:
         cmd = [sys.executable, *script]
     else:
@@ -129,7 +133,9 @@ def _run(name: str, world: int, args: argparse.Namespace, shard: int = 1) -> lis
                f"--nproc_per_node={world}", *script]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    files = sorted(Path(out).glob("rank*.json"))
+    found = [json.loads(f.read_text()) for f in files]
+    shutil.rmtree(out, ignore_errors=True)
     if proc.returncode or len(found) != world:
         print(f"{name} on {world}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
         return []
@@ -146,9 +152,11 @@ def main() -> None:
     p.add_argument("--calls", default=",".join(CALLS))
     p.add_argument("--child", default="")
     p.add_argument("--shard", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child, args)), flush=True)
+        res = _child(args.child, args)
+        Path(args.out, f"rank{res['rank']}.json").write_text(json.dumps(res))
         return
     print(f"load before: {os.getloadavg()}", flush=True)
     table = []

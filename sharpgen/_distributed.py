@@ -40,6 +40,7 @@ __all__ = [
     "check_generator_agrees",
     "check_ranks_agree",
     "collective_device",
+    "empty_with_count_room",
     "global_means",
     "group_rank_size",
     "is_initialized",
@@ -243,6 +244,27 @@ def _join_count(parts: Tensor) -> int:
     return sum(v * _FLOAT32_LIMB**i for i, v in enumerate(values))
 
 
+def empty_with_count_room(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """An empty tensor with room after it for the count (see `reduce_partials`)."""
+    numel = math.prod(shape)
+    return torch.empty(numel + _FLOAT32_LIMBS, dtype=dtype, device=device)[:numel].view(shape)
+
+
+def _in_place(partials: Sequence[Tensor], tail: int) -> Tensor | None:
+    """The partial and its count room as one flat tensor (see `empty_with_count_room`)."""
+    p = partials[0] if len(partials) == 1 else None
+    if p is None or not p.is_contiguous() or p.storage_offset() != 0 or tail > _FLOAT32_LIMBS:
+        return None
+    storage = p.untyped_storage()
+    if storage.nbytes() != (p.numel() + _FLOAT32_LIMBS) * p.element_size():
+        return None
+    return torch.empty(0, dtype=p.dtype, device=p.device).set_(
+        storage, 0, (p.numel() + tail,), (1,)
+    )
+
+
 def reduce_partials(
     partials: Sequence[Tensor], count: int, group: Any, *, what: str = "dataset sums"
 ) -> tuple[list[Tensor], int]:
@@ -251,7 +273,8 @@ def reduce_partials(
     The partial sums are flattened into one buffer (in their promoted dtype) and the count is
     appended to it: as one number in float64, as three base-2048 limbs in float32 (exact for
     fewer than 8192 processes and $8.6 \cdot 10^9$ samples). In half precision the count goes
-    through a second, integer all-reduce.
+    through a second, integer all-reduce. A single partial made by `empty_with_count_room`
+    is reduced in place (the count in the room after it), without the concatenated copy.
 
     Args:
         partials: Tensors on one device (may be empty).
@@ -273,12 +296,18 @@ def reduce_partials(
         all_reduce_(counts, group, what=f"the sample count of {what}")
         out = []
         if partials:
-            flat = torch.cat([p.reshape(-1).to(dtype) for p in partials])
+            flat = _in_place(partials, 0)
+            if flat is None:
+                flat = torch.cat([p.reshape(-1).to(dtype) for p in partials])
             all_reduce_(flat, group, what=what)
             out = _split(flat, partials)
         return out, int(counts.item())
     tail = torch.tensor(parts, dtype=dtype, device=device)
-    flat = torch.cat([*(p.reshape(-1).to(dtype) for p in partials), tail])
+    flat = _in_place(partials, len(parts))
+    if flat is not None:
+        flat[-len(parts) :] = tail
+    else:
+        flat = torch.cat([*(p.reshape(-1).to(dtype) for p in partials), tail])
     all_reduce_(flat, group, what=what)
     n = flat.numel() - tail.numel()
     return _split(flat[:n], partials), _join_count(flat[n:])

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import saved_tensors_hooks
 
-from sharpgen._distributed import check_ranks_agree
+from sharpgen._distributed import check_ranks_agree, empty_with_count_room
 from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
 from sharpgen.curvature._columns import SavedBytes, column_plan, held_tensors, probes
 from sharpgen.curvature._data import num_samples
@@ -136,7 +136,11 @@ def block_product(
     # the block as given (views): a column is copied when a backward pass needs it, so a
     # product holds one column's copy at a time, not a copy of the whole block
     W = {n: V[n] for n in p}
-    buf = torch.empty((obj.numel, k), dtype=obj.dtype, device=obj.device)
+    # over a group: room for the count after the block, all-reduced in place (no copy)
+    shape, empty = (obj.numel, k), torch.empty
+    if obj.process_group is not None:
+        empty = empty_with_count_room  # type: ignore[assignment]
+    buf = empty(shape, dtype=obj.dtype, device=obj.device)
     acc = block_views(buf, p)
     count = 0
     # a kept func graph is reverse-over-reverse: "auto" leaves func_mode="forward" as asked

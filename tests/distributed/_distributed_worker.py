@@ -132,19 +132,25 @@ def job_measures(rank: int, world: int, group) -> dict:
         model, loss_fn, local, process_group=group if group is not None else dist.group.WORLD
     )
     H.matvec(torch.ones(H.shape[0], dtype=torch.float64))  # the first product checks the probes
-    calls = []
+    calls, pointers = [], []
     original = dist.all_reduce
 
     def counting(tensor, *args, **kwargs):
         calls.append(tensor.numel() * tensor.element_size())
+        pointers.append(tensor.data_ptr())
         return original(tensor, *args, **kwargs)
 
     dist.all_reduce = counting
     try:
-        H.matmat(torch.ones(H.shape[0], 4, dtype=torch.float64))
+        product = H.matmat(torch.ones(H.shape[0], 4, dtype=torch.float64))
     finally:
         dist.all_reduce = original
     res["allreduce_bytes_per_block"] = calls
+    # reduced in place: the block buffer with room for 3 count limbs, not a (pk + 1) copy
+    size = product.untyped_storage().nbytes()
+    res["allreduce_in_place"] = (
+        pointers == [product.data_ptr()] and size == (4 * H.shape[0] + 3) * 8
+    )
     res["numel"] = H.shape[0]
     if group is None:
         res["disagreements"] = disagreements(rank, model, local)
@@ -181,7 +187,7 @@ def reduce_checks(rank: int) -> dict:
     """reduce_partials in float32 (count in limbs), bfloat16 (separate count), mixed dtypes."""
     import torch.distributed as dist
 
-    from sharpgen._distributed import reduce_partials
+    from sharpgen._distributed import empty_with_count_room, reduce_partials
 
     group = dist.group.WORLD
     count = 3_000_000_000 + rank  # beyond float32's exact integers
@@ -194,6 +200,10 @@ def reduce_checks(rank: int) -> dict:
         parts = [torch.full((2,), float(rank + 1), dtype=d) for d in dtypes]
         sums, total = reduce_partials(parts, count, group)
         out[name] = ([s.tolist() for s in sums], [s.dtype for s in sums], total)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):  # room for the count: in place
+        part = empty_with_count_room((2,), dtype, torch.device("cpu")).fill_(rank + 1)
+        (s,), total = reduce_partials([part], count, group)
+        out[f"room_{dtype}"] = (s.tolist(), s.dtype, total, s.data_ptr() == part.data_ptr())
     return out
 
 

@@ -131,6 +131,8 @@ def test_reduce_partials_counts_exactly_in_every_dtype(runs):
         assert checks["bfloat16"] == ([[6.0, 6.0]], [torch.bfloat16], expected_count)
         assert checks["mixed"] == ([[6.0, 6.0], [6.0, 6.0]], [torch.float32, torch.float64],
                                    expected_count)  # fmt: skip
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):  # reduced in place
+            assert checks[f"room_{dtype}"] == ([6.0, 6.0], dtype, expected_count, True)
 
 
 def test_ranks_agree_on_one_memory_plan(runs, reference):
@@ -188,6 +190,7 @@ def test_one_allreduce_per_block_product(runs, key, world):
     for m in _ranks(runs, key, world):
         # one parameter-sized vector per column (k = 4) plus the sample count, float64
         assert m["allreduce_bytes_per_block"] == [(m["numel"] * 4 + 1) * 8]
+        assert m["allreduce_in_place"]  # the block product itself, no concatenated copy
 
 
 def _reference_sam(name: str, steps: int) -> dict:
