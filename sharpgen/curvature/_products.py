@@ -133,6 +133,7 @@ def block_product(
         what = {"the first block of vectors (same probes/seed?)": block}
         check_ranks_agree(obj.process_group, what, where=f"ModelObjective.{kernel.name}")
         obj._tangents_checked = True
+        del block, what  # a copy of the whole block: not held through the product
     # the block as given (views): a column is copied when a backward pass needs it, so a
     # product holds one column's copy at a time, not a copy of the whole block
     W = {n: V[n] for n in p}
