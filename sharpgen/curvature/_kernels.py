@@ -129,7 +129,10 @@ def apply_block(
 
 
 def accumulate(acc: dict[str, Tensor], out: Any, w: float, first: bool) -> None:
-    """``acc (+)= w * out`` for a dict of blocks or a list of per-column dicts."""
+    """``acc (+)= w * out`` for a dict of blocks or a list of per-column dicts.
+
+    The per-column dicts are emptied as they are copied (the caller's ``out`` is spent).
+    """
 
     def put(dst: Tensor, src: Tensor) -> None:
         if first and w == 1.0:
@@ -139,10 +142,10 @@ def accumulate(acc: dict[str, Tensor], out: Any, w: float, first: bool) -> None:
         else:
             dst.add_(src, alpha=w)
 
-    if isinstance(out, list):
-        for j, col in enumerate(out):
+    if isinstance(out, list):  # each column's products freed once copied: on a CPU the
+        for j, col in enumerate(out):  # buffer's pages are touched as the copies go
             for name, a in acc.items():
-                put(a[j], col[name])
+                put(a[j], col.pop(name))
     else:
         for name, a in acc.items():
             put(a, out[name])

@@ -37,8 +37,22 @@ $m \le \max(2k + 20, 40)$ that fits, at least $k + 3$; when even $k + 3$ does no
 the basis of $k + 3$ vectors goes to host memory (CUDA) or to a temporary file (CPU),
 where it costs time (three passes over it per product), not resident memory.
 
-**Probe blocks.** A trace estimator's block of $B$ probes is narrowed to the widest that
-fits the budget after the graph and the working vectors (at least one probe).
+**Probe blocks.** A block of $B$ probes and its $B$ products ($2B\,v$) buys time, not
+accuracy: the products of a block share one pass over the data (or over the kept graph),
+and on a CPU its columns go through the graph one at a time anyway. So the block may
+take at most `BLOCK_BYTES` (64 MiB), or `BLOCK_SHARE` of the graph where the graph is
+estimated, whatever the budget, and never more than the budget leaves after the graph
+and the working vectors:
+
+$$ B = \max\Bigl(1,\ \min\Bigl(B_{\mathrm{asked}},\
+    \Bigl\lfloor \frac{\max(\mathtt{BLOCK\_BYTES},\ \mathtt{BLOCK\_SHARE}\cdot G)}{2v}
+    \Bigr\rfloor,\ \Bigl\lfloor \frac{\text{budget} - G - w\,v}{2v} \Bigr\rfloor
+    \Bigr)\Bigr). $$
+
+A small model keeps the block it asked for; a model whose vectors are large against its
+graph multiplies one probe at a time (GPT-2 small: 0.5 GB a vector), since every
+further probe adds two vectors to a peak that a gradient step does not have. (Before, a
+block filled 80% of the free memory: 3 probes on GPT-2 small, 4.5x a gradient step.)
 
 **Graph.** A measure that keeps its gradient graph (`top_eigenvalues`) builds it before
 asking for the plan and counts it while it is built, on every device: the bytes of the
@@ -73,12 +87,15 @@ from sharpgen._validation import is_int
 __all__ = [
     "BASIS_CPU_BYTES",
     "BASIS_SHARE",
+    "BLOCK_BYTES",
+    "BLOCK_SHARE",
     "MARGIN",
     "MemoryPlan",
     "available_bytes",
     "check_memory_budget",
     "local_processes",
     "plan_memory",
+    "probe_block",
 ]
 
 #: Share of the free memory that ``memory_budget="auto"`` gives a measure.
@@ -87,6 +104,10 @@ MARGIN = 0.8
 BASIS_SHARE = 0.1
 #: Most bytes of a Lanczos basis in CPU memory (beyond: a smaller basis, or a file).
 BASIS_CPU_BYTES = 256 * 2**20
+#: Bytes a probe block and its products may always take (``2 B v``), whatever the graph.
+BLOCK_BYTES = 64 * 2**20
+#: Share of the estimated graph bytes a probe block and its products may take beyond that.
+BLOCK_SHARE = 0.5
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -253,7 +274,7 @@ def plan_memory(
         graph_bytes: Estimate of the kept gradient graph, 0 when unknown.
         work_vectors: Parameter-sized working vectors the measure holds.
         block_width: Probes per product block a trace estimator asks for; the plan
-            narrows it to the widest block (at least 1) that fits the budget.
+            narrows it by `probe_block` (at least 1).
         k: Eigenpairs wanted (0: no Lanczos basis).
         max_basis: A basis size the caller fixed (the plan then only reports it).
         basis_storage: A storage the caller fixed.
@@ -286,9 +307,8 @@ def plan_memory(
         budget, graph_bytes, disk = _agree(budget, graph_bytes, disk, process_group)
     itemsize = torch.empty((), dtype=dtype).element_size()
     v = numel * itemsize
-    if block_width > 1 and budget is not None:  # the widest block (at least 1) that fits
-        room = (budget - graph_bytes - work_vectors * v) // (2 * v) if v else block_width
-        block_width = max(1, min(block_width, int(room)))
+    if block_width > 1:
+        block_width = probe_block(block_width, v, graph_bytes, work_vectors, budget)
     fixed = graph_bytes + (work_vectors + 2 * block_width) * v
     m, storage = 0, basis_storage or "device"
     if k:
@@ -325,6 +345,30 @@ def plan_memory(
         planned_bytes=int(max(fixed, result_vectors * v) + in_memory),
         result_vectors=result_vectors,
     )
+
+
+def probe_block(asked: int, v: int, graph_bytes: int, work_vectors: int, budget: int | None) -> int:
+    r"""Probes per block: the widest (at most ``asked``, at least 1) the rules allow.
+
+    The block and its products, $2Bv$, take at most ``max(BLOCK_BYTES, BLOCK_SHARE *
+    graph_bytes)`` and at most what ``budget`` (None: no limit) leaves after the graph and
+    ``work_vectors`` vectors of ``v`` bytes (see the module docstring).
+
+    Examples:
+        >>> probe_block(32, 4000, 0, 1, None)  # 4 kB vectors: the block asked for
+        32
+        >>> probe_block(32, 500 * 10**6, 0, 1, None)  # 0.5 GB vectors: one probe
+        1
+        >>> probe_block(32, 10**8, 10**10, 1, None)  # a 10 GB graph: 25 probes of 0.1 GB
+        25
+    """
+    if v <= 0:
+        return max(1, asked)
+    cap = max(BLOCK_BYTES, int(BLOCK_SHARE * graph_bytes)) // (2 * v)
+    width = min(asked, cap)
+    if budget is not None:
+        width = min(width, (budget - graph_bytes - work_vectors * v) // (2 * v))
+    return max(1, int(width))
 
 
 def _disk_free() -> int:

@@ -36,6 +36,17 @@ def mean_and_stderr(samples: Tensor) -> tuple[float, float]:
     return mean, float(samples.std(unbiased=True)) / math.sqrt(n)
 
 
+def column_dots(X: Tensor, Y: Tensor) -> Tensor:
+    r"""$(x_j^\top y_j)_j$ for the columns of two ``(n, k)`` blocks, without an ``(n, k)`` copy.
+
+    Examples:
+        >>> import torch
+        >>> column_dots(torch.ones(3, 2), torch.arange(6.0).reshape(3, 2)).tolist()
+        [6.0, 9.0]
+    """
+    return torch.stack([torch.dot(X[:, j], Y[:, j]) for j in range(X.shape[1])])
+
+
 def next_round(count: int, stderr: float, target: float, minimum: int = 1) -> int:
     """Samples to add so that ``stderr`` (of ``count`` samples) is predicted to reach ``target``.
 
@@ -86,7 +97,9 @@ def hutchinson_trace(
         rtol: Target relative standard error, instead of ``num_matvecs``.
         max_matvecs: Cap on products when ``rtol`` is given.
         distribution: ``"rademacher"`` (lower variance, the default) or ``"gaussian"``.
-        block_size: Probes per block product (memory ``2 * n * block_size`` numbers).
+        block_size: Probes per block product (memory ``2 * n * block_size`` numbers: one
+            block of probes and its products is alive at a time, and only the per-probe
+            estimates are kept).
         generator: Source of all randomness; the global RNG is untouched when given.
         size: Dimension, when ``A`` is a callable.
 
@@ -134,8 +147,9 @@ def hutchinson_trace(
             n, b, distribution=distribution, generator=generator, dtype=op.dtype, device=op.device
         )
         AZ = op.matmat(Z)
-        quad.append((Z * AZ).sum(0))
-        frob.append((AZ * AZ).sum(0))
+        quad.append(column_dots(Z, AZ))
+        frob.append(column_dots(AZ, AZ))
+        del Z, AZ  # before the next block is drawn: one block alive at a time
         drawn += b
         if rtol is not None and drawn >= MIN_ADAPTIVE_SAMPLES:
             value, stderr = mean_and_stderr(torch.cat(quad))

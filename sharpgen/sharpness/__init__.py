@@ -9,13 +9,8 @@ projections are shared with the optimizers of `sharpgen.optim`.
 """
 
 from sharpgen.sharpness._average import AverageSharpnessResult, average_sharpness
-from sharpgen.sharpness._blocks import (
-    BlockTraces,
-    HessianDiagonal,
-    block_top_eigenvalues,
-    block_traces,
-    hessian_diagonal,
-)
+from sharpgen.sharpness._block_traces import BlockTraces, block_traces
+from sharpgen.sharpness._blocks import HessianDiagonal, block_top_eigenvalues, hessian_diagonal
 from sharpgen.sharpness._density import spectral_density
 from sharpgen.sharpness._eigen import ModelEigenResult, top_eigenvalues
 from sharpgen.sharpness._fisher import (

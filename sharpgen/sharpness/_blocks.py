@@ -1,8 +1,10 @@
-r"""Per-layer curvature: block traces, the Hessian diagonal and top eigenvalues per block."""
+r"""Per-layer curvature: the blocks, the Hessian diagonal and top eigenvalues per block.
+
+`block_traces` is in `sharpgen.sharpness._block_traces`.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,16 +28,16 @@ from sharpgen.linalg._diagonal import (
     hutchinson_diagonal,
     xdiag_diagonal,
 )
-from sharpgen.linalg._probes import draw_probes
 from sharpgen.sharpness._common import progress_bar
 from sharpgen.sharpness._operators import BlockOperator, ObjectiveOperator
 
 __all__ = [
-    "BlockTraces",
+    "Blocks",
     "HessianDiagonal",
     "block_top_eigenvalues",
-    "block_traces",
+    "check_blocks",
     "hessian_diagonal",
+    "resolve_blocks",
 ]
 
 Blocks = str | Mapping[str, Sequence[str]]
@@ -108,50 +110,6 @@ def resolve_blocks(params: Mapping[str, Tensor], blocks: Blocks) -> dict[str, li
 
 
 @dataclass(frozen=True, repr=False)
-class BlockTraces:
-    r"""Traces of the diagonal blocks of the Hessian, from the same products as the total.
-
-    Attributes:
-        traces: Block name -> $\operatorname{tr} H_{bb}$.
-        stderr: Block name -> standard error (0 when exact).
-        total: $\sum_b \operatorname{tr} H_{bb}$ (the trace of $H$ when the blocks cover
-            every selected parameter).
-        total_stderr: Standard error of ``total`` (from the per-probe totals).
-        blocks: Block name -> parameter names.
-        num_matvecs: Hessian-vector products spent.
-        method: ``"exact"`` or ``"hutchinson"``.
-    """
-
-    traces: dict[str, float]
-    stderr: dict[str, float]
-    total: float
-    total_stderr: float
-    blocks: dict[str, list[str]]
-    num_matvecs: int
-    method: str
-
-    def __repr__(self) -> str:
-        parts = ", ".join(f"{k or '<root>'}: {v:.4g}" for k, v in self.traces.items())
-        return (
-            f"BlockTraces(total={self.total:.6g} ± {self.total_stderr:.2g}, {parts}, "
-            f"method={self.method!r}, num_matvecs={self.num_matvecs})"
-        )
-
-    def plot(self, ax: Any = None) -> Any:
-        """Bar chart of the block traces with ± 2 standard errors."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(4, 0.6 * len(self.traces)), 3.5))
-        names = [k or "<root>" for k in self.traces]
-        ax.bar(names, list(self.traces.values()),
-               yerr=[2 * v for v in self.stderr.values()], capsize=3)  # fmt: skip
-        ax.set_ylabel("tr H_bb")
-        ax.tick_params(axis="x", rotation=45)
-        return ax.figure
-
-
-@dataclass(frozen=True, repr=False)
 class HessianDiagonal:
     r"""The diagonal of the Hessian, per parameter.
 
@@ -173,101 +131,6 @@ class HessianDiagonal:
             f"HessianDiagonal(params={list(self.values)[:4]}, sum={total:.6g}, "
             f"method={self.method!r}, num_matvecs={self.num_matvecs})"
         )
-
-
-def block_traces(
-    model: nn.Module | ModelObjective,
-    loss_fn: Callable[[Any, Any], Tensor] | None = None,
-    data: Any = None,
-    *,
-    blocks: Blocks = "module",
-    method: str = "auto",
-    num_matvecs: int = 100,
-    exact_threshold: int = 2000,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    **objective_options: Any,
-) -> BlockTraces:
-    r"""Traces of the Hessian's diagonal blocks (per layer), which sum to the trace.
-
-    Hutchinson with Rademacher probes $z_j$ gives every block from the same products:
-    $\widehat{\operatorname{tr}} H_{bb} = \frac1m\sum_j z_{j,b}^\top (H z_j)_b$, unbiased
-    since $\mathbb{E}[z_b z_{b'}^\top] = 0$ for $b \ne b'$; the block estimates add up to
-    the Hutchinson estimate of $\operatorname{tr} H$ exactly, each with its own standard
-    error. ``"exact"`` sums the exact diagonal ($p$ products); ``"auto"`` is exact up to
-    ``exact_threshold`` parameters.
-
-    Args:
-        model: Any ``nn.Module`` or a ready `sharpgen.ModelObjective`.
-        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
-        data: One batch or an iterable of batches.
-        blocks: ``"module"`` (parameters grouped by the module that owns them, default),
-            ``"parameter"`` (one block per tensor) or a dict block name -> names.
-        method: ``"auto"``, ``"exact"`` or ``"hutchinson"``.
-        num_matvecs: Probes of ``"hutchinson"``.
-        exact_threshold: Largest parameter count ``"auto"`` treats exactly.
-        generator: Source of the probes.
-        progress: A tqdm bar over the products.
-        **objective_options: With a model: the keyword arguments of
-            `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
-            ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
-            ``func_mode``, ``vectorize``.
-
-    Returns:
-        A `BlockTraces` (``.plot()`` draws a bar chart).
-
-    Examples:
-        >>> import torch
-        >>> model = torch.nn.Linear(2, 1).double()
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
-        >>> data = (x, torch.zeros(2, 1, dtype=torch.float64))
-        >>> res = block_traces(model, torch.nn.functional.mse_loss, data, blocks="parameter")
-        >>> res.traces, res.total  # H = (2/n) sum [x;1][x;1]^T
-        ({'weight': 10.0, 'bias': 2.0}, 12.0)
-    """
-    method = check_choice("method", method, ("auto", "exact", "hutchinson"))
-    num_matvecs = check_int("num_matvecs", num_matvecs, minimum=2)
-    exact_threshold = check_int("exact_threshold", exact_threshold, minimum=0)
-    check_bool("progress", progress)
-    generator = check_generator(generator)
-    check_blocks(blocks)
-    obj = resolve_objective(model, loss_fn, data, objective_options, where="block_traces")
-    groups = resolve_blocks(obj.params, blocks)
-    op = ObjectiveOperator(obj, "hvp")
-    p = op.shape[0]
-    if method == "auto":
-        method = "exact" if p <= exact_threshold else "hutchinson"
-    offsets, start = {}, 0
-    for n, t in obj.params.items():
-        offsets[n] = (start, start + t.numel())
-        start += t.numel()
-    total = p if method == "exact" else num_matvecs
-    with progress_bar(progress, total=total, desc="block_traces", unit="matvec") as bar:
-        if method == "exact":
-            diag = exact_diagonal(op, bar=bar).values
-            samples = diag[:, None]  # one "sample": the exact diagonal
-        else:
-            Z = draw_probes(p, num_matvecs, distribution="rademacher", generator=generator,
-                            dtype=obj.dtype, device=obj.device)  # fmt: skip
-            HZ = torch.cat([op.matmat(Z[:, i : i + 16]) for i in range(0, num_matvecs, 16)], 1)
-            bar.update(num_matvecs)
-            samples = Z * HZ  # (p, m): coordinate contributions of each probe
-    per_block = {
-        b: _add_up([samples[offsets[n][0] : offsets[n][1]].sum(0) for n in names])
-        for b, names in groups.items()
-    }  # block -> (m,) per-probe estimates
-    totals = _add_up(list(per_block.values()))
-    m = samples.shape[1]
-
-    def se(v: Tensor) -> float:
-        return 0.0 if method == "exact" else float(v.std() / math.sqrt(m))
-
-    return BlockTraces(
-        traces={b: float(v.mean()) for b, v in per_block.items()},
-        stderr={b: se(v) for b, v in per_block.items()},
-        total=float(totals.mean()), total_stderr=se(totals), blocks=groups,
-        num_matvecs=total, method=method,
-    )  # fmt: skip
 
 
 def hessian_diagonal(
@@ -411,12 +274,4 @@ def block_top_eigenvalues(
         evals, evecs = evals.flip(0), evecs.flip(1)
         res = (dense @ evecs - evecs * evals).norm(dim=0)
         out[name] = EigenResult(evals, evecs, res, True, op.shape[0], 1, method="dense", tol=tol)
-    return out
-
-
-def _add_up(terms: list[Tensor]) -> Tensor:
-    """``terms[0] + terms[1] + ...`` in order (as the built-in ``sum``, typed)."""
-    out = terms[0]
-    for t in terms[1:]:
-        out = out + t
     return out

@@ -26,7 +26,8 @@ from sharpgen._validation import (
 from sharpgen.curvature import ModelObjective, model_loss
 from sharpgen.curvature._options import OBJECTIVE_OPTIONS, check_options
 from sharpgen.sharpness._average import average_sharpness
-from sharpgen.sharpness._blocks import block_traces, check_blocks
+from sharpgen.sharpness._block_traces import block_traces
+from sharpgen.sharpness._blocks import check_blocks
 from sharpgen.sharpness._eigen import top_eigenvalues
 from sharpgen.sharpness._fisher import FISHER_KINDS, fisher_rao_norm, ggn_trace
 from sharpgen.sharpness._invariant import relative_flatness

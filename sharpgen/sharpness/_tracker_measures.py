@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sharpgen.curvature import ModelObjective
-from sharpgen.sharpness._blocks import block_traces
+from sharpgen.sharpness._block_traces import block_traces
 from sharpgen.sharpness._fisher import fisher_rao_norm, ggn_trace
 from sharpgen.sharpness._invariant import relative_flatness
 from sharpgen.sharpness._pacbayes import pac_bayes_sigma

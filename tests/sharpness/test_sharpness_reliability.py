@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -232,7 +234,6 @@ class _SquareNet(nn.Module):
 
 
 FIRST_ORDER = {
-    "block_traces": lambda m, d: sg.block_traces(m, mse, d, second_order="warn").traces,
     "hessian_diagonal": lambda m, d: sg.hessian_diagonal(m, mse, d, second_order="warn").values,
     "ggn_trace": lambda m, d: sg.ggn_trace(m, mse, d, second_order="warn").value,
     "fisher_rao": lambda m, d: sg.fisher_rao_norm(m, mse, d, second_order="warn").squared,
@@ -259,6 +260,22 @@ def test_classic_function_falls_back_to_double_backward_with_the_same_values(nam
     flat = torch.utils._pytree.tree_leaves
     for a, b in zip(flat(got), flat(want), strict=True):
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-9, atol=1e-12)
+
+
+def test_block_traces_take_double_backward_on_a_cpu_with_the_same_values():
+    # like hessian_trace: the Hessian operator's products, double backward from the start
+    torch.manual_seed(0)
+    classic = _SquareNet(classic=True).to(DT)
+    plain = _SquareNet(classic=False).to(DT)
+    plain.load_state_dict(classic.state_dict())
+    data = _batches(bad=False)
+    want = sg.block_traces(plain, mse, data, second_order="warn").traces
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sg.block_traces(classic, mse, data, second_order="warn").traces
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12)
 
 
 def test_tracker_load_state_dict_is_all_or_nothing():
