@@ -113,7 +113,11 @@ def hutchinson_diagonal(
     Args:
         A: Dense symmetric tensor, `LinearOperator` or matvec callable.
         num_matvecs: Number of probes $m$.
-        block_size: Probes per block product.
+        block_size: Probes per block: a block of probes is drawn, multiplied and reduced
+            into the running per-entry mean and spread before the next is drawn, so the
+            call holds $2 \cdot$ ``block_size`` $+ 2$ vectors, never all $m$ probes. The
+            probes are drawn block by block (``block_size >= num_matvecs``: the
+            ``(n, m)`` draw of one block).
         generator: Source of the probes; the global RNG is untouched when given.
         size: Dimension when ``A`` is a callable.
 
@@ -136,11 +140,27 @@ def hutchinson_diagonal(
     block_size = check_int("block_size", block_size)
     generator = check_generator(generator)
     n = op.shape[0]
-    Z = _probes(n, num_matvecs, "rademacher", op, generator)
-    AZ = torch.cat(
-        [op.matmat(Z[:, i : i + block_size]) for i in range(0, num_matvecs, block_size)], 1
-    )
-    mean, se = _hutchinson_rows(Z, AZ)
+    # streamed: per entry the running mean and sum of squared deviations (Chan et al.)
+    mean = torch.zeros(n, dtype=op.dtype, device=op.device)
+    m2 = torch.zeros_like(mean)
+    count = 0
+    for start in range(0, num_matvecs, block_size):
+        b = min(block_size, num_matvecs - start)
+        Z = _probes(n, b, "rademacher", op, generator)
+        S = op.matmat(Z).mul_(Z)  # (n, b): entry i of z_j * (A z_j)
+        del Z
+        block_mean = S.mean(1)
+        S.sub_(block_mean[:, None])
+        block_m2 = S.square_().sum(1)
+        del S
+        delta = block_mean.sub_(mean)
+        total = count + b
+        mean.add_(delta, alpha=b / total)
+        m2.add_(block_m2).add_(delta.square_(), alpha=count * b / total)
+        count = total
+    if num_matvecs < 2:
+        return DiagonalEstimate(mean, torch.full_like(mean, math.inf), num_matvecs, "hutchinson")
+    se = m2.div_(num_matvecs - 1).sqrt_().div_(math.sqrt(num_matvecs))
     return DiagonalEstimate(mean, se, num_matvecs, "hutchinson")
 
 

@@ -112,13 +112,18 @@ def probe_sums(
         Z = draw_probes(n, b, distribution="rademacher", generator=generator,
                         dtype=op.dtype, device=op.device)  # fmt: skip
         AZ = op.matmat(Z)
-        pieces = zip(Z.split(sizes), AZ.split(sizes), strict=True)
-        cols.append(torch.stack([column_dots(z, az) for z, az in pieces]).to(torch.float64))
+        cols.append(_piece_dots(Z, AZ, sizes))
         del Z, AZ  # before the next block is drawn
         drawn += b
         if bar is not None:
             bar.update(b)
     return torch.cat(cols, 1)
+
+
+def _piece_dots(Z: Tensor, AZ: Tensor, sizes: list[int]) -> Tensor:
+    """``(len(sizes), b)`` float64: the column dots of every piece of rows."""
+    pieces = zip(Z.split(sizes), AZ.split(sizes), strict=True)
+    return torch.stack([column_dots(z, az) for z, az in pieces]).to(torch.float64)
 
 
 def block_traces(

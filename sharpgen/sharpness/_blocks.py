@@ -20,6 +20,7 @@ from sharpgen._validation import (
     check_positive,
 )
 from sharpgen.curvature import ModelObjective, unflatten_params
+from sharpgen.curvature._plan import MemoryPlan, check_memory_budget, plan_memory
 from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import EigenResult, lanczos
 from sharpgen.linalg._diagonal import (
@@ -118,12 +119,15 @@ class HessianDiagonal:
         stderr: Name -> standard errors of the same shape (zeros when exact).
         num_matvecs: Hessian-vector products spent.
         method: ``"exact"``, ``"hutchinson"`` or ``"diagpp"``.
+        memory: The memory plan of ``"exact"`` and ``"hutchinson"`` (their blocks of
+            basis vectors or probes; `sharpgen.curvature.MemoryPlan`), else None.
     """
 
     values: dict[str, Tensor]
     stderr: dict[str, Tensor]
     num_matvecs: int
     method: str
+    memory: MemoryPlan | None = None
 
     def __repr__(self) -> str:
         total = sum(float(v.sum()) for v in self.values.values())
@@ -143,6 +147,7 @@ def hessian_diagonal(
     exact_threshold: int = 2000,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    memory_budget: int | str | None = "auto",
     **objective_options: Any,
 ) -> HessianDiagonal:
     r"""The diagonal of the Hessian, $H_{ii} = \partial^2 L / \partial\theta_i^2$.
@@ -166,6 +171,13 @@ def hessian_diagonal(
         exact_threshold: Largest parameter count ``"auto"`` treats exactly.
         generator: Source of the probes.
         progress: A tqdm bar (exact method).
+        memory_budget: Bytes the call may hold beyond what the process holds: ``"auto"``
+            (default, 80% of what the device has free), None (no limit) or an int. The
+            plan (``result.memory``, `sharpgen.curvature.plan_memory`) sets the block of
+            ``"exact"`` (basis vectors) and ``"hutchinson"`` (probes, streamed: the call
+            holds $2B + 2$ vectors, not all $m$ probes); the sketches of ``"diagpp"``
+            and ``"xdiag"`` (probes, basis and products: $m$ to $3m$ parameter-sized
+            vectors at once) are theirs and not planned.
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
@@ -192,16 +204,24 @@ def hessian_diagonal(
     exact_threshold = check_int("exact_threshold", exact_threshold, minimum=0)
     check_bool("progress", progress)
     generator = check_generator(generator)
+    memory_budget = check_memory_budget(memory_budget)
     obj = resolve_objective(model, loss_fn, data, objective_options, where="hessian_diagonal")
     op = ObjectiveOperator(obj, "hvp")
     if method == "auto":
         method = "exact" if op.shape[0] <= exact_threshold else "diagpp"
+    # the plan's block of basis vectors or probes (for Hutchinson at most all m probes:
+    # the one (n, m) draw of before where they fit); the sketches of Diag++/XDiag are theirs
+    asked = {"exact": 64, "hutchinson": num_matvecs}.get(method, 0)
+    plan = plan_memory("hessian_diagonal", numel=op.shape[0], dtype=op.dtype, device=op.device,
+                       memory_budget=memory_budget, work_vectors=2,
+                       block_width=asked) if asked else None  # fmt: skip
     if method == "exact":
         with progress_bar(progress, total=op.shape[0], desc="hessian_diagonal",
                           unit="matvec") as bar:  # fmt: skip
-            est = exact_diagonal(op, bar=bar)
+            est = exact_diagonal(op, block_size=plan.block_width, bar=bar)  # type: ignore[union-attr]
     elif method == "hutchinson":
-        est = hutchinson_diagonal(op, num_matvecs=num_matvecs, generator=generator)
+        est = hutchinson_diagonal(op, num_matvecs=num_matvecs, block_size=plan.block_width,  # type: ignore[union-attr]
+                                  generator=generator)  # fmt: skip
     elif method == "xdiag":
         est = xdiag_diagonal(op, num_matvecs=num_matvecs, generator=generator)
     else:
@@ -210,6 +230,7 @@ def hessian_diagonal(
         values={n: t.clone() for n, t in unflatten_params(est.values, obj.params).items()},
         stderr={n: t.clone() for n, t in unflatten_params(est.stderr, obj.params).items()},
         num_matvecs=est.num_matvecs, method=est.method,
+        memory=None if plan is None else plan.with_peak(op.device),
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from sharpgen.curvature import ModelObjective
 from sharpgen.curvature._plan import check_memory_budget, plan_memory
 from sharpgen.linalg import LinearOperator, TraceEstimate, trace
+from sharpgen.linalg._adaptive import PILOT_PROBES
 from sharpgen.linalg._trace import TRACE_METHODS, resolve_trace_method
 from sharpgen.sharpness._common import (
     MeasureSource,
@@ -71,7 +72,9 @@ def hessian_trace(
       spectrum, deflation when a few eigenvalues dominate; a calibrated standard error.
     * ``"auto"`` (default): the rule of `sharpgen.linalg.trace`: ``"exact"`` when
       $p \le$ ``exact_threshold`` and the budget allows $p$ products (``num_matvecs >= p``,
-      or ``max_matvecs >= p`` with ``rtol``), else ``"adaptive"``.
+      or ``max_matvecs >= p`` with ``rtol``), else ``"adaptive"`` -- or ``"hutchinson"``
+      where the adaptive sketch ($2 \cdot 16$ parameter-sized vectors with ``rtol``,
+      $2 \lfloor m/3 \rfloor$ with a budget $m$) does not fit ``memory_budget``.
 
     The stochastic methods run a fixed budget of ``num_matvecs`` products, or add products
     until the relative standard error is below ``rtol`` (capped by ``max_matvecs``;
@@ -161,12 +164,15 @@ def hessian_trace(
     generator = check_generator(generator)
     source = MeasureSource(model, loss_fn, data, objective_options, where="hessian_trace")
     p = source.numel
+    asked = method
     method = _resolve_method(method, p, num_matvecs, rtol, max_matvecs, exact_threshold)
     memory_budget = check_memory_budget(memory_budget)
     device = source.device
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     H = source.hessian()
     graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
+    if asked == "auto" and method == "adaptive":
+        method = _fits_adaptive(p, H.dtype, device, memory_budget, graph, num_matvecs)
     total = p if method == "exact" else (num_matvecs or max_matvecs)
     # the probe blocks the plan may narrow: exact's basis block and Hutchinson's probes
     planned = {"exact": block_size, "hutchinson": HUTCHINSON_BLOCK}.get(method, 0)
@@ -185,6 +191,29 @@ def hessian_trace(
             probe_block=probe_block,
         )  # fmt: skip
     return replace(est, memory=plan.with_peak(device))
+
+
+def _fits_adaptive(
+    p: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_budget: int | str | None,
+    graph: int,
+    num_matvecs: int | None,
+) -> str:
+    """``"adaptive"`` where its sketch fits the budget, else the streamed ``"hutchinson"``.
+
+    The adaptive estimator keeps its sketch probes and their products: $2s$ vectors with
+    $s$ = `PILOT_PROBES` (``rtol``) or ``num_matvecs // 3`` (a fixed budget), and more if
+    it grows the sketch. Where even those do not fit (GPT-2 small: 16 GB for $s = 16$),
+    ``"auto"`` takes Hutchinson, which holds one probe block at a time.
+    """
+    s = PILOT_PROBES if num_matvecs is None else num_matvecs // 3
+    plan = plan_memory("hessian_trace", numel=p, dtype=dtype, device=device,
+                       memory_budget=memory_budget, graph_bytes=graph, work_vectors=1)  # fmt: skip
+    if plan.budget is not None and plan.planned_bytes + 2 * s * plan.vector_bytes > plan.budget:
+        return "hutchinson"
+    return "adaptive"
 
 
 def _resolve_method(

@@ -8,9 +8,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from sharpgen import block_traces, hessian_trace, hutchinson_trace, plan_memory
+from sharpgen import (
+    block_traces,
+    hessian_diagonal,
+    hessian_trace,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    plan_memory,
+)
 from sharpgen.curvature._plan import BLOCK_BYTES, BLOCK_SHARE, probe_block
-from sharpgen.linalg import LinearOperator
+from sharpgen.linalg import LinearOperator, trace
 from sharpgen.linalg._probes import draw_probes
 from sharpgen.sharpness._block_traces import probe_sums
 
@@ -41,6 +48,8 @@ class _Watch(LinearOperator):
     def __init__(self, A: Tensor) -> None:
         super().__init__(A.shape[0], A.dtype, A.device)
         self.A, self.widths, self.widest = A, [], 0
+        gc.collect()
+        assert _widest(A.shape[0]) == 0  # no other test's (n, k) tensor in the way
 
     def _matmat(self, V: Tensor) -> Tensor:
         self.widths.append(V.shape[1])
@@ -88,10 +97,10 @@ def test_rademacher_probes_are_the_numbers_of_randint(dtype):
     torch.set_rng_state(state)
 
 
-# -- streamed estimates: the values of the same probes, one block alive -----------------------------
+# -- streamed estimates: the values of the same probes, one block alive ------------------------
 @pytest.mark.parametrize("block", [1, 3, 16])
 def test_hutchinson_streams_blocks_with_the_values_of_its_probes(block):
-    n, m = 40, 10
+    n, m = 41, 10
     A = torch.randn(n, n, dtype=DT, generator=_g(0))
     A = A + A.T
     op = _Watch(A)
@@ -107,10 +116,10 @@ def test_hutchinson_streams_blocks_with_the_values_of_its_probes(block):
 
 
 def test_probe_sums_are_the_pieces_of_the_same_probes():
-    n, m = 30, 9
+    n, m = 31, 9
     A = torch.randn(n, n, dtype=DT, generator=_g(2))
     A = A @ A.T
-    sizes = [4, 20, 6]
+    sizes = [4, 21, 6]
     for block in (1, 4, 9):
         op = _Watch(A)
         S = probe_sums(op, sizes, num_probes=m, block=block, generator=_g(7))
@@ -188,8 +197,68 @@ def test_hessian_trace_keeps_one_block_alive(h, monkeypatch):
         return inner(self, V)
 
     monkeypatch.setattr(HessianOperator, "_matmat", watch)
+    gc.collect()
+    assert _widest(n) == 0  # no other test's (n, k) tensor in the way
     est = hessian_trace(model, h.mse, (x, y), method="hutchinson", num_matvecs=40,
                         generator=_g(5), memory_budget=(1 + 2 * 10) * n * 8)  # fmt: skip
     assert est.memory.block_width == 10 and seen == [10, 10, 10, 10]
     ref = hutchinson_trace(H, num_matvecs=40, block_size=10, generator=_g(5))
     assert est.value == pytest.approx(ref.value, rel=1e-10)
+
+
+@pytest.mark.parametrize("block", [1, 4, 30])
+def test_hutchinson_diagonal_streams_blocks_with_the_values_of_its_probes(block):
+    n, m = 27, 12
+    A = torch.randn(n, n, dtype=DT, generator=_g(8))
+    A = A + A.T
+    op = _Watch(A)
+    est = hutchinson_diagonal(op, num_matvecs=m, block_size=block, generator=_g(9))
+    Z = _reference_probes(n, m, block, 9)
+    S = Z * (A @ Z)
+    torch.testing.assert_close(est.values, S.mean(1), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(est.stderr, S.std(1) / m**0.5, rtol=1e-10, atol=1e-13)
+    assert op.widths == [min(block, m - i) for i in range(0, m, block)]
+    assert op.widest == min(block, m)
+
+
+def test_hessian_diagonal_follows_the_plan(h, state_check):
+    model = h.make_mlp(0)
+    x, y = h.regression_data(12)
+    H = h.dense_hessian(model, h.mse, x, y)
+    check = state_check(model)
+    flat = {}
+    for budget, block in (("auto", 40), (1, 1)):
+        d = hessian_diagonal(model, h.mse, (x, y), method="hutchinson", num_matvecs=40,
+                             generator=_g(3), memory_budget=budget)  # fmt: skip
+        assert d.memory.block_width == block
+        ref = hutchinson_diagonal(H, num_matvecs=40, block_size=block, generator=_g(3))
+        flat[budget] = torch.cat([t.reshape(-1) for t in d.values.values()])
+        torch.testing.assert_close(flat[budget], ref.values, rtol=1e-10, atol=1e-12)
+    check()
+    exact = hessian_diagonal(model, h.mse, (x, y), memory_budget=1)
+    assert exact.method == "exact" and exact.memory.block_width == 1
+    got = torch.cat([t.reshape(-1) for t in exact.values.values()])
+    torch.testing.assert_close(got, H.diagonal(), rtol=1e-10, atol=1e-12)
+
+
+def test_auto_trace_streams_hutchinson_where_the_adaptive_sketch_does_not_fit(h):
+    model = h.make_mlp(0)
+    x, y = h.regression_data(12)
+    H = h.dense_hessian(model, h.mse, x, y)
+    v = H.shape[0] * 8
+    # rtol: the adaptive pilot holds 16 probes and their products, 32 vectors
+    free = hessian_trace(model, h.mse, (x, y), exact_threshold=0, rtol=0.05, generator=_g(6),
+                         memory_budget=None)  # fmt: skip
+    want = trace(H, method="adaptive", rtol=0.05, generator=_g(6))
+    assert free.value == pytest.approx(want.value, rel=1e-10) and free.method == want.method
+    tight = hessian_trace(model, h.mse, (x, y), exact_threshold=0, rtol=0.05, generator=_g(6),
+                          memory_budget=20 * v)  # fmt: skip
+    ref = hutchinson_trace(H, rtol=0.05, block_size=tight.memory.block_width, generator=_g(6))
+    assert tight.method == "hutchinson" and tight.value == pytest.approx(ref.value, rel=1e-10)
+    assert abs(tight.value - float(H.trace())) < 5 * tight.stderr
+    # a fixed budget of m products: a sketch of m // 3 probes and their products
+    fixed = hessian_trace(model, h.mse, (x, y), exact_threshold=0, num_matvecs=30,
+                          generator=_g(6), memory_budget=10 * v)  # fmt: skip
+    ref = hutchinson_trace(H, num_matvecs=30, block_size=fixed.memory.block_width,
+                           generator=_g(6))  # fmt: skip
+    assert fixed.method == "hutchinson" and fixed.value == pytest.approx(ref.value, rel=1e-10)
