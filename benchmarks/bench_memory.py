@@ -159,7 +159,8 @@ def _call(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
             r = block_traces(model, loss_fn, data, method="hutchinson", num_matvecs=3,
                              generator=gen, **opts, **extra)  # fmt: skip
-            out.update(value=float(r.total), products=r.num_matvecs)
+            out.update(value=float(r.total), products=r.num_matvecs,
+                       plan=repr(getattr(r, "memory", None)))  # fmt: skip
         elif name == "pyhessian":
             from pyhessian import hessian
 

@@ -207,6 +207,7 @@ def block_traces(
     plan = plan_memory(
         "block_traces", numel=p, dtype=obj.dtype, device=device, memory_budget=memory_budget,
         graph_bytes=graph, block_width=min(64 if method == "exact" else num_matvecs, total),
+        process_group=obj.process_group,
     )  # fmt: skip
     names = list(obj.params)
     sizes = [t.numel() for t in obj.params.values()]

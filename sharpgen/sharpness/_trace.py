@@ -172,7 +172,8 @@ def hessian_trace(
     H = source.hessian()
     graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
     if asked == "auto" and method == "adaptive":
-        method = _fits_adaptive(p, H.dtype, device, memory_budget, graph, num_matvecs)
+        method = _fits_adaptive(p, H.dtype, device, memory_budget, graph, num_matvecs,
+                                source.process_group)  # fmt: skip
     total = p if method == "exact" else (num_matvecs or max_matvecs)
     # the probe blocks the plan may narrow: exact's basis block and Hutchinson's probes
     planned = {"exact": block_size, "hutchinson": HUTCHINSON_BLOCK}.get(method, 0)
@@ -200,17 +201,20 @@ def _fits_adaptive(
     memory_budget: int | str | None,
     graph: int,
     num_matvecs: int | None,
+    group: Any,
 ) -> str:
     """``"adaptive"`` where its sketch fits the budget, else the streamed ``"hutchinson"``.
 
     The adaptive estimator keeps its sketch probes and their products: $2s$ vectors with
     $s$ = `PILOT_PROBES` (``rtol``) or ``num_matvecs // 3`` (a fixed budget), and more if
     it grows the sketch. Where even those do not fit (GPT-2 small: 16 GB for $s = 16$),
-    ``"auto"`` takes Hutchinson, which holds one probe block at a time.
+    ``"auto"`` takes Hutchinson, which holds one probe block at a time. Over a process
+    group the ranks decide on the plan they agree on.
     """
     s = PILOT_PROBES if num_matvecs is None else num_matvecs // 3
     plan = plan_memory("hessian_trace", numel=p, dtype=dtype, device=device,
-                       memory_budget=memory_budget, graph_bytes=graph, work_vectors=1)  # fmt: skip
+                       memory_budget=memory_budget, graph_bytes=graph, work_vectors=1,
+                       process_group=group)  # fmt: skip
     if plan.budget is not None and plan.planned_bytes + 2 * s * plan.vector_bytes > plan.budget:
         return "hutchinson"
     return "adaptive"
