@@ -1,8 +1,8 @@
 """The lower layers never import a higher one (docs/guide/design.md).
 
 linalg <- curvature <- sharpness <- optim / experiments / landscape / integrations <- cli, with
-the collectives (`sharpgen._distributed`) and the argument rules (`sharpgen._validation`)
-below all of them. Imports inside functions count too.
+the collectives (`sharpgen._distributed`), the argument rules (`sharpgen._validation`) and
+the precision rules (`sharpgen._precision`) below all of them. Imports inside functions count too.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sharpgen"
 ABOVE_SHARPNESS = ["optim", "experiments", "landscape", "integrations", "cli", "study"]
 FORBIDDEN = {
     "_validation": ["_distributed", "linalg", "curvature", "sharpness", *ABOVE_SHARPNESS],
+    "_precision": ["_distributed", "linalg", "curvature", "sharpness", *ABOVE_SHARPNESS],
     "_distributed": ["linalg", "curvature", "sharpness", *ABOVE_SHARPNESS],
     "linalg": ["curvature", "sharpness", *ABOVE_SHARPNESS],
     "curvature": ["sharpness", *ABOVE_SHARPNESS],

@@ -61,7 +61,7 @@ class CurvatureOperator(LinearOperator):
         self.objective = resolve_objective(
             model, loss_fn, data, objective_options, where=type(self).__name__
         )
-        super().__init__(self.objective.numel, self.objective.dtype, self.objective.device)
+        super().__init__(self.objective.numel, self.objective.accum_dtype, self.objective.device)
         self._backend = backend if backend is not None else self.objective.backend
         obj = self.objective
         several = obj.bn == "eval" and not obj.dropout and self._backend != "func"

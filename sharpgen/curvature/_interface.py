@@ -99,7 +99,10 @@ class Objective(BatchFunctions, GraphKeyed, Protocol):
     ``_weight(n)`` is a batch's weight in the dataset sum and ``_finish`` the one reduction
     point (over batches and processes); ``_iter()`` yields the validated batches of a pass
     and ``_first_batch()`` the first one, unchecked; ``_others()`` the non-selected
-    parameters, detached. ``_graph_cache``, ``_func_mode``,
+    parameters, detached. ``dtype`` is the parameters' (what products are computed in),
+    ``accum_dtype`` what sums, products and vectors are kept in (float32 for a
+    bfloat16/float16 model, `sharpgen._precision`); ``precision()`` the context of a
+    forward pass (the objective's autocast). ``_graph_cache``, ``_func_mode``,
     ``_tangents_checked``, ``_first_order`` and ``_first_graph`` are the products' state on
     this objective.
     """
@@ -121,6 +124,9 @@ class Objective(BatchFunctions, GraphKeyed, Protocol):
 
     @property
     def device(self) -> torch.device: ...
+
+    @property
+    def accum_dtype(self) -> torch.dtype: ...
 
     @property
     def process_group(self) -> Any: ...
@@ -146,6 +152,8 @@ class Objective(BatchFunctions, GraphKeyed, Protocol):
     def resolve(self, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]: ...
 
     def state(self) -> AbstractContextManager[None]: ...
+
+    def precision(self) -> AbstractContextManager[Any]: ...
 
     def _iter(self) -> Iterator[tuple[Any, Any]]: ...
 

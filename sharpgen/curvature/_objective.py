@@ -16,7 +16,7 @@ every batch the same way inside each pass (`sharpgen.curvature._micro`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -24,18 +24,23 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sharpgen._distributed import AUTO, resolve_process_group, unwrap_model
+from sharpgen._precision import (
+    accumulation_dtype,
+    check_autocast,
+    full_precision,
+    refuse_missing_kernel,
+    upcast_outputs,
+)
 from sharpgen.curvature._attention import first_order_attention, objective_attention
-from sharpgen.curvature._backend import check_backend
 from sharpgen.curvature._columns import ColumnPlan
 from sharpgen.curvature._data import as_batches, check_devices, num_samples
 from sharpgen.curvature._interface import FirstGraph
-from sharpgen.curvature._kernels import GGN, HESSIAN, Kernel
 from sharpgen.curvature._micro import micro_batches, refuse_batch_statistics
 from sharpgen.curvature._model_loss import model_loss
+from sharpgen.curvature._objective_products import ObjectiveProducts
 from sharpgen.curvature._options import check_model_and_loss, check_options
 from sharpgen.curvature._params import ParamSelection, base_point, check_point, select_params
 from sharpgen.curvature._passes import dataset_loss, dataset_loss_and_gradient
-from sharpgen.curvature._products import block_views, product
 from sharpgen.curvature._reduce import check_finite, dataset_reduce
 from sharpgen.curvature._second_order import check_second_order
 from sharpgen.curvature._sharding import without_sampler_padding
@@ -51,7 +56,7 @@ from sharpgen.curvature._validate import (
 __all__ = ["ModelObjective"]
 
 
-class ModelObjective:
+class ModelObjective(ObjectiveProducts):
     r"""The dataset loss $L(\theta)$ of ``(model, loss_fn, data)`` as a pure function.
 
     The selected parameters $\theta$ are a dict name -> tensor. Evaluations go through
@@ -123,6 +128,10 @@ class ModelObjective:
             until `clear_cache` and a product is one backward pass per batch; recomputed, a
             product holds $\max_b S_b$ while it runs and nothing after, for one more forward
             and backward pass per batch (the memory model: `sharpgen.curvature._products`).
+        autocast: Forward passes under `torch.autocast` (float32 parameters): ``None``
+            (default) follows the caller's context when the objective is built, ``False``
+            never, ``True`` torch's default dtype of the device, or a dtype (``bfloat16``,
+            ``float16``). Sums are float32 either way (guide: *Low precision*).
 
     Attributes:
         params: Detached copies of the selected parameters at construction time (the base
@@ -167,13 +176,14 @@ class ModelObjective:
         second_order: str = "raise",
         micro_batch_size: int | None = None,
         graphs: str = "auto",
+        autocast: torch.dtype | bool | None = None,
     ) -> None:
         loss_fn = model_loss if loss_fn is None else loss_fn  # the model's own loss
         check_model_and_loss(model, loss_fn)
         options: dict[str, Any] = {
             "bn": bn, "dropout": dropout, "reduction": reduction, "backend": backend,
             "func_mode": func_mode, "vectorize": vectorize, "second_order": second_order,
-            "micro_batch_size": micro_batch_size, "graphs": graphs,
+            "micro_batch_size": micro_batch_size, "graphs": graphs, "autocast": autocast,
         }  # fmt: skip
         check_options(**options)
         group = resolve_process_group(process_group, model)
@@ -196,6 +206,12 @@ class ModelObjective:
         first = next(iter(self.params.values()))
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
+        # sums, products and vectors: float32 for a bfloat16/float16 model (`_precision`)
+        self.accum_dtype = accumulation_dtype(self.dtype)
+        self.autocast = check_autocast(autocast, self.dtype, self.device)
+        self._options["autocast"] = False if self.autocast is None else self.autocast
+        # the loss of low-precision outputs is computed in float32 (`upcast_outputs`)
+        self._loss_upcast = self.autocast is not None or self.accum_dtype != self.dtype
         self.sizes: list[int] = [t.numel() for t in self.params.values()]
         self.numel: int = sum(self.sizes)
         self._batches = as_batches(without_sampler_padding(data))
@@ -272,15 +288,22 @@ class ModelObjective:
         """Return ``params`` checked against the selection (``None`` -> the base point)."""
         if params is None:
             return self.params
-        return check_point(params, self.params, self.dtype, self.device)
+        wider = self.accum_dtype if self.accum_dtype != self.dtype else None
+        return check_point(params, self.params, self.dtype, self.device, wider)
 
     def _others(self) -> dict[str, Tensor]:
         """The model's non-selected parameters, detached (they are constants here)."""
         return {n: p.detach() for n, p in self.model.named_parameters() if n not in self.params}
 
+    def precision(self) -> AbstractContextManager[Any]:
+        """Context of a forward pass: the objective's `torch.autocast`, else none at all."""
+        if self.autocast is None:
+            return full_precision()  # fixed when built: a later caller's context is ignored
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def _forward(self, others: dict[str, Tensor], p: Mapping[str, Tensor], inputs: Any) -> Any:
         full = {**others, **p}
-        with objective_attention():  # twice-differentiable attention (`_attention`)
+        with objective_attention(), self.precision():  # attention: see `_attention`
             if isinstance(inputs, Mapping):
                 return functional_call(self.model, full, (), dict(inputs))
             if isinstance(inputs, (tuple, list)):
@@ -288,6 +311,8 @@ class ModelObjective:
             return functional_call(self.model, full, (inputs,))
 
     def _apply_loss(self, outputs: Any, targets: Any) -> Tensor:
+        if self._loss_upcast:
+            outputs = upcast_outputs(outputs)
         return checked_loss(self.loss_fn(outputs, targets))
 
     def batch_loss(
@@ -309,8 +334,15 @@ class ModelObjective:
 
     @contextmanager
     def state(self) -> Iterator[None]:
-        """Context: the model in the objective's evaluation state, restored on exit."""
-        with model_state_policy(self.model, bn=self.bn, dropout=self.dropout, copy_values=False):
+        """Context: the model in the objective's evaluation state, restored on exit.
+
+        The caller's autocast contexts are switched off inside (`full_precision`); the
+        forward passes enter the objective's own (`precision`).
+        """
+        with (
+            model_state_policy(self.model, bn=self.bn, dropout=self.dropout, copy_values=False),
+            full_precision(),
+        ):
             yield
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
@@ -321,7 +353,11 @@ class ModelObjective:
 
     # -- validation --------------------------------------------------------------------
     def _validate(self) -> None:
-        validate_first_batch(self)
+        try:
+            validate_first_batch(self)
+        except RuntimeError as err:  # a clear error for a missing float16/bfloat16 kernel
+            refuse_missing_kernel(err, self.dtype, self.autocast, self.device)
+            raise
 
     def _take_first_graph(self, p: Mapping[str, Tensor], inputs: Any) -> FirstGraph | None:
         """The kept validation graph if it is the loss at ``p`` on ``inputs`` (see there)."""
@@ -380,69 +416,3 @@ class ModelObjective:
     def gradient(self, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Gradient of the dataset loss at ``params`` as a dict (see `loss_and_gradient`)."""
         return self.loss_and_gradient(params)[1]
-
-    # -- curvature products ------------------------------------------------------------
-    def hvp(
-        self,
-        V: Mapping[str, Tensor],
-        params: Mapping[str, Tensor] | None = None,
-        *,
-        backend: str = "func",
-        cache: bool = False,
-    ) -> dict[str, Tensor]:
-        r"""Hessian-block product $\nabla^2 L(\theta)\, V$ for ``k`` tangents at once.
-
-        Args:
-            V: Name -> tensor of shape ``(k, *shape)``: ``k`` tangent directions.
-            params: Point $\theta$ (default: the base point).
-            backend: ``"func"`` (``torch.func``: ``vjp`` or ``jvp`` of ``grad``, see
-                ``func_mode``, with ``vmap`` over the ``k`` tangents; one pass over the
-                data), ``"autograd"`` (double backward, one pass over the data, ``k``
-                backward passes per batch) or ``"auto"`` (``"func"``, falling back to
-                ``"autograd"``).
-            cache: With ``params=None``: keep the gradient graphs between calls, so that
-                each product is one more backward pass (reverse-over-reverse; with
-                ``backend="func"`` through ``torch.func.vjp`` of ``torch.func.grad``, one
-                batch only; several batches with ``"autograd"``, memory permitting, see
-                `HessianOperator`). The graphs are rebuilt when the model's non-selected
-                parameters or buffers change, and hold the activations' memory until
-                `clear_cache`.
-
-        Returns:
-            Name -> tensor of shape ``(k, *shape)``.
-        """
-        return self._block(HESSIAN, V, params, backend, cache)
-
-    def ggn_vp(
-        self,
-        V: Mapping[str, Tensor],
-        params: Mapping[str, Tensor] | None = None,
-        *,
-        backend: str = "func",
-        cache: bool = False,
-    ) -> dict[str, Tensor]:
-        r"""Generalized Gauss-Newton product $J^\top H_\ell J\, V$ for ``k`` tangents.
-
-        $J$ is the Jacobian of the model outputs w.r.t. the selected parameters and
-        $H_\ell$ the Hessian of ``loss_fn`` w.r.t. the outputs, per batch; batches are
-        combined like the loss. Arguments as in `hvp`.
-        """
-        return self._block(GGN, V, params, backend, cache)
-
-    def _block(
-        self,
-        kernel: Kernel,
-        V: Mapping[str, Tensor],
-        params: Mapping[str, Tensor] | None,
-        backend: str,
-        cache: bool,
-    ) -> dict[str, Tensor]:
-        check_backend(backend)
-        buf, _ = product(self, kernel, V, params, backend=backend, cache=cache,
-                         owner="ModelObjective")  # fmt: skip
-        return block_views(buf, self.resolve(params))
-
-    def clear_cache(self) -> None:
-        """Drop a cached gradient graph (see ``cache`` in `hvp`)."""
-        self._graph_cache = None
-        self._first_graph = None

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+import torch
 from torch import nn
 
+from sharpgen._precision import LOW_PRECISION
 from sharpgen._validation import check_bool
 from sharpgen.curvature._backend import FUNC_MODES, check_backend
 from sharpgen.curvature._micro import check_micro_batch_size
@@ -43,7 +45,9 @@ class ObjectiveOptions(TypedDict, total=False):
     ``vectorize`` (how ``torch.func`` takes them), ``second_order`` (what to do with an
     operation that has no second derivative), ``micro_batch_size`` (batches evaluated in
     pieces of at most this many samples) and ``graphs`` (whether gradient graphs are kept
-    between curvature products: ``"auto"``, ``"keep"``, ``"recompute"``).
+    between curvature products: ``"auto"``, ``"keep"``, ``"recompute"``) and
+    ``autocast`` (forward passes under `torch.autocast`: ``None`` follows the caller's
+    context, ``False``, ``True`` or a dtype such as ``torch.bfloat16``).
 
     Examples:
         >>> options: ObjectiveOptions = {"bn": "batch", "reduction": "sum"}
@@ -62,6 +66,7 @@ class ObjectiveOptions(TypedDict, total=False):
     second_order: str
     micro_batch_size: int | None
     graphs: str
+    autocast: torch.dtype | bool | None
 
 
 OBJECTIVE_OPTIONS: tuple[str, ...] = tuple(ObjectiveOptions.__annotations__)
@@ -88,8 +93,19 @@ def check_options(
     second_order: Any = "raise",
     micro_batch_size: Any = None,
     graphs: Any = "auto",
+    autocast: Any = None,
 ) -> None:
     """Raise a clear error for an invalid objective option (before any work)."""
+    if not (autocast is None or isinstance(autocast, (bool, torch.dtype))):
+        raise TypeError(
+            "autocast must be None (follow the caller's torch.autocast context), False, True "
+            f"or a dtype such as torch.bfloat16, got {type(autocast).__name__} {autocast!r}."
+        )
+    if isinstance(autocast, torch.dtype) and autocast not in LOW_PRECISION:
+        raise ValueError(
+            f"autocast must be one of {list(LOW_PRECISION)} as a dtype, got {autocast}; pass "
+            "autocast=torch.bfloat16 (or autocast=False for the parameters' own precision)."
+        )
     check_policy(bn, dropout)
     check_micro_batch_size(micro_batch_size)
     if graphs not in VALID_GRAPHS:

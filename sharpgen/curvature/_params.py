@@ -165,9 +165,17 @@ def _check_uniform(selected: Mapping[str, Tensor]) -> None:
 
 
 def check_point(
-    params: object, base: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device
+    params: object,
+    base: Mapping[str, Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    wider: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """Return ``params`` if it is a point like ``base`` (same names, shapes, dtype, device)."""
+    """Return ``params`` if it is a point like ``base`` (same names, shapes, dtype, device).
+
+    Entries of dtype ``wider`` (the float32 accumulation dtype of a bfloat16/float16 model)
+    are accepted too, rounded to ``dtype``: the model can only be evaluated there.
+    """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict name -> tensor, got {type(params).__name__}.")
     if set(params) != set(base):
@@ -186,6 +194,8 @@ def check_point(
             raise ValueError(
                 f"params[{name!r}] must be a tensor of shape {tuple(ref.shape)}, got {shape}."
             )
+        if wider is not None and t.dtype == wider and t.device == device:
+            t = t.to(dtype)
         if t.dtype != dtype or t.device != device:
             raise ValueError(
                 f"params[{name!r}] has dtype {t.dtype} on {t.device}, but the objective "

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.autograd.graph import saved_tensors_hooks
 
 from sharpgen._distributed import check_ranks_agree, empty_with_count_room
+from sharpgen._precision import full_precision
 from sharpgen.curvature._backend import prefer_double_backward, run_with_fallback
 from sharpgen.curvature._columns import SavedBytes, column_plan, held_tensors, probes
 from sharpgen.curvature._data import num_samples
@@ -108,7 +109,8 @@ def product(
                              check_finite=check_finite)  # fmt: skip
 
     backend = prefer_double_backward(backend, kernel.name, obj.device)
-    buf, used, mode = run_with_fallback(run, backend, obj._func_mode, owner=owner)
+    with full_precision():  # the caller's autocast never reaches the sums
+        buf, used, mode = run_with_fallback(run, backend, obj._func_mode, owner=owner)
     if used == "func":
         obj._func_mode = mode
     return buf, used
@@ -136,12 +138,13 @@ def block_product(
         del block, what  # a copy of the whole block: not held through the product
     # the block as given (views): a column is copied when a backward pass needs it, so a
     # product holds one column's copy at a time, not a copy of the whole block
-    W = {n: V[n] for n in p}
+    # (a float32 block of a bfloat16/float16 model is rounded to the model's dtype once)
+    W = {n: V[n].to(obj.dtype) for n in p}
     # over a group: room for the count after the block, all-reduced in place (no copy)
     shape, empty = (obj.numel, k), torch.empty
     if obj.process_group is not None:
         empty = empty_with_count_room  # type: ignore[assignment]
-    buf = empty(shape, dtype=obj.dtype, device=obj.device)
+    buf = empty(shape, dtype=obj.accum_dtype, device=obj.device)
     acc = block_views(buf, p)
     count = 0
     # a kept func graph is reverse-over-reverse: "auto" leaves func_mode="forward" as asked
@@ -191,23 +194,28 @@ def kept_matvec(obj: Objective, kernel: Kernel, v: Tensor, backend: str) -> Tens
         return None
     out: Tensor | None = None
     count = 0
-    for apply, n in store:
-        if out is None and apply.flat is None and apply.into is not None and obj._weight(n) == 1:
-            # the first batch at weight 1 writes straight into the result (one vector)
-            out = torch.zeros_like(v)
-            apply.into(_views(obj, v), out)
-            count += n
-            continue
-        flat = apply.flat(v) if apply.flat is not None else _single(obj, apply, v)
-        if flat is not None:
+    v = v.to(obj.dtype)  # products in the model's dtype, sums in the accumulation dtype
+    # `into` adds into the leaves' .grad, which must have the model's dtype
+    direct = obj.accum_dtype == obj.dtype
+    with full_precision():  # the caller's autocast never reaches the sums
+        for apply, n in store:
             w = obj._weight(n)
-            if out is None:
-                out = flat if w == 1.0 else flat.mul_(w)
-            else:
-                out.add_(flat, alpha=w)
-        count += n
+            if out is None and direct and apply.flat is None and apply.into is not None and w == 1:
+                # the first batch at weight 1 writes straight into the result (one vector)
+                out = torch.zeros_like(v)
+                apply.into(_views(obj, v), out)
+                count += n
+                continue
+            flat = apply.flat(v) if apply.flat is not None else _single(obj, apply, v)
+            if flat is not None:
+                if out is None:
+                    out = flat.to(obj.accum_dtype)  # flat is this product's own tensor
+                    out = out if w == 1.0 else out.mul_(w)
+                else:
+                    out.add_(flat, alpha=w)
+            count += n
     if out is None:
-        out = torch.zeros_like(v)
+        out = torch.zeros(obj.numel, dtype=obj.accum_dtype, device=obj.device)
     return obj._finish([out], count, kernel.what, check=False)[0]
 
 
@@ -237,9 +245,9 @@ def kept_gradient(obj: Objective, kernel: Kernel, backend: str) -> Tensor | None
     obj.check_second_order("HessianOperator")
     key = _cache_key(obj, kernel, backend)
     kept = _kept(obj, key)
-    out = torch.zeros(obj.numel, dtype=obj.dtype, device=obj.device)
+    out = torch.zeros(obj.numel, dtype=obj.accum_dtype, device=obj.device)
     count = 0
-    with nullcontext() if kept else obj.state():
+    with nullcontext() if kept else obj.state(), full_precision():
         # () marks graphs too large to keep: build them one by one for their gradients
         batches = kept or _build(obj, kernel, None if kept == () else key, obj._others(),
                                  obj.params, backend, "rev")  # fmt: skip

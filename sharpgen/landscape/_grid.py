@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sharpgen._precision import upcast_outputs
 from sharpgen.curvature import ModelObjective, dataset_reduce
 from sharpgen.curvature._data import num_samples
 from sharpgen.landscape._fastseq import FastPoints, compile_rest, is_plain_sequential
@@ -48,7 +49,7 @@ def _activation_numel(obj: ModelObjective) -> int:
 
     handles = [m.register_forward_hook(hook) for m in obj.model.modules()]
     try:
-        with obj.state(), torch.no_grad():
+        with obj.state(), obj.precision(), torch.no_grad():
             inputs, _ = next(iter(obj.batches()))
             others = {n: p.detach() for n, p in obj.model.named_parameters()}
             _call(obj.model, {**others, **obj.params}, inputs)
@@ -147,6 +148,8 @@ class _Evaluator:
             self.fast = FastPoints(steps, theta, others, D, self.head, self.steps, self._loss)
 
     def _loss(self, out: Any) -> Any:
+        if self.obj._loss_upcast:  # the objective's float32 loss of low-precision outputs
+            out = upcast_outputs(out)
         loss = self.obj.loss_fn(out, self.targets).reshape(())
         if self.metric is None:
             return (loss,)
@@ -287,13 +290,15 @@ def evaluate_points(
     C = coefficients.to(dtype=obj.dtype, device=obj.device)
     M = C.shape[0]
     D = {n: torch.stack([d[n] for d in directions]) for n in theta}  # (K, *shape)
-    loss_acc = torch.zeros(M, dtype=obj.dtype, device=obj.device)
-    metric_acc = torch.zeros(M, dtype=obj.dtype, device=obj.device) if metric else None
+    acc = obj.accum_dtype  # float32 sums for a bfloat16/float16 model
+    loss_acc = torch.zeros(M, dtype=acc, device=obj.device)
+    metric_acc = torch.zeros(M, dtype=acc, device=obj.device) if metric else None
     count = 0
     single = obj.single_batch and obj.process_group is None
     plan: _Plan | None = None
     with (
         obj.state(),
+        obj.precision(),  # no graph here: the whole evaluation under the objective's autocast
         torch.no_grad(),
         progress_bar(progress, total=M if single else None, desc=desc, unit="point") as bar,
     ):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen._validation import check_generator, check_int
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
 from sharpgen.linalg._probes import draw_probes
@@ -47,6 +48,7 @@ class DiagonalEstimate:
         )
 
 
+@full_precision_fn
 def exact_diagonal(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,
@@ -96,6 +98,7 @@ def _hutchinson_rows(Z: Tensor, AZ: Tensor) -> tuple[Tensor, Tensor]:
     return mean, samples.std(1) / math.sqrt(m)
 
 
+@full_precision_fn
 def hutchinson_diagonal(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,
@@ -164,6 +167,7 @@ def hutchinson_diagonal(
     return DiagonalEstimate(mean, se, num_matvecs, "hutchinson")
 
 
+@full_precision_fn
 def diagpp_diagonal(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,
@@ -246,6 +250,7 @@ def _leave_one_out(Om: Tensor, Y: Tensor, Q: Tensor, R: Tensor, Z: Tensor) -> Te
     return low - QS * (Z @ S) + Om * (Y - Q @ T + QS * (S * T).sum(0))
 
 
+@full_precision_fn
 def xdiag_diagonal(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen.linalg._checks import (
     check_choice,
     check_generator,
@@ -60,6 +61,7 @@ def next_round(count: int, stderr: float, target: float, minimum: int = 1) -> in
     return max(minimum, min(need, most))
 
 
+@full_precision_fn
 def hutchinson_trace(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen.linalg._checks import check_choice, check_generator, resolve_budget
 from sharpgen.linalg._hutchinson import MAX_GROWTH, MIN_ADAPTIVE_SAMPLES, mean_and_stderr
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
@@ -90,6 +91,7 @@ def next_total(total: int, stderr: float, target: float) -> int:
     return max(total + 3, min(most, math.ceil(total * stderr / target)))
 
 
+@full_precision_fn
 def hutchpp_trace(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen.linalg._basis import STORAGES, Basis
 from sharpgen.linalg._checks import (
     check_choice,
@@ -127,6 +128,7 @@ def check_basis_dtype(basis_dtype: object, dtype: torch.dtype) -> torch.dtype | 
     return basis_dtype
 
 
+@full_precision_fn
 def lanczos(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     k: int = 1,

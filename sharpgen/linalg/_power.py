@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen.linalg._checks import check_generator, check_positive_float, check_positive_int
 from sharpgen.linalg._lanczos import convergence_threshold
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
@@ -16,6 +17,7 @@ from sharpgen.linalg._results import EigenResult
 __all__ = ["power_iteration"]
 
 
+@full_precision_fn
 def power_iteration(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,

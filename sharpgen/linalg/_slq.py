@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen.linalg._checks import (
     check_choice,
     check_generator,
@@ -62,6 +63,7 @@ def _batched_lanczos(
     return alpha, beta, lengths
 
 
+@full_precision_fn
 def stochastic_lanczos_quadrature(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen.linalg._adaptive import adaptive_trace
 from sharpgen.linalg._checks import (
     check_choice,
@@ -106,6 +107,7 @@ def exact_trace(op: LinearOperator, block_size: int) -> TraceEstimate:
     )
 
 
+@full_precision_fn
 def trace(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,

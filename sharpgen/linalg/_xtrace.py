@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sharpgen._precision import full_precision_fn
 from sharpgen.linalg._checks import check_choice, check_generator, resolve_budget
 from sharpgen.linalg._hutchinson import MAX_GROWTH
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
@@ -215,6 +216,7 @@ def next_probes(probes: int, stderr: float, target: float) -> int:
     return max(probes + 2, min(most, math.ceil(probes * stderr / target)))
 
 
+@full_precision_fn
 def xtrace(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     *,

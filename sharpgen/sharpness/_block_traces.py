@@ -205,7 +205,7 @@ def block_traces(
     graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
     total = p if method == "exact" else num_matvecs
     plan = plan_memory(
-        "block_traces", numel=p, dtype=obj.dtype, device=device, memory_budget=memory_budget,
+        "block_traces", numel=p, dtype=obj.accum_dtype, device=device, memory_budget=memory_budget,
         graph_bytes=graph, block_width=min(64 if method == "exact" else num_matvecs, total),
         process_group=obj.process_group,
     )  # fmt: skip

@@ -201,7 +201,7 @@ def empirical_fisher_trace(
                             where="empirical_fisher_trace")  # fmt: skip
     _check_per_sample(obj, "empirical_fisher_trace")
     p = obj.params
-    total = torch.zeros((), dtype=obj.dtype, device=obj.device)
+    total = torch.zeros((), dtype=obj.accum_dtype, device=obj.device)
     count = 0
     with obj.state():
         others = _others(obj)
@@ -316,20 +316,20 @@ def fisher_rao_norm(
     obj = resolve_objective(model, loss_fn, data, objective_options, where="fisher_rao_norm")
     p = obj.params
     if fisher == "ggn":
-        flat = flatten_params(p)
+        flat = flatten_params(p).to(obj.accum_dtype)
         terms = [ObjectiveOperator(obj, "ggn").matvec(flat) * flat]
         squared = float(sum(v.sum() for v in terms))
         scale = float(sum(v.abs().sum() for v in terms))  # for the round-off bound
         n_total = obj.num_samples
     else:
         _check_per_sample(obj, "fisher_rao_norm(fisher='empirical')")
-        total = torch.zeros((), dtype=obj.dtype, device=obj.device)
+        total = torch.zeros((), dtype=obj.accum_dtype, device=obj.device)
         count = 0
         with obj.state(), torch.no_grad():
             others = _others(obj)
             for inputs, targets in obj.batches():
                 s = theta_grad_dots(obj, p, inputs, targets, others, "fisher_rao_norm")
-                total = total + (s**2).sum()
+                total = total + (s.to(total.dtype) ** 2).sum()
                 count += num_samples(inputs)
         (total,), n_total = dataset_reduce([total], count, obj.reduction, obj.process_group)
         squared, scale = float(total), 0.0  # a sum of squares

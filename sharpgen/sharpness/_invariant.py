@@ -27,7 +27,7 @@ class _Weighted(LinearOperator):
 
     def __init__(self, inner: LinearOperator, root: Tensor, rows: int, cols: int) -> None:
         super().__init__(inner.shape[0], inner.dtype, inner.device)
-        self.inner, self.root, self.rows, self.cols = inner, root, rows, cols
+        self.inner, self.root, self.rows, self.cols = inner, root.to(inner.dtype), rows, cols
 
     def _scale(self, V: Tensor) -> Tensor:
         k = V.shape[1]

@@ -37,7 +37,7 @@ class ObjectiveOperator(LinearOperator):
     """
 
     def __init__(self, objective: ModelObjective, kind: str = "hvp", max_block: int = 16) -> None:
-        super().__init__(objective.numel, objective.dtype, objective.device)
+        super().__init__(objective.numel, objective.accum_dtype, objective.device)
         self.objective = objective
         self.kind = kind
         self.max_block = max_block
@@ -77,7 +77,7 @@ class BlockOperator(LinearOperator):
         self.names = list(names)
         self.like = {n: objective.params[n] for n in self.names}
         size = sum(t.numel() for t in self.like.values())
-        super().__init__(size, objective.dtype, objective.device)
+        super().__init__(size, objective.accum_dtype, objective.device)
         self.full = ObjectiveOperator(objective, kind)
         self.objective = objective
 
@@ -85,7 +85,7 @@ class BlockOperator(LinearOperator):
         k = V.shape[1]
         block = unflatten_params(V, self.like)
         embedded = {
-            n: block[n] if n in block else t.new_zeros((k, *t.shape))
+            n: block[n] if n in block else V.new_zeros((k, *t.shape))
             for n, t in self.objective.params.items()
         }
         out = unflatten_params(self.full.matmat(flatten_params(embedded, batched=True)),

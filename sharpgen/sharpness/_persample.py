@@ -79,9 +79,9 @@ def sq_grad_norms(
     def fn(backend: str) -> Tensor:
         per = _per_sample_grads(obj, p, xs, ys, others, backend)
         grads = per if isinstance(per, list) else [per]
-        total = torch.zeros((), dtype=obj.dtype, device=obj.device)
+        total = torch.zeros((), dtype=obj.accum_dtype, device=obj.device)
         for g in grads:
-            total = total + sum((v**2).sum() for v in g.values())
+            total = total + sum((v.to(total.dtype) ** 2).sum() for v in g.values())
         return total
 
     return _run(obj, fn, owner)
