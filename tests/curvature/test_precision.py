@@ -27,7 +27,7 @@ from torch import nn
 
 from sharpgen.curvature import HessianOperator, ModelObjective
 from sharpgen.linalg import hutchinson_trace, lanczos
-from sharpgen.sharpness import hessian_trace, top_eigenvalues
+from sharpgen.sharpness import block_traces, hessian_trace, top_eigenvalues
 from tests.conftest import dense_hessian
 
 LOW = [torch.bfloat16, torch.float16]
@@ -66,6 +66,13 @@ def test_products_trace_and_top_eigenvalue_of_a_low_precision_model(dtype, state
     assert (err <= C * u * lam.abs().max() * V.double().norm(dim=0)).all()
     exact = hessian_trace(model, F.cross_entropy, batch, method="exact")
     assert abs(exact.value - float(H.trace())) <= C * u * float(H.norm(dim=0).sum())
+    blocks = block_traces(model, F.cross_entropy, batch, blocks="parameter", method="exact")
+    cols, start = H.norm(dim=0), 0
+    for name, p in model.named_parameters():
+        stop = start + p.numel()
+        true = float(H.diagonal()[start:stop].sum())
+        assert abs(blocks.traces[name] - true) <= C * u * float(cols[start:stop].sum())
+        start = stop
     top = top_eigenvalues(model, F.cross_entropy, batch, k=1, generator=torch.Generator())
     assert top.converged and top.eigenvalues.dtype == torch.float32
     assert abs(float(top.eigenvalues[0]) - float(lam[-1])) <= (C * u + 1e-3) * float(lam[-1])
