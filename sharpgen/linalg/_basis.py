@@ -76,6 +76,7 @@ class Basis:
         self._fd: int | None = None
         self._path = ""
         self.V: Tensor | None = None
+        self._buf: Tensor | None = None  # the reused read buffer of "disk"
         where = device if storage == "device" else torch.device("cpu")
         if storage == "disk":
             handle, self._path = tempfile.mkstemp(prefix="sharpgen-lanczos-", dir=directory)
@@ -94,7 +95,7 @@ class Basis:
 
     def close(self) -> None:
         """Free the rows (delete the file of ``"disk"``)."""
-        self.V = None
+        self.V = self._buf = None
         if self._fd is not None:
             os.close(self._fd)
             os.unlink(self._path)
@@ -110,15 +111,26 @@ class Basis:
         if self.V is not None:
             block = self.V[r0:r1, c0:c1]
         else:
-            assert self._fd is not None
-            size = (c1 - c0) * self.itemsize
-            buf = bytearray((r1 - r0) * size)
-            for i in range(r0, r1):
-                at = (i - r0) * size
-                buf[at : at + size] = os.pread(self._fd, size, (i * self.n + c0) * self.itemsize)
-            block = torch.frombuffer(buf, dtype=self.store_dtype).reshape(r1 - r0, c1 - c0)
+            block = self._read(r0, r1, c0, c1)
         out = block.to(device=self.device, dtype=self.dtype, non_blocking=True)
         return out.div_(self.scale) if self.scale != 1.0 else out
+
+    def _read(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """Rows ``[r0, r1)``, columns ``[c0, c1)`` of the file, read straight into a buffer.
+
+        One reused buffer of at most `chunk` numbers (the block of `_cols`): each row's
+        segment is read into its place by ``os.preadv``, no intermediate ``bytes``. The
+        block is valid until the next read; every caller uses it (or a converted copy)
+        before that.
+        """
+        assert self._fd is not None
+        size = (r1 - r0) * (c1 - c0)
+        if self._buf is None or self._buf.numel() < size:
+            self._buf = torch.empty(max(size, self.chunk), dtype=self.store_dtype)
+        block = self._buf[:size].view(r1 - r0, c1 - c0)
+        for i in range(r0, r1):
+            _read_into(self._fd, block[i - r0], (i * self.n + c0) * self.itemsize)
+        return block
 
     def _put(self, rows: Tensor, start: int, c0: int, c1: int) -> None:
         """Store ``rows`` (q, c1 - c0) as rows ``[start, start + q)``, columns ``[c0, c1)``."""
@@ -128,10 +140,9 @@ class Basis:
             self.V[start : start + rows.shape[0], c0:c1].copy_(rows)
             return
         assert self._fd is not None
-        raw = rows.to(device="cpu", dtype=self.store_dtype).contiguous().view(torch.uint8)
+        raw = rows.to(device="cpu", dtype=self.store_dtype).contiguous()
         for i in range(rows.shape[0]):
-            at = ((start + i) * self.n + c0) * self.itemsize
-            os.pwrite(self._fd, raw[i].numpy().tobytes(), at)
+            _write_from(self._fd, raw[i], ((start + i) * self.n + c0) * self.itemsize)
 
     # -- the Lanczos operations -------------------------------------------------------
     def write(self, i: int, v: Tensor) -> None:
@@ -149,6 +160,9 @@ class Basis:
             assert self.V is not None
             return self.V[i]
         out = torch.empty(self.n, dtype=self.dtype, device=self.device)
+        if self._fd is not None and not self.lossy and self.device.type == "cpu":
+            _read_into(self._fd, out, i * self.n * self.itemsize)  # one read, no buffer
+            return out
         for c0, c1 in self._cols(1):
             out[c0:c1] = self._get(i, i + 1, c0, c1)[0]
         return out
@@ -198,3 +212,33 @@ class Basis:
         for c0, c1 in self._cols(m):
             out[c0:c1] = self._get(0, m, c0, c1).T @ S
         return out
+
+
+def _bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a memoryview (no copy)."""
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _read_into(fd: int, out: Tensor, offset: int) -> None:
+    """Fill the contiguous CPU tensor ``out`` from ``fd`` at byte ``offset`` (no copies).
+
+    ``os.preadv`` reads at most about 2 GiB per call and may return fewer bytes than
+    asked: it is repeated until ``out`` is full.
+    """
+    view, done = _bytes(out), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done : done + _IO_MAX]], offset + done)
+        if got <= 0:
+            raise OSError(f"the Lanczos basis file ended early ({done} of {len(view)} bytes)")
+        done += got
+
+
+def _write_from(fd: int, row: Tensor, offset: int) -> None:
+    """Write the contiguous CPU tensor ``row`` to ``fd`` at byte ``offset`` (no copies)."""
+    view, done = _bytes(row), 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done : done + _IO_MAX]], offset + done)
+
+
+#: Most bytes per ``preadv``/``pwritev`` call (Linux transfers at most 2 GiB - 4 KiB).
+_IO_MAX = 1 << 30

@@ -121,6 +121,47 @@ def test_storage_gives_the_same_iteration(storage, monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the disk basis removes its file
 
 
+@pytest.mark.parametrize("store_dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("short", [False, True])
+def test_disk_rows_equal_host_rows_bit_for_bit(store_dtype, short, monkeypatch, tmp_path):
+    # the file is read into a reused buffer and written from the tensors' own bytes; the
+    # same streamed operations on host rows are the truth (same arithmetic, other source)
+    if short:  # the kernel may transfer fewer bytes than asked: the loops must go on
+        preadv, pwritev = basis_module.os.preadv, basis_module.os.pwritev
+        monkeypatch.setattr(basis_module.os, "preadv",
+                            lambda fd, bufs, at: preadv(fd, [bufs[0][:5]], at))  # fmt: skip
+        monkeypatch.setattr(basis_module.os, "pwritev",
+                            lambda fd, bufs, at: pwritev(fd, [bufs[0][:3]], at))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    rows = torch.linalg.qr(torch.randn(50, 5, generator=g, dtype=torch.float64))[0].T
+    w = torch.randn(50, generator=g, dtype=torch.float64)
+    S = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    out = {}
+    for storage in ("host", "disk"):
+        V = Basis(5, 50, dtype=torch.float64, device=torch.device("cpu"), storage=storage,
+                  store_dtype=store_dtype, directory=tmp_path, chunk=7)  # fmt: skip
+        V.fast = False  # host rows streamed in the same chunks as the file's
+        for i in range(4):
+            V.write(i, rows[i])
+        ortho, h = V.orthogonalize(w.clone(), 4)
+        V.rotate(torch.linalg.qr(S)[0], 4)
+        out[storage] = [V.row(i) for i in range(4)] + [ortho, h, V.combine(S, 4)]
+        V.close()
+    for a, b in zip(out["host"], out["disk"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_basis_file_cut_short_is_an_error(tmp_path):
+    V = Basis(2, 10, dtype=torch.float32, device=torch.device("cpu"), storage="disk",
+              directory=tmp_path)  # fmt: skip
+    V.write(0, torch.ones(10))
+    basis_module.os.ftruncate(V._fd, 8)  # someone else shortened the file
+    with pytest.raises(OSError, match="ended early"):
+        V.row(0)
+    V.close()
+
+
 def test_disk_basis_removes_its_file_after_an_error(tmp_path):
     def failing(v):
         raise RuntimeError("boom")
