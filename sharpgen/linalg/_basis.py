@@ -216,7 +216,7 @@ class Basis:
 
 def _bytes(t: Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor as a memoryview (no copy)."""
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 def _read_into(fd: int, out: Tensor, offset: int) -> None:
