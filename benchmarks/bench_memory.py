@@ -29,6 +29,9 @@ Examples::
     PYTHONPATH=. python benchmarks/bench_memory.py --quick
     # GPT-2 small (124M): needs about 12 GB free
     PYTHONPATH=. python benchmarks/bench_memory.py --model gpt2 --layers 12 --embd 768
+    # GPT-2 medium (355M, 16 heads)
+    PYTHONPATH=. python benchmarks/bench_memory.py --model gpt2 --layers 24 --embd 1024 \
+        --heads 16 --calls grad,trace,top1
     PYTHONPATH=. python benchmarks/bench_memory.py --model resnet50 --calls grad,trace,top1
 """
 
@@ -64,7 +67,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]
     if args.model == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        head = max(1, args.embd // 64)
+        head = args.heads or max(1, args.embd // 64)
         cfg = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=head)
         model = GPT2LMHeadModel(cfg).eval()  # dropout off: a deterministic function
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens), generator=g)
@@ -164,10 +167,18 @@ def _call(name: str, args: argparse.Namespace) -> dict[str, Any]:
         elif name == "pyhessian":
             from pyhessian import hessian
 
+            ph = sys.modules["pyhessian.hessian"]
+            hvp, count = ph.hessian_vector_product, [0]
+
+            def counted(*a: Any) -> Any:
+                count[0] += 1
+                return hvp(*a)
+
+            ph.hessian_vector_product = counted
             torch.manual_seed(3)
             h = hessian(pmodel, crit, data=pdata, cuda=False)
             vals, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
-            out.update(value=vals, products=None)
+            out.update(value=vals, products=count[0])
         else:
             raise SystemExit(f"unknown call {name!r}; choose from {CALLS}")
     out.update(seconds=time.perf_counter() - t0, rss_before=rss0, peak=_status("VmHWM"))
@@ -179,6 +190,7 @@ def main() -> None:
     p.add_argument("--model", choices=("gpt2", "resnet50"), default="gpt2")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--embd", type=int, default=768)
+    p.add_argument("--heads", type=int, default=0, help="GPT-2 heads (default embd // 64)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--image", type=int, default=64)
