@@ -6,10 +6,11 @@
 Hugging Face ``GPT2LMHeadModel`` with random weights (``torch.manual_seed(0)``), eval mode,
 float32, CPU, a ``--batch`` x ``--tokens`` batch of random token ids (default 2 x 64);
 ``--size`` ``small`` (12 layers x 768, 12 heads, 124M), ``medium`` (24 x 1024, 16 heads,
-355M) or ``tiny`` (2 x 128, 2 heads; a smoke test). Both tools see the same loss, the mean
-cross-entropy of the next token (``labels=input_ids``, Hugging Face's shift), and the same
-attention path, the math SDPA backend: sharpgen switches to it itself for the products
-(its loss and gradient-only passes keep the fused kernel); PyHessian runs inside
+355M), ``quick`` (4 x 256, 4 heads, 16.3M) or ``tiny`` (2 x 128, 2 heads; a smoke test).
+Both tools see the same loss, the mean cross-entropy of the next token
+(``labels=input_ids``, Hugging Face's shift), and the same attention path, the math SDPA
+backend: sharpgen switches to it itself for the products (its loss and gradient-only
+passes keep the fused kernel); PyHessian runs inside
 ``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])`` on a wrapper that returns the logits,
 with the criterion ``cross_entropy(logits[:, :-1], ids[:, 1:])``. The script checks that
 the two losses agree before timing.
@@ -49,7 +50,12 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-SIZES = {"tiny": (2, 128, 2), "small": (12, 768, 12), "medium": (24, 1024, 16)}
+SIZES = {
+    "tiny": (2, 128, 2),
+    "quick": (4, 256, 4),
+    "small": (12, 768, 12),
+    "medium": (24, 1024, 16),
+}
 
 
 class Logits(nn.Module):
