@@ -34,8 +34,12 @@ run, with the same results and certificate. The plan gives the basis at most
 most `BASIS_CPU_BYTES` (256 MiB: a basis beside the graph and the working vectors is what
 made a measure cost several gradient steps' memory): the largest
 $m \le \max(2k + 20, 40)$ that fits, at least $k + 3$; when even $k + 3$ does not fit,
-the basis of $k + 3$ vectors goes to host memory (CUDA) or to a temporary file (CPU),
-where it costs time (three passes over it per product), not resident memory.
+the basis of $k + 3$ vectors goes to host memory (CUDA). On a CPU, when fewer than
+$2k + 6$ fit, a basis of $2k + 6$ vectors goes to a temporary file (where the disk has
+room for twice its bytes), where it costs time (three passes over it per product), not
+resident memory: on Hugging Face GPT-2 (``benchmarks/bench_gpt2_time.py``) a basis of
+$k + 3 = 4$ vectors restarted every second step and took 1.7x the products of 8 vectors
+(49 against 29; 27 unrestarted), far more than the passes over 4 more rows cost.
 
 **Probe blocks.** A block of $B$ probes and its $B$ products ($2B\,v$) buys time, not
 accuracy: the products of a block share one pass over the data (or over the kept graph),
@@ -89,6 +93,7 @@ __all__ = [
     "BASIS_SHARE",
     "BLOCK_BYTES",
     "BLOCK_SHARE",
+    "DISK_BASIS_EXTRA",
     "MARGIN",
     "MemoryPlan",
     "available_bytes",
@@ -108,6 +113,8 @@ BASIS_CPU_BYTES = 256 * 2**20
 BLOCK_BYTES = 64 * 2**20
 #: Share of the estimated graph bytes a probe block and its products may take beyond that.
 BLOCK_SHARE = 0.5
+#: A basis in a file has $2k$ + this many vectors (at least $k + 3$, at most the largest).
+DISK_BASIS_EXTRA = 6
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -294,8 +301,8 @@ def plan_memory(
         >>> plan = plan_memory("top_eigenvalues", numel=10**8, dtype=torch.float32,
         ...                    device=torch.device("cpu"), memory_budget=8 * 2**30,
         ...                    work_vectors=4, k=1)
-        >>> plan.basis_vectors, plan.basis_storage  # 4 vectors of 0.4 GB: too many for 10%
-        (4, 'disk')
+        >>> plan.basis_vectors, plan.basis_storage  # too many for 10%: 2k + 6 in a file
+        (8, 'disk')
         >>> plan_memory("top_eigenvalues", numel=10**6, dtype=torch.float32,
         ...             device=torch.device("cpu"), memory_budget=8 * 2**30, k=1).basis_vectors
         40
@@ -325,7 +332,14 @@ def plan_memory(
                 share = min(share, BASIS_CPU_BYTES)
             fits = int(share // b) if b else m_max
             m = max(m_min, min(m_max, fits))
-            if basis_storage is None and fits < m_min:
+            wide = min(m_max, max(m_min, 2 * k + DISK_BASIS_EXTRA))
+            if basis_storage is None and device.type == "cpu" and fits < wide:
+                # a file costs no resident memory: a wider basis there restarts less often
+                if _off_device(device, wide * b, disk) == "disk":
+                    m, storage = wide, "disk"
+                elif fits < m_min:
+                    storage = _off_device(device, m * b, disk)
+            elif basis_storage is None and fits < m_min:
                 storage = _off_device(device, m * b, disk)
         in_memory = 0 if storage == "disk" else m * b
         if storage == "host" and device.type == "cuda":

@@ -33,10 +33,14 @@ def test_the_basis_takes_its_share_of_the_budget_and_at_least_k_plus_3():
                        graph_bytes=50 * v, work_vectors=10, k=1)  # fmt: skip
     assert plan.basis_vectors == int(BASIS_SHARE * (budget - 60 * v) // v) == 14
     assert plan.basis_storage == "device"
-    # k = 5: more than its share would allow is never below k + 3 ...
+    # k = 5: where fewer than 2k + 6 fit, 2k + 6 go to a file (never below k + 3) ...
     tight = plan_memory("m", numel=10**6, dtype=F32, device=CPU, memory_budget=30 * v, k=5)
-    assert tight.basis_vectors == 8 and tight.basis_storage == "disk"
-    assert tight.planned_bytes == 0  # ... and then it is in a file, not in memory
+    assert tight.basis_vectors == 16 and tight.basis_storage == "disk"
+    assert tight.planned_bytes == 0  # ... not in memory
+    # on CUDA the basis goes to host memory only where k + 3 do not fit, with k + 3 vectors
+    cuda = plan_memory("m", numel=10**6, dtype=F32, device=torch.device("cuda"),
+                       memory_budget=30 * v, k=5)  # fmt: skip
+    assert cuda.basis_vectors == 8 and cuda.basis_storage == "host"
     # a float16 basis counts two bytes a number
     half = plan_memory("m", numel=10**6, dtype=F32, device=CPU, memory_budget=200 * v, k=1,
                        basis_dtype=torch.float16)  # fmt: skip
@@ -91,7 +95,7 @@ def test_top_eigenvalues_within_a_small_budget_is_certified(h, monkeypatch, tmp_
     for k in (1, 3):
         res = top_eigenvalues(model, h.mse, (x, y), k=k, tol=1e-8, memory_budget=1,
                               generator=h.g(k))  # fmt: skip
-        assert res.memory.basis_vectors == k + 3 and res.memory.basis_storage == "disk"
+        assert res.memory.basis_vectors == 2 * k + 6 and res.memory.basis_storage == "disk"
         assert res.converged and res.num_restarts > 0
         torch.testing.assert_close(res.eigenvalues, truth[:k], rtol=1e-8, atol=0)
         free = top_eigenvalues(model, h.mse, (x, y), k=k, tol=1e-8, memory_budget=None,
@@ -134,10 +138,14 @@ def test_a_cpu_basis_stays_within_its_cap():
     from sharpgen.curvature._plan import BASIS_CPU_BYTES
 
     v = 16 * 2**20 * 4  # 16M float32 parameters: 64 MiB a vector
+    plan = plan_memory("m", numel=4 * 2**20, dtype=F32, device=CPU, memory_budget=2**40, k=1)
+    assert plan.basis_vectors == BASIS_CPU_BYTES // (v // 4) == 16
+    assert plan.basis_storage == "device"
+    # fewer than 2k + 6 = 8 vectors in the cap: 8 in a file (no resident memory) ...
     plan = plan_memory("m", numel=16 * 2**20, dtype=F32, device=CPU, memory_budget=2**40, k=1)
-    assert plan.basis_vectors == BASIS_CPU_BYTES // v == 4 and plan.basis_storage == "device"
+    assert BASIS_CPU_BYTES // v == 4 and (plan.basis_vectors, plan.basis_storage) == (8, "disk")
     plan = plan_memory("m", numel=64 * 2**20, dtype=F32, device=CPU, memory_budget=2**40, k=1)
-    assert plan.basis_vectors == 4 and plan.basis_storage == "disk"
+    assert plan.basis_vectors == 8 and plan.basis_storage == "disk"
 
 
 def test_auto_shares_the_free_memory_between_the_processes_of_a_host(monkeypatch):

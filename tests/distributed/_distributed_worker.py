@@ -163,7 +163,7 @@ def plan_checks(rank: int, model: nn.Module, data) -> dict:
     """Ranks with different budgets and graphs make one plan (the smallest budget, largest graph).
 
     Rank 0 allows 1 byte, the others 1 GB: without agreement rank 0 would keep a basis of
-    k + 3 vectors in a file and narrow the probe block to 1, the others not, and their
+    2k + 6 vectors in a file and narrow the probe block to 1, the others not, and their
     products would fall out of step.
     """
     import torch.distributed as dist

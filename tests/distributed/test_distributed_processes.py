@@ -149,8 +149,8 @@ def test_ranks_agree_on_one_memory_plan(runs, reference):
         # plan_memory over the group: the smallest budget (rank 0's) and the largest graph
         assert m["plan"] == per_rank[0]["plan"]
         assert m["plan"].budget == 10**6 and m["plan"].graph_bytes == 200
-        # rank 0 allowed 1 byte: every rank keeps k + 3 basis vectors in a file, one probe
-        assert (m["eig_plan"].budget, m["eig_plan"].basis_vectors) == (1, 4)
+        # rank 0 allowed 1 byte: every rank keeps 2k + 6 basis vectors in a file, one probe
+        assert (m["eig_plan"].budget, m["eig_plan"].basis_vectors) == (1, 8)
         assert m["eig_plan"].basis_storage == "disk"
         assert (m["trace_plan"].budget, m["trace_plan"].block_width) == (1, 1)
         for name in ("lambda_max", "trace_hutchinson"):  # in step: the single-process values
