@@ -1,7 +1,8 @@
 """Time of Hessian-vector products and of the top eigenvalue on GPT-2, against PyHessian.
 
     PYTHONPATH=$PWD /work/venv-bench/bin/python benchmarks/bench_gpt2_time.py \\
-        --size small --rounds 3 [--threads 2] [--ref-tol 1e-6] [--out gpt2_time.md]
+        --size small [--pairs 4] [--rounds 1] [--threads 2] [--ref-tol 1e-5] \\
+        [--basis-sizes 4,8,40] [--out gpt2_time.md]
 
 Hugging Face ``GPT2LMHeadModel`` with random weights (``torch.manual_seed(0)``), eval mode,
 float32, CPU, a ``--batch`` x ``--tokens`` batch of random token ids (default 2 x 64);
@@ -32,7 +33,9 @@ and basis I/O, PyHessian's normalizations). Per product: sharpgen's ``matvec`` a
 PyHessian's power iteration (its ``eigenvalues`` time over its iterations). The true
 relative error of both values is taken against a reference computed once: sharpgen at
 ``--ref-tol`` (default 1e-6, up to ``--ref-max-iter`` products). The load average is
-printed at the start and the end; on a shared machine read the ratios.
+printed at the start and the end; on a shared machine read the ratios. ``--basis-sizes``
+first counts the products of sharpgen's top-1 with Lanczos bases of the given sizes
+(``max_basis``, in memory; the iteration is the same in a file).
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--ref-max-iter", type=int, default=300)
     ap.add_argument("--no-ref", action="store_true", help="skip the reference (no errors)")
     ap.add_argument("--calls", default="sharpgen,pyhessian")
+    ap.add_argument("--basis-sizes", default="", help="e.g. 4,8,40: products per basis size")
     ap.add_argument("--options", default="", help="JSON: extra keyword arguments of sharpgen")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
@@ -242,6 +246,15 @@ def main() -> None:
         return dict(total=t2 - t0, build=t1 - t0, products=hvp.calls, product_s=hvp.seconds,
                     iteration_s=(t2 - t1) / hvp.calls, value=float(vals[0]))  # fmt: skip
 
+    if args.basis_sizes:  # products against the basis size (load-independent counts)
+        for m in (int(x) for x in args.basis_sizes.split(",")):
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(0)
+            r = top_eigenvalues(model, lm_loss, data, k=1, tol=args.tol, max_basis=m,
+                                memory_budget=None, generator=gen)  # fmt: skip
+            print(json.dumps({"max_basis": m, "products": r.num_matvecs,
+                              "restarts": r.num_restarts, "value": float(r.eigenvalues[0]),
+                              "seconds": time.perf_counter() - t0}), flush=True)  # fmt: skip
     pair_rows = pairs(args.pairs, model, data, ids, ph) if args.pairs else []
     calls = {"sharpgen": run_sharpgen, "pyhessian": run_pyhessian}
     names = [c for c in args.calls.split(",") if c]
