@@ -21,16 +21,13 @@ directions as a dict name -> ``(k, *shape)``):
     loss of the outputs, $J^\top(\cdot)$ by the model's ``torch.func.vjp``.
   - ``backend="autograd"``: $Jv$ by the double-vjp trick, then reverse mode.
 
-A kernel is called as ``kernel(objective, others, p, inputs, targets, backend=..., mode=...,
-keep=...)`` and returns ``apply(V)``; whatever ``apply`` closes over (a gradient graph, a
-``vjp``) is reused for every column and every later call, which is how the graph cache of
-`sharpgen.curvature._products` keeps a graph (``keep=True``). ``apply`` returns a dict of
-``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column dicts (double backward).
-Batches are combined, weighted and reduced by `sharpgen.curvature._products`; which backend
-and mode run is decided in `sharpgen.curvature._backend`.
-
-A new curvature matrix is a new small module with a kernel of this signature and a
-`~sharpgen.curvature._base.CurvatureOperator` subclass naming it (see ``_hessian.py``).
+``kernel(objective, others, p, inputs, targets, backend=..., mode=..., keep=...)`` returns
+``apply(V)``: a dict of ``(k, *shape)`` tensors (``vmap``) or a list of ``k`` per-column
+dicts (double backward). What ``apply`` closes over (a gradient graph, a ``vjp``) is reused
+for every later column and call: the graph cache of `sharpgen.curvature._products` (which
+combines, weights and reduces the batches; ``keep=True``). `sharpgen.curvature._backend`
+picks the backend and mode. A new curvature matrix is a small module with a kernel of this
+signature and a `~sharpgen.curvature._base.CurvatureOperator` subclass (see ``_hessian.py``).
 """
 
 from __future__ import annotations

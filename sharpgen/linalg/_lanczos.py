@@ -53,10 +53,7 @@ def output_order(theta: np.ndarray, which: str) -> np.ndarray:
 
 
 def orthogonalize(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Classical Gram-Schmidt twice ("twice is enough") against the ROWS of ``V``.
-
-    Returns ``(w_perp, V w)``.
-    """
+    """Classical Gram-Schmidt twice against the ROWS of ``V``: ``(w_perp, V w)``."""
     Vt = V.T
     h = V @ w
     w = torch.addmv(w, Vt, h, alpha=-1.0)  # w - V^T h in one call
