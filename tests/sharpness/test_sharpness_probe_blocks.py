@@ -36,10 +36,27 @@ def _reference_probes(n: int, m: int, block: int, seed: int) -> Tensor:
     return torch.cat(cols, 1).to(DT).mul(2).sub(1)
 
 
+def _live(n: int) -> dict[int, int]:
+    """``id -> k`` of every live ``(n, k)`` tensor (``k != n``)."""
+    return {id(t): t.shape[1] for t in gc.get_objects() if issubclass(type(t), Tensor)
+            and t.ndim == 2 and t.shape[0] == n and t.shape[1] != n}  # fmt: skip
+
+
+_BEFORE: dict[int, list[Tensor]] = {}
+
+
+def _baseline(n: int) -> None:
+    """Hold the ``(n, k)`` tensors alive before the call (other tests' module data; held, so
+    that no new tensor takes one of their ids)."""
+    gc.collect()
+    ids = _live(n)
+    _BEFORE[n] = [t for t in gc.get_objects() if issubclass(type(t), Tensor) and id(t) in ids]
+
+
 def _widest(n: int) -> int:
-    """Most columns of a live ``(n, k)`` tensor (``k != n``): probes or products kept."""
-    return max((t.shape[1] for t in gc.get_objects() if issubclass(type(t), Tensor) and t.ndim == 2
-                and t.shape[0] == n and t.shape[1] != n), default=0)  # fmt: skip
+    """Most columns of an ``(n, k)`` tensor made since `_baseline`: probes or products kept."""
+    before = {id(t) for t in _BEFORE.get(n, [])}
+    return max((k for i, k in _live(n).items() if i not in before), default=0)
 
 
 class _Watch(LinearOperator):
@@ -48,8 +65,7 @@ class _Watch(LinearOperator):
     def __init__(self, A: Tensor) -> None:
         super().__init__(A.shape[0], A.dtype, A.device)
         self.A, self.widths, self.widest = A, [], 0
-        gc.collect()
-        assert _widest(A.shape[0]) == 0  # no other test's (n, k) tensor in the way
+        _baseline(A.shape[0])  # other tests' (n, k) tensors are not counted
 
     def _matmat(self, V: Tensor) -> Tensor:
         self.widths.append(V.shape[1])
@@ -197,8 +213,7 @@ def test_hessian_trace_keeps_one_block_alive(h, monkeypatch):
         return inner(self, V)
 
     monkeypatch.setattr(HessianOperator, "_matmat", watch)
-    gc.collect()
-    assert _widest(n) == 0  # no other test's (n, k) tensor in the way
+    _baseline(n)  # other tests' (n, k) tensors are not counted
     est = hessian_trace(model, h.mse, (x, y), method="hutchinson", num_matvecs=40,
                         generator=_g(5), memory_budget=(1 + 2 * 10) * n * 8)  # fmt: skip
     assert est.memory.block_width == 10 and seen == [10, 10, 10, 10]
