@@ -203,6 +203,14 @@ class Basis:
         for c0, c1 in self._cols(m):
             self._put(S.T @ self._get(0, m, c0, c1), 0, c0, c1)
 
+    def norms(self, S: Tensor, m: int) -> Tensor:
+        """``||V[:m]^T S[:, i]||`` for each column, in one chunked pass (no ``(n, q)`` result)."""
+        acc = torch.zeros(S.shape[1], dtype=torch.float64, device=self.device)
+        for c0, c1 in self._cols(max(m, S.shape[1])):
+            part = S.T @ self._get(0, m, c0, c1)
+            acc += part.square().sum(dim=1, dtype=torch.float64)
+        return acc.sqrt()
+
     def combine(self, S: Tensor, m: int) -> Tensor:
         """``V[:m]^T S``, shape ``(n, q)``."""
         if self.fast:

@@ -1,9 +1,9 @@
-"""Lanczos with full reorthogonalization and thick restart, for a few extreme eigenpairs."""
+"""Lanczos with partial (or full) reorthogonalization and thick restart, for extreme eigenpairs."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,110 +19,28 @@ from sharpgen.linalg._checks import (
 )
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
 from sharpgen.linalg._probes import random_unit_vector
+from sharpgen.linalg._reorth import REORTH, Full, Partial, explicit, unit_bounds, verify
 from sharpgen.linalg._results import EigenResult
+from sharpgen.linalg._ritz import (
+    check_basis_dtype,
+    convergence_threshold,
+    error_bounds,
+    output_order,
+    wanted_list,
+    wanted_order,
+)
 
-__all__ = ["lanczos"]
+__all__ = [
+    "BOUNDS",
+    "WHICH",
+    "check_basis_dtype",
+    "convergence_threshold",
+    "error_bounds",
+    "lanczos",
+]
 
 WHICH = ("largest", "smallest", "both_ends", "magnitude")
 BOUNDS = ("residual", "gap")
-
-
-def wanted_order(theta: np.ndarray, which: str) -> np.ndarray:
-    """Indices of all Ritz values, most wanted first."""
-    if which == "largest":
-        return np.argsort(-theta, kind="stable")
-    if which == "smallest":
-        return np.argsort(theta, kind="stable")
-    if which == "magnitude":
-        return np.argsort(-np.abs(theta), kind="stable")
-    asc = np.argsort(theta, kind="stable")
-    out = np.empty_like(asc)
-    m = asc.size
-    out[0::2] = asc[::-1][: (m + 1) // 2]
-    out[1::2] = asc[: m // 2]
-    return out
-
-
-def output_order(theta: np.ndarray, which: str) -> np.ndarray:
-    """Order in which the selected Ritz values are returned."""
-    if which == "smallest":
-        return np.argsort(theta, kind="stable")
-    if which == "magnitude":
-        return np.argsort(-np.abs(theta), kind="stable")
-    return np.argsort(-theta, kind="stable")
-
-
-def orthogonalize(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Classical Gram-Schmidt twice against the ROWS of ``V``: ``(w_perp, V w)``."""
-    Vt = V.T
-    h = V @ w
-    w = torch.addmv(w, Vt, h, alpha=-1.0)  # w - V^T h in one call
-    h2 = V @ w
-    return torch.addmv(w, Vt, h2, alpha=-1.0), h + h2
-
-
-def convergence_threshold(value: float, scale: float, tol: float, dtype: torch.dtype) -> float:
-    r"""The residual threshold $\mathrm{tol}\,\max(|\theta|, \sqrt{\epsilon}\,s)/(1+\mathrm{tol})$.
-
-    ``value`` is the Ritz value $\theta$, ``scale`` the largest $|\theta_j|$ ($s$) and
-    $\epsilon$ the machine epsilon of ``dtype``.
-    """
-    floor = math.sqrt(torch.finfo(dtype).eps) * scale
-    return tol * max(abs(value), floor) / (1.0 + tol)
-
-
-def error_bounds(
-    theta: Sequence[float], resid: Sequence[float], bound: str, idx: Sequence[int] | None = None
-) -> list[float]:
-    r"""The error bounds of the Ritz values ``idx`` (default: all) that the stopping rule uses.
-
-    ``"residual"``: $\|r_i\|$, a distance to the spectrum that holds for any symmetric
-    $A$. ``"gap"``: $\min(\|r_i\|, \|r_i\|^2/\delta_i)$ with the gap estimate
-    $\delta_i = \min_{j \ne i} (|\theta_i - \theta_j| - \|r_j\|)$ (the residual bound
-    when $\delta_i \le \|r_i\|$): the quadratic bound for an isolated eigenvalue
-    (Kato-Temple), with the gap read from the other Ritz values, each moved towards
-    $\theta_i$ by its own residual.
-
-    The projected problem is a few dozen numbers, handled as Python floats: between two
-    products, each NumPy call on them cost several times its own arithmetic.
-    """
-    m = len(theta)
-    out = []
-    for i in range(m) if idx is None else idx:
-        r = resid[i]
-        if bound == "gap" and m > 1:
-            delta = min(abs(theta[i] - theta[j]) - resid[j] for j in range(m) if j != i)
-            if delta > r:  # then delta > 0 and r**2 / delta < r: no overflow
-                r = r * r / delta
-        out.append(r)
-    return out
-
-
-def _wanted(theta: list[float], which: str) -> list[int]:
-    """`wanted_order` for ascending Ritz values as a list (no NumPy call)."""
-    m = len(theta)
-    if which == "largest":
-        return list(range(m - 1, -1, -1))
-    if which == "smallest":
-        return list(range(m))
-    return wanted_order(np.asarray(theta), which).tolist()
-
-
-def check_basis_dtype(basis_dtype: object, dtype: torch.dtype) -> torch.dtype | None:
-    """None, or a floating dtype no wider than the operator's ``dtype``."""
-    if basis_dtype is None:
-        return None
-    if not isinstance(basis_dtype, torch.dtype) or not basis_dtype.is_floating_point:
-        raise TypeError(
-            f"basis_dtype must be None or a floating torch.dtype such as torch.float16, got "
-            f"{basis_dtype!r}."
-        )
-    if torch.finfo(basis_dtype).bits > torch.finfo(dtype).bits:
-        raise ValueError(
-            f"basis_dtype={basis_dtype} is wider than the operator's dtype {dtype}; pass "
-            f"basis_dtype=None (the operator's dtype) or a narrower one."
-        )
-    return basis_dtype
 
 
 @full_precision_fn
@@ -142,15 +60,39 @@ def lanczos(
     basis_dtype: torch.dtype | None = None,
     basis_dir: str | None = None,
     on_finish: Callable[[], None] | None = None,
+    reorth: str = "partial",
 ) -> EigenResult:
     r"""A few extreme eigenpairs of a symmetric operator by Lanczos.
 
-    Each step multiplies the newest basis vector by $A$ and orthogonalizes the product
-    against the **whole** basis with classical Gram-Schmidt applied twice, so the basis
-    stays orthonormal to working precision and no spurious copies of converged eigenvalues
-    appear. The projected matrix $T = V^\top A V$ satisfies
-    $A V_m = V_m T_m + w_m e_m^\top$, so a Ritz pair $(\theta, x = V_m s)$ has residual
+    Each step multiplies the newest basis vector $v_j$ by $A$ and, with the default
+    ``reorth="partial"`` (Simon 1984), applies the three-term recurrence
+    $w = A v_j - \beta_{j-1} v_{j-1} - \alpha_j v_j$ against the two latest rows, held in
+    memory: a few passes over one vector, and the basis is written, never read. Simon's
+    recurrence for $\omega_{jk} \approx v_j^\top v_k$ ($O(j)$ numbers a step) tells when
+    the basis is about to lose orthogonality; then, and at the next step, the product is
+    orthogonalized against the **whole** basis (classical Gram-Schmidt twice), as after
+    a thick restart (the coupling to the kept Ritz vectors). The basis stays
+    *semi-orthogonal*, which keeps spurious copies of converged eigenvalues away (Paige
+    1976/1980; Parlett 1998, ch. 13); the trigger is $\sqrt\epsilon$, lowered to a tenth
+    of the stopping threshold over $\|A\|$ when the tolerance asks for more (see
+    `sharpgen.linalg._reorth`). ``reorth="full"`` orthogonalizes every product against
+    the whole basis (the basis orthonormal to working precision). The projected matrix
+    $T$ satisfies $A V_m = V_m T_m + w_m e_m^\top$ (to working precision with
+    ``"full"``), so a Ritz pair $(\theta, x = V_m s)$ has residual
     $\|A x - \theta x\| = \|w_m\|\,|s_m|$ at no extra product.
+
+    **Certificate of a semi-orthogonal basis.** With ``"partial"`` the relation is
+    $A V = V(T + D) + w e_m^\top + E$: $D$ holds the components that the
+    reorthogonalizations removed (known numbers) and $E$ what thick restarts carried over
+    ($\|E\|_2$ bounded by the $D$ of earlier bases), and $x = V s$ is a unit vector only
+    to $O(\sqrt\epsilon)$. Once $\|w_m\|\,|s_m|$ passes the stopping rule, the bound
+    $(\|w_m\|\,|s_m| + \|D s\|_1 + \|E\|_2)/\|V s\|$ of the unit vector's residual
+    (rows of unit norm; $\|V s\|$ computed, one pass over the basis) must pass it too;
+    where it does not, the wanted Ritz vectors are checked explicitly, one product
+    each, and the iteration continues if those fail. ``residuals`` are these bounds
+    (equal to the true residuals up to the defect). So ``converged=True`` keeps its
+    meaning below; on the test spectra and ``benchmarks/bench_reorth.py`` both modes
+    took the same products.
 
     **Stopping rule.** The iteration stops when every wanted Ritz value satisfies
 
@@ -185,15 +127,18 @@ def lanczos(
     **Memory.** The basis is ``max_basis`` vectors of length $n$ (`Basis`):
     $\mathrm{max\_basis}\cdot n\cdot b$ bytes with $b$ the stored element size (4 in
     float32), e.g. 1.6 GB for a 10-million-parameter model at the default
-    ``max_basis=40``, and besides it about three working vectors (the product, its
-    orthogonalized copy, the next basis vector). When the basis is full the iteration is
+    ``max_basis=40``, and besides it three working vectors (the two latest rows, held
+    in memory with ``"partial"`` where the basis is elsewhere, and the product, which
+    becomes the next row in place). When the basis is full the iteration is
     thick-restarted (Wu & Simon 2000): the ``k + (m - k) // 2`` most wanted Ritz vectors
     are kept, rotated into the basis in place (column chunks, no second basis), and the
     iteration continues from the residual. Restarting keeps the certificate; a small
     basis only costs products (a ``k=1`` run with ``max_basis=4`` typically needs 1.2-2x
     the products of an unrestarted one). ``basis_storage="host"`` keeps the rows in host
     memory (for GPU users; streamed to the device in chunks), ``"disk"`` in a temporary
-    file read and written explicitly (three passes over the file per step).
+    file read and written explicitly: with ``"partial"`` one sequential row write per
+    step, the file read at restarts, reorthogonalizations and the end (with ``"full"``
+    three passes over the file per step).
 
     **Rounded basis.** With ``basis_dtype=torch.float16`` (or ``bfloat16``) the rows are
     stored rounded, so the Lanczos relation, and with it the residual estimate
@@ -227,6 +172,8 @@ def lanczos(
         basis_dtype: Stored dtype of the basis (default: the operator's); a narrower one
             such as ``torch.float16`` is certified by explicit residuals (see above).
         basis_dir: Directory of the ``"disk"`` file (default: the system's temporary one).
+        reorth: ``"partial"`` (default: Simon's partial reorthogonalization, see above)
+            or ``"full"`` (every product against the whole basis).
         on_finish: Called once after the last product of ``A``, before the ``k`` Ritz
             vectors are formed (with a rounded basis: after their checking products), e.g.
             to free what the products held (a kept gradient graph).
@@ -235,8 +182,9 @@ def lanczos(
         An `EigenResult`: ``eigenvalues`` in descending order (ascending for
         ``"smallest"``, descending magnitude for ``"magnitude"``), unit-norm
         ``eigenvectors`` as columns, Ritz ``residuals`` $\|A x_i - \theta_i x_i\|$ (equal
-        to the explicitly computed ones up to rounding), ``converged``, matvecs, steps and
-        restarts.
+        to the explicitly computed ones up to rounding with ``"full"``; upper bounds of
+        them with ``"partial"``), ``converged``, matvecs, steps, restarts and
+        ``num_reorth`` (the steps orthogonalized against the whole basis).
 
     Raises:
         ValueError: On ``k`` outside ``[1, n)``, ``tol <= 0``, an unknown ``which``, a bad
@@ -254,6 +202,11 @@ def lanczos(
     References:
         C. Lanczos, 1950. K. Wu and H. Simon, "Thick-restart Lanczos method for large
         symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2), 2000.
+        H. D. Simon, "The Lanczos algorithm with partial reorthogonalization", Math.
+        Comp. 42, 1984. C. C. Paige, "Error analysis of the Lanczos algorithm for
+        tridiagonalizing a symmetric matrix", J. Inst. Maths Applics 18, 1976, and
+        "Accuracy and effectiveness of the Lanczos algorithm for the symmetric
+        eigenproblem", Linear Algebra Appl. 34, 1980. R. M. Larsen, PROPACK, 1998.
         B. N. Parlett, *The Symmetric Eigenvalue Problem*, 1998 (residual bounds).
     """
     op = as_linear_operator(A, size=size, check_symmetric=True)
@@ -268,6 +221,7 @@ def lanczos(
     tol = check_positive_float("tol", tol, hint="pass a relative tolerance such as 1e-3.")
     generator = check_generator(generator)
     bound = check_choice("bound", bound, BOUNDS)
+    reorth = check_choice("reorth", reorth, REORTH)
     basis_storage = check_choice("basis_storage", basis_storage, STORAGES)
     basis_dtype = check_basis_dtype(basis_dtype, op.dtype)
     if max_basis is None:
@@ -301,11 +255,14 @@ def lanczos(
               store_dtype=basis_dtype, directory=basis_dir)  # fmt: skip
     try:
         V.write(0, v)
+        P = Full() if reorth == "full" else Partial(max_basis, torch.finfo(dtype).eps, v)
+        P.attach(V, 0)
         del v
-        state = _iterate(op, V, k, which, tol, max_iter, bound, generator, on_finish)
+        state = _iterate(op, V, k, which, tol, max_iter, bound, generator, on_finish, P)
+        del P
     finally:
         V.close()
-    theta, resid, X, converged, steps, restarts = state
+    theta, resid, X, converged, steps, restarts, reorths = state
     del state
     idx = output_order(theta, which)
     if np.array_equal(idx, np.arange(idx.size)):  # already in order: no copy of k vectors
@@ -324,6 +281,7 @@ def lanczos(
         which=which,
         tol=tol,
         num_restarts=restarts,
+        num_reorth=reorths,
     )
 
 
@@ -336,11 +294,13 @@ def _iterate(
     max_iter: int,
     bound: str,
     generator: torch.Generator | None,
-    on_finish: Callable[[], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, Tensor, bool, int, int]:
+    on_finish: Callable[[], None] | None,
+    P: Full | Partial,
+) -> tuple[np.ndarray, np.ndarray, Tensor, bool, int, int, int]:
     """The Lanczos iteration on the basis ``V`` (``on_finish``: see `lanczos`).
 
-    Returns ``(theta, resid, X, converged, steps, restarts)`` for the wanted Ritz pairs
+    ``P``: the reorthogonalization (`Full`, or `Partial` holding the start row). Returns
+    ``(theta, resid, X, converged, steps, restarts, reorth)`` for the wanted Ritz pairs
     (``X`` unit columns, in the order of ``theta``, most wanted first).
     """
     n, dtype, device = V.n, V.dtype, V.device
@@ -349,38 +309,30 @@ def _iterate(
     j = steps = restarts = breakdowns = 0
     converged = False
     eps = torch.finfo(dtype).eps
-    shrink = 1.0  # a lossy basis whose estimate was refuted asks the estimate for more
+    shrink = 1.0  # a refuted estimate (rounded or semi-orthogonal basis) is asked for more
     checked: tuple[np.ndarray, np.ndarray, Tensor] | None = None
+    unit = np.empty(0)  # the residual bounds of a semi-orthogonal basis's unit vectors
     while True:
-        w = op.matvec(V.row(j))
         steps += 1
-        w, h = V.orthogonalize(w, j + 1)
-        # the new row of T and ||w|| reach the host in one transfer; eigh reads the lower
-        # triangle of T only
-        row = torch.cat((h, torch.linalg.vector_norm(w).reshape(1)))
-        row64 = row.to(dtype=torch.float64, device="cpu").numpy()
-        beta = float(row64[-1])
-        T[j, : j + 1] = row64[:-1]
+        w, beta = P.step(op, V, T, j)  # fills row j of T (eigh reads the lower triangle)
         m = j + 1
         theta, S = np.linalg.eigh(T[:m, :m])  # ascending
         ritz, last = theta.tolist(), S[m - 1].tolist()
         scale = max(abs(ritz[0]), abs(ritz[-1]))
         invariant = beta <= 100 * eps * max(scale, eps) * math.sqrt(n)
+        wanted = wanted_list(ritz, which)[:k]
+        need = [shrink * convergence_threshold(ritz[i], scale, tol, dtype) for i in wanted]
+        P.tune(scale, min(need))
         # an exactly invariant Krylov space sees one copy of each eigenvalue: extend it once
         # with a fresh random vector before accepting convergence (finds double eigenvalues)
         if m >= k and (not invariant or breakdowns > 0 or m == n):
-            wanted = _wanted(ritz, which)[:k]
-            resid = [beta * abs(x) for x in last]
-            errors = error_bounds(ritz, resid, bound, wanted)
-            if all(e <= shrink * convergence_threshold(ritz[i], scale, tol, dtype)
-                   for e, i in zip(errors, wanted, strict=True)):  # fmt: skip
-                if not V.lossy:
+            errors = error_bounds(ritz, [beta * abs(x) for x in last], bound, wanted)
+            if all(e <= t for e, t in zip(errors, need, strict=True)):
+                if P.exact and not V.lossy:
                     converged = True
                     break
-                checked = _explicit(op, V, S[:, wanted], m)
-                if all(r <= convergence_threshold(t, scale, tol, dtype)
-                       for t, r in zip(*checked[:2], strict=True)):  # fmt: skip
-                    converged = True
+                converged, checked, unit = verify(op, V, P, theta, S, beta, wanted, bound, tol)
+                if converged:
                     break
                 checked, shrink = None, shrink / 10
                 if shrink < 0.05:  # refuted twice: the rounding is the limit
@@ -393,7 +345,8 @@ def _iterate(
             breakdowns += 1
             r = random_unit_vector(n, generator=generator, dtype=dtype, device=device)
             r, _ = V.orthogonalize(r, m)
-            new = r / torch.linalg.vector_norm(r)
+            new, beta = r / torch.linalg.vector_norm(r), 0.0
+            P.reset(j)  # orthogonal to the whole basis
         else:
             new = w.div_(beta)  # w is this step's own tensor
         del w
@@ -404,45 +357,27 @@ def _iterate(
             T[: keep.size, : keep.size] = np.diag(theta[keep])
             j = keep.size
             restarts += 1
+            P.restart(T, S[:, keep], m, beta, new)
         else:
             j = m
+            P.advance(new, beta)
         V.write(j, new)
         del new
+        P.attach(V, j)
     del w  # the last product: not held while the Ritz vectors are formed
 
     m = j + 1
     idx = wanted_order(theta, which)[: min(k, m)]
+    resid = beta * np.abs(S[m - 1, :])
+    P.release()
+    if isinstance(P, Partial) and not V.lossy:
+        resid = unit if converged else unit_bounds(V, P, S, beta, idx.tolist())
     if V.lossy and checked is None:  # the estimate is no bound for rounded rows: explicit
-        checked = _explicit(op, V, S[:, idx], m)
+        checked = explicit(op, V, S[:, idx], m)
     if on_finish is not None:
         on_finish()
     if checked is not None:
-        return (*checked, converged, steps, restarts)
-    resid = beta * np.abs(S[m - 1, :])
+        return (*checked, converged, steps, restarts, P.count)
     X = V.combine(torch.from_numpy(S[:, idx]).to(dtype=dtype, device=device), m)
     X.div_(torch.linalg.vector_norm(X, dim=0, keepdim=True))  # in place: k vectors, not 2k
-    return theta[idx], resid[idx], X, converged, steps, restarts
-
-
-def _explicit(
-    op: LinearOperator, V: Basis, S: np.ndarray, m: int
-) -> tuple[np.ndarray, np.ndarray, Tensor]:
-    r"""Rayleigh quotients and explicit residuals of the Ritz vectors, one product each.
-
-    For the unit vectors $x \propto V^\top s$: $x^\top A x$ and $\|Ax - (x^\top A x)\,x\|$.
-
-    For any unit $x$ and symmetric $A$ some eigenvalue lies within the residual of the
-    Rayleigh quotient, whatever the basis was: the certificate of a rounded basis.
-    """
-    S_t = torch.from_numpy(S).to(dtype=V.dtype, device=V.device)
-    X = V.combine(S_t, m)
-    X.div_(torch.linalg.vector_norm(X, dim=0, keepdim=True))
-    theta, resid = [], []
-    for i in range(X.shape[1]):
-        x = X[:, i]
-        Ax = op.matvec(x)
-        t = torch.dot(x, Ax)
-        r = torch.linalg.vector_norm(Ax.sub_(x, alpha=float(t)))
-        theta.append(float(t))
-        resid.append(float(r))
-    return np.asarray(theta), np.asarray(resid), X
+    return theta[idx], resid[idx], X, converged, steps, restarts, P.count

@@ -92,6 +92,9 @@ class EigenResult:
         which: The part of the spectrum that was asked for.
         tol: The relative tolerance of the stopping test.
         num_restarts: Thick restarts performed (Lanczos only).
+        num_reorth: Lanczos steps whose product was orthogonalized against the whole
+            basis: every step with ``reorth="full"``; with ``"partial"`` those that
+            Simon's estimate asked for and the first step after each thick restart.
         memory: The memory plan of the measure that made the result
             (`sharpgen.curvature.MemoryPlan`), or None.
     """
@@ -107,6 +110,7 @@ class EigenResult:
     tol: float = 1e-3
     num_restarts: int = 0
     memory: Any = None
+    num_reorth: int = 0
 
     def __float__(self) -> float:
         if self.eigenvalues.numel() != 1:

@@ -17,6 +17,7 @@ from sharpgen.linalg import EigenResult, LinearOperator, lanczos
 from sharpgen.linalg._basis import STORAGES
 from sharpgen.linalg._lanczos import BOUNDS, check_basis_dtype
 from sharpgen.linalg._probes import random_unit_vector
+from sharpgen.linalg._reorth import REORTH
 from sharpgen.sharpness._common import (
     MeasureSource,
     ProgressOperator,
@@ -41,9 +42,10 @@ START = ("auto", "gradient", "random")
 
 #: Weight of the random unit vector added to the unit gradient in the gradient start.
 GRADIENT_MIX = 0.3
-#: Parameter-sized vectors a Lanczos step holds beside the graph and the basis: the
-#: basis row being multiplied and its product (the start: the gradient and the start).
-WORK_VECTORS = 2
+#: Parameter-sized vectors a Lanczos step holds beside the graph and the basis: the two
+#: latest basis rows (held so that a step never reads the basis: partial
+#: reorthogonalization) and the product (the start: the gradient and the start).
+WORK_VECTORS = 3
 
 
 def gradient_start(
@@ -171,25 +173,29 @@ def top_eigenvalues(
     memory_budget: int | str | None = "auto",
     basis_storage: str | None = None,
     basis_dtype: torch.dtype | None = None,
+    reorth: str = "partial",
     **objective_options: Any,
 ) -> ModelEigenResult:
     r"""The ``k`` extreme eigenvalues of the loss Hessian $\nabla^2_\theta L(\theta)$ by Lanczos.
 
-    Runs `sharpgen.linalg.lanczos` (full reorthogonalization, thick restart, a residual
-    stopping rule) on the `sharpgen.curvature.HessianOperator` of ``(model, loss_fn,
+    Runs `sharpgen.linalg.lanczos` (partial reorthogonalization, thick restart, a
+    residual stopping rule) on the `sharpgen.curvature.HessianOperator` of ``(model, loss_fn,
     data)``. With ``converged=True`` every returned value is within ``tol`` (relative) of
     an eigenvalue of the Hessian; otherwise the iteration hit ``max_iter`` and the values
     are the best Ritz values so far. The top eigenvalue $\lambda_{\max}$ is the sharpness
     measure that full-batch SAM and gradient descent at the edge of stability act on.
 
     Cost: one Hessian-vector product per Lanczos step, typically a few dozen for
-    ``k=1, tol=1e-3``.
+    ``k=1, tol=1e-3``, and beside it a few passes over one parameter-sized vector (the
+    basis is read only where Simon's estimate asks for a reorthogonalization, and at a
+    thick restart).
 
     **Memory.** Beyond the model, with $v = p\,b$ the bytes of a parameter-sized vector
     ($b$ bytes per number): the kept gradient graph $G$ (built and counted before the
-    plan; `result.memory.graph_bytes`), two working vectors (the basis row being
-    multiplied and its product, written in place into one buffer and orthogonalized in
-    place) and the basis of $m$ vectors, $G + (2 + m)\,v$; the start (gradient and
+    plan; `result.memory.graph_bytes`), three working vectors (the two latest basis rows,
+    held so that a step never reads the basis, and the product, written in place into
+    one buffer and orthogonalized in place) and the basis of $m$ vectors,
+    $G + (3 + m)\,v$; the start (gradient and
     random part) takes two vectors before the first product; with a model (not a ready
     objective) the gradient's values are freed from the kept graph once the start is
     formed, and the whole graph before the $k$ eigenvectors are, so the end holds
@@ -254,6 +260,10 @@ def top_eigenvalues(
         basis_storage: ``"device"``, ``"host"`` or ``"disk"`` (default: the plan's).
         basis_dtype: Stored dtype of the basis (default: the parameters'); see
             `sharpgen.linalg.lanczos` for the certificate of a rounded basis.
+        reorth: ``"partial"`` (default: each step works on the two latest basis rows
+            only, and orthogonalizes against the whole basis where Simon's estimate of
+            the loss of orthogonality asks for it) or ``"full"`` (every step, as before
+            before); see `sharpgen.linalg.lanczos`. The certificate is the same.
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random; Lanczos then has no
@@ -299,6 +309,7 @@ def top_eigenvalues(
     tol = check_positive("tol", tol, hint="pass a relative tolerance such as 1e-3.")
     which = check_choice("which", which, WHICH)
     bound = check_choice("bound", bound, BOUNDS)
+    reorth = check_choice("reorth", reorth, REORTH)
     generator = check_generator(generator)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter)
@@ -341,7 +352,7 @@ def top_eigenvalues(
         res = lanczos(
             ProgressOperator(H, bar) if progress else H, k, which=which, tol=tol, max_iter=max_iter,
             generator=generator, max_basis=plan.basis_vectors, bound=bound, v0=starts.pop(),
-            basis_storage=plan.basis_storage, basis_dtype=basis_dtype,
+            basis_storage=plan.basis_storage, basis_dtype=basis_dtype, reorth=reorth,
             on_finish=H.clear_cache if owned else None,
         )  # fmt: skip
     shapes = tuple((n, tuple(t.shape)) for n, t in H.params.items())
@@ -357,5 +368,6 @@ def top_eigenvalues(
         tol=res.tol,
         num_restarts=res.num_restarts,
         memory=plan.with_peak(device),
+        num_reorth=res.num_reorth,
         param_shapes=shapes,
     )

@@ -69,7 +69,9 @@ def test_top_k_within_tol_whenever_converged(name, k):
         # the residual bound holds whatever the convergence flag
         X = res.eigenvectors
         explicit = torch.linalg.vector_norm(A @ X - X * res.eigenvalues, dim=0)
-        torch.testing.assert_close(res.residuals, explicit, rtol=1e-6, atol=1e-10)
+        # with partial reorthogonalization: an upper bound, within the tolerance of it
+        assert (res.residuals >= explicit * (1 - 1e-6) - 1e-12).all()
+        assert (res.residuals <= explicit + tol * res.eigenvalues.abs()).all()
     assert conv >= 0.9 * seeds
     assert ok >= 0.95 * conv
 

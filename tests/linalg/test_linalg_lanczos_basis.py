@@ -72,7 +72,9 @@ def test_restarted_equals_unrestarted(name, k, which):
                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
             assert res.converged, (max_basis, seed)
             explicit = _certified(A, res, tol)
-            torch.testing.assert_close(res.residuals, explicit, rtol=1e-5, atol=1e-9)
+            # partial reorthogonalization reports upper bounds, within the tolerance
+            assert (res.residuals >= explicit * (1 - 1e-5) - 1e-12).all()
+            assert (res.residuals <= explicit + tol * res.eigenvalues.abs()).all()
             exact[max_basis] += float(((res.eigenvalues - truth).abs() / truth.abs()).max()) <= tol
             runs[max_basis] = res
         assert runs[N].num_restarts == 0 and runs[k + 3].num_restarts > 0
