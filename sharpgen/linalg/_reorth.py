@@ -51,11 +51,14 @@ import torch
 from torch import Tensor
 
 from sharpgen.linalg._basis import Basis
+from sharpgen.linalg._reduce import column_norms, dot, norm
 from sharpgen.linalg._ritz import convergence_threshold, error_bounds
 
 __all__ = ["REORTH", "Full", "Partial", "explicit", "unit_bounds", "verify"]
 
 REORTH = ("partial", "full")
+#: Share of the smallest stopping threshold that the estimated defect may reach.
+DEFECT_SHARE = 0.02
 
 
 class Full:
@@ -108,6 +111,7 @@ class Partial:
 
     def __init__(self, capacity: int, eps: float, v0: Tensor) -> None:
         self.eps, self.limit = eps, math.sqrt(eps)
+        self.capacity, self.need = capacity, math.inf
         self.prev: Tensor | None = None
         self.cur = v0
         self.beta_prev = 0.0
@@ -115,8 +119,10 @@ class Partial:
         self.omega = np.zeros(capacity + 1)
         self.omega[0] = 1.0
         self.D = np.zeros((capacity, capacity))
-        self.carry = 0.0  # a bound of ||E||_2: what thick restarts carried over
-        self.defect = False  # D or carry nonzero
+        # what thick restarts carried over: bounds of the norms of E's columns, and of ||E||_2
+        self.carry = np.zeros(capacity)
+        self.carry2 = 0.0
+        self.defect = False  # D or E nonzero
         self.pending = False  # Simon's rule: the step after a reorthogonalization
         self.arrow = -1  # the first step after a thick restart
         self.anorm = 0.0  # a lower estimate of ||A||: the largest ||A v_j|| and |theta|
@@ -125,15 +131,9 @@ class Partial:
         self._local = eps  # the estimate of v_{j+1}' v_j after the local step
 
     def tune(self, scale: float, need: float) -> None:
-        r"""Update $\|A\|$ and the trigger: the defect stays a tenth of the threshold ``need``.
-
-        The trigger is $\min(\sqrt\epsilon,\ 0.1\,\mathrm{need}/\|A\|)$ (at least
-        $100\epsilon$): a reorthogonalization leaves a defect of about the trigger times
-        $\|A\|$, which the certificate must absorb.
-        """
+        r"""Update $\|A\|$ and the smallest stopping threshold ``need`` (see `estimate`)."""
         self.anorm = max(self.anorm, scale)
-        floor = 0.1 * need / max(self.anorm, self.eps)
-        self.limit = min(math.sqrt(self.eps), max(floor, 100 * self.eps))
+        self.need = need
 
     def attach(self, V: Basis, j: int) -> None:
         """Row ``j`` was just written: hold a view of it where the basis is in memory."""
@@ -157,20 +157,13 @@ class Partial:
             w = w.clone()  # a product that is a view of a row is not updated in place
         if prev is not None and self.beta_prev != 0.0:
             w.sub_(prev, alpha=self.beta_prev)
-        alpha_t = torch.dot(v, w)
-        w.addcmul_(v, alpha_t, value=-1.0)  # no temporary vector
-        pair = torch.stack((alpha_t, torch.linalg.vector_norm(w))).to(torch.float64).cpu()
-        alpha, beta = pair.tolist()
+        alpha_t = dot(v, w)  # accurate at any length (`sharpgen.linalg._reduce`)
+        w.addcmul_(v, alpha_t.to(w.dtype), value=-1.0)  # no temporary vector
+        got = torch.stack((alpha_t, norm(w)))
+        alpha, beta = got.cpu().tolist()  # one transfer
         gamma = math.sqrt(alpha * alpha + beta * beta + self.beta_prev**2)  # ~ ||A v_j||
         self.anorm = max(self.anorm, gamma)
-        if beta < gamma * self.eps**0.25:  # cancellation: alpha to working precision
-            a2 = torch.dot(v, w)
-            w.addcmul_(v, a2, value=-1.0)
-            alpha += float(a2)
-            beta = float(torch.linalg.vector_norm(w))
-            self._local = self.eps
-        else:
-            self._local = min(1.0, self.eps * gamma / beta) if beta > 0 else self.eps
+        self._local = min(1.0, self.eps * gamma / beta) if beta > 0 else self.eps
         return w, alpha, beta
 
     def step(self, op: object, V: Basis, T: np.ndarray, j: int) -> tuple[Tensor, float]:
@@ -207,7 +200,11 @@ class Partial:
         return w, beta
 
     def estimate(self, T: np.ndarray, j: int, alpha: float, beta: float) -> bool:
-        r"""Simon's $\omega_{j+1}$ after an ordinary step ``j``; True when over $\sqrt\epsilon$.
+        r"""Simon's $\omega_{j+1}$ after an ordinary step ``j``; True: reorthogonalize.
+
+        True when $\max_k|\omega_{j+1,k}| > \sqrt\epsilon$ (Simon), or when the defect the
+        components would leave, $\beta_j\|\omega_{j+1}\|_1$, passes `DEFECT_SHARE` of
+        the smallest stopping threshold (set by `tune`): the certificate must absorb it.
 
         ``T`` is the projected matrix (lower triangle) with row ``j`` filled in.
         """
@@ -221,7 +218,12 @@ class Partial:
             new[:j] = val / max(beta, self.eps * max(self.anorm, 1.0))
         new[j], new[j + 1] = self._local, 1.0
         self.omega_prev, self.omega = self.omega, new
-        return bool(np.abs(new[: j + 1]).max() > self.limit)
+        if np.abs(new[: j + 1]).max() > self.limit:
+            return True
+        # the defect a reorthogonalization leaves is about beta ||omega||_1 (at the step
+        # before a restart: ||A|| ||omega||_1, the arrow's); kept at 2% of the threshold
+        weight = self.anorm if j == self.capacity - 1 else beta
+        return bool(weight * np.abs(new[:j]).sum() > DEFECT_SHARE * self.need)
 
     def reset(self, j: int) -> None:
         r"""Step ``j`` was orthogonalized against the whole basis: $\omega_{j+1} = \epsilon$."""
@@ -244,15 +246,21 @@ class Partial:
     def restart(self, T: np.ndarray, S: np.ndarray, m: int, beta: float, new: Tensor) -> None:
         r"""A thick restart to the Ritz vectors ``V S`` (``S`` is ``(m, q)``), ``new`` the next row.
 
-        Sets ``T``'s arrow row ``q``: the coupling $\beta\,S_{m-1,:}$. The defect
-        of the old basis adds to the carried bound of $\\|E\\|_2$, and the estimate
-        of the new row against them is $S^\top \omega$.
+        Sets ``T``'s arrow row ``q``: the coupling $\beta\,S_{m-1,:}$. The old basis's
+        defect moves into $E' = E S + V D S$: column $i$ of it has norm at most
+        $\min(\sum_r |S_{ri}|\,c_r,\ \|E\|_2) + \|D S e_i\|_1$ (rows of unit norm), and
+        $\|E'\|_2 \le \|E\|_2 + \|V D S\|_F$. The estimate of the new row against the
+        kept vectors is $S^\top \omega$.
         """
         q = S.shape[1]
-        if self.defect:  # E' = E S + V D S, ||V||_2 <= sqrt(m) (unit rows)
-            self.carry += math.sqrt(m) * float(np.linalg.norm(self.D[:m, :m] @ S, 2))
+        if self.defect:
+            DS = np.abs(self.D[:m, :m] @ S).sum(axis=0)  # ||D S e_i||_1
+            carry = np.minimum(self.carry[:m] @ np.abs(S), self.carry2) + DS
+            self.carry2 = min(self.carry2 + float(np.linalg.norm(DS)), float(np.linalg.norm(carry)))
+            self.carry[:] = 0.0
+            self.carry[:q] = carry
         self.D[:] = 0.0
-        self.defect = self.carry > 0.0
+        self.defect = self.carry2 > 0.0
         omega = np.zeros_like(self.omega)
         omega[:q] = S.T @ self.omega[:m]
         omega[q] = 1.0
@@ -262,10 +270,11 @@ class Partial:
         T[q, :q] = beta * S[m - 1, :]
 
     def numerators(self, S: np.ndarray, beta: float, m: int) -> np.ndarray:
-        r"""$\beta|s_m| + \|D s\|_1 + \|E\|_2$ for each unit column $s$ of ``S``."""
+        r"""$\beta|s_m| + \|D s\|_1 + \min(\sum_r c_r|s_r|, \|E\|_2)$ for each unit column."""
         out = beta * np.abs(S[m - 1, :])
         if self.defect:
-            out = out + np.abs(self.D[:m, :m] @ S).sum(axis=0) + self.carry
+            carried = np.minimum(self.carry[:m] @ np.abs(S), self.carry2)
+            out = out + np.abs(self.D[:m, :m] @ S).sum(axis=0) + carried
         return out
 
 
@@ -318,7 +327,7 @@ def verify(
 
 def _host(h: Tensor, w: Tensor) -> np.ndarray:
     """``h`` and ``||w||`` on the host in float64, in one transfer."""
-    row = torch.cat((h, torch.linalg.vector_norm(w).reshape(1)))
+    row = torch.cat((h.to(torch.float64), norm(w).reshape(1)))
     return row.to(dtype=torch.float64, device="cpu").numpy()
 
 
@@ -332,13 +341,13 @@ def explicit(op: object, V: Basis, S: np.ndarray, m: int) -> tuple[np.ndarray, n
     """
     S_t = torch.from_numpy(S).to(dtype=V.dtype, device=V.device)
     X = V.combine(S_t, m)
-    X.div_(torch.linalg.vector_norm(X, dim=0, keepdim=True))
+    X.div_(column_norms(X))
     theta, resid = [], []
     for i in range(X.shape[1]):
         x = X[:, i]
         Ax = op.matvec(x)  # type: ignore[attr-defined]
-        t = torch.dot(x, Ax)
-        r = torch.linalg.vector_norm(Ax.sub_(x, alpha=float(t)))
+        t = dot(x, Ax)
+        r = norm(Ax.sub_(x, alpha=float(t)))
         theta.append(float(t))
         resid.append(float(r))
     return np.asarray(theta), np.asarray(resid), X
