@@ -35,7 +35,10 @@ relative error of both values is taken against a reference computed once: sharpg
 ``--ref-tol`` (default 1e-6, up to ``--ref-max-iter`` products). The load average is
 printed at the start and the end; on a shared machine read the ratios. ``--basis-sizes``
 first counts the products of sharpgen's top-1 with Lanczos bases of the given sizes
-(``max_basis``, in memory; the iteration is the same in a file).
+(``max_basis``, in memory; the iteration is the same in a file). ``--variants`` adds
+sharpgen calls with other options to every round (e.g. ``'{"tol1e-2": {"tol": 0.01}}'``:
+a looser certified tolerance, to compare the times at equal true errors), each with its
+time ratio to PyHessian's call of the same round.
 """
 
 from __future__ import annotations
@@ -172,6 +175,59 @@ def pairs(n: int, model: nn.Module, data: Any, ids: torch.Tensor, ph: Any) -> li
     ]
 
 
+def summary(
+    names: list[str], runs: dict[str, list[dict[str, Any]]], refs: dict[str, float]
+) -> list[str]:
+    """The Markdown table of the calls and the time ratios against PyHessian."""
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(float(o[key]) for o in runs[name])
+
+    def error(v: float) -> str:
+        ref = refs.get("smallest" if v < 0 else "largest")
+        return "-" if ref is None else f"{abs(v - ref) / abs(ref):.1e}"
+
+    rows = [
+        "| call | total s | graph build s | products | s per product | s per iteration "
+        "| rest s | value | true rel. error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = [n for n in names if runs[n]]
+    for name in names:
+        per = med(name, "product_s") / max(1, runs[name][0]["products"])
+        it = med(name, "iteration_s") if name == "pyhessian" else (
+            (med(name, "total") - med(name, "build")) / runs[name][0]["products"])  # fmt: skip
+        rest = med(name, "total") - med(name, "build") - med(name, "product_s")
+        vals = [o["value"] for o in runs[name]]
+        errs = "/".join(error(v) for v in vals)
+        prods = "/".join(str(o["products"]) for o in runs[name])
+        rows.append(f"| {name} | {med(name, 'total'):.1f} | {med(name, 'build'):.1f} | {prods} "
+                    f"| {per:.2f} | {it:.2f} | {rest:.1f} | {vals[0]:.6g} | {errs} |")  # fmt: skip
+    if "pyhessian" in names:
+        for name in names:
+            if name.startswith("sharpgen "):
+                ratio = [a["total"] / b["total"] for a, b in zip(runs[name], runs["pyhessian"],
+                                                                 strict=True)]  # fmt: skip
+                rows.append(f"\n{name} / PyHessian per round: "
+                            f"{', '.join(f'{x:.2f}' for x in ratio)}")  # fmt: skip
+    if {"sharpgen", "pyhessian"} <= set(names):
+        t_ratio = [a["total"] / b["total"] for a, b in zip(runs["sharpgen"], runs["pyhessian"],
+                                                           strict=True)]  # fmt: skip
+        s_per = [o["product_s"] / o["products"] for o in runs["sharpgen"]]
+        p_it = [o["iteration_s"] for o in runs["pyhessian"]]
+        p_prod = [o["product_s"] / o["products"] for o in runs["pyhessian"]]
+        rows.append("")
+        rows.append(
+            f"top-1 time, sharpgen / PyHessian per round: "
+            f"**{', '.join(f'{x:.2f}' for x in t_ratio)}** (target <= 0.33)  "
+        )
+        rows.append(f"per product inside the calls, sharpgen matvec / PyHessian power iteration: "
+                    f"{statistics.median(s_per) / statistics.median(p_it):.2f} (target <= 1); "
+                    f"/ PyHessian's bare product: "
+                    f"{statistics.median(s_per) / statistics.median(p_prod):.2f}")  # fmt: skip
+    return rows
+
+
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -191,6 +247,12 @@ def main() -> None:
     ap.add_argument("--calls", default="sharpgen,pyhessian")
     ap.add_argument("--basis-sizes", default="", help="e.g. 4,8,40: products per basis size")
     ap.add_argument("--options", default="", help="JSON: extra keyword arguments of sharpgen")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="JSON {name: options}: more sharpgen calls per round, e.g. "
+        '\'{"tol1e-2": {"tol": 0.01}, "gap": {"bound": "gap"}}\'',
+    )
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,12 +282,13 @@ def main() -> None:
         raise SystemExit(f"the losses differ: sharpgen {ours}, PyHessian's criterion {theirs}")
     print(f"loss: sharpgen {ours:.6f}, PyHessian criterion {theirs:.6f}", flush=True)
 
-    def run_sharpgen() -> dict[str, Any]:
+    def run_sharpgen(**variant: Any) -> dict[str, Any]:
         matvec.reset()
         grad.reset()
         t0 = time.perf_counter()
-        r = top_eigenvalues(model, lm_loss, data, k=1, tol=args.tol,
-                            generator=torch.Generator().manual_seed(0), **extra)  # fmt: skip
+        opts = {"tol": args.tol, **extra, **variant}
+        r = top_eigenvalues(model, lm_loss, data, k=1,
+                            generator=torch.Generator().manual_seed(0), **opts)  # fmt: skip
         total = time.perf_counter() - t0
         return dict(total=total, build=grad.seconds, products=r.num_matvecs,
                     product_s=matvec.seconds, product_calls=matvec.calls,
@@ -256,8 +319,11 @@ def main() -> None:
                               "restarts": r.num_restarts, "value": float(r.eigenvalues[0]),
                               "seconds": time.perf_counter() - t0}), flush=True)  # fmt: skip
     pair_rows = pairs(args.pairs, model, data, ids, ph) if args.pairs else []
-    calls = {"sharpgen": run_sharpgen, "pyhessian": run_pyhessian}
+    calls: dict[str, Any] = {"sharpgen": run_sharpgen, "pyhessian": run_pyhessian}
     names = [c for c in args.calls.split(",") if c]
+    for vname, vopts in (json.loads(args.variants) if args.variants else {}).items():
+        calls[f"sharpgen {vname}"] = lambda vopts=vopts: run_sharpgen(**vopts)
+        names.append(f"sharpgen {vname}")
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for i in range(args.rounds):
         for name in names if i % 2 == 0 else names[::-1]:
@@ -269,6 +335,7 @@ def main() -> None:
     refs: dict[str, float] = {}
     if not args.no_ref:  # PyHessian's power iteration finds the eigenvalue of largest modulus
         negative = any(o["value"] < 0 for o in runs.get("pyhessian", []))
+        extra = {k: v for k, v in extra.items() if k not in ("tol", "bound")}
         for which in ("largest", "smallest") if negative else ("largest",):
             t0 = time.perf_counter()
             r = top_eigenvalues(model, lm_loss, data, k=1, tol=args.ref_tol, which=which,
@@ -281,44 +348,7 @@ def main() -> None:
                               "seconds": time.perf_counter() - t0}), flush=True)  # fmt: skip
     load1 = load()
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(float(o[key]) for o in runs[name])
-
-    def error(v: float) -> str:
-        ref = refs.get("smallest" if v < 0 else "largest")
-        return "-" if ref is None else f"{abs(v - ref) / abs(ref):.1e}"
-
-    rows = [
-        "| call | total s | graph build s | products | s per product | s per iteration "
-        "| rest s | value | true rel. error |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    names = [n for n in names if runs[n]]
-    for name in names:
-        per = med(name, "product_s") / max(1, runs[name][0]["products"])
-        it = med(name, "iteration_s") if name == "pyhessian" else (
-            (med(name, "total") - med(name, "build")) / runs[name][0]["products"])  # fmt: skip
-        rest = med(name, "total") - med(name, "build") - med(name, "product_s")
-        vals = [o["value"] for o in runs[name]]
-        errs = "/".join(error(v) for v in vals)
-        prods = "/".join(str(o["products"]) for o in runs[name])
-        rows.append(f"| {name} | {med(name, 'total'):.1f} | {med(name, 'build'):.1f} | {prods} "
-                    f"| {per:.2f} | {it:.2f} | {rest:.1f} | {vals[0]:.6g} | {errs} |")  # fmt: skip
-    if {"sharpgen", "pyhessian"} <= set(names):
-        t_ratio = [a["total"] / b["total"] for a, b in zip(runs["sharpgen"], runs["pyhessian"],
-                                                           strict=True)]  # fmt: skip
-        s_per = [o["product_s"] / o["products"] for o in runs["sharpgen"]]
-        p_it = [o["iteration_s"] for o in runs["pyhessian"]]
-        p_prod = [o["product_s"] / o["products"] for o in runs["pyhessian"]]
-        rows.append("")
-        rows.append(
-            f"top-1 time, sharpgen / PyHessian per round: "
-            f"**{', '.join(f'{x:.2f}' for x in t_ratio)}** (target <= 0.33)  "
-        )
-        rows.append(f"per product inside the calls, sharpgen matvec / PyHessian power iteration: "
-                    f"{statistics.median(s_per) / statistics.median(p_it):.2f} (target <= 1); "
-                    f"/ PyHessian's bare product: "
-                    f"{statistics.median(s_per) / statistics.median(p_prod):.2f}")  # fmt: skip
+    rows = summary(names, runs, refs)
     head = (f"GPT-2 {args.size} ({params / 1e6:.1f}M), batch {args.batch} x {args.tokens}, "
             f"float32, {args.threads} threads, torch {torch.__version__}; medians of "
             f"{args.rounds} interleaved rounds; load average {load0} (start) / {load1} (end); "
