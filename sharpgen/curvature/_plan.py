@@ -8,9 +8,9 @@ parameter-sized vector takes $v = p\,b$ bytes, and the measure holds beyond the 
 $$ \text{planned} = \max\bigl(G + (w + 2B)\,v,\ r\,v\bigr) + m_{\mathrm{mem}}\, v, $$
 
 with $G$ the kept gradient graph (counted, see **Graph** below), $w$ the working vectors
-of the measure (Lanczos: the basis row being multiplied and its product, which is
-orthogonalized in place and becomes the next row), $B$ the probe block width (a trace
-estimator holds the block and its product, $2B$), $r$ the vectors of the result (the
+of the measure (Lanczos: the two latest basis rows, held so that a step never reads the
+basis, and the product, which is orthogonalized in place and becomes the next row), $B$
+the probe block width (a trace estimator holds the block and its product, $2B$), $r$ the vectors of the result (the
 eigenvectors, formed after the graph is freed) and $m_{\mathrm{mem}}$ the Lanczos basis
 vectors held in memory (0 when the basis is in a file).
 
@@ -36,8 +36,9 @@ made a measure cost several gradient steps' memory): the largest
 $m \le \max(2k + 20, 40)$ that fits, at least $k + 3$; when even $k + 3$ does not fit,
 the basis of $k + 3$ vectors goes to host memory (CUDA). On a CPU, when fewer than
 $2k + 6$ fit, a basis of $2k + 6$ vectors goes to a temporary file (where the disk has
-room for twice its bytes), where it costs time (three passes over it per product), not
-resident memory: on Hugging Face GPT-2 (``benchmarks/bench_gpt2_time.py``) a basis of
+room for twice its bytes), where it costs time, not resident memory (with partial
+reorthogonalization a step writes one row and reads none; restarts, reorthogonalizations and
+the end read the file): on Hugging Face GPT-2 (``benchmarks/bench_gpt2_time.py``) a basis of
 $k + 3 = 4$ vectors restarted every second step and took 1.7x the products of 8 vectors
 (49 against 29; 27 unrestarted), far more than the passes over 4 more rows cost.
 

@@ -1,8 +1,10 @@
 r"""Where a Lanczos basis lives and in what precision: the operator's device, host memory, a file.
 
-A basis is ``capacity`` orthonormal rows of length $n$. Lanczos needs five things from it:
+A basis is ``capacity`` orthonormal rows of length $n$. Lanczos needs six things from it:
 write a row, read a row, orthogonalize a vector against the first $m$ rows (classical
-Gram-Schmidt twice), rotate the first $m$ rows in place (a thick restart) and combine them
+Gram-Schmidt twice: every step with full reorthogonalization, only some with partial),
+the norms of combinations of the rows (the certificate of partial reorthogonalization),
+rotate the first $m$ rows in place (a thick restart) and combine them
 (Ritz vectors). On the operator's device in its own dtype these are whole-block BLAS calls;
 every other storage streams the rows in column chunks of about `CHUNK` numbers, so the
 working memory beyond the stored rows is one chunk of all rows plus the vector itself.

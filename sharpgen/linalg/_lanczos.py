@@ -326,7 +326,7 @@ def _iterate(
         invariant = beta <= 100 * eps * max(scale, eps) * math.sqrt(n)
         wanted = wanted_list(ritz, which)[:k]
         need = [shrink * convergence_threshold(ritz[i], scale, tol, dtype) for i in wanted]
-        P.tune(scale, min(need))
+        P.tune(scale, min(need), max(abs(last[i]) for i in wanted))
         # an exactly invariant Krylov space sees one copy of each eigenvalue: extend it once
         # with a fresh random vector before accepting convergence (finds double eigenvalues)
         if m >= k and (not invariant or breakdowns > 0 or m == n):

@@ -63,7 +63,7 @@ __all__ = ["REORTH", "Full", "Partial", "explicit", "unit_bounds", "verify"]
 
 REORTH = ("partial", "full")
 #: Share of the smallest stopping threshold that the estimated defect may reach.
-DEFECT_SHARE = 0.02
+DEFECT_SHARE = 0.05
 
 
 class Full:
@@ -86,7 +86,7 @@ class Full:
         self.count += 1
         return w, float(row[-1])
 
-    def tune(self, scale: float, need: float) -> None:
+    def tune(self, scale: float, need: float, weight: float) -> None:
         """Nothing to tune."""
 
     def reset(self, j: int) -> None:
@@ -116,7 +116,7 @@ class Partial:
 
     def __init__(self, capacity: int, eps: float, v0: Tensor) -> None:
         self.eps, self.limit = eps, math.sqrt(eps)
-        self.capacity, self.need = capacity, math.inf
+        self.capacity, self.need, self.weight = capacity, math.inf, 1.0
         self.prev: Tensor | None = None
         self.cur = v0
         self.beta_prev = 0.0
@@ -135,10 +135,14 @@ class Partial:
         self.exact = False  # the residual needs the defect and the norms (`unit_bounds`)
         self._local = eps  # the estimate of v_{j+1}' v_j after the local step
 
-    def tune(self, scale: float, need: float) -> None:
-        r"""Update $\|A\|$ and the smallest stopping threshold ``need`` (see `estimate`)."""
+    def tune(self, scale: float, need: float, weight: float) -> None:
+        r"""Update $\|A\|$, the smallest stopping threshold ``need`` and ``weight``.
+
+        ``weight``: the largest $|s_m|$ of the wanted Ritz vectors, the weight their
+        residual bounds give a defect in the next columns (see `estimate`).
+        """
         self.anorm = max(self.anorm, scale)
-        self.need = need
+        self.need, self.weight = need, weight
 
     def attach(self, V: Basis, j: int) -> None:
         """Row ``j`` was just written: hold a view of it where the basis is in memory."""
@@ -226,9 +230,11 @@ class Partial:
         if np.abs(new[: j + 1]).max() > self.limit:
             return True
         # the defect a reorthogonalization leaves is about beta ||omega||_1 (at the step
-        # before a restart: ||A|| ||omega||_1, the arrow's); kept at 2% of the threshold
-        weight = self.anorm if j == self.capacity - 1 else beta
-        return bool(weight * np.abs(new[:j]).sum() > DEFECT_SHARE * self.need)
+        # before a restart: ||A|| ||omega||_1, the arrow's), weighted in the wanted
+        # residual bounds by their components |s_j| on this row (about |s_m| now)
+        size = self.anorm if j == self.capacity - 1 else beta
+        defect = size * float(np.abs(new[:j]).sum()) * self.weight
+        return defect > DEFECT_SHARE * self.need
 
     def reset(self, j: int) -> None:
         r"""Step ``j`` was orthogonalized against the whole basis: $\omega_{j+1} = \epsilon$."""

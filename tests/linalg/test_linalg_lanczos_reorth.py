@@ -1,4 +1,4 @@
-"""Partial reorthogonalization of Lanczos against dense float64 truth, ghosts and the certificate."""
+"""Partial reorthogonalization of Lanczos: dense float64 truth, ghosts, the certificate."""
 
 import numpy as np
 import pytest
@@ -48,9 +48,16 @@ def test_partial_equals_dense_truth(name, k, small, storage, tmp_path):
     tol = 1e-3
     for seed in range(3):
         runs = {
-            mode: lanczos(A, k, tol=tol, max_basis=k + 3 if small else None, reorth=mode,
-                          basis_storage=storage, basis_dir=str(tmp_path),
-                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            mode: lanczos(
+                A,
+                k,
+                tol=tol,
+                max_basis=k + 3 if small else None,
+                reorth=mode,
+                basis_storage=storage,
+                basis_dir=str(tmp_path),
+                generator=torch.Generator().manual_seed(seed),
+            )  # fmt: skip
             for mode in ("partial", "full")
         }
         res = runs["partial"]
@@ -77,8 +84,9 @@ def test_partial_and_full_give_the_same_values_and_products():
     for k in (1, 5):
         for seed in range(3):
             runs = {
-                mode: lanczos(A, k, tol=1e-6, reorth=mode,
-                              generator=torch.Generator().manual_seed(seed))  # fmt: skip
+                mode: lanczos(
+                    A, k, tol=1e-6, reorth=mode, generator=torch.Generator().manual_seed(seed)
+                )  # fmt: skip
                 for mode in ("full", "partial")
             }
             full, partial = runs["full"], runs["partial"]
