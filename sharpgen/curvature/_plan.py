@@ -10,9 +10,9 @@ $$ \text{planned} = \max\bigl(G + (w + 2B)\,v,\ r\,v\bigr) + m_{\mathrm{mem}}\, 
 with $G$ the kept gradient graph (counted, see **Graph** below), $w$ the working vectors
 of the measure (Lanczos: the two latest basis rows, held so that a step never reads the
 basis, and the product, which is orthogonalized in place and becomes the next row), $B$
-the probe block width (a trace estimator holds the block and its product, $2B$), $r$ the vectors of the result (the
-eigenvectors, formed after the graph is freed) and $m_{\mathrm{mem}}$ the Lanczos basis
-vectors held in memory (0 when the basis is in a file).
+the probe block width (a trace estimator holds the block and its product, $2B$), $r$ the
+vectors of the result (the eigenvectors, formed after the graph is freed) and
+$m_{\mathrm{mem}}$ the Lanczos basis vectors held in memory (0 when the basis is in a file).
 
 **Budget.** ``memory_budget`` is the bytes the measure may hold beyond what the process
 holds already: an int, or ``"auto"`` (default): 80% of what the device has free now
