@@ -29,6 +29,7 @@ from sharpgen._validation import check_choice, check_generator, check_int, check
 from sharpgen.curvature import ModelObjective, select_params, unflatten_params
 from sharpgen.curvature._params import ParamSelection
 from sharpgen.landscape._args import check_direction_like, check_tensor_map
+from sharpgen.linalg._reduce import norm as accurate_norm
 
 __all__ = [
     "NORMALIZATIONS",
@@ -42,8 +43,10 @@ ONE_DIM = ("zero", "normalize", "keep")
 
 
 def _rescale(d: Tensor, ref: Tensor) -> Tensor:
-    norm = d.norm()
-    return d * (ref.norm() / norm) if norm > 0 else torch.zeros_like(d)
+    """``d`` scaled to the norm of ``ref``; whole-tensor norms summed accurately (`_reduce`)."""
+    size = accurate_norm(d.reshape(-1))
+    factor = (accurate_norm(ref.reshape(-1)) / size).to(d.dtype) if size > 0 else None
+    return d * factor if factor is not None else torch.zeros_like(d)
 
 
 def normalize_direction(

@@ -13,6 +13,7 @@ from sharpgen.linalg._checks import check_choice, check_generator, resolve_budge
 from sharpgen.linalg._hutchinson import MAX_GROWTH, MIN_ADAPTIVE_SAMPLES, mean_and_stderr
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
 from sharpgen.linalg._probes import DISTRIBUTIONS, draw_probes
+from sharpgen.linalg._reduce import gram
 from sharpgen.linalg._results import TraceEstimate
 from sharpgen.linalg._sketch import extend_basis
 
@@ -70,12 +71,14 @@ def deflated_samples(Q: Tensor, Z: Tensor, G: Tensor, AG: Tensor) -> tuple[float
 
     ``Z`` is $AQ$ and ``AG`` is $AG$ (for the columns $g$ of ``G``): no product is needed.
     """
-    H = Q.T @ Z
+    # products over n summed accurately (`gram`): Q^T A Q holds quadratic forms
+    H = gram(Q, Z)
     H = (H + H.T) / 2
-    C = Q.T @ G
+    C = gram(Q, G)
     # g^T (I - QQ^T) A (I - QQ^T) g = g^T A g - 2 (Z^T g)^T (Q^T g) + (Q^T g)^T H (Q^T g)
-    samples = (G * AG).sum(0) - 2 * ((Z.T @ G) * C).sum(0) + (C * (H @ C)).sum(0)
-    return float(torch.trace(H)), samples
+    quad = (G * AG).sum(0).to(torch.float64)
+    samples = quad - 2 * (gram(Z, G) * C).sum(0) + (C * (H @ C)).sum(0)
+    return float(torch.trace(H)), samples.to(G.dtype)
 
 
 def next_total(total: int, stderr: float, target: float) -> int:

@@ -12,6 +12,7 @@ from sharpgen.linalg._checks import check_generator, check_positive_float, check
 from sharpgen.linalg._lanczos import convergence_threshold
 from sharpgen.linalg._operator import LinearOperator, as_linear_operator
 from sharpgen.linalg._probes import random_unit_vector
+from sharpgen.linalg._reduce import dot, norm
 from sharpgen.linalg._results import EigenResult
 
 __all__ = ["power_iteration"]
@@ -71,27 +72,27 @@ def power_iteration(
         if not isinstance(v0, Tensor) or v0.shape != (n,):
             raise ValueError(f"v0 must be a tensor of shape ({n},).")
         v = v0.detach().to(dtype=op.dtype, device=op.device)
-        norm = torch.linalg.vector_norm(v)
-        if not torch.isfinite(norm) or norm == 0:
+        length = norm(v)
+        if not torch.isfinite(length) or length == 0:
             raise ValueError("v0 must be a finite nonzero vector; pass v0=None for a random one.")
-        v = v / norm
+        v = v / length.to(v.dtype)
     start = op.num_matvecs
     converged = False
     it = 0
     while it < max_iter:
         it += 1
         w = op.matvec(v)
-        theta = torch.dot(v, w)
-        resid = torch.linalg.vector_norm(w - theta * v)
+        theta = dot(v, w).to(v.dtype)  # accurate: a sum of n terms, maybe of one sign
+        resid = norm(w - theta * v).to(v.dtype)
         value = float(theta)
         if float(resid) <= convergence_threshold(value, abs(value), tol, op.dtype):
             converged = True
             break
-        norm = torch.linalg.vector_norm(w)
-        if norm == 0:  # v in the null space: theta = 0 is exact
+        length = norm(w)
+        if length == 0:  # v in the null space: theta = 0 is exact
             converged = True
             break
-        v = w / norm
+        v = w / length.to(w.dtype)
     return EigenResult(
         eigenvalues=theta.reshape(1),
         eigenvectors=v.reshape(n, 1),

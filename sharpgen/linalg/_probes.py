@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sharpgen.linalg._reduce import norm
+
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
@@ -47,4 +49,4 @@ def random_unit_vector(
     """A Gaussian vector of unit norm."""
     v = draw_probes(n, 1, distribution="gaussian", generator=generator, dtype=dtype, device=device)
     v = v.squeeze(1)
-    return v.div_(torch.linalg.vector_norm(v))  # in place: one vector, not two
+    return v.div_(norm(v).to(v.dtype))  # in place: one vector, not two; accurate norm

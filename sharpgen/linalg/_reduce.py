@@ -1,4 +1,4 @@
-r"""Dot products and norms of long vectors, accurate where torch's float32 reductions are not.
+r"""Dot products, norms and Gram matrices of long vectors, accurate where torch's are not.
 
 On a CPU, ``torch.dot`` and ``torch.linalg.vector_norm`` of float32 vectors accumulate
 with a relative error that grows with the length: for the norm of a Gaussian vector
@@ -6,16 +6,22 @@ with a relative error that grows with the length: for the norm of a Gaussian vec
 $1.7\cdot 10^{-3}$ at $3\cdot 10^7$ and $1.3\cdot 10^{-2}$ at $1.24\cdot 10^8$ (GPT-2
 small), the computed value too small. A Lanczos row divided by such a norm is 1% too
 long, and a Rayleigh quotient of terms of one sign is off as much: more than
-``tol=1e-3`` allows. (``torch.sum`` is accurate, by cascade summation, but needs the
-product as a temporary vector.)
+``tol=1e-3`` allows. Matrix products over the long dimension are worse: ``X.T @ Y`` of two
+``(n, k)`` blocks of positive numbers is $6.6\cdot 10^{-2}$ off at $n = 3\cdot 10^7$, the
+column norms of ``vector_norm(X, dim=0)`` $3.5\cdot 10^{-2}$, and the ``Q`` of
+``torch.linalg.qr`` has columns $1.7\cdot 10^{-3}$ too long. (``torch.sum``, also along
+``dim=0``, is accurate, by cascade summation, but needs the product as a temporary.)
 
-Here, on a CPU, the vectors are cut into blocks of `BLOCK` numbers; each block's product
-is summed by ``torch.sum`` (cascade summation, a temporary of one block) and the block
-sums are added in float64: a relative error about $\epsilon$ of float32 at every length
-measured ($2\cdot 10^{-8}$ at $3\cdot 10^7$, where ``torch.dot`` was off by
-$7\cdot 10^{-3}$ on a vector of a few large entries), at about twice the time of
-``torch.dot`` (0.034 s for $3\cdot 10^7$ numbers on one core). float64 vectors, short
-ones and CUDA (tree reductions) use ``torch.dot``.
+Here, on a CPU, the vectors are cut into blocks of `BLOCK` numbers (`GRAM_BLOCK` rows for
+`gram`); each block's product is summed by ``torch.sum`` (cascade summation, a temporary
+of one block) or one small matrix product, and the block sums are added in float64. The
+error is about $\epsilon$ of float32 for `dot` ($2\cdot 10^{-8}$ at $3\cdot 10^7$, where
+``torch.dot`` was off by $7\cdot 10^{-3}$ on a vector of a few large entries) and below
+$10^{-6}$ for `gram` ($8\cdot 10^{-7}$ where ``X.T @ X`` was $6.6\cdot 10^{-2}$ off), at
+about twice the time of ``torch.dot`` (0.06 s for $3\cdot 10^7$ numbers on one core) and
+the time of ``X.T @ Y`` (``benchmarks/bench_reduce.py``). float64 vectors, short ones and
+CUDA (tree reductions) use torch's own reductions. The functions work under
+``torch.func.vmap`` (no in-place accumulation).
 """
 
 from __future__ import annotations
@@ -23,19 +29,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "column_norms", "dot", "norm"]
+__all__ = [
+    "BLOCK",
+    "GRAM_BLOCK",
+    "column_dots",
+    "column_norms",
+    "dot",
+    "gram",
+    "is_long",
+    "norm",
+    "orthonormalize",
+]
 
 #: Numbers per block summed by one ``torch.sum``.
 BLOCK = 1 << 16
+#: Rows per block of one ``X.T @ Y`` in `gram` (its error stays below 1e-6).
+GRAM_BLOCK = 1 << 14
+
+
+def is_long(x: Tensor, rows: int | None = None) -> bool:
+    """Whether reductions over ``x`` (``rows`` of it, default all its numbers) need blocks."""
+    size = x.numel() if rows is None else rows
+    return x.dtype != torch.float64 and x.device.type == "cpu" and size > BLOCK
 
 
 def dot(x: Tensor, y: Tensor) -> Tensor:
     """``x . y`` of two vectors as a 0-d float64 tensor on their device (see the module)."""
-    if x.dtype == torch.float64 or x.numel() <= BLOCK or x.device.type != "cpu":
+    if not is_long(x):
         return torch.dot(x, y).to(torch.float64)
     total = torch.zeros((), dtype=torch.float64)
     for c in range(0, x.numel(), BLOCK):
-        total += torch.mul(x[c : c + BLOCK], y[c : c + BLOCK]).sum()
+        total = total + torch.mul(x[c : c + BLOCK], y[c : c + BLOCK]).sum()
     return total
 
 
@@ -44,9 +68,43 @@ def norm(x: Tensor) -> Tensor:
     return dot(x, x).sqrt()
 
 
+def column_dots(X: Tensor, Y: Tensor) -> Tensor:
+    r"""$(x_j^\top y_j)_j$ of the columns of two ``(n, k)`` blocks, float64, no ``(n, k)`` copy."""
+    out = [dot(X[:, j], Y[:, j]) for j in range(X.shape[1])]
+    if not out:
+        return torch.zeros(0, dtype=torch.float64, device=X.device)
+    return torch.stack(out)
+
+
 def column_norms(X: Tensor) -> Tensor:
     """The norms of the columns of ``X`` (n, k), in ``X``'s dtype."""
-    out = [norm(X[:, i]) for i in range(X.shape[1])]
-    if not out:
-        return torch.zeros(0, dtype=X.dtype, device=X.device)
-    return torch.stack(out).to(X.dtype)
+    return column_dots(X, X).sqrt().to(X.dtype)
+
+
+def gram(X: Tensor, Y: Tensor) -> Tensor:
+    r"""$X^\top Y$ of an ``(n, k)`` and an ``(n, l)`` block as a float64 ``(k, l)`` tensor."""
+    if not is_long(X, X.shape[0]):
+        return (X.T @ Y).to(torch.float64)
+    total = torch.zeros(X.shape[1], Y.shape[1], dtype=torch.float64)
+    for c in range(0, X.shape[0], GRAM_BLOCK):
+        total = total + X[c : c + GRAM_BLOCK].T @ Y[c : c + GRAM_BLOCK]
+    return total
+
+
+def orthonormalize(Q: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(Q', U)`` with $Q = Q' U$ and $Q'$ orthonormal to float32 precision on long ``Q``.
+
+    For a long float32 ``Q`` (n, k) on a CPU, nearly orthonormal (the ``Q`` of
+    ``torch.linalg.qr``, whose columns are $1.7\cdot 10^{-3}$ too long at
+    $n = 3\cdot 10^7$), one Cholesky-QR step with an accurate `gram`:
+    $Q^\top Q = U^\top U$, $Q' = Q U^{-1}$. Otherwise, or where the Cholesky factorization
+    fails (a rank-deficient ``Q``), ``Q`` itself and the identity.
+    """
+    eye = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
+    if not is_long(Q, Q.shape[0]) or Q.shape[1] == 0:
+        return Q, eye
+    U, info = torch.linalg.cholesky_ex(gram(Q, Q), upper=True)
+    if int(info) != 0:
+        return Q, eye
+    U = U.to(Q.dtype)
+    return torch.linalg.solve_triangular(U, Q, upper=True, left=False), U

@@ -14,6 +14,7 @@ from sharpgen._validation import check_int, check_interval, check_positive, chec
 from sharpgen.optim._base import SAMBase, copy_back
 from sharpgen.optim._groups import PerturbSelector
 from sharpgen.optim._state import _NONFINITE, _PERTURBED
+from sharpgen.sharpness._sam_kernel import sam_grad_norms, total_norm
 
 __all__ = ["BSAM"]
 
@@ -224,7 +225,7 @@ class BSAM(SAMBase):
                     noisy[p] = p.grad.detach().clone()
         self._base().noisy = noisy
         grads = list(noisy.values())
-        total = float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else 0.0
+        total = float(total_norm(sam_grad_norms(grads, grads, foreach=True))) if grads else 0.0
         self._pending = {"grad_norm": total, "reason": None}
         if not grads:
             return self._skip_perturbation("no gradient")

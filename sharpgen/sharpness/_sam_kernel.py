@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from sharpgen._validation import check_positive
+from sharpgen.linalg._reduce import dot, is_long
+from sharpgen.linalg._reduce import norm as accurate_norm
 
 __all__ = [
     "NORMS",
@@ -67,13 +69,30 @@ def sam_grad_norms(
     eta: float = 0.0,
     foreach: bool = False,
 ) -> list[Tensor]:
-    r"""Per-tensor norms $\|T_w g\|_2$ (combine them with `total_norm`)."""
+    r"""Per-tensor norms $\|T_w g\|_2$ (combine them with `total_norm`), in each ``g``'s dtype.
+
+    A long float32 tensor on a CPU (more than 65536 numbers) is summed in float64 blocks
+    (`sharpgen.linalg._reduce`): torch's float32 ``vector_norm`` there is $1.7\cdot
+    10^{-3}$ too small at $3\cdot 10^7$ numbers (GPT-2's embedding has $3.9\cdot 10^7$),
+    and the perturbation as much too long. Short tensors use torch's (``foreach``) kernels.
+    """
     if adaptive:
         pairs = zip(params, grads, strict=True)
-        return [torch.linalg.vector_norm(g * (p.abs() + eta)) for p, g in pairs]
+        return [_norm((g * (p.abs() + eta)).reshape(-1)) for p, g in pairs]
     if foreach:
-        return list(torch._foreach_norm(list(grads)))
-    return [torch.linalg.vector_norm(g) for g in grads]
+        grads = list(grads)
+        short = [i for i, g in enumerate(grads) if not is_long(g)]
+        norms = [_norm(g.reshape(-1)) if is_long(g) else g for g in grads]
+        if short:
+            for i, n in zip(short, torch._foreach_norm([grads[i] for i in short]), strict=True):
+                norms[i] = n
+        return norms
+    return [_norm(g.reshape(-1)) for g in grads]
+
+
+def _norm(x: Tensor) -> Tensor:
+    """``||x||`` of a flat tensor in its dtype: accurate (float64 blocks) where long."""
+    return accurate_norm(x).to(x.dtype) if is_long(x) else torch.linalg.vector_norm(x)
 
 
 def total_norm(norms: Sequence[Tensor]) -> Tensor:
@@ -83,10 +102,14 @@ def total_norm(norms: Sequence[Tensor]) -> Tensor:
 
 
 def total_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    r"""$\sum_i a_i^\top b_i$ over parallel lists of tensors, on the first tensor's device."""
+    r"""$\sum_i a_i^\top b_i$ over parallel lists, on the first tensor's device, in its dtype.
+
+    Each $a_i^\top b_i$ is summed accurately (`sharpgen.linalg._reduce.dot`).
+    """
     device = a[0].device
     pairs = zip(a, b, strict=True)
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).to(device) for x, y in pairs]).sum()
+    dots = [dot(x.reshape(-1), y.reshape(-1)).to(device) for x, y in pairs]  # float64, accurate
+    return torch.stack(dots).sum().to(a[0].dtype)
 
 
 def _coefficient(
