@@ -21,7 +21,10 @@ Calls: ``grad``, ``trace`` (`hessian_trace`, 3 Hutchinson products), ``top1`` /
 by PyHessian's power iteration, tol 1e-3, in ``--bench-python``: a venv with PyHessian),
 ``landscape1d`` (`loss_landscape_1d`, random filter-normalized direction, 11 points),
 ``blocks`` (`block_traces`, 3 Hutchinson products). ``--options`` passes extra keyword
-arguments to the measure (e.g. ``'{"micro_batch_size": 2}'``).
+arguments to the measure (e.g. ``'{"micro_batch_size": 2}'`` or ``'{"micro_batch_size":
+"auto"}'``); ``--budget`` (GB) passes ``memory_budget`` to the measures that plan their
+memory (``trace``, ``top1``/``top5``, ``blocks``), and the table then says whether the
+call's peak above the resident set before it stayed within that budget.
 
 Examples::
 
@@ -29,6 +32,11 @@ Examples::
     PYTHONPATH=. python benchmarks/bench_memory.py --quick
     # GPT-2 small (124M): needs about 12 GB free
     PYTHONPATH=. python benchmarks/bench_memory.py --model gpt2 --layers 12 --embd 768
+    # a batch larger than a 0.6 GB budget: whole batch, then micro-batches chosen by the plan
+    PYTHONPATH=. python benchmarks/bench_memory.py --quick --batch 8 --tokens 128 \
+        --threads 1 --budget 0.6 --calls grad,trace
+    PYTHONPATH=. python benchmarks/bench_memory.py --quick --batch 8 --tokens 128 \
+        --threads 1 --budget 0.6 --calls trace --options '{"micro_batch_size": "auto"}'
     # GPT-2 medium (355M, 16 heads)
     PYTHONPATH=. python benchmarks/bench_memory.py --model gpt2 --layers 24 --embd 1024 \
         --heads 16 --calls grad,trace,top1
@@ -118,6 +126,8 @@ def _call(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     gen = torch.Generator().manual_seed(2)
     extra = json.loads(args.options) if args.options else {}
+    if args.budget and name in ("trace", "top1", "top5", "blocks"):
+        extra["memory_budget"] = int(args.budget * 1e9)
     out: dict[str, Any] = {"call": name, "params": sum(p.numel() for p in model.parameters())}
     rss0 = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
@@ -182,6 +192,10 @@ def _call(name: str, args: argparse.Namespace) -> dict[str, Any]:
         else:
             raise SystemExit(f"unknown call {name!r}; choose from {CALLS}")
     out.update(seconds=time.perf_counter() - t0, rss_before=rss0, peak=_status("VmHWM"))
+    memory = getattr(locals().get("r"), "memory", None)
+    if memory is not None:
+        out.update(micro=memory.micro_batch_size, planned=memory.planned_bytes,
+                   graph=memory.graph_bytes)  # fmt: skip
     return out
 
 
@@ -197,6 +211,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", default="grad,trace,top1,top5,sam")
     p.add_argument("--options", default="", help="JSON of extra measure keyword arguments")
+    p.add_argument("--budget", type=float, default=0.0, help="memory_budget in GB (0: 'auto')")
     p.add_argument("--bench_python", default="/work/venv-bench/bin/python")
     p.add_argument("--quick", action="store_true", help="GPT-2 with 4 layers of width 256")
     p.add_argument("--child", default="")
@@ -221,11 +236,17 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     base = next((r["peak"] for r in rows if r["call"] == "grad"), None)
     print(f"\n{args.model} ({rows[0]['params'] / 1e6:.1f}M params) load {os.getloadavg()}")
-    print("| call | peak RSS GB | x grad step | RSS before GB | seconds | products |")
-    print("|---|---|---|---|---|---|")
+    print(f"budget {args.budget or 'auto'} GB, options {args.options or '{}'}")
+    print("| call | peak RSS GB | x grad step | RSS before GB | above before GB | within budget "
+          "| micro-batch | planned GB | seconds | products |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['peak'] / base:.2f}" if base else "-"
+        above = (r["peak"] - r["rss_before"]) / 1e9
+        fits = "-" if not args.budget or "planned" not in r else str(above <= args.budget)
+        planned = f"{r['planned'] / 1e9:.2f}" if "planned" in r else "-"
         print(f"| {r['call']} | {r['peak'] / 1e9:.2f} | {ratio} | {r['rss_before'] / 1e9:.2f} "
+              f"| {above:.2f} | {fits} | {r.get('micro', '-')} | {planned} "
               f"| {r['seconds']:.1f} | {r['products']} |")  # fmt: skip
 
 

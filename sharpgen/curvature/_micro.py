@@ -21,6 +21,10 @@ sample count $n$ is sliced along that dimension; other entries (``None``, number
 tensor broadcast over the batch such as a ``(1, T)`` position tensor) go unchanged to
 every micro-batch.
 
+**Chosen.** ``micro_batch_size="auto"`` measures the graph of the first samples and takes
+the largest size that fits the memory budget (None where the whole batch fits), see
+`sharpgen.curvature._auto_micro`.
+
 **Refused.** BatchNorm normalizing with batch statistics (``bn="batch"`` on a model with
 a BatchNorm layer): the statistics of a micro-batch are not those of the batch, so the
 value would change with the split. With ``bn="eval"`` (running statistics) the split is
@@ -35,26 +39,38 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sharpgen._validation import check_optional_int
+from sharpgen._validation import is_int
 from sharpgen.curvature._data import num_samples
 
 __all__ = ["check_micro_batch_size", "micro_batches", "refuse_batch_statistics"]
 
 
-def check_micro_batch_size(micro_batch_size: object) -> int | None:
-    """Return ``micro_batch_size`` if it is ``None`` or a positive int, else raise."""
-    hint = "At most this many samples of a batch are evaluated at once; None: whole batches."
-    return check_optional_int("micro_batch_size", micro_batch_size, hint=hint)
+def check_micro_batch_size(micro_batch_size: object) -> int | str | None:
+    """Return ``micro_batch_size`` if it is None, ``"auto"`` or a positive int, else raise.
+
+    Raises:
+        ValueError: Any other value (``"autox"``, 0, -1, 1.5, True, ...).
+    """
+    if micro_batch_size is None or micro_batch_size == "auto":
+        return micro_batch_size
+    if is_int(micro_batch_size) and int(micro_batch_size) >= 1:  # type: ignore[call-overload]
+        return int(micro_batch_size)  # type: ignore[call-overload]
+    raise ValueError(
+        f"micro_batch_size must be None (whole batches), 'auto' (the largest micro-batch "
+        f"whose graph fits the memory budget) or a positive int of samples, got "
+        f"{type(micro_batch_size).__name__} {micro_batch_size!r}; pass e.g. "
+        "micro_batch_size=4 or micro_batch_size='auto'."
+    )
 
 
-def refuse_batch_statistics(model: nn.Module, bn: str, micro_batch_size: int | None) -> None:
+def refuse_batch_statistics(model: nn.Module, bn: str, micro_batch_size: int | str | None) -> None:
     """Raise `ValueError` for micro-batches of a model normalized with batch statistics."""
     if micro_batch_size is None or bn != "batch":
         return
     names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
     if names:
         raise ValueError(
-            f"micro_batch_size={micro_batch_size} with bn='batch' would normalize each "
+            f"micro_batch_size={micro_batch_size!r} with bn='batch' would normalize each "
             f"micro-batch with its own statistics (BatchNorm layers {names[:3]}), so the value "
             "would change with the split; use bn='eval' (running statistics) or "
             "micro_batch_size=None."

@@ -32,6 +32,7 @@ from sharpgen._precision import (
     upcast_outputs,
 )
 from sharpgen.curvature._attention import first_order_attention, objective_attention
+from sharpgen.curvature._auto_micro import choose_micro_batch
 from sharpgen.curvature._columns import ColumnPlan
 from sharpgen.curvature._data import as_batches, check_devices, num_samples
 from sharpgen.curvature._interface import FirstGraph
@@ -120,7 +121,11 @@ class ModelObjective(ObjectiveProducts):
             the gradient and every curvature product, weighted like batches, so every value
             equals the whole batch's to float rounding while the memory held at once is
             one micro-batch's (see `sharpgen.curvature._micro`: what is sliced, and why
-            ``bn="batch"`` on a BatchNorm model is refused).
+            ``bn="batch"`` on a BatchNorm model is refused). ``"auto"``: the largest size
+            whose graph fits the memory budget, None where the whole batch fits, measured
+            on the first 1-2 samples when the objective is built; a measure chooses within
+            its ``memory_budget``, an objective built alone within 80% of the free memory
+            (`sharpgen.curvature._auto_micro`; the choice: `micro_batch_choice`).
         graphs: Whether curvature products keep their gradient graphs between products:
             ``"auto"`` (default) where the operator's ``cache_graph`` asks, except for
             micro-batches; ``"keep"``: for micro-batches too; ``"recompute"``: never,
@@ -140,6 +145,8 @@ class ModelObjective(ObjectiveProducts):
             products are exact (``False``: an operation without a second derivative was
             found and ``second_order="warn"`` let the products run).
         model: The model.
+        micro_batch_choice: With ``micro_batch_size="auto"``, what was measured and chosen
+            (`sharpgen.curvature._auto_micro.MicroBatchChoice`); else None.
 
     Raises:
         ValueError: Unknown ``bn``/``reduction``, no parameters selected, empty data, a
@@ -174,7 +181,7 @@ class ModelObjective(ObjectiveProducts):
         func_mode: str = "reverse",
         vectorize: bool | None = None,
         second_order: str = "raise",
-        micro_batch_size: int | None = None,
+        micro_batch_size: int | str | None = None,
         graphs: str = "auto",
         autocast: torch.dtype | bool | None = None,
     ) -> None:
@@ -198,7 +205,8 @@ class ModelObjective(ObjectiveProducts):
         self.reduction = reduction
         self.backend = backend
         self.process_group = group
-        self.micro_batch_size = micro_batch_size
+        auto = micro_batch_size == "auto"  # chosen below, once the data is known
+        self.micro_batch_size: int | None = None if auto else micro_batch_size  # type: ignore[assignment]
         self.graphs = graphs
         self._selection = params
         self._options = options
@@ -215,8 +223,11 @@ class ModelObjective(ObjectiveProducts):
         self.sizes: list[int] = [t.numel() for t in self.params.values()]
         self.numel: int = sum(self.sizes)
         self._batches = as_batches(without_sampler_padding(data))
+        self.micro_batch_choice = choose_micro_batch(self) if auto else None
+        if self.micro_batch_choice is not None:  # measured on the first samples, see there
+            self.micro_batch_size = self.micro_batch_choice.size
         # one batch evaluated whole, no communication: weight 1, no reduction (`_finish`)
-        self._whole = self._batches.single and group is None and micro_batch_size is None
+        self._whole = self._batches.single and group is None and self.micro_batch_size is None
         self._num_samples: int | None = None
         self._func_mode = "rev" if func_mode == "reverse" else "fwd"
         self.vectorize: bool = self.device.type != "cpu" if vectorize is None else vectorize

@@ -44,7 +44,8 @@ class ObjectiveOptions(TypedDict, total=False):
     ``"autograd"``), ``process_group`` (``torch.distributed``), ``func_mode`` and
     ``vectorize`` (how ``torch.func`` takes them), ``second_order`` (what to do with an
     operation that has no second derivative), ``micro_batch_size`` (batches evaluated in
-    pieces of at most this many samples) and ``graphs`` (whether gradient graphs are kept
+    pieces of at most this many samples; ``"auto"``: the largest that fits the measure's
+    ``memory_budget``, None where the whole batch fits) and ``graphs`` (whether gradient graphs are kept
     between curvature products: ``"auto"``, ``"keep"``, ``"recompute"``) and
     ``autocast`` (forward passes under `torch.autocast`: ``None`` follows the caller's
     context, ``False``, ``True`` or a dtype such as ``torch.bfloat16``).
@@ -64,7 +65,7 @@ class ObjectiveOptions(TypedDict, total=False):
     func_mode: str
     vectorize: bool | None
     second_order: str
-    micro_batch_size: int | None
+    micro_batch_size: int | str | None
     graphs: str
     autocast: torch.dtype | bool | None
 

@@ -67,7 +67,10 @@ saves but the process holds anyway, plus the gradient the graph ends in
 (`sharpgen.curvature._columns.SavedBytes`); on CUDA the allocated bytes around the build
 where they are more. A measure whose graphs are not kept passes ``graph_bytes=0``.
 Keeping or recomputing graphs and micro-batches are objective options (``graphs``,
-``micro_batch_size`` of `sharpgen.curvature.ModelObjective`); the plan reports them.
+``micro_batch_size`` of `sharpgen.curvature.ModelObjective`); the plan reports the
+micro-batch size. With ``micro_batch_size="auto"`` the measure's objective chooses it
+within the same budget (`sharpgen.curvature._auto_micro`), and $G$ is the larger of the
+kept graph and the estimated graph of one micro-batch, which every product holds.
 
 **Result.** Vectors of the result (``result_vectors``, $r$: the eigenvectors) are
 formed after the products, when a measure that built its own objective has freed the
@@ -193,6 +196,8 @@ class MemoryPlan:
             (``benchmarks/bench_memory.py`` reads it for a call in its own process).
         graphs: The objective's graph keeping (``"auto"``: the objective's default).
         micro_batch_size: The objective's micro-batch size (None: whole batches).
+        micro_batch_auto: Whether the objective chose it (``micro_batch_size="auto"``,
+            `sharpgen.curvature._auto_micro`; its graph is then in ``graph_bytes``).
     """
 
     measure: str
@@ -209,6 +214,7 @@ class MemoryPlan:
     graphs: str = "auto"
     micro_batch_size: int | None = None
     result_vectors: int = 0
+    micro_batch_auto: bool = False
 
     def with_peak(self, device: torch.device) -> MemoryPlan:
         """This plan with ``peak_bytes`` read from ``device`` (CUDA only)."""
@@ -230,6 +236,10 @@ class MemoryPlan:
         ]
         if self.basis_vectors:
             parts.append(f"basis {self.basis_vectors} on {self.basis_storage}")
+        if self.micro_batch_size is not None or self.micro_batch_auto:
+            m = self.micro_batch_size
+            micro = "whole batches" if m is None else f"micro-batch {m}"
+            parts.append(micro + (" (auto)" if self.micro_batch_auto else ""))
         if self.peak_bytes is not None:
             parts.append(f"peak {self.peak_bytes / gib:.2f} GiB")
         return "MemoryPlan(" + ", ".join(parts) + ")"
@@ -270,6 +280,8 @@ def plan_memory(
     basis_dtype: torch.dtype | None = None,
     process_group: Any = None,
     result_vectors: int = 0,
+    micro_batch_size: int | None = None,
+    micro_batch_auto: bool = False,
 ) -> MemoryPlan:
     """The plan of one measure call (see the module docstring for the rules).
 
@@ -292,6 +304,8 @@ def plan_memory(
             in one all-reduce, so that they all make the same plan.
         result_vectors: Parameter-sized vectors of the result, formed once the graph and
             the working vectors are freed (`top_eigenvalues`: its ``k`` eigenvectors).
+        micro_batch_size: The objective's micro-batch size (reported).
+        micro_batch_auto: Whether the objective chose it (reported).
 
     Returns:
         A `MemoryPlan`.
@@ -359,6 +373,8 @@ def plan_memory(
         basis_dtype=basis_dtype,
         planned_bytes=int(max(fixed, result_vectors * v) + in_memory),
         result_vectors=result_vectors,
+        micro_batch_size=micro_batch_size,
+        micro_batch_auto=micro_batch_auto,
     )
 
 

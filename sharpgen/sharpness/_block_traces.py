@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from sharpgen._validation import check_bool, check_choice, check_generator, check_int
 from sharpgen.curvature import ModelObjective
+from sharpgen.curvature._auto_micro import micro_plan_fields
 from sharpgen.curvature._plan import MemoryPlan, check_memory_budget, plan_memory
 from sharpgen.linalg import LinearOperator
 from sharpgen.linalg._diagonal import exact_diagonal
@@ -172,7 +173,9 @@ def block_traces(
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
-            ``func_mode``, ``vectorize``, ``micro_batch_size``, ``graphs``.
+            ``func_mode``, ``vectorize``, ``micro_batch_size`` (``"auto"``: the largest
+            micro-batch whose graph fits ``memory_budget`` beside one probe and its
+            product, None where the whole batch fits), ``graphs``.
 
     Returns:
         A `BlockTraces` (``.plot()`` draws a bar chart; ``.memory`` the plan).
@@ -193,7 +196,8 @@ def block_traces(
     generator = check_generator(generator)
     check_blocks(blocks)
     memory_budget = check_memory_budget(memory_budget)
-    source = MeasureSource(model, loss_fn, data, objective_options, where="block_traces")
+    source = MeasureSource(model, loss_fn, data, objective_options, where="block_traces",
+                           memory_budget=memory_budget, reserve_vectors=2)  # fmt: skip
     keep = objective_options.get("backend", "auto") != "func"
     obj = source.objective(keep_first_graph=keep, share=True)
     groups = resolve_blocks(obj.params, blocks)
@@ -206,8 +210,8 @@ def block_traces(
     total = p if method == "exact" else num_matvecs
     plan = plan_memory(
         "block_traces", numel=p, dtype=obj.accum_dtype, device=device, memory_budget=memory_budget,
-        graph_bytes=graph, block_width=min(64 if method == "exact" else num_matvecs, total),
-        process_group=obj.process_group,
+        block_width=min(64 if method == "exact" else num_matvecs, total),
+        process_group=obj.process_group, **micro_plan_fields(obj, graph),
     )  # fmt: skip
     names = list(obj.params)
     sizes = [t.numel() for t in obj.params.values()]

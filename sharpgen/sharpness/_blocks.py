@@ -20,6 +20,7 @@ from sharpgen._validation import (
     check_positive,
 )
 from sharpgen.curvature import ModelObjective, unflatten_params
+from sharpgen.curvature._auto_micro import micro_batch_budget, micro_plan_fields
 from sharpgen.curvature._plan import MemoryPlan, check_memory_budget, plan_memory
 from sharpgen.curvature._resolve import resolve_objective
 from sharpgen.linalg import EigenResult, lanczos
@@ -181,7 +182,8 @@ def hessian_diagonal(
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout``, ``reduction``, ``backend``, ``process_group``,
-            ``func_mode``, ``vectorize``.
+            ``func_mode``, ``vectorize``, ``micro_batch_size`` (``"auto"``: the largest
+            micro-batch whose graph fits ``memory_budget`` beside $2 + 2$ vectors).
 
     Returns:
         A `HessianDiagonal` (dicts shaped like the parameters).
@@ -205,7 +207,8 @@ def hessian_diagonal(
     check_bool("progress", progress)
     generator = check_generator(generator)
     memory_budget = check_memory_budget(memory_budget)
-    obj = resolve_objective(model, loss_fn, data, objective_options, where="hessian_diagonal")
+    with micro_batch_budget(memory_budget, 4):  # "auto" micro-batches: beside 2 + 2 vectors
+        obj = resolve_objective(model, loss_fn, data, objective_options, where="hessian_diagonal")
     op = ObjectiveOperator(obj, "hvp")
     if method == "auto":
         method = "exact" if op.shape[0] <= exact_threshold else "diagpp"
@@ -214,7 +217,8 @@ def hessian_diagonal(
     asked = {"exact": 64, "hutchinson": num_matvecs}.get(method, 0)
     plan = plan_memory("hessian_diagonal", numel=op.shape[0], dtype=op.dtype, device=op.device,
                        memory_budget=memory_budget, work_vectors=2, block_width=asked,
-                       process_group=obj.process_group) if asked else None  # fmt: skip
+                       process_group=obj.process_group,
+                       **micro_plan_fields(obj, 0)) if asked else None  # fmt: skip
     if method == "exact":
         with progress_bar(progress, total=op.shape[0], desc="hessian_diagonal",
                           unit="matvec") as bar:  # fmt: skip

@@ -18,6 +18,7 @@ from sharpgen._validation import (
     check_positive,
 )
 from sharpgen.curvature import HessianOperator, ModelObjective, select_params
+from sharpgen.curvature._auto_micro import DEFAULT_RESERVE, micro_batch_budget
 from sharpgen.curvature._backend import plan_backend
 from sharpgen.curvature._base import CurvatureOperator
 from sharpgen.curvature._params import ParamSelection, sharing_parameters
@@ -94,8 +95,12 @@ class MeasureSource:
         options: dict[str, Any],
         *,
         where: str,
+        memory_budget: int | str | None = "auto",
+        reserve_vectors: int = DEFAULT_RESERVE,
     ) -> None:
         self.ready = check_objective_args(model, loss_fn, data, options, where)
+        # what ``micro_batch_size="auto"`` chooses within (`sharpgen.curvature._auto_micro`)
+        self.budget = (memory_budget, reserve_vectors)
         self.given_operator = model if isinstance(model, CurvatureOperator) else None
         self.model, self.data, self.options = model, data, options
         self.loss_fn: Callable[[Any, Any], Tensor] = loss_fn  # type: ignore[assignment]
@@ -140,6 +145,7 @@ class MeasureSource:
             with (
                 keeping_first_graph() if keep_first_graph else nullcontext(),
                 sharing_parameters() if share else nullcontext(),
+                micro_batch_budget(*self.budget),
             ):
                 self.ready = ModelObjective(self.model, self.loss_fn, self.data, **self.options)
         return self.ready
@@ -149,7 +155,8 @@ class MeasureSource:
         if self.ready is not None:
             return self.ready.with_data(data)
         options = {**self.options, "process_group": None}
-        return ModelObjective(self.model, self.loss_fn, data, **options)
+        with micro_batch_budget(*self.budget):
+            return ModelObjective(self.model, self.loss_fn, data, **options)
 
     def hessian(self, *, single_vectors: bool = False) -> CurvatureOperator:
         """The curvature operator: the given one, or the Hessian of the objective.

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from sharpgen._validation import is_int
 from sharpgen.curvature import HessianOperator, ModelObjective, unflatten_params
+from sharpgen.curvature._auto_micro import micro_plan_fields
 from sharpgen.curvature._plan import check_memory_budget, plan_memory
 from sharpgen.curvature._products import build_kept, release_gradients
 from sharpgen.linalg import EigenResult, LinearOperator, lanczos
@@ -275,6 +276,9 @@ def top_eigenvalues(
             ``objective.clear_cache()``), which made one product 2 to 5 times cheaper than
             forward-over-reverse in our CPU measurements; with several batches it is the
             operator's ``"auto"``. ``"func"`` or ``"autograd"`` force a backend.
+            ``micro_batch_size="auto"``: the largest micro-batch whose graph fits
+            ``memory_budget`` beside the two working vectors (None, and the graph kept,
+            where the whole batch fits; ``result.memory.micro_batch_size``).
 
     Returns:
         A `ModelEigenResult`: eigenvalues (descending, ascending for ``"smallest"``),
@@ -318,7 +322,8 @@ def top_eigenvalues(
     memory_budget = check_memory_budget(memory_budget)
     if basis_storage is not None:
         basis_storage = check_choice("basis_storage", basis_storage, STORAGES)
-    source = MeasureSource(model, loss_fn, data, objective_options, where="top_eigenvalues")
+    source = MeasureSource(model, loss_fn, data, objective_options, where="top_eigenvalues",
+                           memory_budget=memory_budget, reserve_vectors=WORK_VECTORS)  # fmt: skip
     p = source.numel
     if k >= p:
         raise ValueError(
@@ -339,9 +344,9 @@ def top_eigenvalues(
     graph = _kept_graph(H, device, held)
     plan = plan_memory(
         "top_eigenvalues", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
-        graph_bytes=graph, work_vectors=WORK_VECTORS, k=k, max_basis=max_basis,
-        basis_storage=basis_storage, basis_dtype=basis_dtype, result_vectors=k,
-        process_group=source.process_group,
+        work_vectors=WORK_VECTORS, k=k, max_basis=max_basis, basis_storage=basis_storage,
+        basis_dtype=basis_dtype, result_vectors=k, process_group=source.process_group,
+        **micro_plan_fields(getattr(H, "objective", None), graph),
     )  # fmt: skip
     # the start is handed over, not kept here: lanczos frees it once it is in the basis
     starts = [warm if warm is not None else _start_vector(H, str(start), k, which, generator)]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpgen.curvature import ModelObjective
+from sharpgen.curvature._auto_micro import micro_plan_fields
 from sharpgen.curvature._plan import check_memory_budget, plan_memory
 from sharpgen.linalg import LinearOperator, TraceEstimate, trace
 from sharpgen.linalg._adaptive import PILOT_PROBES
@@ -111,7 +112,11 @@ def hessian_trace(
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random), ``reduction``,
             ``backend`` (of the `sharpgen.curvature.HessianOperator`), ``process_group``
-            (see the Distributed guide), ``func_mode``, ``vectorize``.
+            (see the Distributed guide), ``func_mode``, ``vectorize``,
+            ``micro_batch_size`` (``"auto"``: the largest micro-batch whose graph fits
+            ``memory_budget`` beside the gradient, one probe and its product; None where
+            the whole batch fits; reported as ``result.memory.micro_batch_size``),
+            ``graphs``.
 
     Returns:
         A `sharpgen.linalg.TraceEstimate` (``method`` is the method actually used;
@@ -162,25 +167,28 @@ def hessian_trace(
     block_size = check_int("block_size", block_size)
     exact_threshold = check_int("exact_threshold", exact_threshold, minimum=0)
     generator = check_generator(generator)
-    source = MeasureSource(model, loss_fn, data, objective_options, where="hessian_trace")
+    memory_budget = check_memory_budget(memory_budget)
+    # "auto" micro-batches fit the graph beside the gradient, one probe and its product
+    source = MeasureSource(model, loss_fn, data, objective_options, where="hessian_trace",
+                           memory_budget=memory_budget, reserve_vectors=3)  # fmt: skip
     p = source.numel
     asked = method
     method = _resolve_method(method, p, num_matvecs, rtol, max_matvecs, exact_threshold)
-    memory_budget = check_memory_budget(memory_budget)
     device = source.device
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     H = source.hessian()
     graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
+    micro = micro_plan_fields(getattr(H, "objective", None), graph)
     if asked == "auto" and method == "adaptive":
-        method = _fits_adaptive(p, H.dtype, device, memory_budget, graph, num_matvecs,
-                                source.process_group)  # fmt: skip
+        method = _fits_adaptive(p, H.dtype, device, memory_budget, micro["graph_bytes"],
+                                num_matvecs, source.process_group)  # fmt: skip
     total = p if method == "exact" else (num_matvecs or max_matvecs)
     # the probe blocks the plan may narrow: exact's basis block and Hutchinson's probes
     planned = {"exact": block_size, "hutchinson": HUTCHINSON_BLOCK}.get(method, 0)
     plan = plan_memory(
         "hessian_trace", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
-        graph_bytes=graph, work_vectors=1, block_width=min(planned, total),
-        process_group=source.process_group,
+        work_vectors=1, block_width=min(planned, total), process_group=source.process_group,
+        **micro,
     )  # fmt: skip
     block = plan.block_width if method == "exact" else block_size
     probe_block = plan.block_width if method == "hutchinson" else None

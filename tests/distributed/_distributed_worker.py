@@ -179,8 +179,13 @@ def plan_checks(rank: int, model: nn.Module, data) -> dict:
                           memory_budget=budget)  # fmt: skip
     tr = hessian_trace(model, loss_fn, data, method="hutchinson", num_matvecs=8,
                        generator=gen(1), memory_budget=budget)  # fmt: skip
+    # micro_batch_size="auto": rank 0's 1 byte fits no graph; alone, the others would
+    # take whole batches, agreed every rank takes one sample at a time
+    auto = hessian_trace(model, loss_fn, data, method="exact", micro_batch_size="auto",
+                         memory_budget=budget)  # fmt: skip
     return {"plan": plan, "lambda_max": float(eig.eigenvalues[0]), "eig_plan": eig.memory,
-            "trace_hutchinson": tr.value, "trace_plan": tr.memory}  # fmt: skip
+            "trace_hutchinson": tr.value, "trace_plan": tr.memory,
+            "trace_auto": auto.value, "auto_plan": auto.memory}  # fmt: skip
 
 
 def reduce_checks(rank: int) -> dict:

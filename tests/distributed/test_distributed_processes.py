@@ -153,6 +153,10 @@ def test_ranks_agree_on_one_memory_plan(runs, reference):
         assert (m["eig_plan"].budget, m["eig_plan"].basis_vectors) == (1, 8)
         assert m["eig_plan"].basis_storage == "disk"
         assert (m["trace_plan"].budget, m["trace_plan"].block_width) == (1, 1)
+        # micro_batch_size="auto": one size over the group (rank 0's budget), exact values
+        assert (m["auto_plan"].micro_batch_size, m["auto_plan"].micro_batch_auto) == (1, True)
+        assert m["trace_auto"] == pytest.approx(reference[0]["trace_exact"], rel=TOL, abs=TOL)
+        assert m["trace_auto"] == per_rank[0]["trace_auto"]
         for name in ("lambda_max", "trace_hutchinson"):  # in step: the single-process values
             assert m[name] == pytest.approx(ref[name], rel=TOL, abs=TOL), name
             assert m[name] == per_rank[0][name]
