@@ -65,6 +65,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves, tree_map
 
 from sharpgen._distributed import all_reduce_, collective_device
+from sharpgen._precision import refuse_missing_kernel
 from sharpgen.curvature._columns import SavedBytes, held_tensors
 from sharpgen.curvature._data import (
     _global_rng_state,
@@ -73,7 +74,7 @@ from sharpgen.curvature._data import (
     num_samples,
 )
 from sharpgen.curvature._micro import _slice
-from sharpgen.curvature._plan import _resolve, check_memory_budget
+from sharpgen.curvature._plan import BLOCK_BYTES, _resolve, check_memory_budget
 
 if TYPE_CHECKING:
     from sharpgen.curvature._objective import ModelObjective
@@ -199,6 +200,13 @@ def _probe(obj: ModelObjective, inputs: Any, targets: Any, n: int) -> tuple[int,
         if n == 2:
             return g1, 0
         g2 = _graph_bytes(obj, _copy_slice(inputs, 2, n), _copy_slice(targets, 2, n))
+    except RuntimeError as err:  # e.g. a model that needs more than one sample
+        refuse_missing_kernel(err, obj.dtype, obj.autocast, obj.device)
+        raise ValueError(
+            "micro_batch_size='auto' measures the gradient graph of the first 1 and 2 "
+            f"samples of the first batch, and the model failed on them ({err}); pass an int "
+            "micro_batch_size that the model accepts, or None."
+        ) from err
     finally:
         _set_global_rng_state(rng)
     s = max(g2 - g1, 0)
@@ -245,18 +253,24 @@ def choose_micro_batch(obj: ModelObjective) -> MicroBatchChoice:
                             reserve_bytes=reserve * v)  # fmt: skip
 
 
-def micro_plan_fields(obj: Any, graph_bytes: int) -> dict[str, Any]:
-    """The micro-batch keywords of `sharpgen.curvature.plan_memory` for a measure's objective.
+def micro_plan_fields(obj: Any, graph_bytes: int, block_width: int = 0) -> dict[str, Any]:
+    """The graph, block and micro-batch keywords of `plan_memory` for a measure's objective.
 
     ``graph_bytes`` is what the measure counted of a kept graph; an objective that chose
     its micro-batches holds, inside every product, the estimated graph of one micro-batch
-    (`MicroBatchChoice.graph_bytes`), the larger of the two is planned.
+    (`MicroBatchChoice.graph_bytes`), the larger of the two is planned. Its room was
+    reserved for one probe and its product, so the probe block asked for
+    (``block_width``) is then at most `BLOCK_BYTES` (not a share of the graph: on
+    GPT-2 the micro-batch's graph made room for a block of 2, whose peak passed the budget).
     """
     choice = getattr(obj, "micro_batch_choice", None)
     if choice is not None and choice.size is not None:
         graph_bytes = max(graph_bytes, choice.graph_bytes())
+        v = obj.numel * torch.empty((), dtype=obj.accum_dtype).element_size()
+        block_width = min(block_width, max(1, BLOCK_BYTES // (2 * v)))
     return {
         "graph_bytes": graph_bytes,
+        "block_width": block_width,
         "micro_batch_size": getattr(obj, "micro_batch_size", None),
         "micro_batch_auto": choice is not None,
     }

@@ -45,8 +45,8 @@ class ObjectiveOptions(TypedDict, total=False):
     ``vectorize`` (how ``torch.func`` takes them), ``second_order`` (what to do with an
     operation that has no second derivative), ``micro_batch_size`` (batches evaluated in
     pieces of at most this many samples; ``"auto"``: the largest that fits the measure's
-    ``memory_budget``, None where the whole batch fits) and ``graphs`` (whether gradient graphs are kept
-    between curvature products: ``"auto"``, ``"keep"``, ``"recompute"``) and
+    ``memory_budget``, None where the whole batch fits) and ``graphs`` (whether gradient
+    graphs are kept between curvature products: ``"auto"``, ``"keep"``, ``"recompute"``) and
     ``autocast`` (forward passes under `torch.autocast`: ``None`` follows the caller's
     context, ``False``, ``True`` or a dtype such as ``torch.bfloat16``).
 

@@ -210,8 +210,8 @@ def block_traces(
     total = p if method == "exact" else num_matvecs
     plan = plan_memory(
         "block_traces", numel=p, dtype=obj.accum_dtype, device=device, memory_budget=memory_budget,
-        block_width=min(64 if method == "exact" else num_matvecs, total),
-        process_group=obj.process_group, **micro_plan_fields(obj, graph),
+        process_group=obj.process_group,
+        **micro_plan_fields(obj, graph, min(64 if method == "exact" else num_matvecs, total)),
     )  # fmt: skip
     names = list(obj.params)
     sizes = [t.numel() for t in obj.params.values()]

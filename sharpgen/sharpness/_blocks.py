@@ -216,9 +216,9 @@ def hessian_diagonal(
     # the one (n, m) draw of before where they fit); the sketches of Diag++/XDiag are theirs
     asked = {"exact": 64, "hutchinson": num_matvecs}.get(method, 0)
     plan = plan_memory("hessian_diagonal", numel=op.shape[0], dtype=op.dtype, device=op.device,
-                       memory_budget=memory_budget, work_vectors=2, block_width=asked,
+                       memory_budget=memory_budget, work_vectors=2,
                        process_group=obj.process_group,
-                       **micro_plan_fields(obj, 0)) if asked else None  # fmt: skip
+                       **micro_plan_fields(obj, 0, asked)) if asked else None  # fmt: skip
     if method == "exact":
         with progress_bar(progress, total=op.shape[0], desc="hessian_diagonal",
                           unit="matvec") as bar:  # fmt: skip

@@ -178,17 +178,18 @@ def hessian_trace(
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     H = source.hessian()
     graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
-    micro = micro_plan_fields(getattr(H, "objective", None), graph)
+    objective = getattr(H, "objective", None)
     if asked == "auto" and method == "adaptive":
-        method = _fits_adaptive(p, H.dtype, device, memory_budget, micro["graph_bytes"],
+        method = _fits_adaptive(p, H.dtype, device, memory_budget,
+                                micro_plan_fields(objective, graph)["graph_bytes"],
                                 num_matvecs, source.process_group)  # fmt: skip
     total = p if method == "exact" else (num_matvecs or max_matvecs)
     # the probe blocks the plan may narrow: exact's basis block and Hutchinson's probes
     planned = {"exact": block_size, "hutchinson": HUTCHINSON_BLOCK}.get(method, 0)
     plan = plan_memory(
         "hessian_trace", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
-        work_vectors=1, block_width=min(planned, total), process_group=source.process_group,
-        **micro,
+        work_vectors=1, process_group=source.process_group,
+        **micro_plan_fields(objective, graph, min(planned, total)),
     )  # fmt: skip
     block = plan.block_width if method == "exact" else block_size
     probe_block = plan.block_width if method == "hutchinson" else None

@@ -149,8 +149,9 @@ def test_values_under_a_tight_budget_equal_the_whole_batch(cv, state_check):
     assert a.value == pytest.approx(b.value, rel=1e-10)
     # the top eigenvalue against the dense float64 truth
     top_budget = _budget_for(_auto(model, F.mse_loss, batch, 10**12, reserve=2), 3, reserve=2)
+    g = torch.Generator().manual_seed(0)
     eig = top_eigenvalues(model, F.mse_loss, batch, micro_batch_size="auto", tol=1e-10,
-                          memory_budget=top_budget, generator=torch.Generator().manual_seed(0))  # fmt: skip
+                          memory_budget=top_budget, generator=g)  # fmt: skip
     assert eig.memory.micro_batch_size == 3
     assert float(eig.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]),
                                                       rel=1e-8)  # fmt: skip
@@ -257,3 +258,50 @@ def test_the_probe_leaves_the_caller_state_and_random_streams_alone(cv, state_ch
     check()
     assert model.training and all(torch.equal(p.grad, torch.ones_like(p))
                                   for p in model.parameters())  # fmt: skip
+
+
+class _Pairs(nn.Module):
+    """Pairs consecutive samples: a batch of one sample fails (RuntimeError of reshape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(x.reshape(-1, 6)).repeat_interleave(2, 0)[:, :2]
+
+
+def test_a_model_that_fails_on_the_probe_slices_gets_a_clear_error(cv):
+    torch.manual_seed(0)
+    model, batch = _Pairs().to(DT), cv.regression_data(n=6)
+    ModelObjective(model, F.mse_loss, batch)  # whole batches work
+    match = r"'auto' measures the gradient graph of the first 1 and 2 samples.*pass an int"
+    with pytest.raises(ValueError, match=match):
+        ModelObjective(model, F.mse_loss, batch, micro_batch_size="auto")
+
+
+def test_chosen_micro_batches_keep_the_probe_block_within_block_bytes(monkeypatch):
+    import sharpgen.curvature._auto_micro as auto
+
+    torch.manual_seed(0)  # few parameters, large activations: room for many probes
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(2, 1)).to(DT)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    batch = (
+        torch.randn(N, 1, 16, 16, dtype=DT, generator=g),
+        torch.randn(N, 1, dtype=DT, generator=g),
+    )
+    probe = _auto(model, F.mse_loss, batch, 10**12, reserve=3)
+    v = _vector_bytes(probe)
+    budget = _budget_for(probe, 2, reserve=3)
+
+    def trace():
+        return hessian_trace(model, F.mse_loss, batch, method="hutchinson", num_matvecs=8,
+                             micro_batch_size="auto", memory_budget=budget,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    wide = trace().memory
+    assert wide.micro_batch_size == 2 and wide.block_width == 8  # BLOCK_BYTES is 64 MiB
+    monkeypatch.setattr(auto, "BLOCK_BYTES", 3 * 2 * v)
+    narrow = trace().memory
+    assert narrow.micro_batch_size == 2 and narrow.block_width == 3
