@@ -114,6 +114,12 @@ class SavedBytes:
     ``bytes`` counts every saved storage; ``new_bytes`` only those not among the storages
     of ``held`` (the model's parameters and buffers: saved by the graph, but held by the
     process anyway), which is what keeping the graph adds to the process's memory.
+
+    ``pack`` returns the tensor detached: a saved *output* returned as it is would hold
+    its own ``grad_fn``, a cycle through C++ that no garbage collection frees (a graph
+    built and never backpropagated without ``retain_graph``, as a kept graph is, then
+    outlived `ModelObjective.clear_cache`); autograd restores the ``grad_fn`` on unpack,
+    so detaching loses nothing (the ``saved_tensors_hooks`` notes of PyTorch).
     """
 
     def __init__(self, held: Iterable[Tensor] = ()) -> None:
@@ -125,7 +131,7 @@ class SavedBytes:
     def pack(self, t: Tensor) -> Tensor:
         storage = t.untyped_storage()
         self._add(storage.data_ptr(), storage.nbytes())
-        return t
+        return t.detach()
 
     def _add(self, ptr: int, nbytes: int) -> None:
         if ptr not in self._seen:

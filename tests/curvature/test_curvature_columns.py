@@ -137,3 +137,31 @@ def test_a_batched_backward_that_fails_falls_back_to_the_loop(monkeypatch):
     assert plan.choice == "loop"
     loops = [c for c in calls if not c[2]]
     assert len(loops) == 10 and [c[1] for c in loops] == [True] * 9 + [False]
+
+
+def test_a_counted_graph_is_freed_with_its_last_reference():
+    import gc
+    import weakref
+
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from sharpgen.curvature._columns import SavedBytes
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def counted_graph():
+        counter = SavedBytes()
+        with saved_tensors_hooks(counter.pack, lambda t: t):
+            y = x.exp()  # exp saves its output: returned as it is, it would hold its grad_fn
+            (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        assert counter.bytes >= 5 * 8  # y, and what the backward saves
+        return y, g
+
+    y, g = counted_graph()  # kept, as a kept graph is, and never backpropagated to the end
+    ref = weakref.ref(y)
+    del y, g
+    gc.collect()
+    assert ref() is None
+    _, g = counted_graph()  # the double backward through a counted graph is unchanged
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(gg, x.detach().exp())
