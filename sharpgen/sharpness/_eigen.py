@@ -277,7 +277,7 @@ def top_eigenvalues(
             forward-over-reverse in our CPU measurements; with several batches it is the
             operator's ``"auto"``. ``"func"`` or ``"autograd"`` force a backend.
             ``micro_batch_size="auto"``: the largest micro-batch whose graph fits
-            ``memory_budget`` beside the two working vectors (None, and the graph kept,
+            ``memory_budget`` beside the working vectors (None, and the graph kept,
             where the whole batch fits; ``result.memory.micro_batch_size``).
 
     Returns:
