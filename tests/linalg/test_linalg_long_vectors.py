@@ -113,3 +113,19 @@ def test_extend_basis_is_orthonormal_at_2m():
     Q = extend_basis(Y[:, :0], Y[:, :2], 1.0)
     Q = torch.cat([Q, extend_basis(Q, Y[:, 2:], 1.0)], dim=1)
     assert float((_gram64(Q, Q) - torch.eye(4, dtype=torch.float64)).abs().max()) < TOL
+
+
+def test_slq_keeps_small_real_betas_of_a_clustered_spectrum():
+    # 10 + 1e-2 u on 4e6 numbers: beta_0 = std = 2.9e-3 is real, not a breakdown
+    n = 4_000_000
+    d = _positive(n).sub_(1.0).mul_(1e-2).add_(10.0)
+    res = stochastic_lanczos_quadrature(
+        Diagonal(d), num_probes=1, num_steps=3, generator=torch.Generator().manual_seed(0)
+    )
+    w, t = res.weights[0], res.nodes[0]
+    assert int((w > 0).sum()) == 3
+    # Gauss quadrature is exact for degrees < 6: the mean and the variance of d (z_i^2 = 1)
+    mean = _sum64(lambda s: d[s].double().sum(), n) / n
+    var = _sum64(lambda s: (d[s].double() - mean).square().sum(), n) / n
+    assert _rel((w * t).sum(), mean) < TOL
+    assert _rel((w * (t - mean) ** 2).sum(), var) < 1e-3
