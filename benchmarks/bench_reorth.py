@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_reorth.py \
         [--seeds 5] [--n 10000000] [--bases 8,40] [--rounds 3] [--threads 1] [--skip-time]
+        [--models]
 
 Two parts, in one process:
 
@@ -10,7 +11,10 @@ Two parts, in one process:
    and a small one (``k + 3``), ``--seeds`` start vectors: the products of each mode, the
    largest relative error of the returned values against ``torch.linalg.eigvalsh``
    (float64), how many runs converged, and the reorthogonalizations of ``"partial"``.
-2. **Lanczos work per step beside the product** on a large cheap operator: a diagonal
+2. ``--models``: ``top_eigenvalues`` (``k`` in 1 and 5, ``tol=1e-3``) in each mode on the
+   models of ``bench_topk.py`` (the anchors' MLP and CNN, the BatchNorm client), errors
+   against `lanczos` at ``tol=1e-9``.
+3. **Lanczos work per step beside the product** on a large cheap operator: a diagonal
    $A = \\mathrm{diag}(d)$ of length ``--n`` in float32 (five outliers 10, 9.5, 9, 8.5, 8 over
    a bulk in [0, 1]; its product is one pass over a vector), ``k=1, tol=1e-3``, a basis of
    ``--bases`` rows (8: the plan's file basis for ``k=1``; 40: the default), in memory
@@ -107,6 +111,44 @@ def accuracy(seeds: int) -> None:
           f"ratio {total['partial'] / total['full']:.3f}\n")  # fmt: skip
 
 
+def models(seeds: int) -> None:
+    """`top_eigenvalues` with each mode on the models of ``bench_topk.py`` (k = 1 and 5)."""
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_topk import problems
+
+    from sharpgen import top_eigenvalues
+    from sharpgen.curvature import HessianOperator
+
+    print("## top_eigenvalues on the models of bench_topk.py (tol=1e-3)\n")
+    print("| model | k | runs | products full | products partial | max error full "
+          "| max error partial | converged full / partial | reorth partial (sum) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (model, data) in problems("mlp,cnn,client").items():
+        H = HessianOperator(model, F.cross_entropy, data, backend="autograd", cache_graph=True)
+        ref = lanczos(H, k=6, tol=1e-9, max_iter=400,
+                      generator=torch.Generator().manual_seed(5)).eigenvalues.double()  # fmt: skip
+        H.clear_cache()
+        for k in (1, 5):
+            stats = {mode: {"mv": 0, "err": 0.0, "conv": 0, "reorth": 0} for mode in MODES}
+            for seed in range(seeds):
+                for mode in MODES:
+                    gen = torch.Generator().manual_seed(seed)
+                    res = top_eigenvalues(model, F.cross_entropy, data, k=k, reorth=mode,
+                                          generator=gen)  # fmt: skip
+                    err = float(((res.eigenvalues.double() - ref[:k]).abs() / ref[:k].abs()).max())
+                    s = stats[mode]
+                    s["mv"] += res.num_matvecs
+                    s["err"] = max(s["err"], err)
+                    s["conv"] += res.converged
+                    s["reorth"] += res.num_reorth
+            f, p = stats["full"], stats["partial"]
+            print(f"| {name} | {k} | {seeds} | {f['mv']} | {p['mv']} | {f['err']:.1e} "
+                  f"| {p['err']:.1e} | {f['conv']} / {p['conv']} | {p['reorth']} |")  # fmt: skip
+    print()
+
+
 def timing(n: int, rounds: int, directory: str | None, bases: list[int]) -> None:
     g = torch.Generator().manual_seed(0)
     d = torch.rand(n, generator=g)
@@ -175,11 +217,14 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="directory of the disk basis file")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-time", action="store_true")
+    ap.add_argument("--models", action="store_true", help="also the models of bench_topk.py")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("command: " + " ".join(["python", *sys.argv]) + "\n")
     if not args.skip_accuracy:
         accuracy(args.seeds)
+    if args.models:
+        models(args.seeds)
     if not args.skip_time:
         timing(args.n, args.rounds, args.dir, [int(b) for b in args.bases.split(",")])
 

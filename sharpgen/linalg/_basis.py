@@ -156,6 +156,14 @@ class Basis:
         for c0, c1 in self._cols(1):
             self._put(v[c0:c1].unsqueeze(0), i, c0, c1)
 
+    def write_scaled(self, i: int, v: Tensor, scale: float) -> None:
+        """Store ``scale * v`` as row ``i`` (in memory: one pass; else ``v`` is scaled in place)."""
+        if self.fast:
+            assert self.V is not None
+            torch.mul(v, scale, out=self.V[i])
+            return
+        self.write(i, v.mul_(scale))
+
     def row(self, i: int) -> Tensor:
         """Row ``i`` as stored (a view on the fast path, else a fresh vector)."""
         if self.fast:

@@ -351,10 +351,10 @@ def _iterate(
             breakdowns += 1
             r = random_unit_vector(n, generator=generator, dtype=dtype, device=device)
             r, _ = V.orthogonalize(r, m)
-            new, beta = r / norm(r).to(dtype), 0.0
+            new, beta, scale = r, 0.0, 1.0 / float(norm(r))
             P.reset(j)  # orthogonal to the whole basis
         else:
-            new = w.div_(beta)  # w is this step's own tensor
+            new, scale = w, 1.0 / beta  # w is this step's own tensor
         del w
         if m == max_basis:
             keep = wanted_order(theta, which)[: k + (m - k) // 2]
@@ -367,7 +367,7 @@ def _iterate(
         else:
             j = m
             P.advance(new, beta)
-        V.write(j, new)
+        V.write_scaled(j, new, scale)  # new / its norm, in one pass
         del new
         P.attach(V, j)
     del w  # the last product: not held while the Ritz vectors are formed

@@ -39,6 +39,8 @@ __all__ = [
     "is_long",
     "norm",
     "orthonormalize",
+    "sub_dot",
+    "sub_norm",
 ]
 
 #: Numbers per block summed by one ``torch.sum``.
@@ -61,6 +63,38 @@ def dot(x: Tensor, y: Tensor) -> Tensor:
     for c in range(0, x.numel(), BLOCK):
         total = total + torch.mul(x[c : c + BLOCK], y[c : c + BLOCK]).sum()
     return total
+
+
+def sub_dot(w: Tensor, x: Tensor | None, a: float, v: Tensor) -> Tensor:
+    """``w -= a x`` in place, then ``v . w`` (0-d float64): one pass over each block in cache.
+
+    The first half of a Lanczos step; ``x`` None (or ``a = 0``) only takes the product.
+    """
+    if not is_long(w):
+        if x is not None and a != 0.0:
+            w.sub_(x, alpha=a)
+        return torch.dot(v, w).to(torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for c in range(0, w.numel(), BLOCK):
+        part = w[c : c + BLOCK]
+        if x is not None and a != 0.0:
+            part.sub_(x[c : c + BLOCK], alpha=a)
+        total = total + torch.mul(v[c : c + BLOCK], part).sum()
+    return total
+
+
+def sub_norm(w: Tensor, v: Tensor, a: Tensor) -> Tensor:
+    """``w -= a v`` in place (``a`` a 0-d tensor), then ``||w||`` (0-d float64), one pass."""
+    if not is_long(w):
+        w.addcmul_(v, a.to(w.dtype), value=-1.0)  # no temporary vector, no host sync
+        return torch.linalg.vector_norm(w).to(torch.float64)
+    alpha = float(a)
+    total = torch.zeros((), dtype=torch.float64)
+    for c in range(0, w.numel(), BLOCK):
+        part = w[c : c + BLOCK]
+        part.sub_(v[c : c + BLOCK], alpha=alpha)
+        total = total + torch.mul(part, part).sum()
+    return total.sqrt()
 
 
 def norm(x: Tensor) -> Tensor:

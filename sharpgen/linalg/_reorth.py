@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from sharpgen.linalg._basis import Basis
-from sharpgen.linalg._reduce import column_norms, dot, norm
+from sharpgen.linalg._reduce import column_norms, dot, norm, sub_dot, sub_norm
 from sharpgen.linalg._ritz import convergence_threshold, error_bounds
 
 __all__ = ["REORTH", "Full", "Partial", "explicit", "unit_bounds", "verify"]
@@ -164,12 +164,10 @@ class Partial:
         base = w.untyped_storage().data_ptr()
         if any(t is not None and t.untyped_storage().data_ptr() == base for t in (v, prev)):
             w = w.clone()  # a product that is a view of a row is not updated in place
-        if prev is not None and self.beta_prev != 0.0:
-            w.sub_(prev, alpha=self.beta_prev)
-        alpha_t = dot(v, w)  # accurate at any length (`sharpgen.linalg._reduce`)
-        w.addcmul_(v, alpha_t.to(w.dtype), value=-1.0)  # no temporary vector
-        got = torch.stack((alpha_t, norm(w)))
-        alpha, beta = got.cpu().tolist()  # one transfer
+        # accurate at any length, each half one pass over w (`sharpgen.linalg._reduce`)
+        alpha_t = sub_dot(w, prev, self.beta_prev, v)  # w -= beta_prev v_{j-1}; v_j . w
+        beta_t = sub_norm(w, v, alpha_t)  # w -= alpha v_j; ||w||
+        alpha, beta = torch.stack((alpha_t, beta_t)).cpu().tolist()  # one transfer
         gamma = math.sqrt(alpha * alpha + beta * beta + self.beta_prev**2)  # ~ ||A v_j||
         self.anorm = max(self.anorm, gamma)
         self._local = min(1.0, self.eps * gamma / beta) if beta > 0 else self.eps
