@@ -20,8 +20,10 @@ error is about $\epsilon$ of float32 for `dot` ($2\cdot 10^{-8}$ at $3\cdot 10^7
 $10^{-6}$ for `gram` ($8\cdot 10^{-7}$ where ``X.T @ X`` was $6.6\cdot 10^{-2}$ off), at
 about twice the time of ``torch.dot`` (0.06 s for $3\cdot 10^7$ numbers on one core) and
 the time of ``X.T @ Y`` (``benchmarks/bench_reduce.py``). float64 vectors, short ones and
-CUDA (tree reductions) use torch's own reductions. The functions work under
-``torch.func.vmap`` (no in-place accumulation).
+CUDA (tree reductions) use torch's own reductions, except `gram` and `orthonormalize`,
+which block on every device (cuBLAS chooses how a long matrix product accumulates; not
+measured on a GPU). The functions work under ``torch.func.vmap`` (no in-place
+accumulation).
 """
 
 from __future__ import annotations
@@ -49,10 +51,15 @@ BLOCK = 1 << 16
 GRAM_BLOCK = 1 << 14
 
 
-def is_long(x: Tensor, rows: int | None = None) -> bool:
-    """Whether reductions over ``x`` (``rows`` of it, default all its numbers) need blocks."""
+def is_long(x: Tensor, rows: int | None = None, *, any_device: bool = False) -> bool:
+    """Whether reductions over ``x`` (``rows`` of it, default all its numbers) need blocks.
+
+    On a CPU only, unless ``any_device`` (for the matrix products of `gram`, whose
+    accumulation order on an accelerator is the BLAS library's choice).
+    """
     size = x.numel() if rows is None else rows
-    return x.dtype != torch.float64 and x.device.type == "cpu" and size > BLOCK
+    on_cpu = any_device or x.device.type == "cpu"
+    return x.dtype != torch.float64 and on_cpu and size > BLOCK
 
 
 def dot(x: Tensor, y: Tensor) -> Tensor:
@@ -128,9 +135,9 @@ def column_norms(X: Tensor) -> Tensor:
 
 def gram(X: Tensor, Y: Tensor) -> Tensor:
     r"""$X^\top Y$ of an ``(n, k)`` and an ``(n, l)`` block as a float64 ``(k, l)`` tensor."""
-    if not is_long(X, X.shape[0]):
+    if not is_long(X, X.shape[0], any_device=True):
         return (X.T @ Y).to(torch.float64)
-    total = torch.zeros(X.shape[1], Y.shape[1], dtype=torch.float64)
+    total = torch.zeros(X.shape[1], Y.shape[1], dtype=torch.float64, device=X.device)
     for c in range(0, X.shape[0], GRAM_BLOCK):
         total = total + X[c : c + GRAM_BLOCK].T @ Y[c : c + GRAM_BLOCK]
     return total
@@ -139,14 +146,14 @@ def gram(X: Tensor, Y: Tensor) -> Tensor:
 def orthonormalize(Q: Tensor) -> tuple[Tensor, Tensor]:
     r"""``(Q', U)`` with $Q = Q' U$ and $Q'$ orthonormal to float32 precision on long ``Q``.
 
-    For a long float32 ``Q`` (n, k) on a CPU, nearly orthonormal (the ``Q`` of
+    For a long float32 ``Q`` (n, k) (any device), nearly orthonormal (the ``Q`` of
     ``torch.linalg.qr``, whose columns are $1.7\cdot 10^{-3}$ too long at
     $n = 3\cdot 10^7$), one Cholesky-QR step with an accurate `gram`:
     $Q^\top Q = U^\top U$, $Q' = Q U^{-1}$. Otherwise, or where the Cholesky factorization
     fails (a rank-deficient ``Q``), ``Q`` itself and the identity.
     """
     eye = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
-    if not is_long(Q, Q.shape[0]) or Q.shape[1] == 0:
+    if not is_long(Q, Q.shape[0], any_device=True) or Q.shape[1] == 0:
         return Q, eye
     U, info = torch.linalg.cholesky_ex(gram(Q, Q), upper=True)
     if int(info) != 0:

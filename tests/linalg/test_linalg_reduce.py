@@ -112,3 +112,10 @@ def test_norm_works_under_vmap():
     out = torch.func.vmap(norm)(X)
     truth = X.double().norm(dim=1)
     assert float(((out - truth).abs() / truth).max()) < 1e-7
+
+
+def test_gram_blocks_on_any_device_and_keeps_it():
+    X = torch.empty(3 * BLOCK, 2, device="meta")
+    assert is_long(X, X.shape[0], any_device=True) and not is_long(X, X.shape[0])
+    out = gram(X, X)
+    assert out.device.type == "meta" and out.dtype == torch.float64 and out.shape == (2, 2)
