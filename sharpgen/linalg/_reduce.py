@@ -113,8 +113,9 @@ def column_dots(X: Tensor, Y: Tensor) -> Tensor:
     r"""$(x_j^\top y_j)_j$ of the columns of two ``(n, k)`` blocks, float64, no ``(n, k)`` copy.
 
     Long blocks are taken ``BLOCK // k`` rows at a time (a temporary of `BLOCK` numbers,
-    summed along the rows): on row-major blocks 4 times faster than a ``torch.dot`` per
-    column (0.12 s against 0.5 s for $10^7 \times 8$ numbers on one core).
+    summed along the rows): on row-major blocks faster than a ``torch.dot`` per (strided)
+    column, 0.10 s against 0.42 s for $10^7 \times 8$ numbers and 0.14 s against 2.4 s for
+    $3\cdot 10^6 \times 32$ on one core.
     """
     n, k = X.shape
     if k == 0:
