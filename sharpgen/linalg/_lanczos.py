@@ -66,36 +66,36 @@ def lanczos(
     r"""A few extreme eigenpairs of a symmetric operator by Lanczos.
 
     Each step multiplies the newest basis vector $v_j$ by $A$ and, with the default
-    ``reorth="partial"`` (Simon 1984), applies the three-term recurrence
-    $w = A v_j - \beta_{j-1} v_{j-1} - \alpha_j v_j$ against the two latest rows, held in
-    memory: a few passes over one vector, and the basis is written, never read. Simon's
-    recurrence for $\omega_{jk} \approx v_j^\top v_k$ ($O(j)$ numbers a step) tells when
-    the basis is about to lose orthogonality; then, and at the next step, the product is
-    orthogonalized against the **whole** basis (classical Gram-Schmidt twice), as after
-    a thick restart (the coupling to the kept Ritz vectors). The basis stays
-    *semi-orthogonal*, which keeps spurious copies of converged eigenvalues away (Paige
-    1976/1980; Parlett 1998, ch. 13); the trigger is $\sqrt\epsilon$, or earlier where
-    the components it would remove (the defect below, $\beta_j\|\omega_{j+1}\|_1$) pass
-    2% of the stopping threshold (see `sharpgen.linalg._reorth`). Dot products and norms
-    of long vectors are summed in blocks (`sharpgen.linalg._reduce`: torch's float32
-    ones are 1% off at $n = 10^8$ on a CPU). ``reorth="full"`` orthogonalizes every product against
-    the whole basis (the basis orthonormal to working precision). The projected matrix
-    $T$ satisfies $A V_m = V_m T_m + w_m e_m^\top$ (to working precision with
-    ``"full"``), so a Ritz pair $(\theta, x = V_m s)$ has residual
-    $\|A x - \theta x\| = \|w_m\|\,|s_m|$ at no extra product.
+    ``reorth="partial"`` (Simon 1984), applies the three-term recurrence $w = A v_j -
+    \beta_{j-1} v_{j-1} - \alpha_j v_j$ against the two latest rows, held in memory: a few
+    passes over one vector, and the basis is written, never read. Simon's recurrence for
+    $\omega_{jk} \approx v_j^\top v_k$ ($O(j)$ numbers a step) tells when the basis is about
+    to lose orthogonality; then, and at the next step, the product is orthogonalized against
+    the **whole** basis (classical Gram-Schmidt twice), as after a thick restart (the
+    coupling to the kept Ritz vectors). The basis stays *semi-orthogonal*, which keeps
+    spurious copies of converged eigenvalues away (Paige 1976/1980; Parlett 1998, ch. 13);
+    the trigger is $\sqrt\epsilon$, lower for eigenvalues small against $\|A\|$, or earlier
+    where the components it would remove (the defect below) pass 5% of the stopping
+    threshold (see `sharpgen.linalg._reorth`). Dot products and norms of long vectors are
+    summed in blocks (`sharpgen.linalg._reduce`: torch's float32 ones are 1% off at $n =
+    10^8$ on a CPU). ``reorth="full"`` orthogonalizes every product against the whole basis
+    (the basis orthonormal to working precision). The projected matrix $T$ satisfies $A V_m
+    = V_m T_m + w_m e_m^\top$ (to working precision with ``"full"``), so a Ritz pair
+    $(\theta, x = V_m s)$ has residual $\|A x - \theta x\| = \|w_m\|\,|s_m|$ at no extra
+    product.
 
-    **Certificate of a semi-orthogonal basis.** With ``"partial"`` the relation is
-    $A V = V(T + D) + w e_m^\top + E$: $D$ holds the components that the
-    reorthogonalizations removed (known numbers) and $E$ what thick restarts carried over
-    ($\|E\|_2$ bounded by the $D$ of earlier bases), and $x = V s$ is a unit vector only
-    to $O(\sqrt\epsilon)$. Once $\|w_m\|\,|s_m|$ passes the stopping rule, the bound
-    $(\|w_m\|\,|s_m| + \|D s\|_1 + \|E\|_2)/\|V s\|$ of the unit vector's residual
-    (rows of unit norm; $\|V s\|$ computed, one pass over the basis) must pass it too;
-    where it does not, the wanted Ritz vectors are checked explicitly, one product
-    each, and the iteration continues if those fail. ``residuals`` are these bounds
-    (equal to the true residuals up to the defect). So ``converged=True`` keeps its
-    meaning below; on the test spectra and ``benchmarks/bench_reorth.py`` both modes
-    took the same products.
+    **Certificate of a semi-orthogonal basis.** With ``"partial"`` the relation is $A V =
+    V(T + D) + w e_m^\top + E$: $D$ holds the components that the reorthogonalizations
+    removed (known numbers) and $E$ what thick restarts carried over ($\|E\|_2$ bounded by
+    the $D$ of earlier bases), and $x = V s$ is a unit vector only to $O(\sqrt\epsilon)$.
+    Once $\|w_m\|\,|s_m|$ passes the stopping rule, the bound $(\|w_m\|\,|s_m| + \|D s\|_1 +
+    \|E\|_2)/\|V s\|$ of the unit vector's residual (rows of unit norm; $\|V s\|$ computed,
+    one pass over the basis) must pass it too; where it does not, the wanted Ritz vectors
+    are checked explicitly, one product each (passing at $100\epsilon\|A\|$ too, the
+    rounding of the products, below which ``"full"`` stops on its estimate alike), and the
+    iteration continues if those fail. ``residuals`` are these bounds (equal to the true
+    residuals up to the defect). So ``converged=True`` keeps its meaning below; on the test
+    spectra and ``benchmarks/bench_reorth.py`` both modes took the same products.
 
     **Stopping rule.** The iteration stops when every wanted Ritz value satisfies
 
