@@ -172,7 +172,7 @@ def hessian_directions(
 ) -> tuple[list[dict[str, Tensor]], Tensor]:
     """The top-``k`` Hessian eigenvectors as unit-norm directions, with their eigenvalues.
 
-    Lanczos (`sharpgen.lanczos`, partial reorthogonalization) on the Hessian of the dataset
+    Lanczos (`sharpgen.lanczos`, its default reorthogonalization) on the Hessian of the dataset
     loss; the eigenvectors are unit vectors in the space of the selected parameters.
 
     Args:

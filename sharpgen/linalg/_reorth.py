@@ -64,7 +64,7 @@ from sharpgen.linalg._ritz import convergence_threshold, error_bounds
 
 __all__ = ["REORTH", "Full", "Partial", "explicit", "unit_bounds", "verify"]
 
-REORTH = ("partial", "full")
+REORTH = ("auto", "partial", "full")
 #: Share of the smallest stopping threshold that the estimated defect may reach.
 DEFECT_SHARE = 0.05
 #: Share of (threshold / ||A||) below which omega is kept (small wanted eigenvalues).

@@ -174,22 +174,23 @@ def top_eigenvalues(
     memory_budget: int | str | None = "auto",
     basis_storage: str | None = None,
     basis_dtype: torch.dtype | None = None,
-    reorth: str = "partial",
+    reorth: str = "auto",
     **objective_options: Any,
 ) -> ModelEigenResult:
     r"""The ``k`` extreme eigenvalues of the loss Hessian $\nabla^2_\theta L(\theta)$ by Lanczos.
 
-    Runs `sharpgen.linalg.lanczos` (partial reorthogonalization, thick restart, a
-    residual stopping rule) on the `sharpgen.curvature.HessianOperator` of ``(model, loss_fn,
-    data)``. With ``converged=True`` every returned value is within ``tol`` (relative) of
-    an eigenvalue of the Hessian; otherwise the iteration hit ``max_iter`` and the values
-    are the best Ritz values so far. The top eigenvalue $\lambda_{\max}$ is the sharpness
-    measure that full-batch SAM and gradient descent at the edge of stability act on.
+    Runs `sharpgen.linalg.lanczos` (partial reorthogonalization for ``k=1``, full otherwise;
+    thick restart; a residual stopping rule) on the `sharpgen.curvature.HessianOperator` of
+    ``(model, loss_fn, data)``. With ``converged=True`` every returned value is within
+    ``tol`` (relative) of an eigenvalue of the Hessian; otherwise the iteration hit
+    ``max_iter`` and the values are the best Ritz values so far. The top eigenvalue
+    $\lambda_{\max}$ is the sharpness measure that full-batch SAM and gradient descent at
+    the edge of stability act on.
 
     Cost: one Hessian-vector product per Lanczos step, typically a few dozen for
-    ``k=1, tol=1e-3``, and beside it a few passes over one parameter-sized vector (the
-    basis is read only where Simon's estimate asks for a reorthogonalization, and at a
-    thick restart).
+    ``k=1, tol=1e-3``, and beside it, for ``k=1``, a few passes over one parameter-sized
+    vector (the basis is read only where Simon's estimate asks for a reorthogonalization,
+    and at a thick restart); for ``k > 1`` an orthogonalization against the whole basis.
 
     **Memory.** Beyond the model, with $v = p\,b$ the bytes of a parameter-sized vector
     ($b$ bytes per number): the kept gradient graph $G$ (built and counted before the
@@ -261,10 +262,11 @@ def top_eigenvalues(
         basis_storage: ``"device"``, ``"host"`` or ``"disk"`` (default: the plan's).
         basis_dtype: Stored dtype of the basis (default: the parameters'); see
             `sharpgen.linalg.lanczos` for the certificate of a rounded basis.
-        reorth: ``"partial"`` (default: each step works on the two latest basis rows
-            only, and orthogonalizes against the whole basis where Simon's estimate of
-            the loss of orthogonality asks for it) or ``"full"`` (every step, as before
-            before); see `sharpgen.linalg.lanczos`. The certificate is the same.
+        reorth: ``"auto"`` (default: ``"partial"`` for ``k=1``, ``"full"`` otherwise),
+            ``"partial"`` (each step works on the two latest basis rows only, and
+            orthogonalizes against the whole basis where Simon's estimate of the loss of
+            orthogonality asks for it) or ``"full"`` (every step); see
+            `sharpgen.linalg.lanczos`. The certificate is the same.
         **objective_options: With a model: the keyword arguments of
             `sharpgen.curvature.ModelObjective` (`sharpgen.curvature.ObjectiveOptions`):
             ``params``, ``bn``, ``dropout`` (products become random; Lanczos then has no

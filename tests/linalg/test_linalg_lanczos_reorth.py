@@ -109,7 +109,7 @@ def test_without_reorthogonalization_ghosts_appear(monkeypatch):
     # reorthogonalization at all) a copy of the converged top eigenvalue is returned
     monkeypatch.setattr(reorth_module.Partial, "estimate", lambda *args: False)
     A = with_spectrum(GHOST_LAMBDA, seed=3)
-    res = lanczos(A, 5, tol=1e-10, max_basis=300, max_iter=300,
+    res = lanczos(A, 5, tol=1e-10, max_basis=300, max_iter=300, reorth="partial",
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     vals = res.eigenvalues
     assert res.num_reorth == 0
@@ -122,7 +122,7 @@ def test_partial_has_no_ghosts(small):
     truth = GHOST_LAMBDA[:5]
     for seed in range(3):
         res = lanczos(A, 5, tol=1e-10, max_basis=10 if small else 300, max_iter=2000,
-                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+                      reorth="partial", generator=torch.Generator().manual_seed(seed))  # fmt: skip
         assert res.converged
         torch.testing.assert_close(res.eigenvalues, truth, rtol=1e-9, atol=0)
         assert 0 < res.num_reorth < res.num_iterations
@@ -133,7 +133,8 @@ def test_reorthogonalization_counter():
     short = lanczos(A, 1, tol=1e-3, generator=torch.Generator().manual_seed(0))
     assert short.converged and short.num_reorth == 0 and short.num_iterations > 5
     B = with_spectrum(100 / torch.arange(1, 401, dtype=torch.float64), seed=4)
-    long = lanczos(B, 5, tol=1e-10, max_basis=300, generator=torch.Generator().manual_seed(0))
+    long = lanczos(B, 5, tol=1e-10, max_basis=300, reorth="partial",
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert long.converged and long.num_restarts == 0
     assert 0 < long.num_reorth < long.num_iterations / 2
     full = lanczos(B, 5, tol=1e-10, max_basis=300, reorth="full",
@@ -168,7 +169,7 @@ def test_converged_means_within_tol_on_random_spectra(dtype):
         which = ["largest", "smallest", "magnitude"][trial % 3]
         tol = [1e-3, 1e-5][trial % 2] if dtype == torch.float64 else 1e-3
         res = lanczos(A, k, which=which, tol=tol, max_basis=[None, k + 3][trial % 2],
-                      generator=torch.Generator().manual_seed(trial))  # fmt: skip
+                      reorth="partial", generator=torch.Generator().manual_seed(trial))  # fmt: skip
         if not res.converged:
             continue
         checked += 1
@@ -193,6 +194,7 @@ def test_rounded_basis_with_partial(store, tmp_path):
     A = with_spectrum(_spectrum("separated"), seed=6).to(torch.float32)
     truth = torch.linalg.eigvalsh(A.double()).flip(0)[:3]
     res = lanczos(A, 3, tol=1e-3 if store == torch.float16 else 1e-2, basis_dtype=store,
+                  reorth="partial",
                   max_basis=8, basis_storage="disk", basis_dir=str(tmp_path),
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert res.converged and res.num_reorth > 0
@@ -217,10 +219,15 @@ def test_accurate_reductions_of_long_float32_vectors():
     assert dot(x, y).dtype == torch.float64
 
 
-def test_reorth_is_checked():
+def test_reorth_is_checked_and_auto_is_partial_for_one_eigenvalue():
     A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="reorth"):
         lanczos(A, 1, reorth="selective")
+    B = with_spectrum(100 / torch.arange(1, 201, dtype=torch.float64), seed=8)
+    one = lanczos(B, 1, tol=1e-3, generator=torch.Generator().manual_seed(0))
+    assert one.num_reorth < one.num_iterations  # partial
+    five = lanczos(B, 5, tol=1e-3, generator=torch.Generator().manual_seed(0))
+    assert five.num_reorth == five.num_iterations  # full
 
 
 def test_estimate_bounds_the_measured_loss_of_orthogonality(monkeypatch):
@@ -244,7 +251,8 @@ def test_estimate_bounds_the_measured_loss_of_orthogonality(monkeypatch):
 
     monkeypatch.setattr(reorth_module.Basis, "close", close)
     A = with_spectrum(100 / torch.arange(1, 301, dtype=torch.float64), seed=7)
-    lanczos(A, 1, tol=1e-14, max_iter=30, max_basis=40, generator=torch.Generator().manual_seed(0))
+    lanczos(A, 1, tol=1e-14, max_iter=30, max_basis=40, reorth="partial",
+            generator=torch.Generator().manual_seed(0))  # fmt: skip
     V = kept["V"][:30]
     G = (V @ V.T).abs()
     for j, est in enumerate(recorded[:29]):
