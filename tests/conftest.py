@@ -41,6 +41,15 @@ def _torch_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One thread for a test (then restored): long elementwise passes, no spinning on CI."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
 

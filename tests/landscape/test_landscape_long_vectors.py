@@ -9,14 +9,7 @@ import torch
 
 from sharpgen.landscape import normalize_direction
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: long elementwise passes, and no spinning on a loaded CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_layer_normalization_matches_the_parameters_norm():

@@ -12,13 +12,7 @@ from sharpgen.optim import SAM
 N = 10_000_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: long elementwise passes, and no spinning on a loaded CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_sam_first_step_moves_by_rho():

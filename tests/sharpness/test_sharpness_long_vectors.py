@@ -15,13 +15,7 @@ N = 10_000_000
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: long elementwise passes, and no spinning on a loaded CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _positive(n):
