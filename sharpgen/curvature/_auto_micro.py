@@ -77,7 +77,7 @@ from sharpgen.curvature._micro import _slice
 from sharpgen.curvature._plan import BLOCK_BYTES, _resolve, check_memory_budget
 
 if TYPE_CHECKING:
-    from sharpgen.curvature._objective import ModelObjective
+    from sharpgen.curvature._interface import Objective
 
 __all__ = [
     "DEFAULT_RESERVE",
@@ -161,7 +161,7 @@ def fit_micro_batch(n: int, per_sample: int, fixed: int, room: int | None) -> in
     return None if m >= n else max(1, m)
 
 
-def _graph_bytes(obj: ModelObjective, inputs: Any, targets: Any) -> int:
+def _graph_bytes(obj: Objective, inputs: Any, targets: Any) -> int:
     """Bytes of the gradient graph of one slice, built as a product builds it, then freed."""
     batch = [t for t in tree_leaves((inputs, targets)) if isinstance(t, Tensor)]
     counter = SavedBytes([*held_tensors(obj), *batch])
@@ -192,7 +192,7 @@ def _copy_slice(x: Any, stop: int, n: int) -> Any:
     return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, _slice(x, 0, stop, n))
 
 
-def _probe(obj: ModelObjective, inputs: Any, targets: Any, n: int) -> tuple[int, int]:
+def _probe(obj: Objective, inputs: Any, targets: Any, n: int) -> tuple[int, int]:
     """$(s, f)$ from the graphs of the first one and two samples (one only for ``n = 2``)."""
     rng = _global_rng_state()
     try:
@@ -228,7 +228,7 @@ def _agree(
     return (None if low == -math.inf else int(-low)), int(s_max), int(f_max), int(n_max)
 
 
-def choose_micro_batch(obj: ModelObjective) -> MicroBatchChoice:
+def choose_micro_batch(obj: Objective) -> MicroBatchChoice:
     """Measure and choose the micro-batch size of ``obj`` (``micro_batch_size="auto"``).
 
     Reads the budget of the enclosing `micro_batch_budget` (default: ``"auto"`` and

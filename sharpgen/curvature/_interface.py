@@ -104,9 +104,13 @@ class Objective(BatchFunctions, GraphKeyed, Protocol):
     bfloat16/float16 model, `sharpgen._precision`); ``precision()`` the context of a
     forward pass (the objective's autocast). ``_graph_cache``, ``_func_mode``,
     ``_tangents_checked``, ``_first_order`` and ``_first_graph`` are the products' state on
-    this objective.
+    this objective; ``autocast`` the autocast dtype of its forward passes (or None) and
+    ``_batches`` its batches (``first()``: the first whole batch, for
+    ``micro_batch_size="auto"``).
     """
 
+    autocast: Any
+    _batches: Any
     _graph_cache: Any
     _func_mode: str
     _tangents_checked: bool
