@@ -41,6 +41,7 @@ from torch import Tensor
 
 from sharpgen.curvature._columns import Column, ColumnPlan, SavedBytes, column_plan, take_columns
 from sharpgen.curvature._interface import BatchFunctions
+from sharpgen.curvature._into import product_into
 from sharpgen.curvature._model_loss import check_loss_of_outputs
 
 __all__ = [
@@ -311,39 +312,10 @@ def hessian_kernel(
     ]
     nbytes = sum(t.numel() * t.element_size() for t in params)
     flat = _flat_product(grads, params) if nbytes <= FLAT_GRADIENT_BYTES else None
-    into = _product_into(live, params)
+    into = product_into([g for _, g in live], [i for i, _ in live], params)
     out = ColumnProduct(column_plan(obj, "hvp"), p, live, column, keep, gradient, flat, into)
     out.forward_saved = first.saved if first is not None else None
     return out
-
-
-def _product_into(
-    live: list[tuple[int, Tensor]], params: list[Tensor]
-) -> Callable[[list[Tensor], Tensor], None]:
-    r"""``into(v, out)``: $H v$ added into the flat buffer ``out`` by one backward pass.
-
-    The leaves' ``.grad`` are views of ``out`` during the pass, and autograd adds each
-    parameter's product into its ``.grad`` in place: no list of parameter-sized products
-    concatenated afterwards (two vectors at once). The leaves are the kernel's detached
-    copies, never the caller's parameters; their ``.grad`` are reset after the pass.
-    """
-    outputs = [g for _, g in live]
-    seeds = [i for i, _ in live]
-
-    def into(v: list[Tensor], out: Tensor) -> None:
-        offset = 0
-        for t in params:
-            t.grad = out[offset : offset + t.numel()].view(t.shape)
-            offset += t.numel()
-        try:
-            with torch.enable_grad():
-                torch.autograd.backward(outputs, [v[i] for i in seeds], inputs=params,
-                                        retain_graph=True)  # fmt: skip
-        finally:
-            for t in params:
-                t.grad = None
-
-    return into
 
 
 def _flat_product(

@@ -44,10 +44,10 @@ def test_the_product_into_one_buffer_is_the_dense_hessian(h, monkeypatch, state_
     model, data, dense = _problem(h)
     check = state_check(model)
     calls = []
-    real = kernels._product_into
+    real = kernels.product_into
 
-    def spy(live, params):
-        into = real(live, params)
+    def spy(outputs, seeds, params):
+        into = real(outputs, seeds, params)
 
         def counted(v, out):
             calls.append(out.data_ptr())
@@ -55,7 +55,7 @@ def test_the_product_into_one_buffer_is_the_dense_hessian(h, monkeypatch, state_
 
         return counted
 
-    monkeypatch.setattr(kernels, "_product_into", spy)
+    monkeypatch.setattr(kernels, "product_into", spy)
     H = HessianOperator(model, h.mse, data)
     for seed in range(3):
         v = torch.randn(dense.shape[0], dtype=h.DT, generator=h.g(seed))
