@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharpgen._precision import full_precision_fn
+from sharpgen._precision import full_precision
 from sharpgen.linalg._basis import STORAGES, Basis
 from sharpgen.linalg._checks import (
     check_choice,
@@ -44,7 +44,6 @@ WHICH = ("largest", "smallest", "both_ends", "magnitude")
 BOUNDS = ("residual", "gap")
 
 
-@full_precision_fn
 def lanczos(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     k: int = 1,
@@ -221,83 +220,90 @@ def lanczos(
         eigenproblem", Linear Algebra Appl. 34, 1980. R. M. Larsen, PROPACK, 1998.
         B. N. Parlett, *The Symmetric Eigenvalue Problem*, 1998 (residual bounds).
     """
-    op = as_linear_operator(A, size=size, check_symmetric=True)
-    n = op.shape[0]
-    k = check_positive_int("k", k)
-    if k >= n:
-        raise ValueError(
-            f"k must be smaller than the dimension n={n}, got k={k}; for all eigenvalues "
-            "use torch.linalg.eigvalsh on the dense matrix (A.to_dense())."
-        )
-    which = check_choice("which", which, WHICH)
-    tol = check_positive_float("tol", tol, hint="pass a relative tolerance such as 1e-3.")
-    generator = check_generator(generator)
-    bound = check_choice("bound", bound, BOUNDS)
-    reorth = check_choice("reorth", reorth, REORTH)
-    if reorth == "auto":
-        reorth = "partial" if k == 1 else "full"
-    basis_storage = check_choice("basis_storage", basis_storage, STORAGES)
-    basis_dtype = check_basis_dtype(basis_dtype, op.dtype)
-    if max_basis is None:
-        max_basis = min(n, max(2 * k + 20, 40))
-    max_basis = check_positive_int("max_basis", max_basis, minimum=min(n, k + 2))
-    if max_basis > n:
-        raise ValueError(
-            f"max_basis must be <= the dimension n={n}, got {max_basis}; pass max_basis={n}."
-        )
-    if max_iter is None:
-        max_iter = max(500, 20 * max_basis)
-    max_iter = check_positive_int("max_iter", max_iter)
+    # a context in the body, not a decorator: a wrapper's frame would hold v0 (a start
+    # handed over, freed here once it is in the basis) for the whole run
+    with full_precision():
+        op = as_linear_operator(A, size=size, check_symmetric=True)
+        n = op.shape[0]
+        k = check_positive_int("k", k)
+        if k >= n:
+            raise ValueError(
+                f"k must be smaller than the dimension n={n}, got k={k}; for all eigenvalues "
+                "use torch.linalg.eigvalsh on the dense matrix (A.to_dense())."
+            )
+        which = check_choice("which", which, WHICH)
+        tol = check_positive_float("tol", tol, hint="pass a relative tolerance such as 1e-3.")
+        generator = check_generator(generator)
+        bound = check_choice("bound", bound, BOUNDS)
+        reorth = check_choice("reorth", reorth, REORTH)
+        if reorth == "auto":
+            reorth = "partial" if k == 1 else "full"
+        basis_storage = check_choice("basis_storage", basis_storage, STORAGES)
+        basis_dtype = check_basis_dtype(basis_dtype, op.dtype)
+        if max_basis is None:
+            max_basis = min(n, max(2 * k + 20, 40))
+        max_basis = check_positive_int("max_basis", max_basis, minimum=min(n, k + 2))
+        if max_basis > n:
+            raise ValueError(
+                f"max_basis must be <= the dimension n={n}, got {max_basis}; pass max_basis={n}."
+            )
+        if max_iter is None:
+            max_iter = max(500, 20 * max_basis)
+        max_iter = check_positive_int("max_iter", max_iter)
 
-    dtype, device = op.dtype, op.device
-    if v0 is None:
-        v = random_unit_vector(n, generator=generator, dtype=dtype, device=device)
-        v.div_(norm(v).to(dtype))  # torch's float32 norm is 1% off at n = 1e8 (`_reduce`)
-    else:
-        if not isinstance(v0, Tensor):
-            raise TypeError(f"v0 must be a torch.Tensor of shape ({n},), got {type(v0).__name__}.")
-        if v0.shape != (n,):
-            raise ValueError(f"v0 must have shape ({n},), got {tuple(v0.shape)}.")
-        v = v0.detach().to(dtype=dtype, device=device)
-        del v0  # a start handed over (no other reference) is freed once in the basis
-        length = norm(v)
-        if not torch.isfinite(length) or length == 0:
-            raise ValueError("v0 must be a finite nonzero vector; pass v0=None for a random one.")
-        v = v / length.to(dtype)
+        dtype, device = op.dtype, op.device
+        if v0 is None:
+            v = random_unit_vector(n, generator=generator, dtype=dtype, device=device)
+            v.div_(norm(v).to(dtype))  # torch's float32 norm is 1% off at n = 1e8 (`_reduce`)
+        else:
+            if not isinstance(v0, Tensor):
+                raise TypeError(
+                    f"v0 must be a torch.Tensor of shape ({n},), got {type(v0).__name__}."
+                )
+            if v0.shape != (n,):
+                raise ValueError(f"v0 must have shape ({n},), got {tuple(v0.shape)}.")
+            v = v0.detach().to(dtype=dtype, device=device)
+            del v0  # a start handed over (no other reference) is freed once in the basis
+            length = norm(v)
+            if not torch.isfinite(length) or length == 0:
+                raise ValueError(
+                    "v0 must be a finite nonzero vector; pass v0=None for a random one."
+                )
+            v = v / length.to(dtype)
 
-    start = op.num_matvecs
-    V = Basis(max_basis, n, dtype=dtype, device=device, storage=basis_storage,
-              store_dtype=basis_dtype, directory=basis_dir)  # fmt: skip
-    try:
-        V.write(0, v)
-        P = Full() if reorth == "full" else Partial(max_basis, torch.finfo(dtype).eps, v)
-        P.attach(V, 0)
-        del v
-        state = _iterate(op, V, k, which, tol, max_iter, bound, generator, on_finish, P)
-        del P
-    finally:
-        V.close()
-    theta, resid, X, converged, steps, restarts, reorths = state
-    del state
-    idx = output_order(theta, which)
-    if np.array_equal(idx, np.arange(idx.size)):  # already in order: no copy of k vectors
-        vectors = X
-    else:
-        vectors = X[:, torch.from_numpy(idx).to(device)]
-    del X
-    return EigenResult(
-        eigenvalues=torch.from_numpy(theta[idx]).to(dtype=dtype, device=device),
-        eigenvectors=vectors,
-        residuals=torch.from_numpy(resid[idx]).to(dtype=dtype, device=device),
-        converged=converged,
-        num_matvecs=op.num_matvecs - start,
-        num_iterations=steps,
-        method="lanczos",
-        which=which,
-        tol=tol,
-        num_restarts=restarts,
-        num_reorth=reorths,
-    )
+        start = op.num_matvecs
+        V = Basis(max_basis, n, dtype=dtype, device=device, storage=basis_storage,
+                  store_dtype=basis_dtype, directory=basis_dir)  # fmt: skip
+        try:
+            V.write(0, v)
+            P = Full() if reorth == "full" else Partial(max_basis, torch.finfo(dtype).eps, v)
+            P.attach(V, 0)
+            del v
+            state = _iterate(op, V, k, which, tol, max_iter, bound, generator, on_finish, P)
+            del P
+        finally:
+            V.close()
+        theta, resid, X, converged, steps, restarts, reorths = state
+        del state
+        idx = output_order(theta, which)
+        if np.array_equal(idx, np.arange(idx.size)):  # already in order: no copy of k vectors
+            vectors = X
+        else:
+            vectors = X[:, torch.from_numpy(idx).to(device)]
+        del X
+        return EigenResult(
+            eigenvalues=torch.from_numpy(theta[idx]).to(dtype=dtype, device=device),
+            eigenvectors=vectors,
+            residuals=torch.from_numpy(resid[idx]).to(dtype=dtype, device=device),
+            converged=converged,
+            num_matvecs=op.num_matvecs - start,
+            num_iterations=steps,
+            method="lanczos",
+            which=which,
+            tol=tol,
+            num_restarts=restarts,
+            num_reorth=reorths,
+        )
 
 
 def _iterate(
