@@ -5,9 +5,10 @@ parameter-sized vectors and what it knows of its graphs, and follows it. With $p
 number of selected parameters and $b$ the bytes per number (4 in float32) a
 parameter-sized vector takes $v = p\,b$ bytes, and the measure holds beyond the model
 
-$$ \text{planned} = \max\bigl(G + (w + 2B)\,v,\ r\,v\bigr) + m_{\mathrm{mem}}\, v, $$
+$$ \text{planned} = \max\bigl(G + P + (w + 2B)\,v,\ r\,v\bigr) + m_{\mathrm{mem}}\, v, $$
 
-with $G$ the kept gradient graph (counted, see **Graph** below), $w$ the working vectors
+with $G$ the kept gradient graph (counted, see **Graph** below), $P$ what one product holds
+beyond its result while it runs (see **Product** below), $w$ the working vectors
 of the measure (Lanczos: the two latest basis rows, held so that a step never reads the
 basis, and the product, which is orthogonalized in place and becomes the next row), $B$
 the probe block width (a trace estimator holds the block and its product, $2B$), $r$ the
@@ -72,10 +73,17 @@ micro-batch size. With ``micro_batch_size="auto"`` the measure's objective choos
 within the same budget (`sharpgen.curvature._auto_micro`), and $G$ is the larger of the
 kept graph and the estimated graph of one micro-batch, which every product holds.
 
+**Product.** A product's backward pass through the graph holds, beside its result, the
+parts of a parameter's product before they are added into it and the intermediate
+values of the pass (``product_bytes``, $P$). A measure that counts its graph passes
+`product_transient` (`top_eigenvalues`: the largest parameter, one part at a time with
+`sharpgen.curvature._into`, plus the graph's saved values beyond its gradient, which
+bound the pass's intermediates on GPT-2: 2026-12-07, see the Memory guide).
+
 **Result.** Vectors of the result (``result_vectors``, $r$: the eigenvectors) are
 formed after the products, when a measure that built its own objective has freed the
 graph and its working vectors: the planned peak is
-$\max(G + (w + 2B)\,v,\ r\,v) + m_{\mathrm{mem}}\,v$.
+$\max(G + P + (w + 2B)\,v,\ r\,v) + m_{\mathrm{mem}}\,v$.
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ __all__ = [
     "local_processes",
     "plan_memory",
     "probe_block",
+    "product_transient",
 ]
 
 #: Share of the free memory that ``memory_budget="auto"`` gives a measure.
@@ -181,6 +190,7 @@ class MemoryPlan:
         budget: Bytes it was allowed (None: no limit).
         vector_bytes: One parameter-sized vector, $v = p\,b$.
         graph_bytes: The kept gradient graph's bytes as estimated (0: not estimated).
+        product_bytes: What one product holds beyond its result while it runs ($P$).
         work_vectors: Parameter-sized working vectors ($w$).
         result_vectors: Parameter-sized vectors of the result ($r$, e.g. ``k``
             eigenvectors), formed after the graph and working vectors are freed.
@@ -188,8 +198,8 @@ class MemoryPlan:
         basis_vectors: Lanczos basis vectors (0 for measures without one).
         basis_storage: ``"device"``, ``"host"`` or ``"disk"``.
         basis_dtype: Stored dtype of the basis (None: the parameters').
-        planned_bytes: $\max(G + (w + 2B)\,v,\ r\,v) + m_{\mathrm{mem}}\,v$, the
-            formula's total.
+        planned_bytes: $\max(G + P + (w + 2B)\,v,\ r\,v) + m_{\mathrm{mem}}\,v$,
+            the formula's total.
         peak_bytes: The peak measured around the call: on CUDA
             ``torch.cuda.max_memory_allocated`` after it (the process's peak, model
             included); None on CPU, where only the process-wide ``ru_maxrss`` exists
@@ -215,6 +225,7 @@ class MemoryPlan:
     micro_batch_size: int | None = None
     result_vectors: int = 0
     micro_batch_auto: bool = False
+    product_bytes: int = 0
 
     def with_peak(self, device: torch.device) -> MemoryPlan:
         """This plan with ``peak_bytes`` read from ``device`` (CUDA only)."""
@@ -231,6 +242,7 @@ class MemoryPlan:
             f"{self.measure}: planned {self.planned_bytes / gib:.2f} GiB of budget {budget}",
             f"vector {self.vector_bytes / gib:.3f} GiB",
             f"graph {self.graph_bytes / gib:.2f} GiB",
+            f"product {self.product_bytes / gib:.2f} GiB",
             f"work {self.work_vectors}",
             f"block {self.block_width}",
         ]
@@ -282,6 +294,7 @@ def plan_memory(
     result_vectors: int = 0,
     micro_batch_size: int | None = None,
     micro_batch_auto: bool = False,
+    product_bytes: int = 0,
 ) -> MemoryPlan:
     """The plan of one measure call (see the module docstring for the rules).
 
@@ -306,6 +319,8 @@ def plan_memory(
             the working vectors are freed (`top_eigenvalues`: its ``k`` eigenvectors).
         micro_batch_size: The objective's micro-batch size (reported).
         micro_batch_auto: Whether the objective chose it (reported).
+        product_bytes: What one product holds beyond its result while it runs ($P$,
+            e.g. `product_transient`; 0: not counted).
 
     Returns:
         A `MemoryPlan`.
@@ -331,7 +346,7 @@ def plan_memory(
     v = numel * itemsize
     if block_width > 1:
         block_width = probe_block(block_width, v, graph_bytes, work_vectors, budget)
-    fixed = graph_bytes + (work_vectors + 2 * block_width) * v
+    fixed = graph_bytes + product_bytes + (work_vectors + 2 * block_width) * v
     m, storage = 0, basis_storage or "device"
     if k:
         m_min = min(numel, k + 3)
@@ -375,7 +390,26 @@ def plan_memory(
         result_vectors=result_vectors,
         micro_batch_size=micro_batch_size,
         micro_batch_auto=micro_batch_auto,
+        product_bytes=product_bytes,
     )
+
+
+def product_transient(graph_bytes: int, gradient_bytes: int, params: Any) -> int:
+    r"""$P$ of a product through a counted graph: the largest parameter and the graph's values.
+
+    ``graph_bytes`` is the counted graph $G$, ``gradient_bytes`` the gradient it ends in
+    (counted in $G$), ``params`` the selected parameters. One part of the largest
+    parameter's product is held at a time (`sharpgen.curvature._into`), and the pass's
+    intermediate values are taken as at most the graph's saved values, $G$ less the
+    gradient: an estimate, an upper bound of the peaks measured on GPT-2 (Memory guide).
+
+    Example:
+        >>> import torch
+        >>> product_transient(10_000, 4_000, [torch.zeros(600), torch.zeros(400)])  # 4 * 600 + 6000
+        8400
+    """
+    largest = max((t.numel() * t.element_size() for t in params), default=0)
+    return largest + max(graph_bytes - gradient_bytes, 0)
 
 
 def probe_block(asked: int, v: int, graph_bytes: int, work_vectors: int, budget: int | None) -> int:

@@ -128,7 +128,9 @@ class Basis:
         assert self._fd is not None
         size = (r1 - r0) * (c1 - c0)
         if self._buf is None or self._buf.numel() < size:
-            self._buf = torch.empty(max(size, self.chunk), dtype=self.store_dtype)
+            # a chunk, or the whole file where it is smaller (a small basis: not 4 Mi numbers)
+            most = min(self.chunk, self.capacity * self.n)
+            self._buf = torch.empty(max(size, most), dtype=self.store_dtype)
         block = self._buf[:size].view(r1 - r0, c1 - c0)
         for i in range(r0, r1):
             _read_into(self._fd, block[i - r0], (i * self.n + c0) * self.itemsize)

@@ -29,7 +29,7 @@ from sharpgen.linalg._hutchinson import column_dots
 from sharpgen.linalg._operator import as_linear_operator
 from sharpgen.linalg._probes import draw_probes
 from sharpgen.sharpness._blocks import Blocks, check_blocks, resolve_blocks
-from sharpgen.sharpness._common import MeasureSource, progress_bar
+from sharpgen.sharpness._common import MeasureSource, kept_graph, progress_bar
 
 __all__ = ["BlockTraces", "block_traces", "probe_sums"]
 
@@ -206,7 +206,7 @@ def block_traces(
         method = "exact" if p <= exact_threshold else "hutchinson"
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     H = source.hessian()
-    graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
+    graph = kept_graph(H, device, held)  # built now and counted, on every device
     total = p if method == "exact" else num_matvecs
     plan = plan_memory(
         "block_traces", numel=p, dtype=obj.accum_dtype, device=device, memory_budget=memory_budget,

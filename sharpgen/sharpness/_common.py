@@ -22,6 +22,7 @@ from sharpgen.curvature._auto_micro import DEFAULT_RESERVE, micro_batch_budget
 from sharpgen.curvature._backend import plan_backend
 from sharpgen.curvature._base import CurvatureOperator
 from sharpgen.curvature._params import ParamSelection, sharing_parameters
+from sharpgen.curvature._products import build_kept
 from sharpgen.curvature._resolve import check_objective_args
 from sharpgen.curvature._validate import keeping_first_graph
 from sharpgen.linalg import LinearOperator
@@ -35,6 +36,7 @@ __all__ = [
     "check_generator",
     "check_int",
     "check_positive",
+    "kept_graph",
     "num_selected",
     "progress_bar",
 ]
@@ -173,6 +175,24 @@ class MeasureSource:
             obj.backend, single_vectors=single_vectors, single_batch=obj.single_batch
         )
         return HessianOperator(obj, backend=backend, cache_graph=cache)
+
+
+def kept_graph(H: LinearOperator, device: torch.device, held: int) -> int:
+    """The kept gradient graph's bytes, built now (0: none kept, or not a model's Hessian).
+
+    For a measure that plans its memory before its first product (the same graphs that
+    product would build, `sharpgen.curvature._products.build_kept`).
+
+    Counted while it is built (`sharpgen.curvature._columns.SavedBytes`); on CUDA the
+    allocated bytes since ``held`` where they are more.
+    """
+    counted = None
+    if isinstance(H, HessianOperator) and H.cache_graph:
+        counted = build_kept(H.objective, H.kernel, H.backend)
+    graph = counted or 0
+    if device.type == "cuda":
+        graph = max(graph, torch.cuda.memory_allocated(device) - held)
+    return graph
 
 
 class _NoBar:

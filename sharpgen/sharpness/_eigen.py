@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from sharpgen._validation import is_int
 from sharpgen.curvature import HessianOperator, ModelObjective, unflatten_params
 from sharpgen.curvature._auto_micro import micro_plan_fields
-from sharpgen.curvature._plan import check_memory_budget, plan_memory
-from sharpgen.curvature._products import build_kept, release_gradients
+from sharpgen.curvature._plan import check_memory_budget, plan_memory, product_transient
+from sharpgen.curvature._products import release_gradients
 from sharpgen.linalg import EigenResult, LinearOperator, lanczos
 from sharpgen.linalg._basis import STORAGES
 from sharpgen.linalg._lanczos import BOUNDS, check_basis_dtype
@@ -26,6 +26,7 @@ from sharpgen.sharpness._common import (
     check_generator,
     check_int,
     check_positive,
+    kept_graph,
     progress_bar,
 )
 
@@ -103,21 +104,6 @@ def _start_vector(
             )
         return None
     return gradient_start(H.gradient(), generator)
-
-
-def _kept_graph(H: LinearOperator, device: torch.device, held: int) -> int:
-    """The kept gradient graph's bytes, built now (0: none kept, or not a model's Hessian).
-
-    Counted while it is built (`sharpgen.curvature._columns.SavedBytes`); on CUDA the
-    allocated bytes since ``held`` where they are more.
-    """
-    counted = None
-    if isinstance(H, HessianOperator) and H.cache_graph:
-        counted = build_kept(H.objective, H.kernel, H.backend)
-    graph = counted or 0
-    if device.type == "cuda":
-        graph = max(graph, torch.cuda.memory_allocated(device) - held)
-    return graph
 
 
 @dataclass(frozen=True, repr=False)
@@ -343,12 +329,17 @@ def top_eigenvalues(
     owned = source.ready is None  # an objective built here: its graph is freed at the end
     H = source.hessian(single_vectors=True)
     basis_dtype = check_basis_dtype(basis_dtype, H.dtype)
-    graph = _kept_graph(H, device, held)
+    graph = kept_graph(H, device, held)
+    fields = micro_plan_fields(getattr(H, "objective", None), graph)
+    # a product's backward pass: one part of the largest parameter and the pass's values
+    v = p * torch.empty((), dtype=H.dtype).element_size()
+    params = getattr(H, "params", {}).values()
+    transient = product_transient(fields["graph_bytes"], v, params) if fields["graph_bytes"] else 0
     plan = plan_memory(
         "top_eigenvalues", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
         work_vectors=WORK_VECTORS, k=k, max_basis=max_basis, basis_storage=basis_storage,
         basis_dtype=basis_dtype, result_vectors=k, process_group=source.process_group,
-        **micro_plan_fields(getattr(H, "objective", None), graph),
+        product_bytes=transient, **fields,
     )  # fmt: skip
     # the start is handed over, not kept here: lanczos frees it once it is in the basis
     starts = [warm if warm is not None else _start_vector(H, str(start), k, which, generator)]

@@ -22,6 +22,7 @@ from sharpgen.sharpness._common import (
     check_generator,
     check_int,
     check_positive,
+    kept_graph,
     progress_bar,
 )
 
@@ -177,7 +178,7 @@ def hessian_trace(
     device = source.device
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     H = source.hessian()
-    graph = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
+    graph = kept_graph(H, device, held)  # built now and counted, on every device
     objective = getattr(H, "objective", None)
     if asked == "auto" and method == "adaptive":
         method = _fits_adaptive(p, H.dtype, device, memory_budget,

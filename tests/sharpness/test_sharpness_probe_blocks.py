@@ -197,6 +197,31 @@ def test_block_traces_exact_follows_the_plan(h):
         block_traces(model, h.mse, (x, y), memory_budget="plenty")
 
 
+def _graph(model, loss_fn, data) -> int:
+    """The bytes of the kept gradient graph of ``data``, counted as it is built."""
+    from sharpgen.curvature import ModelObjective
+    from sharpgen.curvature._kernels import HESSIAN
+    from sharpgen.curvature._products import build_kept
+
+    return build_kept(ModelObjective(model, loss_fn, data), HESSIAN, "autograd") or 0
+
+
+@pytest.mark.parametrize("measure", ["trace", "blocks"])
+def test_the_trace_plans_count_the_graph_on_the_cpu(h, measure):
+    # the whole batch's graph is kept from the first product on: built and counted first
+    model = h.make_mlp(0)
+    data = h.regression_data(12)
+    graph = _graph(model, h.mse, data)
+    if measure == "trace":
+        est = hessian_trace(model, h.mse, data, method="hutchinson", num_matvecs=4,
+                            generator=_g(1))  # fmt: skip
+    else:
+        est = block_traces(model, h.mse, data, method="hutchinson", num_matvecs=4,
+                           generator=_g(1))  # fmt: skip
+    assert est.memory.graph_bytes == graph > 0
+    assert est.memory.planned_bytes >= graph + est.memory.vector_bytes
+
+
 def test_hessian_trace_keeps_one_block_alive(h, monkeypatch):
     model = h.make_mlp(0)
     x, y = h.regression_data(12)
@@ -213,9 +238,11 @@ def test_hessian_trace_keeps_one_block_alive(h, monkeypatch):
         return inner(self, V)
 
     monkeypatch.setattr(HessianOperator, "_matmat", watch)
+    graph = _graph(model, h.mse, (x, y))  # counted before the plan, on the CPU too
     _baseline(n)  # other tests' (n, k) tensors are not counted
     est = hessian_trace(model, h.mse, (x, y), method="hutchinson", num_matvecs=40,
-                        generator=_g(5), memory_budget=(1 + 2 * 10) * n * 8)  # fmt: skip
+                        generator=_g(5), memory_budget=graph + (1 + 2 * 10) * n * 8)  # fmt: skip
+    assert est.memory.graph_bytes == graph
     assert est.memory.block_width == 10 and seen == [10, 10, 10, 10]
     ref = hutchinson_trace(H, num_matvecs=40, block_size=10, generator=_g(5))
     assert est.value == pytest.approx(ref.value, rel=1e-10)
