@@ -182,8 +182,10 @@ def top_eigenvalues(
     ($b$ bytes per number): the kept gradient graph $G$ (built and counted before the
     plan; `result.memory.graph_bytes`), three working vectors (the two latest basis rows,
     held so that a step never reads the basis, and the product, written in place into
-    one buffer and orthogonalized in place) and the basis of $m$ vectors,
-    $G + (3 + m)\,v$; the start (gradient and
+    one buffer and orthogonalized in place), what a product's backward pass holds beyond
+    its result, $P$ (one part of the largest parameter's product at a time, and the pass's
+    values; planned as the largest parameter plus $G - v$, `result.memory.product_bytes`)
+    and the basis of $m$ vectors, $G + P + (3 + m)\,v$; the start (gradient and
     random part) takes two vectors before the first product; with a model (not a ready
     objective) the gradient's values are freed from the kept graph once the start is
     formed, and the whole graph before the $k$ eigenvectors are, so the end holds

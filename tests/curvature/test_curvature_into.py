@@ -4,7 +4,6 @@ through the same graph unchanged, and the peak it holds within the memory plan."
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -152,30 +151,3 @@ def test_the_planned_bytes_add_the_product():
     params = [torch.zeros(3, 4), torch.zeros(20), torch.zeros(5)]
     assert product_transient(1000, 300, params) == 80 + 700
     assert product_transient(100, 300, params) == 80  # a graph that is all gradient
-
-
-@pytest.mark.parametrize("wrapped", [False, True])
-def test_lanczos_frees_a_start_handed_over(wrapped):
-    import weakref
-
-    from sharpgen.linalg import lanczos
-
-    A = torch.diag(torch.arange(1.0, 21.0, dtype=DT))
-    refs: list = []
-    alive: list[bool] = []
-
-    def start() -> torch.Tensor:
-        v0 = torch.ones(20, dtype=DT)
-        refs.append(weakref.ref(v0))
-        return v0
-
-    def mv(x: torch.Tensor) -> torch.Tensor:
-        alive.append(refs[0]() is not None)
-        return A @ x
-
-    if wrapped:  # the caller hands it over through a list it empties (top_eigenvalues)
-        starts = [start()]
-        res = lanczos(mv, k=1, size=20, v0=starts.pop(), tol=1e-8)
-    else:
-        res = lanczos(mv, k=1, size=20, v0=start(), tol=1e-8)
-    assert res.converged and alive and not any(alive)

@@ -217,3 +217,40 @@ def test_basis_dtype_errors():
         lanczos(A, 1, basis_dtype=torch.float64)
     with pytest.raises(ValueError, match="basis_storage"):
         lanczos(A, 1, basis_storage="gpu")
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_lanczos_frees_a_start_handed_over(wrapped):
+    import weakref
+
+    A = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+    refs: list = []
+    alive: list[bool] = []
+
+    def start() -> torch.Tensor:
+        v0 = torch.ones(20, dtype=torch.float64)
+        refs.append(weakref.ref(v0))
+        return v0
+
+    def mv(x: torch.Tensor) -> torch.Tensor:
+        alive.append(refs[0]() is not None)
+        return A @ x
+
+    if wrapped:  # the caller hands it over through a list it empties (top_eigenvalues)
+        starts = [start()]
+        res = lanczos(mv, k=1, size=20, v0=starts.pop(), tol=1e-8)
+    else:
+        res = lanczos(mv, k=1, size=20, v0=start(), tol=1e-8)
+    assert res.converged and alive and not any(alive)
+
+
+def test_a_small_file_basis_reads_into_a_buffer_of_its_size():
+    V = Basis(5, 100, dtype=torch.float64, device=torch.device("cpu"), storage="disk")
+    g = torch.Generator().manual_seed(0)
+    try:
+        for i in range(5):
+            V.write(i, torch.randn(100, dtype=torch.float64, generator=g))
+        V.orthogonalize(torch.randn(100, dtype=torch.float64, generator=g), 5)
+        assert V._buf is not None and V._buf.numel() == 5 * 100  # not a chunk of 4 Mi
+    finally:
+        V.close()
