@@ -17,6 +17,11 @@ cap), in one process, interleaved rounds, medians:
 
 Reads come from the page cache (the file was just written); a machine short of memory
 would read from the disk itself. Read ratios on a shared machine.
+
+A second table (``--fresh``, on by default) times what a Lanczos run does once per step:
+writing a row into a part of the file never written before, into a file whose blocks were
+reserved when it was made (``posix_fallocate``, what `Basis` does) and into a sparse one
+(``ftruncate``, what it did before), interleaved, ``--rows`` fresh rows each round.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 import torch
 from torch import Tensor
 
+import sharpgen.linalg._basis as basis_module
 from sharpgen.linalg._basis import Basis
 
 
@@ -59,12 +65,48 @@ class BeforeBasis(Basis):
         return out
 
 
+def _sparse(fd: int, size: int, path: str) -> None:
+    os.ftruncate(fd, size)
+
+
+def fresh_writes(n: int, rows: int, rounds: int) -> None:
+    """Median seconds to write a row into never-written parts of a reserved / sparse file."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(n, generator=g)
+    times: dict[str, list[float]] = {"reserved": [], "sparse": []}
+    reserve = basis_module._reserve
+    for _ in range(rounds):
+        for name in times:
+            basis_module._reserve = reserve if name == "reserved" else _sparse
+            try:
+                B = Basis(rows, n, dtype=torch.float32, device=torch.device("cpu"), storage="disk")
+            finally:
+                basis_module._reserve = reserve
+            for i in range(rows):
+                t0 = time.perf_counter()
+                B.write(i, v)
+                times[name].append(time.perf_counter() - t0)
+            B.close()
+    print(f"\nfresh rows of {n} float32 ({n * 4 / 1e9:.2f} GB), {rounds} rounds of {rows}:")
+    print("| file | write s (median) | / reserved |")
+    print("|---|---|---|")
+    base = statistics.median(times["reserved"])
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t):.3f} | {statistics.median(t) / base:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32_000_000)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--no-fresh",
+        dest="fresh",
+        action="store_false",
+        help="skip the table of fresh row writes (reserved against sparse file)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n, m, cpu = args.n, args.rows, torch.device("cpu")
@@ -108,6 +150,8 @@ def main() -> None:
         t = {key: statistics.median(v) for key, v in times[name].items()}
         print(f"| {name} | {t['row']:.3f} | {t['orthogonalize']:.3f} | {t['write']:.3f} "
               f"| {step[name]:.3f} | {step[name] / step['device']:.2f} |")  # fmt: skip
+    if args.fresh:
+        fresh_writes(n, m, args.rounds)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,30 @@ def test_gram_blocks_on_any_device_and_keeps_it():
     assert is_long(X, X.shape[0], any_device=True) and not is_long(X, X.shape[0])
     out = gram(X, X)
     assert out.device.type == "meta" and out.dtype == torch.float64 and out.shape == (2, 2)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_chunked_reductions_cover_every_number_once(monkeypatch, group):
+    # chunks of `group` blocks with a partial block at the end: every function must sum each
+    # number exactly once (a skipped or doubled chunk changes the value by far more than 1e-6)
+    import sharpgen.linalg._reduce as R
+
+    monkeypatch.setattr(R, "GROUP", group)
+    g = torch.Generator().manual_seed(3)
+    n = 7 * BLOCK + 12345
+    x, y = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    X, Y = torch.rand(n, 3, generator=g), torch.rand(n, 5, generator=g)
+    assert _rel(R.dot(x, y), (x.double() * y.double()).sum()) < 1e-6
+    w = x.clone()
+    got = R.sub_dot(w, y, 0.5, x)
+    assert torch.equal(w, x - 0.5 * y)
+    assert _rel(got, (x.double() * w.double()).sum()) < 1e-6
+    w = x.clone()
+    got = R.sub_norm(w, y, torch.tensor(0.25, dtype=torch.float64))
+    assert _rel(got, (x.double() - 0.25 * y.double()).norm()) < 1e-6
+    dots = R.column_dots(X, X)
+    assert torch.allclose(dots, (X.double() ** 2).sum(0), rtol=1e-6)
+    truth = X.double().T @ Y.double()
+    assert torch.allclose(R.gram(X, Y), truth, rtol=1e-6)
+    Xs = torch.rand(n, 6, generator=g)[:, ::2]  # not contiguous: copied a chunk at a time
+    assert torch.allclose(R.gram(Xs, Y), Xs.double().T @ Y.double(), rtol=1e-6)
