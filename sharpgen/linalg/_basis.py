@@ -244,10 +244,10 @@ def _reserve(fd: int, size: int, path: str) -> None:
     """Give the file ``fd`` its ``size`` bytes of disk blocks now (``posix_fallocate``).
 
     A sparse file (``ftruncate``) gets its blocks one page at a time as rows are written:
-    on ext4 that made writing a row of GPT-2 small's 0.46 GB take 1.0 s against 0.13 s
-    into reserved blocks (``benchmarks/bench_basis_io.py``), 40% of a Lanczos step beside
-    its product. Where the file system cannot reserve (no ``posix_fallocate``, or it says
-    the operation is unsupported) the file is sparse; a disk without room for the basis is
+    on ext4 a fresh row of GPT-2 small's 0.50 GB took 0.20-0.23 s to write against
+    0.14-0.15 s into reserved blocks (``benchmarks/bench_basis_io.py --n 124000000``, two
+    runs). Where the file system cannot reserve (no ``posix_fallocate``, or it says the
+    operation is unsupported) the file is sparse; a disk without room for the basis is
     an error now, not a failed write in the middle of the iteration.
     """
     reserve = getattr(os, "posix_fallocate", None)
