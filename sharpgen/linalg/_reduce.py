@@ -19,10 +19,13 @@ error is about $\epsilon$ of float32 for `dot` ($2\cdot 10^{-8}$ at $3\cdot 10^7
 ``torch.dot`` was off by $7\cdot 10^{-3}$ on a vector of a few large entries) and below
 $10^{-6}$ for `gram` ($8\cdot 10^{-7}$ where ``X.T @ X`` was $6.6\cdot 10^{-2}$ off), at
 about twice the time of ``torch.dot`` (0.06 s for $3\cdot 10^7$ numbers on one core) and
-the time of ``X.T @ Y`` (``benchmarks/bench_reduce.py``). float64 vectors, short ones and
-CUDA (tree reductions) use torch's own reductions, except `gram` and `orthonormalize`,
-which block on every device (cuBLAS chooses how a long matrix product accumulates; not
-measured on a GPU). The functions work under ``torch.func.vmap`` (no in-place
+the time of ``X.T @ Y`` (``benchmarks/bench_reduce.py``). One torch call takes `GROUP`
+blocks (a chunk of 4 Mi numbers), not one: one call per block, each split over the
+threads, was ten times slower on two threads beside another busy process (246 s against
+24 s in a GPT-2 small `top_eigenvalues` call). float64 vectors, short ones and CUDA (tree
+reductions) use torch's own reductions, except `gram` and `orthonormalize`, which block on
+every device (cuBLAS chooses how a long matrix product accumulates; not measured on a
+GPU). The functions work under ``torch.func.vmap`` (no in-place
 accumulation).
 """
 
