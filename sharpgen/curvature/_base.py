@@ -139,6 +139,12 @@ class CurvatureOperator(LinearOperator):
         return self._matmat_chunk(V)
 
     def _matmat_chunk(self, V: Tensor) -> Tensor:
+        if self.cache_graph and V.shape[1] == 1:
+            # one column through kept graphs: `matvec`'s lean path, which holds the result
+            # and one part of a parameter's product at a time (`sharpgen.curvature._into`)
+            out = kept_matvec(self.objective, self.kernel, V[:, 0].contiguous(), self._backend)
+            if out is not None:
+                return out.unsqueeze(1)
         block = unflatten_params(V, self.params)
         # the NaN/Inf check is LinearOperator.matmat's, once per product
         out, used = product(self.objective, self.kernel, block, None, backend=self._backend,

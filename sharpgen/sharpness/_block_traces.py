@@ -29,7 +29,7 @@ from sharpgen.linalg._hutchinson import column_dots
 from sharpgen.linalg._operator import as_linear_operator
 from sharpgen.linalg._probes import draw_probes
 from sharpgen.sharpness._blocks import Blocks, check_blocks, resolve_blocks
-from sharpgen.sharpness._common import MeasureSource, kept_graph, progress_bar
+from sharpgen.sharpness._common import MeasureSource, kept_graph, product_bytes_of, progress_bar
 
 __all__ = ["BlockTraces", "block_traces", "probe_sums"]
 
@@ -208,10 +208,11 @@ def block_traces(
     H = source.hessian()
     graph = kept_graph(H, device, held)  # built now and counted, on every device
     total = p if method == "exact" else num_matvecs
+    fields = micro_plan_fields(obj, graph, min(64 if method == "exact" else num_matvecs, total))
     plan = plan_memory(
         "block_traces", numel=p, dtype=obj.accum_dtype, device=device, memory_budget=memory_budget,
         process_group=obj.process_group,
-        **micro_plan_fields(obj, graph, min(64 if method == "exact" else num_matvecs, total)),
+        product_bytes=product_bytes_of(H, p, fields["graph_bytes"]), **fields,
     )  # fmt: skip
     names = list(obj.params)
     sizes = [t.numel() for t in obj.params.values()]

@@ -22,6 +22,7 @@ from sharpgen.curvature._auto_micro import DEFAULT_RESERVE, micro_batch_budget
 from sharpgen.curvature._backend import plan_backend
 from sharpgen.curvature._base import CurvatureOperator
 from sharpgen.curvature._params import ParamSelection, sharing_parameters
+from sharpgen.curvature._plan import product_transient
 from sharpgen.curvature._products import build_kept
 from sharpgen.curvature._resolve import check_objective_args
 from sharpgen.curvature._validate import keeping_first_graph
@@ -38,6 +39,7 @@ __all__ = [
     "check_positive",
     "kept_graph",
     "num_selected",
+    "product_bytes_of",
     "progress_bar",
 ]
 
@@ -193,6 +195,19 @@ def kept_graph(H: LinearOperator, device: torch.device, held: int) -> int:
     if device.type == "cuda":
         graph = max(graph, torch.cuda.memory_allocated(device) - held)
     return graph
+
+
+def product_bytes_of(H: LinearOperator, p: int, graph_bytes: int) -> int:
+    """$P$ of the memory plan for products of ``H`` through a graph of ``graph_bytes``.
+
+    `sharpgen.curvature._plan.product_transient` of the operator's parameters, with the
+    gradient ($p$ numbers of the operator's dtype) counted in the graph; 0 where no graph
+    was counted.
+    """
+    if not graph_bytes:
+        return 0
+    v = p * torch.empty((), dtype=H.dtype).element_size()
+    return product_transient(graph_bytes, v, getattr(H, "params", {}).values())
 
 
 class _NoBar:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from sharpgen._validation import is_int
 from sharpgen.curvature import HessianOperator, ModelObjective, unflatten_params
 from sharpgen.curvature._auto_micro import micro_plan_fields
-from sharpgen.curvature._plan import check_memory_budget, plan_memory, product_transient
+from sharpgen.curvature._plan import check_memory_budget, plan_memory
 from sharpgen.curvature._products import release_gradients
 from sharpgen.linalg import EigenResult, LinearOperator, lanczos
 from sharpgen.linalg._basis import STORAGES
@@ -27,6 +27,7 @@ from sharpgen.sharpness._common import (
     check_int,
     check_positive,
     kept_graph,
+    product_bytes_of,
     progress_bar,
 )
 
@@ -333,15 +334,11 @@ def top_eigenvalues(
     basis_dtype = check_basis_dtype(basis_dtype, H.dtype)
     graph = kept_graph(H, device, held)
     fields = micro_plan_fields(getattr(H, "objective", None), graph)
-    # a product's backward pass: one part of the largest parameter and the pass's values
-    v = p * torch.empty((), dtype=H.dtype).element_size()
-    params = getattr(H, "params", {}).values()
-    transient = product_transient(fields["graph_bytes"], v, params) if fields["graph_bytes"] else 0
     plan = plan_memory(
         "top_eigenvalues", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
         work_vectors=WORK_VECTORS, k=k, max_basis=max_basis, basis_storage=basis_storage,
         basis_dtype=basis_dtype, result_vectors=k, process_group=source.process_group,
-        product_bytes=transient, **fields,
+        product_bytes=product_bytes_of(H, p, fields["graph_bytes"]), **fields,
     )  # fmt: skip
     # the start is handed over, not kept here: lanczos frees it once it is in the basis
     starts = [warm if warm is not None else _start_vector(H, str(start), k, which, generator)]

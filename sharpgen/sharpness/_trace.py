@@ -23,6 +23,7 @@ from sharpgen.sharpness._common import (
     check_int,
     check_positive,
     kept_graph,
+    product_bytes_of,
     progress_bar,
 )
 
@@ -187,10 +188,11 @@ def hessian_trace(
     total = p if method == "exact" else (num_matvecs or max_matvecs)
     # the probe blocks the plan may narrow: exact's basis block and Hutchinson's probes
     planned = {"exact": block_size, "hutchinson": HUTCHINSON_BLOCK}.get(method, 0)
+    fields = micro_plan_fields(objective, graph, min(planned, total))
     plan = plan_memory(
         "hessian_trace", numel=p, dtype=H.dtype, device=device, memory_budget=memory_budget,
         work_vectors=1, process_group=source.process_group,
-        **micro_plan_fields(objective, graph, min(planned, total)),
+        product_bytes=product_bytes_of(H, p, fields["graph_bytes"]), **fields,
     )  # fmt: skip
     block = plan.block_width if method == "exact" else block_size
     probe_block = plan.block_width if method == "hutchinson" else None

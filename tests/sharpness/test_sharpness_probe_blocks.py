@@ -219,7 +219,37 @@ def test_the_trace_plans_count_the_graph_on_the_cpu(h, measure):
         est = block_traces(model, h.mse, data, method="hutchinson", num_matvecs=4,
                            generator=_g(1))  # fmt: skip
     assert est.memory.graph_bytes == graph > 0
-    assert est.memory.planned_bytes >= graph + est.memory.vector_bytes
+    largest = max(t.numel() for t in model.parameters()) * 8
+    p = sum(t.numel() for t in model.parameters())
+    assert est.memory.product_bytes == largest + graph - 8 * p > largest  # P, as top-1's
+    assert est.memory.planned_bytes >= graph + est.memory.product_bytes + est.memory.vector_bytes
+
+
+def test_one_column_through_a_kept_graph_takes_the_matvec_path(h, monkeypatch):
+    # a block of one probe (the trace on a large model) is matvec's product, not a block's
+    import sharpgen.curvature._base as base
+    from sharpgen.curvature import HessianOperator
+
+    model = h.make_mlp(0)
+    x, y = h.regression_data(12)
+    dense = h.dense_hessian(model, h.mse, x, y)
+    H = HessianOperator(model, h.mse, (x, y))
+    V = torch.randn(dense.shape[0], 3, dtype=DT, generator=_g(2))
+    torch.testing.assert_close(H.matmat(V), dense @ V, rtol=1e-12, atol=1e-12)  # builds
+    blocks: list[int] = []
+    real = base.product
+
+    def spy(obj, kernel, V, *args, **kwargs):
+        blocks.append(next(iter(V.values())).shape[0])
+        return real(obj, kernel, V, *args, **kwargs)
+
+    monkeypatch.setattr(base, "product", spy)
+    for j in range(3):
+        out = H.matmat(V[:, j : j + 1])
+        torch.testing.assert_close(out, dense @ V[:, j : j + 1], rtol=1e-12, atol=1e-12)
+        assert torch.equal(out[:, 0], H.matvec(V[:, j]))  # the same numbers as matvec
+    H.matmat(V[:, :2])
+    assert blocks == [2]  # only the block of two went through the block product
 
 
 def test_hessian_trace_keeps_one_block_alive(h, monkeypatch):
