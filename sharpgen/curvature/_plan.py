@@ -75,10 +75,10 @@ kept graph and the estimated graph of one micro-batch, which every product holds
 
 **Product.** A product's backward pass through the graph holds, beside its result, the
 parts of a parameter's product before they are added into it and the intermediate
-values of the pass (``product_bytes``, $P$). A measure that counts its graph passes
-`product_transient` (`top_eigenvalues`: the largest parameter, one part at a time with
-`sharpgen.curvature._into`, plus the graph's saved values beyond its gradient, which
-bound the pass's intermediates on GPT-2: 2026-12-07, see the Memory guide).
+values of the pass (``product_bytes``, $P$). The measures that count their graph pass
+`product_transient`: the largest parameter (one part at a time, `sharpgen.curvature._into`)
+plus the graph's saved values beyond its gradient, which bounded the pass's intermediates
+on GPT-2 (2026-12-07, see the Memory guide).
 
 **Result.** Vectors of the result (``result_vectors``, $r$: the eigenvectors) are
 formed after the products, when a measure that built its own objective has freed the
