@@ -97,3 +97,33 @@ def check_unique_rows(name: str, X: Tensor) -> None:
             "one neuron per distinct point: remove duplicates first "
             "(torch.unique(X, dim=0), or xor_cube(..., unique=True))."
         )
+
+
+def check_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` (default: torch's default dtype) if it is a floating torch.dtype."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
+    return dtype
+
+
+def check_width(width: int | None, needed: int, what: str) -> int:
+    """``width`` (default ``needed``) if it has room for the ``needed`` neurons of ``what``."""
+    if width is None:
+        return needed
+    width = check_int("width", width)
+    if width < needed:
+        raise ValueError(f"width={width} is smaller than the {needed} neurons {what} needs.")
+    return width
+
+
+def check_depth(depth: int, arch: str) -> int:
+    """``depth`` (>= 2) if ``arch`` allows it: deeper than 2 only with ``arch="bias"``."""
+    depth = check_int("depth", depth, minimum=2)
+    if depth > 2 and arch != "bias":
+        raise ValueError(
+            f"depth={depth} is only available for arch='bias' (deep nets with bias in the first "
+            f"layer only), not arch={arch!r}."
+        )
+    return depth

@@ -28,6 +28,15 @@ from sharpgen.models._checks import (
     check_positive_float,
     check_unique_rows,
 )
+from sharpgen.models._checks import (
+    check_depth as _check_depth,
+)
+from sharpgen.models._checks import (
+    check_dtype as _check_dtype,
+)
+from sharpgen.models._checks import (
+    check_width as _check_width,
+)
 from sharpgen.models._deep import DeepReLUNet
 from sharpgen.models._two_layer import TwoLayerNet
 
@@ -41,36 +50,9 @@ __all__ = [
 _SIGNS = ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0))
 
 
-def _check_dtype(dtype: torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.get_default_dtype()
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
-    return dtype
-
-
-def _check_width(width: int | None, needed: int, what: str) -> int:
-    if width is None:
-        return needed
-    width = check_int("width", width)
-    if width < needed:
-        raise ValueError(f"width={width} is smaller than the {needed} neurons {what} needs.")
-    return width
-
-
 def _padded(rows: Tensor, width: int) -> Tensor:
     pad = torch.zeros((width - rows.shape[0], *rows.shape[1:]), dtype=rows.dtype)
     return torch.cat([rows, pad]).to(rows.device)
-
-
-def _check_depth(depth: int, arch: str) -> int:
-    depth = check_int("depth", depth, minimum=2)
-    if depth > 2 and arch != "bias":
-        raise ValueError(
-            f"depth={depth} is only available for arch='bias' (deep nets with bias in the first "
-            f"layer only), not arch={arch!r}."
-        )
-    return depth
 
 
 def _deep_net(

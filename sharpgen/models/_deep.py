@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from sharpgen.models._checks import check_activation, check_float_tensor, check_int
 from sharpgen.models._checks import check_positive_float as _check_pos
-from sharpgen.models._two_layer import _activate, _uniform, _weight_bound
+from sharpgen.models._init import _uniform, _weight_bound
+from sharpgen.models._two_layer import _activate
 
 __all__ = ["DeepReLUNet", "deep_forward", "deep_relu"]
 

@@ -39,6 +39,7 @@ from sharpgen.models._checks import (
     check_int,
     check_positive_float,
 )
+from sharpgen.models._init import _uniform, _weight_bound
 
 __all__ = ["TwoLayerNet", "two_layer_forward", "two_layer_relu"]
 
@@ -328,19 +329,6 @@ class TwoLayerNet(nn.Module):
             f"d={self.d}, width={self.width}, arch={self.arch!r}, "
             f"activation={self.activation!r}{extra}"
         )
-
-
-def _weight_bound(fan_in: int) -> float:
-    """``nn.init.kaiming_uniform_(a=sqrt(5))``'s bound, computed the same way (= 1/sqrt(fan_in))."""
-    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
-    return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
-
-
-def _uniform(shape: tuple[int, ...], bound: float, generator, dtype, device) -> Tensor:
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    out = torch.empty(shape, dtype=dtype, device=draw_device)
-    out.uniform_(-bound, bound, generator=generator)
-    return out.to(device) if device is not None else out
 
 
 def two_layer_relu(
