@@ -235,7 +235,16 @@ def test_the_plan_counts_the_result_after_the_graph():
     plan = plan_memory("m", graph_bytes=5 * v, work_vectors=2, k=1, result_vectors=1,
                        basis_storage="disk", **common)  # fmt: skip
     assert plan.planned_bytes == 7 * v and plan.result_vectors == 1
-    # five eigenvectors outweigh G + 2v = 3v; a basis of 8 in memory comes on top
+    # five eigenvectors outweigh G + 2v = 3v; on a CPU the heap still holds the freed
+    # graph (G = v) while they are formed; a basis of 8 in memory comes on top
     plan = plan_memory("m", graph_bytes=v, work_vectors=2, k=5, result_vectors=5,
                        max_basis=8, basis_storage="device", **common)  # fmt: skip
-    assert plan.planned_bytes == (5 + 8) * v
+    assert plan.planned_bytes == (5 + 1 + 8) * v
+    # with a product term P = 2v: G + P + 2w = 5v against 5v + G + P = 8v
+    plan = plan_memory("m", graph_bytes=v, work_vectors=2, k=5, result_vectors=5,
+                       basis_storage="disk", product_bytes=2 * v, **common)  # fmt: skip
+    assert plan.planned_bytes == 8 * v
+    # no result vectors: nothing is formed after the graph is freed
+    plan = plan_memory("m", graph_bytes=v, work_vectors=2, k=5, result_vectors=0,
+                       basis_storage="disk", **common)  # fmt: skip
+    assert plan.planned_bytes == 3 * v
