@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -96,11 +97,7 @@ def accuracy(seeds: int) -> None:
                             vals = res.eigenvalues.double()
                             near = (vals[:, None] - truth[None, :]).abs().min(dim=1).values
                             err = float((near / vals.abs()).max())
-                            s = stats[mode]
-                            s["mv"] += res.num_matvecs
-                            s["err"] = max(s["err"], err)
-                            s["conv"] += res.converged
-                            s["reorth"] += res.num_reorth
+                            _tally(stats[mode], res, err)
                 f, p = stats["full"], stats["partial"]
                 total["full"] += f["mv"]
                 total["partial"] += p["mv"]
@@ -109,6 +106,14 @@ def accuracy(seeds: int) -> None:
                       f"| {f['conv']} / {p['conv']} | {p['reorth'] / runs:.1f} |")  # fmt: skip
     print(f"\nall runs: products full {total['full']}, partial {total['partial']}, "
           f"ratio {total['partial'] / total['full']:.3f}\n")  # fmt: skip
+
+
+def _tally(s: dict, res: Any, err: float) -> None:
+    """Add one run's products, convergence and reorthogonalizations to ``s``; keep the max error."""
+    s["mv"] += res.num_matvecs
+    s["err"] = max(s["err"], err)
+    s["conv"] += res.converged
+    s["reorth"] += res.num_reorth
 
 
 def models(seeds: int) -> None:
@@ -138,11 +143,7 @@ def models(seeds: int) -> None:
                     res = top_eigenvalues(model, F.cross_entropy, data, k=k, reorth=mode,
                                           generator=gen)  # fmt: skip
                     err = float(((res.eigenvalues.double() - ref[:k]).abs() / ref[:k].abs()).max())
-                    s = stats[mode]
-                    s["mv"] += res.num_matvecs
-                    s["err"] = max(s["err"], err)
-                    s["conv"] += res.converged
-                    s["reorth"] += res.num_reorth
+                    _tally(stats[mode], res, err)
             f, p = stats["full"], stats["partial"]
             print(f"| {name} | {k} | {seeds} | {f['mv']} | {p['mv']} | {f['err']:.1e} "
                   f"| {p['err']:.1e} | {f['conv']} / {p['conv']} | {p['reorth']} |")  # fmt: skip
